@@ -1,0 +1,112 @@
+//! Load harness: `GET /` on a real in-process Switchyard node against a bare actix-web handler
+//! rendering the same template, in one run. Prints req/s, p50/p99 and the ratio.
+//!
+//! `cargo bench --bench load` (env: `LOAD_SECONDS` per side, default 5; `LOAD_CONNECTIONS`,
+//! default 32). Traffic goes to 127.0.0.1 only; every loop is bounded in time.
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpResponse, HttpServer};
+use serde_json::json;
+use switchyard::config::Config;
+use switchyard::http::templates::Templates;
+
+#[path = "support/mod.rs"]
+mod support;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn products() -> serde_json::Value {
+    let list: Vec<_> = switchyard::shop::PRODUCTS
+        .iter()
+        .map(|p| {
+            json!({
+                "id": p.id, "name": p.name, "description": p.description,
+                "price": format!("{}.{:02}", p.price_cents / 100, p.price_cents % 100),
+            })
+        })
+        .collect();
+    json!({"title": "Products", "products": list, "static_url": "/static/", "debug": false})
+}
+
+/// Starts the bare baseline: one actix-web handler rendering `shop/index` directly.
+fn start_bare(workers: usize) -> (SocketAddr, actix_web::dev::ServerHandle) {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let sys = actix_rt::System::new();
+        sys.block_on(async move {
+            let templates =
+                web::Data::new(Templates::load("templates", false).expect("templates load"));
+            let ctx = web::Data::new(products());
+            let server = HttpServer::new(move || {
+                actix_web::App::new()
+                    .app_data(templates.clone())
+                    .app_data(ctx.clone())
+                    .route(
+                        "/",
+                        web::get().to(
+                            |t: web::Data<Templates>, c: web::Data<serde_json::Value>| async move {
+                                match t.render("shop/index", &c) {
+                                    Ok(html) => HttpResponse::Ok()
+                                        .content_type("text/html; charset=utf-8")
+                                        .body(html),
+                                    Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
+                                }
+                            },
+                        ),
+                    )
+            })
+            .workers(workers)
+            .bind("127.0.0.1:0")
+            .expect("bind");
+            let addr = server.addrs()[0];
+            let server = server.run();
+            tx.send((addr, server.handle())).expect("send addr");
+            let _ = server.await;
+        });
+    });
+    rx.recv().expect("bare server started")
+}
+
+fn main() {
+    let seconds = env_num("LOAD_SECONDS", 5);
+    let connections = env_num("LOAD_CONNECTIONS", 32) as usize;
+    let mut config =
+        Config::load(Some(std::path::Path::new("config/default.toml"))).expect("config");
+    config.server.bind = "127.0.0.1:0".into();
+    config.server.debug = false;
+    config.server.secret_key = "load-harness-secret-key-0123456789abcdef".into();
+    let workers = config.actors.http_workers as usize;
+
+    let node = support::start_node(config);
+    let (bare_addr, bare) = start_bare(workers);
+    let duration = Duration::from_secs(seconds);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // Warm both up, then measure each for the same time, alternating order is not needed:
+    // each side gets the whole machine while it runs.
+    let warm = Duration::from_millis(500);
+    rt.block_on(support::drive(&format!("http://{}/", node.addr), connections, warm));
+    rt.block_on(support::drive(&format!("http://{bare_addr}/"), connections, warm));
+    let sy = rt.block_on(support::drive(&format!("http://{}/", node.addr), connections, duration));
+    let base = rt.block_on(support::drive(&format!("http://{bare_addr}/"), connections, duration));
+
+    println!("load::get_index  ({connections} connections, {seconds} s each, {workers} http workers)");
+    println!("  switchyard GET /   {}", sy.summary());
+    println!("  bare actix-web     {}", base.summary());
+    println!("  ratio switchyard/bare = {:.3}", sy.rps() / base.rps());
+    rt.block_on(bare.stop(false));
+    node.stop();
+    let _ = Instant::now();
+}

@@ -1,0 +1,134 @@
+//! Shared pieces of the load harnesses: an in-process node and a bounded HTTP load driver.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use switchyard::config::Config;
+
+/// A Switchyard node running in its own actix system thread.
+pub struct InProcessNode {
+    pub addr: SocketAddr,
+    stop: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl InProcessNode {
+    /// Stops the node and waits for its thread.
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// Starts the demo shop on `config` in-process.
+pub fn start_node(config: Config) -> InProcessNode {
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let sys = actix_rt::System::new();
+        sys.block_on(async move {
+            let app = switchyard::shop::install(switchyard::App::new(config));
+            let running = app.start().await.expect("node starts");
+            addr_tx.send(running.addr()).expect("send addr");
+            let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+            running.stop().await;
+        });
+    });
+    let addr = addr_rx.recv().expect("node started");
+    InProcessNode {
+        addr,
+        stop: stop_tx,
+        thread,
+    }
+}
+
+/// What one load run measured.
+pub struct LoadResult {
+    pub requests: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    pub latencies_us: Vec<u64>,
+}
+
+impl LoadResult {
+    pub fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn percentile_us(&self, p: f64) -> u64 {
+        if self.latencies_us.is_empty() {
+            return 0;
+        }
+        let mut v = self.latencies_us.clone();
+        v.sort_unstable();
+        let idx = ((v.len() as f64 - 1.0) * p).round() as usize;
+        v[idx.min(v.len() - 1)]
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{:>9.0} req/s  p50 {:>6} µs  p99 {:>6} µs  ({} requests, {} errors)",
+            self.rps(),
+            self.percentile_us(0.50),
+            self.percentile_us(0.99),
+            self.requests,
+            self.errors
+        )
+    }
+}
+
+/// Sends `GET url` from `connections` concurrent clients for `duration` (bounded).
+pub async fn drive(url: &str, connections: usize, duration: Duration) -> LoadResult {
+    drive_with(url, connections, duration, |c, u| c.get(u)).await
+}
+
+/// Like [`drive`], with a request builder (cookies, method) per request.
+pub async fn drive_with<F>(url: &str, connections: usize, duration: Duration, build: F) -> LoadResult
+where
+    F: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder + Send + Sync + Clone + 'static,
+{
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let url = url.to_owned();
+        let build = build.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .cookie_store(true)
+                .redirect(reqwest::redirect::Policy::none())
+                .pool_max_idle_per_host(1)
+                .build()
+                .expect("client");
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match build(&client, &url).send().await {
+                    Ok(res) if res.status().is_success() => {
+                        let _ = res.bytes().await;
+                        lat.push(t.elapsed().as_micros() as u64);
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut latencies_us = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((lat, e)) = t.await {
+            latencies_us.extend(lat);
+            errors += e;
+        }
+    }
+    LoadResult {
+        requests: latencies_us.len() as u64,
+        errors,
+        elapsed: started.elapsed(),
+        latencies_us,
+    }
+}

@@ -1,0 +1,103 @@
+//! The public builder an application embeds Switchyard through.
+//!
+//! An application hands [`App`] its configuration and its routes; [`App::serve`] assembles the
+//! node (actors, pools, HTTP server) and runs it until SIGINT or SIGTERM. The bundled demo shop
+//! ([`crate::shop`]) is written against exactly this API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use actix_web::web;
+
+use crate::config::Config;
+use crate::topology::Topology;
+
+/// A function adding routes to the HTTP app (called once per HTTP worker).
+pub(crate) type RouteFn = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The templates directory could not be read.
+    #[error(transparent)]
+    Templates(#[from] crate::http::templates::TemplateError),
+    /// A service the configuration names is unreachable or unusable (the message names the key).
+    #[error("{key}: {message}")]
+    Service { key: String, message: String },
+}
+
+/// An application: configuration plus what it adds to Switchyard (routes, and in later
+/// versions context processors and tasks).
+pub struct App {
+    pub(crate) config: Config,
+    pub(crate) routes: Vec<RouteFn>,
+}
+
+impl App {
+    /// A new application on `config`.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            routes: Vec::new(),
+        }
+    }
+
+    /// The configuration this application runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Adds routes, as `actix_web::App::configure` does. May be called several times.
+    pub fn routes(mut self, f: impl Fn(&mut web::ServiceConfig) + Send + Sync + 'static) -> Self {
+        self.routes.push(Arc::new(f));
+        self
+    }
+
+    /// Starts the node: actors, then the HTTP server. Must run inside an actix system.
+    pub async fn start(self) -> Result<Running, StartError> {
+        Topology::start(self).await
+    }
+
+    /// Starts the node and runs it until SIGINT or SIGTERM, then shuts down in order.
+    pub async fn serve(self) -> Result<(), StartError> {
+        self.start().await?.wait().await;
+        Ok(())
+    }
+}
+
+/// A started node.
+pub struct Running {
+    pub(crate) addrs: Vec<SocketAddr>,
+    pub(crate) topology: Topology,
+}
+
+impl Running {
+    /// The address the HTTP server listens on (the real port when bound to port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// Every address the HTTP server listens on.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Stops the node: stop accepting, finish in-flight requests, stop the actors in order.
+    pub async fn stop(self) {
+        self.topology.stop_http().await;
+        self.topology.shutdown().await;
+    }
+
+    /// Waits until the HTTP server stops (SIGINT or SIGTERM), then stops the actors in order.
+    pub async fn wait(self) {
+        self.topology.wait_http().await;
+        self.topology.shutdown().await;
+    }
+}

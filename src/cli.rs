@@ -1,0 +1,275 @@
+//! The `switchyard` command line, as SPEC.md fixes it: stdout carries only results, logs and
+//! messages go to stderr; exit 0 success, 2 bad usage or configuration, 1 runtime failure.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Broker, Config, LogFormat, SessionEngine};
+use crate::{shop, App};
+
+/// Exit code for bad usage or invalid configuration.
+const EXIT_USAGE: u8 = 2;
+/// Exit code for a runtime failure.
+const EXIT_FAILURE: u8 = 1;
+
+/// Switchyard: sessions, context processors and tasks on actix and NATS.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file (default: config/default.toml when it exists, else built-in defaults).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run an HTTP node (the demo shop); with tasks.broker = "memory" also its workers.
+    Serve(ServeArgs),
+    /// Run a worker node consuming task queues from NATS.
+    Worker(WorkerArgs),
+    /// Run periodic schedules.
+    Beat(NodeArgs),
+    /// Publish a task and print its id.
+    Publish(PublishArgs),
+    /// Print the result record of a task.
+    Result { id: String },
+    /// Revoke a task that has not started.
+    Revoke { id: String },
+    /// Drop every waiting task of a queue.
+    Purge { queue: String },
+    /// Session maintenance.
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+    /// Inspect and replay dead-lettered tasks.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Cluster inspection.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on (overrides server.bind); port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<SocketAddr>,
+    /// This node's id (overrides server.node_id).
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct WorkerArgs {
+    /// Queues to consume, comma-separated (default: every configured queue).
+    #[arg(long, value_delimiter = ',')]
+    queues: Vec<String>,
+    /// Tasks run at once per queue (overrides each queue's concurrency).
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// This node's id.
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct NodeArgs {
+    /// This node's id.
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct PublishArgs {
+    /// The task's registered name.
+    task: String,
+    /// The task's arguments, a JSON object.
+    args: Option<String>,
+    #[arg(long)]
+    queue: Option<String>,
+    #[arg(long)]
+    unique: Option<String>,
+    #[arg(long)]
+    countdown: Option<f64>,
+    #[arg(long)]
+    eta: Option<String>,
+    /// Wait for the result (default 30 s) and print it.
+    #[arg(long, num_args = 0..=1, default_missing_value = "30")]
+    wait: Option<f64>,
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionsCommand {
+    /// Delete expired sessions from the configured engine.
+    Clear,
+    /// End every session of one user.
+    Revoke {
+        #[arg(long)]
+        user: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadCommand {
+    /// One JSON line per dead letter.
+    List { queue: Option<String> },
+    /// Send dead letters back to their queue.
+    Replay {
+        id: Option<String>,
+        #[arg(long)]
+        all: bool,
+        queue: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file and print the effective configuration.
+    Check { file: Option<PathBuf> },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// The live nodes of the cluster.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    run(cli)
+}
+
+fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let path = path.or_else(Config::default_path);
+    Config::load(path.as_deref()).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
+fn usage_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn failure(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_FAILURE)
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    let config_path = cli.config;
+    match cli.command {
+        Command::Config(ConfigCommand::Check { file }) => {
+            let config = match load(file.or(config_path)) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            print!("{}", config.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Serve(args) => {
+            let mut config = match load(config_path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Some(bind) = args.bind {
+                config.server.bind = bind.to_string();
+            }
+            if let Some(id) = args.node_id {
+                config.server.node_id = id;
+            }
+            init_tracing(&config);
+            serve(config)
+        }
+        Command::Worker(_)
+        | Command::Beat(_)
+        | Command::Publish(_)
+        | Command::Result { .. }
+        | Command::Revoke { .. }
+        | Command::Purge { .. }
+        | Command::Dead(_) => {
+            let config = match load(config_path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match config.tasks.broker {
+                Broker::Memory => usage_error(
+                    "tasks.broker = \"memory\" keeps the task queue inside `switchyard serve`; \
+                     set tasks.broker = \"nats\" (for example SWITCHYARD_TASKS__BROKER=nats) \
+                     to use this command",
+                ),
+                Broker::Nats => failure("the NATS task broker is not available in this version yet"),
+            }
+        }
+        Command::Sessions(_) => {
+            let config = match load(config_path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match config.sessions.engine {
+                SessionEngine::Memory | SessionEngine::SignedCookies => usage_error(format!(
+                    "sessions.engine = \"{}\" keeps no sessions this command can reach; \
+                     it needs a server-side engine such as \"file\" or \"postgres\"",
+                    config.sessions.engine.as_str()
+                )),
+                other => failure(format!(
+                    "sessions.engine = \"{}\" is not available in this version yet",
+                    other.as_str()
+                )),
+            }
+        }
+        Command::Cluster(_) => {
+            if let Err(code) = load(config_path) {
+                return code;
+            }
+            failure("cluster status needs the NATS broker, not available in this version yet")
+        }
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    let system = actix_rt::System::new();
+    system.block_on(async move {
+        let app = shop::install(App::new(config));
+        let running = match app.start().await {
+            Ok(r) => r,
+            Err(e) => return failure(e),
+        };
+        for addr in running.addrs() {
+            println!("listening on http://{addr}");
+        }
+        running.wait().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let result = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    if let Err(e) = result {
+        eprintln!("warning: logging already initialised: {e}");
+    }
+}

@@ -1,0 +1,118 @@
+//! The one place where errors become responses.
+//!
+//! Every handler and middleware error is a [`Error`]. A 5xx logs the whole error chain and shows
+//! a generic page; its detail reaches the page only when `server.debug` is on (the render
+//! middleware decides, see [`super::render`]).
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use super::render::PendingRender;
+use super::templates::TemplateError;
+
+/// An error a handler or middleware can return.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Nothing at this address.
+    #[error("not found")]
+    NotFound,
+    /// The request is not allowed (a missing or wrong CSRF token, say).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The request itself is malformed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The visitor must log in first; carries the login URL with its `next`.
+    #[error("login required")]
+    LoginRequired { location: String },
+    /// A service the request needs (session engine, broker, database) is unreachable.
+    #[error("{what} unavailable: {message}")]
+    Unavailable { what: String, message: String },
+    /// A template failed to parse or render.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// Anything else: a bug or an unexpected failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Wraps any error as an internal one, keeping its whole chain in the message.
+    pub fn internal(e: impl std::error::Error) -> Self {
+        let mut msg = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            source = s.source();
+        }
+        Error::Internal(msg)
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Error::NotFound => "Page not found",
+            Error::Forbidden(_) => "Forbidden",
+            Error::BadRequest(_) => "Bad request",
+            Error::LoginRequired { .. } => "Login required",
+            Error::Unavailable { .. } => "Service unavailable",
+            Error::Template(_) | Error::Internal(_) => "Server error",
+        }
+    }
+
+    /// What the visitor may always see (never internals).
+    fn public_message(&self) -> String {
+        match self {
+            Error::NotFound => "The page you asked for does not exist.".into(),
+            Error::Forbidden(why) => why.clone(),
+            Error::BadRequest(why) => why.clone(),
+            Error::LoginRequired { .. } => "Please log in.".into(),
+            Error::Unavailable { what, .. } => {
+                format!("The {what} is unavailable right now. Please try again in a moment.")
+            }
+            Error::Template(_) | Error::Internal(_) => {
+                "Something went wrong on our side. It has been logged.".into()
+            }
+        }
+    }
+}
+
+impl ResponseError for Error {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Error::NotFound => StatusCode::NOT_FOUND,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::LoginRequired { .. } => StatusCode::SEE_OTHER,
+            Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Template(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        if let Error::LoginRequired { location } = self {
+            return HttpResponse::SeeOther()
+                .insert_header((header::LOCATION, location.as_str()))
+                .finish();
+        }
+        if status.is_server_error() {
+            tracing::error!(status = status.as_u16(), "{self}");
+        }
+        let mut res = HttpResponse::build(status)
+            .content_type("text/plain; charset=utf-8")
+            .body(format!("{}\n{}\n", self.title(), self.public_message()));
+        let page = PendingRender::error(
+            status,
+            json!({
+                "status": status.as_u16(),
+                "title": self.title(),
+                "message": self.public_message(),
+            }),
+            status.is_server_error().then(|| self.to_string()),
+        );
+        res.extensions_mut().insert(page);
+        res
+    }
+}

@@ -1,0 +1,130 @@
+//! Prometheus metrics: the registry, the names SPEC.md fixes, and the request middleware.
+
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::{web, HttpResponse};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+/// The route label of requests no route matched.
+const UNMATCHED_ROUTE: &str = "<unmatched>";
+
+/// Every metric Switchyard exports.
+pub struct Metrics {
+    registry: Registry,
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
+    sessions_saved: IntCounterVec,
+    tasks: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates the registry with every metric registered.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let http_requests = IntCounterVec::new(
+            Opts::new("switchyard_http_requests_total", "HTTP requests answered."),
+            &["route", "method", "status"],
+        )
+        .expect("metric definition is valid");
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_http_request_duration_seconds",
+                "Time from request to response head.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["route", "method"],
+        )
+        .expect("metric definition is valid");
+        let sessions_saved = IntCounterVec::new(
+            Opts::new("switchyard_sessions_saved_total", "Sessions written."),
+            &["engine"],
+        )
+        .expect("metric definition is valid");
+        let tasks = IntCounterVec::new(
+            Opts::new("switchyard_tasks_total", "Task state changes."),
+            &["task", "state"],
+        )
+        .expect("metric definition is valid");
+        for c in [
+            Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_duration.clone()),
+            Box::new(sessions_saved.clone()),
+            Box::new(tasks.clone()),
+        ] {
+            registry
+                .register(c)
+                .expect("each metric is registered once");
+        }
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            sessions_saved,
+            tasks,
+        }
+    }
+
+    /// Counts one session written by `engine`.
+    pub fn session_saved(&self, engine: &str) {
+        self.sessions_saved.with_label_values(&[engine]).inc();
+    }
+
+    /// Counts one task reaching `state`.
+    pub fn task_state(&self, task: &str, state: &str) {
+        self.tasks.with_label_values(&[task, state]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!("cannot encode metrics: {e}");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counts and times every request under its route pattern.
+pub async fn metrics_middleware(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let metrics = req.app_data::<web::Data<Metrics>>().cloned();
+    let method = req.method().as_str().to_owned();
+    let res = next.call(req).await?;
+    if let Some(m) = metrics {
+        let route = res
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
+        let status = res.status().as_u16().to_string();
+        m.http_requests
+            .with_label_values(&[&route, &method, &status])
+            .inc();
+        m.http_duration
+            .with_label_values(&[&route, &method])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    Ok(res)
+}
+
+/// `GET /metrics`.
+pub async fn metrics_handler(metrics: web::Data<Metrics>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(metrics.render())
+}

@@ -1,0 +1,10 @@
+//! HTTP: the route table's fixed part, middleware, templates, metrics, and errors → responses.
+
+pub mod error;
+pub mod health;
+pub mod metrics;
+pub mod render;
+pub mod templates;
+
+pub use error::Error;
+pub use render::Render;

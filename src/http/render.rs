@@ -1,0 +1,178 @@
+//! Rendering: handlers return a [`Render`] (template + its own context); the render middleware
+//! builds the full context around it and turns it into HTML.
+//!
+//! The split lets rendering be asynchronous (context processors run in actors) while a
+//! handler stays a plain function returning a value, as a Django view returns `render(...)`.
+
+use std::sync::Arc;
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, StatusCode};
+use actix_web::middleware::Next;
+use actix_web::{web, HttpRequest, HttpResponse, Responder};
+use serde_json::{Map, Value};
+
+use super::templates::Templates;
+
+/// The template every error page renders with.
+pub const ERROR_TEMPLATE: &str = "error";
+
+/// A page to render: the template's name, the handler's own context, and the status.
+#[derive(Debug, Clone)]
+pub struct Render {
+    template: String,
+    context: Map<String, Value>,
+    status: StatusCode,
+}
+
+impl Render {
+    /// Renders `template` with `context` (a JSON object; anything else is put under `value`).
+    pub fn new(template: impl Into<String>, context: Value) -> Self {
+        let context = match context {
+            Value::Object(map) => map,
+            Value::Null => Map::new(),
+            other => Map::from_iter([("value".to_owned(), other)]),
+        };
+        Self {
+            template: template.into(),
+            context,
+            status: StatusCode::OK,
+        }
+    }
+
+    /// Answers with `status` instead of 200.
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// The template's name.
+    pub fn template(&self) -> &str {
+        &self.template
+    }
+}
+
+/// A render waiting in a response's extensions for the render middleware.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingRender {
+    render: Render,
+    /// The internal detail of an error page, shown only in debug.
+    detail: Option<String>,
+}
+
+impl PendingRender {
+    pub(crate) fn error(status: StatusCode, context: Value, detail: Option<String>) -> Self {
+        Self {
+            render: Render::new(ERROR_TEMPLATE, context).with_status(status),
+            detail,
+        }
+    }
+}
+
+impl Responder for Render {
+    type Body = BoxBody;
+
+    fn respond_to(self, _req: &HttpRequest) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status)
+            .content_type("text/plain; charset=utf-8")
+            .body("this page is rendered by switchyard's render middleware\n");
+        res.extensions_mut().insert(PendingRender {
+            render: self,
+            detail: None,
+        });
+        res
+    }
+}
+
+/// Builds the variables every template sees before the handler's own context is merged.
+pub type ContextFuture = futures_util::future::LocalBoxFuture<'static, Map<String, Value>>;
+
+/// A source of template variables computed from the request (context processors plug in here).
+pub trait ContextSource: Send + Sync + 'static {
+    /// The variables for rendering `template` for `req`.
+    fn context(&self, req: &HttpRequest, template: &str) -> ContextFuture;
+}
+
+/// What the render middleware needs, shared by every HTTP worker.
+pub struct Renderer {
+    pub(crate) templates: Arc<Templates>,
+    pub(crate) debug: bool,
+    pub(crate) source: Arc<dyn ContextSource>,
+}
+
+impl Renderer {
+    async fn page(&self, req: &HttpRequest, pending: PendingRender) -> HttpResponse {
+        let PendingRender { render, detail } = pending;
+        let mut context = self.source.context(req, &render.template).await;
+        context.extend(render.context);
+        context.insert("debug".into(), Value::Bool(self.debug));
+        if self.debug {
+            if let Some(detail) = detail {
+                context.insert("error_detail".into(), Value::String(detail));
+            }
+        }
+        match self.templates.render(&render.template, &Value::Object(context)) {
+            Ok(html) => html_response(render.status, html),
+            Err(e) => {
+                tracing::error!("{e}");
+                if render.template == ERROR_TEMPLATE {
+                    // The error page itself is broken: fall back to plain text.
+                    return plain_error(self.debug.then(|| e.to_string()));
+                }
+                let status = StatusCode::INTERNAL_SERVER_ERROR;
+                let fallback = PendingRender::error(
+                    status,
+                    serde_json::json!({
+                        "status": status.as_u16(),
+                        "title": "Server error",
+                        "message": "Something went wrong on our side. It has been logged.",
+                    }),
+                    Some(e.to_string()),
+                );
+                Box::pin(self.page(req, fallback)).await
+            }
+        }
+    }
+}
+
+fn html_response(status: StatusCode, html: String) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("text/html; charset=utf-8")
+        .body(html)
+}
+
+fn plain_error(detail: Option<String>) -> HttpResponse {
+    let mut body = String::from("Server error\n");
+    if let Some(d) = detail {
+        body.push_str(&d);
+        body.push('\n');
+    }
+    HttpResponse::InternalServerError()
+        .content_type("text/plain; charset=utf-8")
+        .body(body)
+}
+
+/// The render middleware: turns a [`Render`] left in a response into HTML.
+pub async fn render_middleware(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let res = next.call(req).await?;
+    let pending = res.response().extensions().get::<PendingRender>().cloned();
+    let Some(pending) = pending else {
+        return Ok(res.map_into_boxed_body());
+    };
+    let Some(renderer) = res.request().app_data::<web::Data<Renderer>>().cloned() else {
+        return Ok(res.map_into_boxed_body());
+    };
+    let (req, old) = res.into_parts();
+    let mut page = renderer.page(&req, pending).await;
+    // Keep what handlers and inner middleware put on the response (cookies, Vary, Location).
+    for (name, value) in old.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            page.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    Ok(ServiceResponse::new(req, page))
+}

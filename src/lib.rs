@@ -1,0 +1,49 @@
+//! Switchyard: Django-style sessions and context processors and Celery-style tasks, as actix
+//! actors, served by actix-web and scaled out over NATS.
+//!
+//! # Layout
+//!
+//! - [`app`]: the public builder an application embeds Switchyard through ([`App`]).
+//! - [`config`]: the typed configuration (defaults < file < environment < flags).
+//! - [`cli`]: the `switchyard` command line (serve, worker, config check, ...).
+//! - [`http`]: routes, middleware, templates, metrics and the one place errors become
+//!   responses.
+//! - [`shop`]: the bundled demo shop, written against the public API only.
+//! - `topology`: the only place that assembles actors, pools and the HTTP server, and the
+//!   explicit shutdown order.
+//!
+//! The actors themselves live in the `switchyard-actors` crate, which knows nothing of HTTP.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use switchyard::{App, Render, config::Config, web};
+//!
+//! async fn hello() -> Render {
+//!     Render::new("hello", serde_json::json!({ "name": "world" }))
+//! }
+//!
+//! #[actix_web::main]
+//! async fn main() -> anyhow::Result<()> {
+//!     let config = Config::load(Config::default_path().as_deref())?;
+//!     App::new(config)
+//!         .routes(|cfg| {
+//!             cfg.route("/hello", web::get().to(hello));
+//!         })
+//!         .serve()
+//!         .await?;
+//!     Ok(())
+//! }
+//! ```
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod shop;
+mod topology;
+
+pub use actix_web::web;
+pub use app::{App, Running};
+pub use http::error::Error;
+pub use http::render::Render;

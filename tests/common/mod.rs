@@ -1,0 +1,227 @@
+//! Shared test helpers: the real binary on port 0, service URLs, and skip-or-require.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long a spawned node may take to print its `listening on` line.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The project root (where `templates/`, `static/` and `config/` are).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The path of the `switchyard` binary cargo built for these tests.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+/// The URL of a shared service, from its `SWITCHYARD_*` variable or the machine's default.
+pub fn service_url(service: &str) -> String {
+    let (var, default) = match service {
+        "postgres" => (
+            "SWITCHYARD_POSTGRES__URL",
+            "postgres://postgres@127.0.0.1:5432/switchyard",
+        ),
+        "nats" => ("SWITCHYARD_NATS__URL", "nats://127.0.0.1:4222"),
+        "redis" => ("SWITCHYARD_REDIS__URL", "redis://127.0.0.1:6379"),
+        "memcached" => ("SWITCHYARD_MEMCACHED__SERVERS", "127.0.0.1:11211"),
+        other => panic!("unknown service {other}"),
+    };
+    std::env::var(var).unwrap_or_else(|_| default.to_owned())
+}
+
+/// Whether a service is reachable. When it is not: with `SWITCHYARD_REQUIRE_SERVICES=1` the test
+/// fails; otherwise it prints `SKIPPED: <service> not reachable at <url>` and the caller returns.
+pub fn service_available(service: &str) -> bool {
+    let url = service_url(service);
+    let host_port = url
+        .split("://")
+        .last()
+        .unwrap_or(&url)
+        .rsplit('@')
+        .next()
+        .unwrap_or(&url)
+        .split(['/', ','])
+        .next()
+        .unwrap_or(&url)
+        .to_owned();
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&host_port)
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|addr| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
+        });
+    if reachable {
+        return true;
+    }
+    if std::env::var("SWITCHYARD_REQUIRE_SERVICES").as_deref() == Ok("1") {
+        panic!("{service} not reachable at {url} (SWITCHYARD_REQUIRE_SERVICES=1)");
+    }
+    println!("SKIPPED: {service} not reachable at {url}");
+    false
+}
+
+/// A `switchyard serve` process on a free port; killed when dropped.
+pub struct Node {
+    pub child: Child,
+    pub base: String,
+    stderr_log: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Node {
+    /// `url("/cart")` → `http://127.0.0.1:PORT/cart`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// What the node wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Sends a signal and waits up to `within` for the exit status.
+    pub fn signal_and_wait(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("send signal");
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Options for [`spawn_node`].
+#[derive(Default)]
+pub struct NodeOptions {
+    /// Config file contents; written to a temp dir. `None` uses `config/default.toml`.
+    pub config: Option<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// The working directory (default: the project root).
+    pub cwd: Option<PathBuf>,
+    /// Extra arguments after `serve`.
+    pub args: Vec<String>,
+}
+
+/// Writes `contents` as a config file in a fresh temp dir.
+pub fn write_config(contents: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("switchyard.toml");
+    std::fs::write(&path, contents).expect("write config");
+    (dir, path)
+}
+
+/// Starts `switchyard serve --bind 127.0.0.1:0` and waits for its `listening on` line.
+pub fn spawn_node(opts: NodeOptions) -> Node {
+    let (dir, config_path) = match &opts.config {
+        Some(c) => {
+            let (d, p) = write_config(c);
+            (Some(d), p)
+        }
+        None => (None, root().join("config/default.toml")),
+    };
+    let log_dir = tempfile::tempdir().expect("tempdir").keep();
+    let stderr_log = log_dir.join("stderr.log");
+    let stderr = std::fs::File::create(&stderr_log).expect("stderr log");
+    let mut cmd = Command::new(binary());
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--bind")
+        .arg("127.0.0.1:0")
+        .args(&opts.args)
+        .current_dir(opts.cwd.clone().unwrap_or_else(root))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    for (k, v) in &opts.env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn switchyard");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(base) = line.strip_prefix("listening on ") {
+                    return Node {
+                        child,
+                        base: base.trim().to_owned(),
+                        stderr_log,
+                        _dir: dir,
+                    };
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
+                panic!("switchyard serve did not start within {START_TIMEOUT:?}; stderr:\n{log}");
+            }
+        }
+    }
+}
+
+/// A browser-like HTTP client: keeps cookies, does not follow redirects.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+/// Runs `switchyard <args>` to completion: (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)], cwd: Option<&Path>) -> (i32, String, String) {
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .current_dir(cwd.map(Path::to_path_buf).unwrap_or_else(root))
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run switchyard");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Extracts the text of `<span id="ID">TEXT</span>` from a page.
+pub fn marker(html: &str, id: &str) -> Option<String> {
+    let open = format!("<span id=\"{id}\">");
+    let start = html.find(&open)? + open.len();
+    let end = html[start..].find("</span>")? + start;
+    Some(html[start..end].to_owned())
+}
