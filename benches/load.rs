@@ -57,7 +57,9 @@ fn start_bare(workers: usize) -> (SocketAddr, actix_web::dev::ServerHandle) {
                                     Ok(html) => HttpResponse::Ok()
                                         .content_type("text/html; charset=utf-8")
                                         .body(html),
-                                    Err(e) => HttpResponse::InternalServerError().body(e.to_string()),
+                                    Err(e) => {
+                                        HttpResponse::InternalServerError().body(e.to_string())
+                                    }
                                 }
                             },
                         ),
@@ -97,12 +99,30 @@ fn main() {
     // Warm both up, then measure each for the same time, alternating order is not needed:
     // each side gets the whole machine while it runs.
     let warm = Duration::from_millis(500);
-    rt.block_on(support::drive(&format!("http://{}/", node.addr), connections, warm));
-    rt.block_on(support::drive(&format!("http://{bare_addr}/"), connections, warm));
-    let sy = rt.block_on(support::drive(&format!("http://{}/", node.addr), connections, duration));
-    let base = rt.block_on(support::drive(&format!("http://{bare_addr}/"), connections, duration));
+    rt.block_on(support::drive(
+        &format!("http://{}/", node.addr),
+        connections,
+        warm,
+    ));
+    rt.block_on(support::drive(
+        &format!("http://{bare_addr}/"),
+        connections,
+        warm,
+    ));
+    let sy = rt.block_on(support::drive(
+        &format!("http://{}/", node.addr),
+        connections,
+        duration,
+    ));
+    let base = rt.block_on(support::drive(
+        &format!("http://{bare_addr}/"),
+        connections,
+        duration,
+    ));
 
-    println!("load::get_index  ({connections} connections, {seconds} s each, {workers} http workers)");
+    println!(
+        "load::get_index  ({connections} connections, {seconds} s each, {workers} http workers)"
+    );
     println!("  switchyard GET /   {}", sy.summary());
     println!("  bare actix-web     {}", base.summary());
     println!("  ratio switchyard/bare = {:.3}", sy.rps() / base.rps());

@@ -4,12 +4,16 @@
 //! node (actors, pools, HTTP server) and runs it until SIGINT or SIGTERM. The bundled demo shop
 //! ([`crate::shop`]) is written against exactly this API.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use actix_web::web;
+use serde_json::{Map, Value};
+use switchyard_actors::context::ContextProcessor;
 
 use crate::config::Config;
+use crate::http::auth::MergeFn;
 use crate::topology::Topology;
 
 /// A function adding routes to the HTTP app (called once per HTTP worker).
@@ -38,6 +42,8 @@ pub enum StartError {
 pub struct App {
     pub(crate) config: Config,
     pub(crate) routes: Vec<RouteFn>,
+    pub(crate) processors: HashMap<String, Arc<dyn ContextProcessor>>,
+    pub(crate) merge: Option<MergeFn>,
 }
 
 impl App {
@@ -46,6 +52,8 @@ impl App {
         Self {
             config,
             routes: Vec::new(),
+            processors: HashMap::new(),
+            merge: None,
         }
     }
 
@@ -57,6 +65,27 @@ impl App {
     /// Adds routes, as `actix_web::App::configure` does. May be called several times.
     pub fn routes(mut self, f: impl Fn(&mut web::ServiceConfig) + Send + Sync + 'static) -> Self {
         self.routes.push(Arc::new(f));
+        self
+    }
+
+    /// Registers a context processor under its name; list the name in `context.processors`
+    /// to use it (the list fixes the merge order).
+    pub fn context_processor(mut self, processor: impl ContextProcessor) -> Self {
+        self.processors
+            .insert(processor.name().to_owned(), Arc::new(processor));
+        self
+    }
+
+    /// The hook `sessions.on_login = "merge"` calls at login: `(anonymous data, the user's
+    /// previous session data) -> the new session's data`.
+    pub fn on_login_merge(
+        mut self,
+        f: impl Fn(&Map<String, Value>, &Map<String, Value>) -> Map<String, Value>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        self.merge = Some(Arc::new(f));
         self
     }
 

@@ -211,7 +211,9 @@ pub fn run(cli: Cli) -> ExitCode {
                      set tasks.broker = \"nats\" (for example SWITCHYARD_TASKS__BROKER=nats) \
                      to use this command",
                 ),
-                Broker::Nats => failure("the NATS task broker is not available in this version yet"),
+                Broker::Nats => {
+                    failure("the NATS task broker is not available in this version yet")
+                }
             }
         }
         Command::Sessions(_) => {

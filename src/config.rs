@@ -80,7 +80,9 @@ impl Config {
         let env: Vec<(String, String)> = std::env::vars_os()
             .filter_map(|(name, value)| {
                 let name = name.into_string().ok()?;
-                let value = value.into_string().unwrap_or_else(|v| v.to_string_lossy().into_owned());
+                let value = value
+                    .into_string()
+                    .unwrap_or_else(|v| v.to_string_lossy().into_owned());
                 Some((name, value))
             })
             .collect();
@@ -164,9 +166,24 @@ impl Config {
         v.at_least("postgres.pool_size", self.postgres.pool_size, 1)?;
         self.validate_nats(&v)?;
         self.validate_context(&v)?;
-        v.between("actors.session_shards", self.actors.session_shards, 1, ACTORS_MAX)?;
-        v.between("actors.context_workers", self.actors.context_workers, 1, ACTORS_MAX)?;
-        v.between("actors.http_workers", self.actors.http_workers, 1, ACTORS_MAX)?;
+        v.between(
+            "actors.session_shards",
+            self.actors.session_shards,
+            1,
+            ACTORS_MAX,
+        )?;
+        v.between(
+            "actors.context_workers",
+            self.actors.context_workers,
+            1,
+            ACTORS_MAX,
+        )?;
+        v.between(
+            "actors.http_workers",
+            self.actors.http_workers,
+            1,
+            ACTORS_MAX,
+        )?;
         self.validate_tasks(&v)?;
         if !self.mail.from.contains('@') {
             return Err(v.fail(
@@ -229,14 +246,20 @@ impl Config {
         {
             return Err(v.fail(
                 "sessions.cookie_name",
-                format!("expected a non-empty cookie name token, got {:?}", s.cookie_name),
+                format!(
+                    "expected a non-empty cookie name token, got {:?}",
+                    s.cookie_name
+                ),
             ));
         }
         v.at_least("sessions.cookie_age", s.cookie_age, 1)?;
         if !s.cookie_path.starts_with('/') {
             return Err(v.fail(
                 "sessions.cookie_path",
-                format!("expected a path starting with \"/\", got {:?}", s.cookie_path),
+                format!(
+                    "expected a path starting with \"/\", got {:?}",
+                    s.cookie_path
+                ),
             ));
         }
         if s.cookie_same_site == SameSite::None && !s.cookie_secure {
@@ -477,7 +500,11 @@ impl ServerConfig {
 
 impl fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let fallbacks: Vec<String> = self.secret_key_fallbacks.iter().map(|k| redact(k)).collect();
+        let fallbacks: Vec<String> = self
+            .secret_key_fallbacks
+            .iter()
+            .map(|k| redact(k))
+            .collect();
         f.debug_struct("ServerConfig")
             .field("bind", &self.bind)
             .field("debug", &self.debug)
@@ -1380,7 +1407,10 @@ fn hostname() -> String {
 }
 
 fn quoted_list<'a>(items: impl Iterator<Item = &'a str>) -> String {
-    items.map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+    items
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1415,7 +1445,9 @@ fn redact_url(url: &str, bare_user_is_secret: bool) -> String {
         if let Some(at) = url[start..end].rfind('@') {
             let userinfo = &url[start..start + at];
             let redacted = match userinfo.split_once(':') {
-                Some((user, password)) if !password.is_empty() => Some(format!("{user}:{REDACTED}")),
+                Some((user, password)) if !password.is_empty() => {
+                    Some(format!("{user}:{REDACTED}"))
+                }
                 None if bare_user_is_secret && !userinfo.is_empty() => Some(REDACTED.to_owned()),
                 _ => None,
             };
@@ -1530,7 +1562,7 @@ fn humanize(message: &str) -> String {
         if let Some((got, expected)) = rest.split_once(", expected ") {
             return format!(
                 "expected {}, got {}",
-                describe_expected(expected),
+                describe_expected(expected, false),
                 describe_unexpected(got, true)
             );
         }
@@ -1539,14 +1571,18 @@ fn humanize(message: &str) -> String {
         if let Some((got, expected)) = rest.split_once(", expected ") {
             return format!(
                 "expected {}, got {}",
-                describe_expected(expected),
+                describe_expected(expected, true),
                 describe_unexpected(got, false)
             );
         }
     }
     if let Some(rest) = message.strip_prefix("unknown variant ") {
         if let Some((got, expected)) = rest.split_once(", expected ") {
-            return format!("expected {}, got {}", ticks_to_quotes(expected), ticks_to_quotes(got));
+            return format!(
+                "expected {}, got {}",
+                ticks_to_quotes(expected),
+                ticks_to_quotes(got)
+            );
         }
     }
     if let Some(rest) = message.strip_prefix("missing field ") {
@@ -1555,8 +1591,11 @@ fn humanize(message: &str) -> String {
     one_line(message)
 }
 
-fn describe_expected(expected: &str) -> String {
+/// What serde expected, in configuration terms; integer ranges only with `with_range` (for
+/// values of the right type but out of range).
+fn describe_expected(expected: &str, with_range: bool) -> String {
     match expected.trim() {
+        "u8" | "u16" | "u32" | "u64" | "usize" | "u128" if !with_range => "an integer".into(),
         "u8" => "an integer from 0 to 255".into(),
         "u16" => "an integer from 0 to 65535".into(),
         "u32" => format!("an integer from 0 to {}", u32::MAX),
@@ -1881,7 +1920,11 @@ fn apply_env(
 
     let mut root = match toml::Value::try_from(&config) {
         Ok(toml::Value::Table(table)) => table,
-        Ok(_) => return Err(ConfigError::Internal("the configuration is not a table".into())),
+        Ok(_) => {
+            return Err(ConfigError::Internal(
+                "the configuration is not a table".into(),
+            ))
+        }
         Err(e) => return Err(ConfigError::Internal(e.to_string())),
     };
     for (var, section, key, raw) in vars {
@@ -1949,7 +1992,9 @@ fn env_value(current: &toml::Value, raw: &str) -> Result<toml::Value, String> {
                 .map(|item| Value::String(item.to_owned()))
                 .collect(),
         )),
-        Value::String(_) | Value::Datetime(_) | Value::Table(_) => Ok(Value::String(raw.to_owned())),
+        Value::String(_) | Value::Datetime(_) | Value::Table(_) => {
+            Ok(Value::String(raw.to_owned()))
+        }
     }
 }
 
@@ -2018,7 +2063,10 @@ mod tests {
             Some(Path::new("/nonexistent/switchyard.toml")),
             &[],
         ));
-        assert!(msg.starts_with("/nonexistent/switchyard.toml: cannot read"), "{msg}");
+        assert!(
+            msg.starts_with("/nonexistent/switchyard.toml: cannot read"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -2031,52 +2079,87 @@ mod tests {
     #[test]
     fn unknown_key_names_file_line_and_dotted_key() {
         let msg = message(load("bad.toml", "[server]\ndebug = true\nfoo = 1\n", &[]));
-        assert!(msg.ends_with("bad.toml:3: unknown key `server.foo`"), "{msg}");
+        assert!(
+            msg.ends_with("bad.toml:3: unknown key `server.foo`"),
+            "{msg}"
+        );
         let msg = message(load("bad.toml", "# hi\n[serverr]\nbind = \"x\"\n", &[]));
         assert!(msg.ends_with("bad.toml:2: unknown key `serverr`"), "{msg}");
         let text = "[[tasks.queues]]\nname = \"a\"\n[[tasks.queues]]\nname = \"b\"\nspeed = 2\n";
         let msg = message(load("bad.toml", text, &[]));
-        assert!(msg.ends_with("bad.toml:5: unknown key `tasks.queues[1].speed`"), "{msg}");
+        assert!(
+            msg.ends_with("bad.toml:5: unknown key `tasks.queues[1].speed`"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn wrong_type_names_file_line_and_key() {
         let text = "[server]\nbind = \"127.0.0.1:1\"\n\n[actors]\nhttp_workers = \"two\"\n";
         let msg = message(load("bad.toml", text, &[]));
-        assert!(msg.contains("bad.toml:5: actors.http_workers: expected an integer"), "{msg}");
+        assert!(
+            msg.contains("bad.toml:5: actors.http_workers: expected an integer"),
+            "{msg}"
+        );
         assert!(msg.contains("got a string"), "{msg}");
         let msg = message(load("bad.toml", "[sessions]\nengine = \"mongo\"\n", &[]));
-        assert!(msg.contains("bad.toml:2: sessions.engine: expected one of"), "{msg}");
+        assert!(
+            msg.contains("bad.toml:2: sessions.engine: expected one of"),
+            "{msg}"
+        );
         assert!(msg.contains("\"signed_cookies\""), "{msg}");
         let msg = message(load("bad.toml", "[tasks]\nmax_deliver = -1\n", &[]));
-        assert!(msg.contains("bad.toml:2: tasks.max_deliver: expected an integer from 0"), "{msg}");
+        assert!(
+            msg.contains("bad.toml:2: tasks.max_deliver: expected an integer from 0"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn missing_required_key_in_array_of_tables() {
         let msg = message(load("bad.toml", "[[tasks.queues]]\nconcurrency = 2\n", &[]));
-        assert!(msg.contains("bad.toml:1: tasks.queues[0]: missing key `name`"), "{msg}");
+        assert!(
+            msg.contains("bad.toml:1: tasks.queues[0]: missing key `name`"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn out_of_range_says_what_was_expected() {
         let msg = message(load("bad.toml", "[actors]\n\nsession_shards = 0\n", &[]));
         assert_eq!(msg, format!("{}", msg)); // Display is stable
-        assert!(msg.contains("bad.toml:3: actors.session_shards: expected an integer from 1 to 1024, got 0"), "{msg}");
+        assert!(
+            msg.contains(
+                "bad.toml:3: actors.session_shards: expected an integer from 1 to 1024, got 0"
+            ),
+            "{msg}"
+        );
         let msg = message(load("bad.toml", "[server]\nbind = \"nope\"\n", &[]));
-        assert!(msg.contains("bad.toml:2: server.bind: invalid socket address \"nope\""), "{msg}");
+        assert!(
+            msg.contains("bad.toml:2: server.bind: invalid socket address \"nope\""),
+            "{msg}"
+        );
         let msg = message(load_env(&[("SWITCHYARD_POSTGRES__POOL_SIZE", "0")]));
-        assert!(msg.contains("SWITCHYARD_POSTGRES__POOL_SIZE: expected an integer >= 1, got 0"), "{msg}");
+        assert!(
+            msg.contains("SWITCHYARD_POSTGRES__POOL_SIZE: expected an integer >= 1, got 0"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn weak_secret_with_debug_false() {
         let text = "[server]\ndebug = false\nsecret_key = \"short\"\n";
         let msg = message(load("prod.toml", text, &[]));
-        assert!(msg.contains("prod.toml:3: server.secret_key: expected at least 32 bytes"), "{msg}");
+        assert!(
+            msg.contains("prod.toml:3: server.secret_key: expected at least 32 bytes"),
+            "{msg}"
+        );
         // Not set anywhere: the built-in default is blamed, and where debug = false came from.
         let msg = message(load("prod.toml", "[server]\ndebug = false\n", &[]));
-        assert!(msg.starts_with("built-in default: server.secret_key:"), "{msg}");
+        assert!(
+            msg.starts_with("built-in default: server.secret_key:"),
+            "{msg}"
+        );
         assert!(msg.contains("prod.toml:2"), "{msg}");
         // From the environment.
         let msg = message(load(
@@ -2084,7 +2167,10 @@ mod tests {
             "[server]\ndebug = false\nsecret_key = \"short\"\n",
             &[("SWITCHYARD_SERVER__SECRET_KEY", "still-short")],
         ));
-        assert!(msg.starts_with("SWITCHYARD_SERVER__SECRET_KEY: expected at least 32"), "{msg}");
+        assert!(
+            msg.starts_with("SWITCHYARD_SERVER__SECRET_KEY: expected at least 32"),
+            "{msg}"
+        );
         // A strong key passes.
         let text = format!("[server]\ndebug = false\nsecret_key = \"{STRONG_KEY}\"\n");
         assert!(load("prod.toml", &text, &[]).is_ok());
@@ -2092,8 +2178,15 @@ mod tests {
 
     #[test]
     fn same_site_none_requires_secure() {
-        let msg = message(load("s.toml", "[sessions]\ncookie_same_site = \"none\"\n", &[]));
-        assert!(msg.contains("s.toml:2: sessions.cookie_same_site:"), "{msg}");
+        let msg = message(load(
+            "s.toml",
+            "[sessions]\ncookie_same_site = \"none\"\n",
+            &[],
+        ));
+        assert!(
+            msg.contains("s.toml:2: sessions.cookie_same_site:"),
+            "{msg}"
+        );
         assert!(msg.contains("cookie_secure = true"), "{msg}");
         let text = "[sessions]\ncookie_same_site = \"none\"\ncookie_secure = true\n";
         assert!(load("s.toml", text, &[]).is_ok());
@@ -2113,20 +2206,39 @@ mod tests {
 
     #[test]
     fn arrays_of_tables_cannot_come_from_env() {
-        for var in ["SWITCHYARD_TASKS__QUEUES", "SWITCHYARD_BEAT__SCHEDULE", "SWITCHYARD_AUTH__USERS"] {
+        for var in [
+            "SWITCHYARD_TASKS__QUEUES",
+            "SWITCHYARD_BEAT__SCHEDULE",
+            "SWITCHYARD_AUTH__USERS",
+        ] {
             let msg = message(load_env(&[(var, "x")]));
-            assert!(msg.starts_with(var) && msg.contains("array of tables"), "{msg}");
+            assert!(
+                msg.starts_with(var) && msg.contains("array of tables"),
+                "{msg}"
+            );
         }
     }
 
     #[test]
     fn bad_env_values_name_the_variable() {
         let msg = message(load_env(&[("SWITCHYARD_SERVER__DEBUG", "maybe")]));
-        assert_eq!(msg, "SWITCHYARD_SERVER__DEBUG: expected a boolean, got \"maybe\"");
+        assert_eq!(
+            msg,
+            "SWITCHYARD_SERVER__DEBUG: expected a boolean, got \"maybe\""
+        );
         let msg = message(load_env(&[("SWITCHYARD_ACTORS__HTTP_WORKERS", "many")]));
-        assert!(msg.starts_with("SWITCHYARD_ACTORS__HTTP_WORKERS: expected an integer"), "{msg}");
-        let msg = message(load_env(&[("SWITCHYARD_SESSIONS__COOKIE_SAME_SITE", "sometimes")]));
-        assert!(msg.starts_with("SWITCHYARD_SESSIONS__COOKIE_SAME_SITE: expected one of"), "{msg}");
+        assert!(
+            msg.starts_with("SWITCHYARD_ACTORS__HTTP_WORKERS: expected an integer"),
+            "{msg}"
+        );
+        let msg = message(load_env(&[(
+            "SWITCHYARD_SESSIONS__COOKIE_SAME_SITE",
+            "sometimes",
+        )]));
+        assert!(
+            msg.starts_with("SWITCHYARD_SESSIONS__COOKIE_SAME_SITE: expected one of"),
+            "{msg}"
+        );
         let msg = message(load_env(&[("SWITCHYARD_TASKS__RESULT_TTL", "-5")]));
         assert!(msg.contains("non-negative integer, got -5"), "{msg}");
         let msg = message(load_env(&[("SWITCHYARD_TASKS__RETRY_BACKOFF_MAX", "soon")]));
@@ -2181,7 +2293,10 @@ mod tests {
         assert_eq!(config.tasks.broker, Broker::Nats);
         // A validation error on an env-set key names the variable, not the file.
         let msg = message(load("f.toml", text, &[("SWITCHYARD_SERVER__BIND", "nope")]));
-        assert!(msg.starts_with("SWITCHYARD_SERVER__BIND: invalid socket address"), "{msg}");
+        assert!(
+            msg.starts_with("SWITCHYARD_SERVER__BIND: invalid socket address"),
+            "{msg}"
+        );
         Ok(())
     }
 
@@ -2193,17 +2308,29 @@ mod tests {
         let msg = message(load("q.toml", "[[tasks.queues]]\nname = \"a b\"\n", &[]));
         assert!(msg.contains("q.toml:2: tasks.queues[0].name:"), "{msg}");
         let msg = message(load("q.toml", "[[tasks.queues]]\nname = \"other\"\n", &[]));
-        assert!(msg.contains("built-in default: tasks.default_queue:"), "{msg}");
+        assert!(
+            msg.contains("built-in default: tasks.default_queue:"),
+            "{msg}"
+        );
         let text = "[[tasks.queues]]\nname = \"default\"\nrate_limit = \"10/x\"\n";
         let msg = message(load("q.toml", text, &[]));
-        assert!(msg.contains("q.toml:3: tasks.queues[0].rate_limit:"), "{msg}");
+        assert!(
+            msg.contains("q.toml:3: tasks.queues[0].rate_limit:"),
+            "{msg}"
+        );
 
         let both = "[[beat.schedule]]\nname = \"a\"\ntask = \"t\"\nevery = \"1h\"\ncron = \"0 * * * * *\"\n";
         let msg = message(load("b.toml", both, &[]));
-        assert!(msg.contains("b.toml:1: beat.schedule[0]: expected exactly one"), "{msg}");
+        assert!(
+            msg.contains("b.toml:1: beat.schedule[0]: expected exactly one"),
+            "{msg}"
+        );
         let cron = "[[beat.schedule]]\nname = \"a\"\ntask = \"t\"\ncron = \"* * * * *\"\n";
         let msg = message(load("b.toml", cron, &[]));
-        assert!(msg.contains("b.toml:4: beat.schedule[0].cron: expected 6 fields"), "{msg}");
+        assert!(
+            msg.contains("b.toml:4: beat.schedule[0].cron: expected 6 fields"),
+            "{msg}"
+        );
         let every = "[[beat.schedule]]\nname = \"a\"\ntask = \"t\"\nevery = \"30m1h\"\n";
         let msg = message(load("b.toml", every, &[]));
         assert!(msg.contains("b.toml:4: beat.schedule[0].every:"), "{msg}");
@@ -2211,7 +2338,8 @@ mod tests {
 
     #[test]
     fn schedule_parses() -> Result<(), ConfigError> {
-        let text = "[[beat.schedule]]\nname = \"clear-sessions\"\ntask = \"switchyard.clear_sessions\"\n\
+        let text =
+            "[[beat.schedule]]\nname = \"clear-sessions\"\ntask = \"switchyard.clear_sessions\"\n\
                     args = { limit = 10 }\nevery = \"1h30m\"\n\n[[beat.schedule]]\nname = \"c\"\n\
                     task = \"t\"\ncron = \"0 */5 * * * *\"\nqueue = \"default\"\n";
         let config = load("b.toml", text, &[])?;
@@ -2245,7 +2373,12 @@ mod tests {
 
     #[test]
     fn log_level_filters() {
-        for ok in ["info", "WARN", "info,switchyard=debug", "actix_web=warn, switchyard::http=trace"] {
+        for ok in [
+            "info",
+            "WARN",
+            "info,switchyard=debug",
+            "actix_web=warn, switchyard::http=trace",
+        ] {
             assert!(is_log_filter(ok), "{ok}");
         }
         for bad in ["", "loud", "switchyard=", "=info", "info,,=x"] {
@@ -2259,7 +2392,10 @@ mod tests {
     fn users_are_checked() {
         let text = "[[auth.users]]\nusername = \"bob\"\npassword_hash = \"plain\"\n";
         let msg = message(load("u.toml", text, &[]));
-        assert!(msg.contains("u.toml:3: auth.users[0].password_hash:"), "{msg}");
+        assert!(
+            msg.contains("u.toml:3: auth.users[0].password_hash:"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -2301,26 +2437,68 @@ mod tests {
             args: serde_json::Map::new(),
         });
         let text = config.to_redacted_toml();
-        for secret in ["super-secret", "old-secret", "older-secret", "nats-token", "pg-pass", "redis-pass", "aGFzaGhhc2g"] {
+        for secret in [
+            "super-secret",
+            "old-secret",
+            "older-secret",
+            "nats-token",
+            "pg-pass",
+            "redis-pass",
+            "aGFzaGhhc2g",
+        ] {
             assert!(!text.contains(secret), "{secret} leaked:\n{text}");
         }
         let value: toml::Value = toml::from_str(&text)?;
         assert_eq!(value["server"]["secret_key"].as_str(), Some(REDACTED));
-        assert_eq!(value["auth"]["users"][0]["password_hash"].as_str(), Some(REDACTED));
-        assert_eq!(value["auth"]["users"][0]["username"].as_str(), Some("alice"));
+        assert_eq!(
+            value["auth"]["users"][0]["password_hash"].as_str(),
+            Some(REDACTED)
+        );
+        assert_eq!(
+            value["auth"]["users"][0]["username"].as_str(),
+            Some("alice")
+        );
         assert_eq!(
             value["postgres"]["url"].as_str(),
             Some("postgres://app:<redacted>@db:5432/switchyard?password=<redacted>")
         );
-        assert_eq!(value["redis"]["url"].as_str(), Some("redis://:<redacted>@cache:6379/0"));
-        assert_eq!(value["tasks"]["queues"][0]["name"].as_str(), Some("default"));
+        assert_eq!(
+            value["redis"]["url"].as_str(),
+            Some("redis://:<redacted>@cache:6379/0")
+        );
+        assert_eq!(
+            value["tasks"]["queues"][0]["name"].as_str(),
+            Some("default")
+        );
         assert_eq!(value["beat"]["schedule"][0]["every"].as_str(), Some("1h"));
-        for section in ["server", "log", "sessions", "auth", "postgres", "nats", "redis", "memcached", "file", "context", "actors", "tasks", "mail", "beat"] {
+        for section in [
+            "server",
+            "log",
+            "sessions",
+            "auth",
+            "postgres",
+            "nats",
+            "redis",
+            "memcached",
+            "file",
+            "context",
+            "actors",
+            "tasks",
+            "mail",
+            "beat",
+        ] {
             assert!(value.get(section).is_some(), "missing [{section}]");
         }
 
         let debug = format!("{config:?}");
-        for secret in ["super-secret", "old-secret", "nats-token", "pg-pass", "redis-pass", "aGFzaGhhc2g"] {
+        for secret in [
+            "super-secret",
+            "old-secret",
+            "nats-token",
+            "pg-pass",
+            "redis-pass",
+            "aGFzaGhhc2g",
+        ] {
             assert!(!debug.contains(secret), "{secret} leaked in Debug: {debug}");
         }
         Ok(())
@@ -2340,12 +2518,18 @@ mod tests {
 
     #[test]
     fn nats_url_tokens_are_redacted() {
-        assert_eq!(redact_url("nats://tok@h:4222", true), "nats://<redacted>@h:4222");
+        assert_eq!(
+            redact_url("nats://tok@h:4222", true),
+            "nats://<redacted>@h:4222"
+        );
         assert_eq!(
             redact_url("nats://u:p@a:1,nats://b:2", true),
             "nats://u:<redacted>@a:1,nats://b:2"
         );
-        assert_eq!(redact_url("postgres://user@h/db", false), "postgres://user@h/db");
+        assert_eq!(
+            redact_url("postgres://user@h/db", false),
+            "postgres://user@h/db"
+        );
     }
 
     #[test]
@@ -2370,7 +2554,14 @@ mod tests {
     fn direct_validate_names_the_key() {
         let mut config = Config::default();
         config.actors.http_workers = 0;
-        let msg = config.validate().err().map(|e| e.to_string()).unwrap_or_default();
-        assert_eq!(msg, "actors.http_workers: expected an integer from 1 to 1024, got 0");
+        let msg = config
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(
+            msg,
+            "actors.http_workers: expected an integer from 1 to 1024, got 0"
+        );
     }
 }

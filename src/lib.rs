@@ -45,5 +45,9 @@ mod topology;
 
 pub use actix_web::web;
 pub use app::{App, Running};
+pub use http::auth::{CurrentUser, LoginRequired, User};
 pub use http::error::Error;
 pub use http::render::Render;
+pub use http::session::Session;
+pub use switchyard_actors::context::messages;
+pub use switchyard_actors::context::{ContextProcessor, RequestSnapshot};

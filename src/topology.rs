@@ -10,29 +10,27 @@ use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
 use actix_web::middleware::from_fn;
-use actix_web::{web, HttpRequest, HttpServer};
-use serde_json::{Map, Value};
+use actix_web::{web, HttpServer};
+use rand::RngCore;
+use switchyard_actors::context::builtins::{
+    AuthProcessor, CsrfProcessor, DebugProcessor, MessagesProcessor, RequestProcessor,
+    StaticProcessor,
+};
+use switchyard_actors::context::ContextProcessor;
+use switchyard_actors::session::{
+    CookieSigner, FileStore, MemoryStore, SessionShards, SessionStore,
+};
 
 use crate::app::{App, RouteFn, Running, StartError};
-use crate::config::Config;
+use crate::config::{Config, SessionEngine};
+use crate::http::auth::Auth;
+use crate::http::context::Processors;
 use crate::http::health::{self, AlwaysReady, Readiness};
 use crate::http::metrics::{self, Metrics};
-use crate::http::render::{self, ContextFuture, ContextSource, Renderer};
+use crate::http::render::{self, Renderer};
+use crate::http::session::{self as session_mw, Backend, SessionLayer};
 use crate::http::templates::Templates;
 use crate::http::Error;
-
-/// The variables every page gets before context processors exist: `static_url`.
-struct BaseContext {
-    static_url: String,
-}
-
-impl ContextSource for BaseContext {
-    fn context(&self, _req: &HttpRequest, _template: &str) -> ContextFuture {
-        let mut map = Map::new();
-        map.insert("static_url".into(), Value::String(self.static_url.clone()));
-        Box::pin(async move { map })
-    }
-}
 
 /// A running node's parts, in the order they stop.
 pub(crate) struct Topology {
@@ -44,7 +42,12 @@ pub(crate) struct Topology {
 
 impl Topology {
     pub(crate) async fn start(app: App) -> Result<Running, StartError> {
-        let App { config, routes } = app;
+        let App {
+            config,
+            routes,
+            processors: app_processors,
+            merge,
+        } = app;
         let config = Arc::new(config);
 
         let metrics = web::Data::new(Metrics::new());
@@ -52,22 +55,27 @@ impl Topology {
             &config.server.templates,
             config.server.debug,
         )?);
+        let processors = processors(&config, app_processors)?;
         let renderer = web::Data::new(Renderer {
             templates,
             debug: config.server.debug,
-            source: Arc::new(BaseContext {
-                static_url: config.server.static_url.clone(),
-            }),
+            source: Arc::new(processors),
         });
 
         // Actors live on their own arbiter (thread), never on an HTTP worker.
         let actor_arbiter = actix_rt::Arbiter::new();
 
         let mut readiness = Readiness::default();
-        readiness.add(AlwaysReady {
-            name: "sessions".into(),
-            detail: format!("engine {}", config.sessions.engine.as_str()),
-        });
+        let backend = session_backend(&config, &actor_arbiter)?;
+        match &backend {
+            Backend::Server(shards) => readiness.add(SessionCheck(shards.clone())),
+            Backend::Signed(_) => readiness.add(AlwaysReady {
+                name: "sessions".into(),
+                detail: "engine signed_cookies".into(),
+            }),
+        }
+        let sessions = web::Data::new(SessionLayer::new(&config.sessions, backend));
+        let auth = web::Data::new(Auth::new(&config.auth, config.sessions.on_login, merge));
         readiness.add(AlwaysReady {
             name: "broker".into(),
             detail: format!("broker {}", config.tasks.broker.as_str()),
@@ -82,6 +90,8 @@ impl Topology {
                 metrics.clone(),
                 renderer.clone(),
                 readiness.clone(),
+                sessions.clone(),
+                auth.clone(),
             )
         })
         .workers(config.actors.http_workers as usize)
@@ -145,6 +155,8 @@ fn http_app(
     metrics: web::Data<Metrics>,
     renderer: web::Data<Renderer>,
     readiness: web::Data<Readiness>,
+    sessions: web::Data<SessionLayer>,
+    auth: web::Data<Auth>,
 ) -> actix_web::App<
     impl actix_web::dev::ServiceFactory<
         actix_web::dev::ServiceRequest,
@@ -158,6 +170,11 @@ fn http_app(
         .app_data(metrics)
         .app_data(renderer)
         .app_data(readiness)
+        .app_data(sessions)
+        .app_data(auth)
+        .wrap(from_fn(render::render_middleware))
+        .wrap(from_fn(session_mw::session_middleware))
+        // Renders the error pages the session middleware itself answers with (503, 413).
         .wrap(from_fn(render::render_middleware))
         .wrap(from_fn(metrics::metrics_middleware))
         .route("/healthz", web::get().to(health::healthz))
@@ -176,4 +193,112 @@ fn http_app(
 
 async fn not_found() -> Result<&'static str, Error> {
     Err(Error::NotFound)
+}
+
+/// The built-in processors plus the application's, in `context.processors` order.
+fn processors(
+    config: &Config,
+    app: std::collections::HashMap<String, Arc<dyn ContextProcessor>>,
+) -> Result<Processors, StartError> {
+    let mut available: std::collections::HashMap<String, Arc<dyn ContextProcessor>> = [
+        Arc::new(DebugProcessor {
+            debug: config.server.debug,
+            queries: None,
+        }) as Arc<dyn ContextProcessor>,
+        Arc::new(RequestProcessor),
+        Arc::new(AuthProcessor),
+        Arc::new(MessagesProcessor),
+        Arc::new(CsrfProcessor),
+        Arc::new(StaticProcessor {
+            static_url: config.server.static_url.clone(),
+        }),
+    ]
+    .into_iter()
+    .map(|p| (p.name().to_owned(), p))
+    .collect();
+    available.extend(app);
+    Processors::new(
+        &config.context.processors,
+        available,
+        Duration::from_millis(config.context.timeout_ms),
+    )
+    .map_err(|e| StartError::Service {
+        key: "context.processors".into(),
+        message: e.to_string(),
+    })
+}
+
+/// The signing secret: `server.secret_key`, or in debug without one a random per-process key.
+pub(crate) fn secret(config: &Config) -> Vec<u8> {
+    if config.server.secret_key.is_empty() {
+        let mut key = vec![0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        tracing::warn!(
+            "server.secret_key is empty: using a random key for this process; signed cookies \
+             will not survive a restart (set server.secret_key)"
+        );
+        key
+    } else {
+        config.server.secret_key.as_bytes().to_vec()
+    }
+}
+
+/// The session engine `sessions.engine` names, behind its shard actors.
+fn session_backend(config: &Config, arbiter: &actix_rt::Arbiter) -> Result<Backend, StartError> {
+    let store: Arc<dyn SessionStore> = match config.sessions.engine {
+        SessionEngine::Memory => Arc::new(MemoryStore::new()),
+        SessionEngine::File => {
+            Arc::new(
+                FileStore::open(&config.file.dir).map_err(|e| StartError::Service {
+                    key: "file.dir".into(),
+                    message: e.to_string(),
+                })?,
+            )
+        }
+        SessionEngine::SignedCookies => {
+            let fallbacks: Vec<Vec<u8>> = config
+                .server
+                .secret_key_fallbacks
+                .iter()
+                .map(|k| k.as_bytes().to_vec())
+                .collect();
+            return Ok(Backend::Signed(CookieSigner::new(
+                &secret(config),
+                &fallbacks,
+            )));
+        }
+        other => {
+            return Err(StartError::Service {
+                key: "sessions.engine".into(),
+                message: format!(
+                    "engine \"{}\" is not available in this version yet",
+                    other.as_str()
+                ),
+            })
+        }
+    };
+    Ok(Backend::Server(SessionShards::start(
+        config.actors.session_shards as usize,
+        store,
+        &arbiter.handle(),
+    )))
+}
+
+/// `/readyz`'s `sessions` check: the engine answers.
+struct SessionCheck(SessionShards);
+
+impl health::ReadinessCheck for SessionCheck {
+    fn name(&self) -> &str {
+        "sessions"
+    }
+    fn check(&self) -> futures_util::future::BoxFuture<'static, Result<String, String>> {
+        let shards = self.0.clone();
+        Box::pin(async move {
+            shards
+                .ping()
+                .await
+                .map(|()| format!("engine {}", shards.engine()))
+                .map_err(|e| e.to_string())
+        })
+    }
 }

@@ -28,7 +28,10 @@ async fn index_lists_products_with_markers() {
     let forms = html.matches("action=\"/cart/add/").count();
     assert!(forms >= 3, "expected >= 3 product forms, got {forms}");
     for id in 1..=3 {
-        assert!(html.contains(&format!("action=\"/cart/add/{id}\"")), "{html}");
+        assert!(
+            html.contains(&format!("action=\"/cart/add/{id}\"")),
+            "{html}"
+        );
     }
     assert_markers(&html);
 }
@@ -76,7 +79,10 @@ async fn probes_and_metrics() {
         "{text}"
     );
     for name in ["switchyard_sessions_saved_total", "switchyard_tasks_total"] {
-        assert!(text.contains(&format!("# TYPE {name} counter")), "{name} in:\n{text}");
+        assert!(
+            text.contains(&format!("# TYPE {name} counter")),
+            "{name} in:\n{text}"
+        );
     }
 }
 
@@ -131,7 +137,10 @@ async fn template_error_is_a_500_with_detail_only_in_debug() {
     let res = client().get(debug.url("/")).send().await.expect("GET /");
     assert_eq!(res.status(), 500);
     let html = res.text().await.expect("body");
-    assert!(html.contains("no_such_helper"), "debug page shows the detail: {html}");
+    assert!(
+        html.contains("no_such_helper"),
+        "debug page shows the detail: {html}"
+    );
     assert_markers(&html);
 
     let prod = spawn_node(NodeOptions {
@@ -149,8 +158,14 @@ async fn template_error_is_a_500_with_detail_only_in_debug() {
     assert_eq!(res.status(), 500);
     let html = res.text().await.expect("body");
     assert!(html.contains("Server error"), "{html}");
-    assert!(!html.contains("no_such_helper"), "no internals without debug: {html}");
-    assert!(prod.stderr().contains("no_such_helper"), "the log has the detail");
+    assert!(
+        !html.contains("no_such_helper"),
+        "no internals without debug: {html}"
+    );
+    assert!(
+        prod.stderr().contains("no_such_helper"),
+        "the log has the detail"
+    );
 }
 
 #[tokio::test]
@@ -164,7 +179,10 @@ async fn debug_templates_reload_without_restart() {
         ..Default::default()
     });
     let c = client();
-    assert_eq!(c.get(node.url("/")).send().await.expect("GET").status(), 500);
+    assert_eq!(
+        c.get(node.url("/")).send().await.expect("GET").status(),
+        500
+    );
     std::fs::copy(
         common::root().join("templates/shop/index.hbs"),
         templates.path().join("shop/index.hbs"),
@@ -189,7 +207,10 @@ fn sigterm_and_sigint_exit_zero_promptly() {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let c = client();
         rt.block_on(async {
-            assert_eq!(c.get(node.url("/")).send().await.expect("GET").status(), 200);
+            assert_eq!(
+                c.get(node.url("/")).send().await.expect("GET").status(),
+                200
+            );
         });
         let started = Instant::now();
         let status = node

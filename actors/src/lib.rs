@@ -7,5 +7,5 @@
 //! - `tasks`: the task model, brokers, workers, the scheduler and results.
 //! - `messages`: messages that cross actor boundaries.
 
-pub mod session;
 pub mod context;
+pub mod session;

@@ -85,7 +85,12 @@ pub async fn drive(url: &str, connections: usize, duration: Duration) -> LoadRes
 }
 
 /// Like [`drive`], with a request builder (cookies, method) per request.
-pub async fn drive_with<F>(url: &str, connections: usize, duration: Duration, build: F) -> LoadResult
+pub async fn drive_with<F>(
+    url: &str,
+    connections: usize,
+    duration: Duration,
+    build: F,
+) -> LoadResult
 where
     F: Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder + Send + Sync + Clone + 'static,
 {

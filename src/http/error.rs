@@ -26,6 +26,9 @@ pub enum Error {
     /// The visitor must log in first; carries the login URL with its `next`.
     #[error("login required")]
     LoginRequired { location: String },
+    /// The request or the session it would produce is too large.
+    #[error("too large: {0}")]
+    PayloadTooLarge(String),
     /// A service the request needs (session engine, broker, database) is unreachable.
     #[error("{what} unavailable: {message}")]
     Unavailable { what: String, message: String },
@@ -56,6 +59,7 @@ impl Error {
             Error::Forbidden(_) => "Forbidden",
             Error::BadRequest(_) => "Bad request",
             Error::LoginRequired { .. } => "Login required",
+            Error::PayloadTooLarge(_) => "Too large",
             Error::Unavailable { .. } => "Service unavailable",
             Error::Template(_) | Error::Internal(_) => "Server error",
         }
@@ -68,6 +72,7 @@ impl Error {
             Error::Forbidden(why) => why.clone(),
             Error::BadRequest(why) => why.clone(),
             Error::LoginRequired { .. } => "Please log in.".into(),
+            Error::PayloadTooLarge(why) => why.clone(),
             Error::Unavailable { what, .. } => {
                 format!("The {what} is unavailable right now. Please try again in a moment.")
             }
@@ -85,6 +90,7 @@ impl ResponseError for Error {
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::LoginRequired { .. } => StatusCode::SEE_OTHER,
+            Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Template(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -1,9 +1,12 @@
 //! HTTP: the route table's fixed part, middleware, templates, metrics, and errors → responses.
 
+pub mod auth;
+pub mod context;
 pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod render;
+pub mod session;
 pub mod templates;
 
 pub use error::Error;

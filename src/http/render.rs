@@ -112,7 +112,10 @@ impl Renderer {
                 context.insert("error_detail".into(), Value::String(detail));
             }
         }
-        match self.templates.render(&render.template, &Value::Object(context)) {
+        match self
+            .templates
+            .render(&render.template, &Value::Object(context))
+        {
             Ok(html) => html_response(render.status, html),
             Err(e) => {
                 tracing::error!("{e}");

@@ -2,10 +2,24 @@
 //!
 //! It uses only Switchyard's public API, as an application embedding Switchyard would.
 
-use serde::Serialize;
-use serde_json::json;
+use std::collections::BTreeMap;
 
-use crate::{web, App, Render};
+use actix_web::http::header;
+use actix_web::{Either, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::http::auth::{self, Auth};
+use crate::http::context::FnProcessor;
+use crate::http::session::Session;
+use crate::messages::{self, Level};
+use crate::{web, App, Error, Render};
+
+/// The session key holding the cart: product id → quantity.
+pub const CART_KEY: &str = "cart";
+
+/// A cart: product id (as a string, JSON object keys are strings) → quantity.
+pub type Cart = BTreeMap<String, u32>;
 
 /// A product on sale.
 #[derive(Debug, Clone, Serialize)]
@@ -19,8 +33,12 @@ pub struct Product {
 
 impl Product {
     fn price(&self) -> String {
-        format!("{}.{:02}", self.price_cents / 100, self.price_cents % 100)
+        format_cents(self.price_cents)
     }
+}
+
+fn format_cents(cents: u64) -> String {
+    format!("{}.{:02}", cents / 100, cents % 100)
 }
 
 /// The catalogue.
@@ -56,7 +74,7 @@ pub fn product(id: u32) -> Option<&'static Product> {
     PRODUCTS.iter().find(|p| p.id == id)
 }
 
-fn product_json(p: &Product) -> serde_json::Value {
+fn product_json(p: &Product) -> Value {
     json!({
         "id": p.id,
         "name": p.name,
@@ -65,15 +83,210 @@ fn product_json(p: &Product) -> serde_json::Value {
     })
 }
 
+/// Total quantity and total price (cents) of a cart; unknown products are ignored.
+pub fn cart_totals(cart: &Cart) -> (u64, u64) {
+    cart.iter().fold((0, 0), |(n, total), (id, qty)| {
+        let price = id
+            .parse()
+            .ok()
+            .and_then(product)
+            .map_or(0, |p| p.price_cents);
+        (n + u64::from(*qty), total + price * u64::from(*qty))
+    })
+}
+
+/// The `cart` context processor: `cart_count` and `cart_total` for the header.
+pub fn cart_processor() -> FnProcessor<
+    impl Fn(&switchyard_actors::context::RequestSnapshot) -> Map<String, Value> + Send + Sync,
+> {
+    FnProcessor::new("cart", &["cart_count", "cart_total"], |req| {
+        let cart: Cart = req
+            .session
+            .as_ref()
+            .and_then(|s| s.get(CART_KEY).ok().flatten())
+            .unwrap_or_default();
+        let (count, total) = cart_totals(&cart);
+        let mut m = Map::new();
+        m.insert("cart_count".into(), json!(count));
+        m.insert("cart_total".into(), json!(format_cents(total)));
+        m
+    })
+}
+
+/// Merges two carts at login (`on_login = "merge"`): quantities add up.
+pub fn merge_carts(
+    anonymous: &Map<String, Value>,
+    previous: &Map<String, Value>,
+) -> Map<String, Value> {
+    let mut merged = previous.clone();
+    for (k, v) in anonymous {
+        if k != CART_KEY {
+            merged.insert(k.clone(), v.clone());
+        }
+    }
+    let cart_of = |m: &Map<String, Value>| -> Cart {
+        m.get(CART_KEY)
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default()
+    };
+    let mut cart = cart_of(previous);
+    for (id, qty) in cart_of(anonymous) {
+        *cart.entry(id).or_default() += qty;
+    }
+    if !cart.is_empty() {
+        merged.insert(CART_KEY.into(), json!(cart));
+    }
+    merged
+}
+
+fn see_other(location: &str) -> HttpResponse {
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, location))
+        .finish()
+}
+
+fn session_err(e: switchyard_actors::session::SessionError) -> Error {
+    crate::http::session::session_error(e)
+}
+
 /// `GET /`: the product list.
 async fn index() -> Render {
     let products: Vec<_> = PRODUCTS.iter().map(product_json).collect();
-    Render::new("shop/index", json!({ "title": "Products", "products": products }))
+    Render::new(
+        "shop/index",
+        json!({ "title": "Products", "products": products }),
+    )
 }
 
-/// Adds the demo shop to `app`.
+/// `POST /cart/add/{id}`: one more of a product in the session cart.
+async fn cart_add(path: web::Path<String>, session: Session) -> Result<HttpResponse, Error> {
+    let p = path
+        .into_inner()
+        .parse::<u32>()
+        .ok()
+        .and_then(product)
+        .ok_or(Error::NotFound)?;
+    let key = p.id.to_string();
+    session
+        .update(CART_KEY, move |cart: Option<Cart>| {
+            let mut cart = cart.unwrap_or_default();
+            *cart.entry(key.clone()).or_default() += 1;
+            cart
+        })
+        .map_err(session_err)?;
+    messages::add(
+        &session,
+        Level::Success,
+        format!("{} added to your cart.", p.name),
+    )
+    .map_err(session_err)?;
+    Ok(see_other("/cart"))
+}
+
+/// `GET /cart`.
+async fn cart(session: Session) -> Result<Render, Error> {
+    let cart: Cart = session
+        .get(CART_KEY)
+        .map_err(session_err)?
+        .unwrap_or_default();
+    let items: Vec<Value> = cart
+        .iter()
+        .filter_map(|(id, qty)| {
+            let p = product(id.parse().ok()?)?;
+            Some(json!({
+                "id": p.id,
+                "name": p.name,
+                "quantity": qty,
+                "price": p.price(),
+                "subtotal": format_cents(p.price_cents * u64::from(*qty)),
+            }))
+        })
+        .collect();
+    let (_, total) = cart_totals(&cart);
+    Ok(Render::new(
+        "shop/cart",
+        json!({"title": "Cart", "items": items, "total": format_cents(total)}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginQuery {
+    next: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginForm {
+    username: String,
+    password: String,
+    #[serde(default)]
+    next: Option<String>,
+}
+
+fn login_page(next: Option<&str>, username: &str) -> Render {
+    Render::new(
+        "shop/login",
+        json!({
+            "title": "Log in",
+            "next": next.and_then(auth::safe_next).unwrap_or(""),
+            "username": username,
+        }),
+    )
+}
+
+/// `GET /login`.
+async fn login_form(query: web::Query<LoginQuery>) -> Render {
+    login_page(query.next.as_deref(), "")
+}
+
+/// `POST /login`.
+async fn login_submit(
+    req: HttpRequest,
+    form: web::Form<LoginForm>,
+    auth_store: web::Data<Auth>,
+) -> Result<Either<HttpResponse, Render>, Error> {
+    let form = form.into_inner();
+    match auth_store
+        .authenticate(&form.username, &form.password)
+        .await
+    {
+        Some(user) => {
+            auth::login(&req, &user).await?;
+            let next = form
+                .next
+                .as_deref()
+                .and_then(auth::safe_next)
+                .unwrap_or("/");
+            Ok(Either::Left(see_other(next)))
+        }
+        None => {
+            if let Some(session) = Session::of(&req) {
+                messages::add(&session, Level::Error, "Wrong username or password.")
+                    .map_err(session_err)?;
+            }
+            Ok(Either::Right(login_page(
+                form.next.as_deref(),
+                &form.username,
+            )))
+        }
+    }
+}
+
+/// `POST /logout`.
+async fn logout(req: HttpRequest) -> HttpResponse {
+    auth::logout(&req);
+    see_other("/")
+}
+
+/// Adds the demo shop to `app`: its routes, its `cart` processor and its cart merge hook.
 pub fn install(app: App) -> App {
-    app.routes(|cfg| {
-        cfg.route("/", web::get().to(index));
-    })
+    app.context_processor(cart_processor())
+        .on_login_merge(merge_carts)
+        .routes(|cfg| {
+            cfg.route("/", web::get().to(index))
+                .route("/cart/add/{id}", web::post().to(cart_add))
+                .route("/cart", web::get().to(cart))
+                .route("/login", web::get().to(login_form))
+                .route("/login", web::post().to(login_submit))
+                .route("/logout", web::post().to(logout));
+        })
 }

@@ -44,5 +44,11 @@ pub trait ContextProcessor: Send + Sync + 'static {
     /// The top-level template variables it provides.
     fn provides(&self) -> &[&'static str];
     /// Computes the variables for one request.
-    fn process(&self, req: RequestSnapshot) -> BoxFuture<'static, Result<Map<String, Value>, String>>;
+    fn process(
+        &self,
+        req: RequestSnapshot,
+    ) -> BoxFuture<'static, Result<Map<String, Value>, String>>;
 }
+
+pub mod builtins;
+pub mod messages;

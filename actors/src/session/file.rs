@@ -42,12 +42,14 @@ impl FileStore {
 
     async fn read(&self, path: &Path) -> Result<Option<Record>, StoreError> {
         match tokio::fs::read(path).await {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                StoreError::Corrupt {
-                    engine: ENGINE,
-                    message: format!("{}: {e}", path.display()),
-                }
-            }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        engine: ENGINE,
+                        message: format!("{}: {e}", path.display()),
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable(format!("cannot read {}: {e}", path.display()))),
         }

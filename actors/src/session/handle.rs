@@ -207,10 +207,7 @@ impl Session {
         }
         s.base_version = None;
         let data = s.data.clone();
-        s.changes = data
-            .into_iter()
-            .map(|(k, v)| Change::Set(k, v))
-            .collect();
+        s.changes = data.into_iter().map(|(k, v)| Change::Set(k, v)).collect();
         s.modified = true;
     }
 
@@ -291,7 +288,11 @@ mod tests {
         assert!(s.is_modified());
         assert_eq!(s.get::<u32>("n").expect("get"), Some(3));
         assert!(s.get::<String>("n").is_err(), "wrong type is an error");
-        assert_eq!(s.update("n", |v: Option<u32>| v.unwrap_or(0) + 1).expect("update"), 4);
+        assert_eq!(
+            s.update("n", |v: Option<u32>| v.unwrap_or(0) + 1)
+                .expect("update"),
+            4
+        );
         assert_eq!(s.pop::<u32>("n").expect("pop"), Some(4));
         assert!(!s.contains("n"));
     }
@@ -302,7 +303,10 @@ mod tests {
         s.insert("a", "small").expect("insert");
         let err = s.insert("b", "x".repeat(300)).expect_err("too large");
         assert!(matches!(err, SessionError::TooLarge { .. }), "{err}");
-        assert_eq!(s.data(), json!({"a": "small"}).as_object().cloned().expect("obj"));
+        assert_eq!(
+            s.data(),
+            json!({"a": "small"}).as_object().cloned().expect("obj")
+        );
     }
 
     #[test]

@@ -25,8 +25,7 @@ impl SessionId {
     /// Parses an id from a cookie; anything malformed is `None`.
     pub fn parse(s: &str) -> Option<Self> {
         let ok = s.len() == ID_CHARS
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         ok.then(|| Self(s.to_owned()))
     }
@@ -67,7 +66,13 @@ mod tests {
 
     #[test]
     fn malformed_ids_are_rejected() {
-        for bad in ["", "short", &"a".repeat(44), &format!("{}!", "a".repeat(42)), &"é".repeat(43)] {
+        for bad in [
+            "",
+            "short",
+            &"a".repeat(44),
+            &format!("{}!", "a".repeat(42)),
+            &"é".repeat(43),
+        ] {
             assert_eq!(SessionId::parse(bad), None, "{bad:?}");
         }
     }

@@ -10,9 +10,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use serde_json::{Map, Value};
 
-use super::{
-    now_unix, Change, Record, SaveOutcome, SessionError, SessionId, SessionStore,
-};
+use super::{now_unix, Change, Record, SaveOutcome, SessionError, SessionId, SessionStore};
 
 /// How many times a write is re-applied after losing a race before giving up.
 const MAX_SAVE_ATTEMPTS: u32 = 32;
@@ -309,7 +307,11 @@ mod tests {
         let arbiter = Arbiter::new();
         let shards = SessionShards::start(4, Arc::new(MemoryStore::new()), &arbiter.handle());
         let first = shards
-            .save(save_msg(None, None, json!({"n": 1}).as_object().cloned().expect("obj")))
+            .save(save_msg(
+                None,
+                None,
+                json!({"n": 1}).as_object().cloned().expect("obj"),
+            ))
             .await
             .expect("create");
         // 20 writers all read version 1 (n = 1) and each wants n + 1.
@@ -333,13 +335,20 @@ mod tests {
         let arbiter = Arbiter::new();
         let shards = SessionShards::start(1, Arc::new(MemoryStore::new()), &arbiter.handle());
         let saved = shards
-            .save(save_msg(None, None, json!({"n": 1}).as_object().cloned().expect("obj")))
+            .save(save_msg(
+                None,
+                None,
+                json!({"n": 1}).as_object().cloned().expect("obj"),
+            ))
             .await
             .expect("create");
         let mut big = save_msg(
             Some(saved.id.clone()),
             Some(saved.version),
-            json!({"blob": "x".repeat(2000)}).as_object().cloned().expect("obj"),
+            json!({"blob": "x".repeat(2000)})
+                .as_object()
+                .cloned()
+                .expect("obj"),
         );
         big.changes = vec![Change::Set("blob".into(), json!("x".repeat(2000)))];
         assert!(matches!(

@@ -118,7 +118,10 @@ mod tests {
     use serde_json::json;
 
     fn data() -> Map<String, Value> {
-        json!({"cart": {"1": 2}}).as_object().cloned().expect("object")
+        json!({"cart": {"1": 2}})
+            .as_object()
+            .cloned()
+            .expect("object")
     }
 
     #[test]
@@ -128,7 +131,9 @@ mod tests {
         assert_eq!(s.decode(&v).map(|(d, _)| d), Some(data()));
         let mut tampered = v.clone().into_bytes();
         tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
-        assert!(s.decode(&String::from_utf8(tampered).expect("utf8")).is_none());
+        assert!(s
+            .decode(&String::from_utf8(tampered).expect("utf8"))
+            .is_none());
         assert!(s.decode("garbage").is_none());
         assert!(s.decode("a.b.c").is_none());
         assert!(CookieSigner::new(b"other", &[]).decode(&v).is_none());
