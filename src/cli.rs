@@ -191,6 +191,9 @@ pub fn run(cli: Cli) -> ExitCode {
             if let Some(id) = args.node_id {
                 config.server.node_id = id;
             }
+            if let Err(e) = config.validate() {
+                return usage_error(e);
+            }
             init_tracing(&config);
             serve(config)
         }

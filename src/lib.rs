@@ -50,4 +50,11 @@ pub use http::error::Error;
 pub use http::render::Render;
 pub use http::session::Session;
 pub use switchyard_actors::context::messages;
+/// The session handle's types (the [`Session`] extractor dereferences to
+/// [`session::Session`]).
+pub mod session {
+    pub use switchyard_actors::session::{
+        Expiry, Session, SessionError, SessionId, SessionStore, AUTH_USER_KEY,
+    };
+}
 pub use switchyard_actors::context::{ContextProcessor, RequestSnapshot};

@@ -133,6 +133,8 @@ pub fn write_config(contents: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 /// Starts `switchyard serve --bind 127.0.0.1:0` and waits for its `listening on` line.
+// The child is waited for by `Node`'s `Drop`, or right here when it fails to start.
+#[allow(clippy::zombie_processes)]
 pub fn spawn_node(opts: NodeOptions) -> Node {
     let (dir, config_path) = match &opts.config {
         Some(c) => {
@@ -184,6 +186,7 @@ pub fn spawn_node(opts: NodeOptions) -> Node {
             }
             Err(_) => {
                 let _ = child.kill();
+                let _ = child.wait();
                 let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
                 panic!("switchyard serve did not start within {START_TIMEOUT:?}; stderr:\n{log}");
             }

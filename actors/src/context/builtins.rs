@@ -134,12 +134,15 @@ impl ContextProcessor for RequestProcessor {
     }
 }
 
+/// Reports the SQL queries a request ran (text and time), for the `debug` processor.
+pub type QueryLog = std::sync::Arc<dyn Fn(&RequestSnapshot) -> Vec<Value> + Send + Sync>;
+
 /// `debug`: `debug` and `sql_queries`, only when the server is in debug mode and the client is
 /// local (as Django's `INTERNAL_IPS`).
 pub struct DebugProcessor {
     pub debug: bool,
     /// The queries this request ran, if the application tracks them.
-    pub queries: Option<std::sync::Arc<dyn Fn(&RequestSnapshot) -> Vec<Value> + Send + Sync>>,
+    pub queries: Option<QueryLog>,
 }
 
 impl ContextProcessor for DebugProcessor {

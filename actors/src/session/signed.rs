@@ -38,6 +38,9 @@ struct Payload {
     d: Map<String, Value>,
     /// Expiry, UNIX seconds.
     e: i64,
+    /// A random nonce, so every write (a `cycle_key` included) gives a new cookie value.
+    #[serde(default)]
+    n: u64,
 }
 
 /// Signs and verifies session cookies.
@@ -65,6 +68,7 @@ impl CookieSigner {
         let payload = serde_json::to_vec(&Payload {
             d: data.clone(),
             e: expires_at,
+            n: rand::random(),
         })
         .map_err(|e| SignedCookieError::Encode(e.to_string()))?;
         let body = URL_SAFE_NO_PAD.encode(payload);
