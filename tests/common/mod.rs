@@ -228,3 +228,61 @@ pub fn marker(html: &str, id: &str) -> Option<String> {
     let end = html[start..].find("</span>")? + start;
     Some(html[start..end].to_owned())
 }
+
+/// The CSRF token rendered in a page's forms.
+pub fn csrf_token(html: &str) -> Option<String> {
+    let key = "name=\"csrfmiddlewaretoken\" value=\"";
+    let start = html.find(key)? + key.len();
+    let end = html[start..].find('"')? + start;
+    Some(html[start..end].to_owned())
+}
+
+/// GETs `path` and returns (status, body).
+pub async fn get_page(client: &reqwest::Client, url: &str) -> (u16, String) {
+    let res = client.get(url).send().await.expect("GET");
+    let status = res.status().as_u16();
+    (status, res.text().await.expect("body"))
+}
+
+/// POSTs a form to `path` with the CSRF token taken from `token_page` first.
+pub async fn post_form(
+    client: &reqwest::Client,
+    node: &Node,
+    token_page: &str,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> reqwest::Response {
+    let (_, html) = get_page(client, &node.url(token_page)).await;
+    let token = csrf_token(&html).unwrap_or_default();
+    let mut form: Vec<(&str, &str)> = fields.to_vec();
+    form.push(("csrfmiddlewaretoken", &token));
+    client
+        .post(node.url(path))
+        .form(&form)
+        .send()
+        .await
+        .expect("POST")
+}
+
+/// Logs `client` in through the login form; panics unless it succeeds.
+pub async fn login(client: &reqwest::Client, node: &Node, username: &str, password: &str) {
+    let res = post_form(
+        client,
+        node,
+        "/login",
+        "/login",
+        &[("username", username), ("password", password)],
+    )
+    .await;
+    assert_eq!(res.status(), 303, "login as {username} failed");
+}
+
+/// The session cookie's value in a response, if it set one.
+pub fn set_cookie_value(res: &reqwest::Response, name: &str) -> Option<String> {
+    res.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(|v| v[name.len() + 1..].split(';').next().unwrap_or("").to_owned())
+}
