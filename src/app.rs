@@ -44,6 +44,7 @@ pub struct App {
     pub(crate) routes: Vec<RouteFn>,
     pub(crate) processors: HashMap<String, Arc<dyn ContextProcessor>>,
     pub(crate) merge: Option<MergeFn>,
+    pub(crate) csrf_exempt: std::collections::HashSet<String>,
 }
 
 impl App {
@@ -54,6 +55,7 @@ impl App {
             routes: Vec::new(),
             processors: HashMap::new(),
             merge: None,
+            csrf_exempt: Default::default(),
         }
     }
 
@@ -86,6 +88,13 @@ impl App {
             + 'static,
     ) -> Self {
         self.merge = Some(Arc::new(f));
+        self
+    }
+
+    /// Exempts a route pattern (as written in `routes`, e.g. `/hooks/{name}`) from the CSRF
+    /// check, as Django's `@csrf_exempt` (for endpoints other programs POST to).
+    pub fn csrf_exempt(mut self, pattern: impl Into<String>) -> Self {
+        self.csrf_exempt.insert(pattern.into());
         self
     }
 

@@ -16,7 +16,7 @@ use switchyard_actors::context::builtins::{
     AuthProcessor, CsrfProcessor, DebugProcessor, MessagesProcessor, RequestProcessor,
     StaticProcessor,
 };
-use switchyard_actors::context::ContextProcessor;
+use switchyard_actors::context::{ContextProcessor, ContextWorkers};
 use switchyard_actors::session::{
     CookieSigner, FileStore, MemoryStore, SessionShards, SessionStore,
 };
@@ -25,6 +25,7 @@ use crate::app::{App, RouteFn, Running, StartError};
 use crate::config::{Config, SessionEngine};
 use crate::http::auth::Auth;
 use crate::http::context::Processors;
+use crate::http::csrf::{self, CsrfPolicy};
 use crate::http::health::{self, AlwaysReady, Readiness};
 use crate::http::metrics::{self, Metrics};
 use crate::http::render::{self, Renderer};
@@ -38,6 +39,7 @@ pub(crate) struct Topology {
     server: ServerHandle,
     server_task: Mutex<Option<actix_rt::task::JoinHandle<std::io::Result<()>>>>,
     actor_arbiter: actix_rt::Arbiter,
+    context_arbiter: actix_rt::Arbiter,
 }
 
 impl Topology {
@@ -47,6 +49,7 @@ impl Topology {
             routes,
             processors: app_processors,
             merge,
+            csrf_exempt,
         } = app;
         let config = Arc::new(config);
 
@@ -55,15 +58,22 @@ impl Topology {
             &config.server.templates,
             config.server.debug,
         )?);
-        let processors = processors(&config, app_processors)?;
+        // Actors live on their own arbiters (threads), never on an HTTP worker: the session
+        // shards on one, the context workers on another.
+        let actor_arbiter = actix_rt::Arbiter::new();
+        let context_arbiter = actix_rt::Arbiter::new();
+
+        let workers = ContextWorkers::start(
+            config.actors.context_workers as usize,
+            &context_arbiter.handle(),
+        );
+        let processors = processors(&config, app_processors)?.with_workers(workers);
         let renderer = web::Data::new(Renderer {
             templates,
             debug: config.server.debug,
-            source: Arc::new(processors),
+            lazy: config.context.lazy,
+            processors: Arc::new(processors),
         });
-
-        // Actors live on their own arbiter (thread), never on an HTTP worker.
-        let actor_arbiter = actix_rt::Arbiter::new();
 
         let mut readiness = Readiness::default();
         let backend = session_backend(&config, &actor_arbiter)?;
@@ -76,6 +86,10 @@ impl Topology {
         }
         let sessions = web::Data::new(SessionLayer::new(&config.sessions, backend));
         let auth = web::Data::new(Auth::new(&config.auth, config.sessions.on_login, merge));
+        let csrf = web::Data::new(CsrfPolicy {
+            exempt: csrf_exempt,
+            check_origin: config.sessions.cookie_secure,
+        });
         readiness.add(AlwaysReady {
             name: "broker".into(),
             detail: format!("broker {}", config.tasks.broker.as_str()),
@@ -92,6 +106,7 @@ impl Topology {
                 readiness.clone(),
                 sessions.clone(),
                 auth.clone(),
+                csrf.clone(),
             )
         })
         .workers(config.actors.http_workers as usize)
@@ -113,6 +128,7 @@ impl Topology {
                 server: handle,
                 server_task: Mutex::new(Some(server_task)),
                 actor_arbiter,
+                context_arbiter,
             },
         })
     }
@@ -142,9 +158,11 @@ impl Topology {
     /// Stops the actors in order, after the HTTP server has stopped.
     pub(crate) async fn shutdown(self) {
         tracing::info!(node = %self.config.server.node_id_or_default(), "stopping actors");
+        // Context workers first (no more renders), then the session shards.
+        self.context_arbiter.stop();
+        let _ = self.context_arbiter.join();
         self.actor_arbiter.stop();
-        // Give the arbiter's actors their `stopping` hooks.
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let _ = self.actor_arbiter.join();
         tracing::info!("stopped");
     }
 }
@@ -157,6 +175,7 @@ fn http_app(
     readiness: web::Data<Readiness>,
     sessions: web::Data<SessionLayer>,
     auth: web::Data<Auth>,
+    csrf: web::Data<CsrfPolicy>,
 ) -> actix_web::App<
     impl actix_web::dev::ServiceFactory<
         actix_web::dev::ServiceRequest,
@@ -172,7 +191,9 @@ fn http_app(
         .app_data(readiness)
         .app_data(sessions)
         .app_data(auth)
+        .app_data(csrf)
         .wrap(from_fn(render::render_middleware))
+        .wrap(from_fn(csrf::csrf_middleware))
         .wrap(from_fn(session_mw::session_middleware))
         // Renders the error pages the session middleware itself answers with (503, 413).
         .wrap(from_fn(render::render_middleware))

@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::{client, get_page, login, marker, post_form, set_cookie_value, spawn_node, NodeOptions};
+use common::{
+    client, get_page, login, marker, post_form, set_cookie_value, spawn_node, NodeOptions,
+};
 
 #[tokio::test]
 async fn anonymous_cart_survives_login_and_the_key_rotates() {
@@ -22,7 +24,11 @@ async fn anonymous_cart_survives_login_and_the_key_rotates() {
         &node,
         "/login",
         "/login",
-        &[("username", "alice"), ("password", "wonderland"), ("next", "/cart")],
+        &[
+            ("username", "alice"),
+            ("password", "wonderland"),
+            ("next", "/cart"),
+        ],
     )
     .await;
     assert_eq!(res.status(), 303);
@@ -31,7 +37,11 @@ async fn anonymous_cart_survives_login_and_the_key_rotates() {
     assert_ne!(user_id, anon_id, "the session key changes at login");
 
     let (_, cart) = get_page(&c, &node.url("/cart")).await;
-    assert_eq!(marker(&cart, "cart-count").as_deref(), Some("2"), "cart survived");
+    assert_eq!(
+        marker(&cart, "cart-count").as_deref(),
+        Some("2"),
+        "cart survived"
+    );
     assert_eq!(marker(&cart, "user").as_deref(), Some("alice"));
 
     // The anonymous id loads nothing any more.
@@ -82,18 +92,30 @@ async fn wrong_password_does_not_log_in() {
 #[tokio::test]
 async fn next_to_another_host_is_refused() {
     let node = spawn_node(NodeOptions::default());
-    for next in ["https://evil.example/", "//evil.example/x", "/\\evil.example"] {
+    for next in [
+        "https://evil.example/",
+        "//evil.example/x",
+        "/\\evil.example",
+    ] {
         let c = client();
         let res = post_form(
             &c,
             &node,
             "/login",
             "/login",
-            &[("username", "alice"), ("password", "wonderland"), ("next", next)],
+            &[
+                ("username", "alice"),
+                ("password", "wonderland"),
+                ("next", next),
+            ],
         )
         .await;
         assert_eq!(res.status(), 303);
-        assert_eq!(res.headers()["location"], "/", "next {next:?} must not be followed");
+        assert_eq!(
+            res.headers()["location"],
+            "/",
+            "next {next:?} must not be followed"
+        );
     }
 }
 

@@ -7,18 +7,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{HttpMessage, HttpRequest};
-use futures_util::future::join_all;
 use serde_json::{Map, Value};
-use switchyard_actors::context::{ContextProcessor, RequestSnapshot, UserInfo};
+use switchyard_actors::context::{
+    ContextOutcome, ContextProcessor, ContextWorkers, EvaluateContext, ProcessorError,
+    RequestSnapshot, UserInfo,
+};
 
 use super::auth::current_user;
-use super::render::{ContextFuture, ContextSource};
 use super::session::Session;
+use super::template_vars::Needs;
 
-/// The processors of a node, in merge order.
+/// The processors of a node, in merge order, and the actors that evaluate them.
 pub struct Processors {
     list: Vec<Arc<dyn ContextProcessor>>,
     timeout: Duration,
+    workers: Option<ContextWorkers>,
+}
+
+/// Processor results already computed for this request (a processor runs at most once per
+/// request, however many templates it renders).
+#[derive(Default, Clone)]
+struct ContextMemo(HashMap<String, Map<String, Value>>);
+
+/// The merged variables and the processors that failed.
+#[derive(Debug, Default)]
+pub struct Evaluated {
+    pub vars: Map<String, Value>,
+    pub failures: Vec<ProcessorError>,
 }
 
 /// A name in `context.processors` that no built-in or application processor has.
@@ -41,7 +56,73 @@ impl Processors {
                     .ok_or_else(|| UnknownProcessor(n.clone()))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { list, timeout })
+        Ok(Self {
+            list,
+            timeout,
+            workers: None,
+        })
+    }
+
+    /// Evaluates through these actors instead of inline.
+    pub fn with_workers(mut self, workers: ContextWorkers) -> Self {
+        self.workers = Some(workers);
+        self
+    }
+
+    /// Runs the processors `needs` asks for (each at most once per request) and merges their
+    /// variables in `context.processors` order, later ones winning.
+    pub async fn evaluate(&self, req: &HttpRequest, needs: &Needs) -> Evaluated {
+        let mut memo = req
+            .extensions()
+            .get::<ContextMemo>()
+            .cloned()
+            .unwrap_or_default();
+        let wanted: Vec<_> = self
+            .list
+            .iter()
+            .filter(|p| needs.wants_any(p.provides()))
+            .cloned()
+            .collect();
+        let to_run: Vec<_> = wanted
+            .iter()
+            .filter(|p| !memo.0.contains_key(p.name()))
+            .cloned()
+            .collect();
+        let mut failures = Vec::new();
+        if !to_run.is_empty() {
+            let names: Vec<String> = to_run.iter().map(|p| p.name().to_owned()).collect();
+            let msg = EvaluateContext {
+                snapshot: snapshot(req),
+                processors: to_run,
+                timeout: self.timeout,
+            };
+            let outcome = match &self.workers {
+                Some(w) => w.evaluate(msg).await.unwrap_or_else(|e| {
+                    tracing::error!("context workers unavailable: {e}");
+                    ContextOutcome {
+                        values: vec![],
+                        failures: names
+                            .iter()
+                            .map(|n| ProcessorError {
+                                processor: n.clone(),
+                                message: format!("context workers unavailable: {e}"),
+                            })
+                            .collect(),
+                    }
+                }),
+                None => switchyard_actors::context::worker::evaluate(msg).await,
+            };
+            memo.0.extend(outcome.values);
+            failures = outcome.failures;
+            req.extensions_mut().insert(memo.clone());
+        }
+        let mut vars = Map::new();
+        for p in &wanted {
+            if let Some(v) = memo.0.get(p.name()) {
+                vars.extend(v.clone());
+            }
+        }
+        Evaluated { vars, failures }
     }
 
     /// The processors in merge order.
@@ -72,41 +153,6 @@ pub fn snapshot(req: &HttpRequest) -> RequestSnapshot {
         }),
         session: req.extensions().get::<Session>().map(|s| s.0.clone()),
         peer_ip: req.peer_addr().map(|a| a.ip()),
-    }
-}
-
-impl ContextSource for Processors {
-    fn context(&self, req: &HttpRequest, _template: &str) -> ContextFuture {
-        let snap = snapshot(req);
-        let timeout = self.timeout;
-        let runs: Vec<_> = self
-            .list
-            .iter()
-            .map(|p| {
-                let name = p.name().to_owned();
-                let fut = p.process(snap.clone());
-                async move {
-                    match tokio::time::timeout(timeout, fut).await {
-                        Ok(Ok(map)) => Some(map),
-                        Ok(Err(e)) => {
-                            tracing::warn!(processor = %name, "context processor failed: {e}");
-                            None
-                        }
-                        Err(_) => {
-                            tracing::warn!(processor = %name, ?timeout, "context processor timed out");
-                            None
-                        }
-                    }
-                }
-            })
-            .collect();
-        Box::pin(async move {
-            let mut out = Map::new();
-            for map in join_all(runs).await.into_iter().flatten() {
-                out.extend(map);
-            }
-            out
-        })
     }
 }
 

@@ -2,11 +2,13 @@
 
 pub mod auth;
 pub mod context;
+pub mod csrf;
 pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod render;
 pub mod session;
+pub mod template_vars;
 pub mod templates;
 
 pub use error::Error;

@@ -13,6 +13,8 @@ use actix_web::middleware::Next;
 use actix_web::{web, HttpRequest, HttpResponse, Responder};
 use serde_json::{Map, Value};
 
+use super::context::{Evaluated, Processors};
+use super::template_vars::Needs;
 use super::templates::Templates;
 
 /// The template every error page renders with.
@@ -85,29 +87,34 @@ impl Responder for Render {
     }
 }
 
-/// Builds the variables every template sees before the handler's own context is merged.
-pub type ContextFuture = futures_util::future::LocalBoxFuture<'static, Map<String, Value>>;
-
-/// A source of template variables computed from the request (context processors plug in here).
-pub trait ContextSource: Send + Sync + 'static {
-    /// The variables for rendering `template` for `req`.
-    fn context(&self, req: &HttpRequest, template: &str) -> ContextFuture;
-}
-
 /// What the render middleware needs, shared by every HTTP worker.
 pub struct Renderer {
     pub(crate) templates: Arc<Templates>,
     pub(crate) debug: bool,
-    pub(crate) source: Arc<dyn ContextSource>,
+    /// `context.lazy`: run only the processors a template can use.
+    pub(crate) lazy: bool,
+    pub(crate) processors: Arc<Processors>,
 }
 
 impl Renderer {
     async fn page(&self, req: &HttpRequest, pending: PendingRender) -> HttpResponse {
         let PendingRender { render, detail } = pending;
-        let mut context = self.source.context(req, &render.template).await;
-        context.extend(render.context);
-        context.insert("debug".into(), Value::Bool(self.debug));
+        let needs = if self.lazy {
+            self.templates.needs(&render.template)
+        } else {
+            Needs::All
+        };
+        let Evaluated { mut vars, failures } = self.processors.evaluate(req, &needs).await;
+        vars.extend(render.context);
+        let mut context = vars;
         if self.debug {
+            if !failures.is_empty() {
+                let list: Vec<Value> = failures
+                    .iter()
+                    .map(|f| Value::String(f.to_string()))
+                    .collect();
+                context.insert("context_errors".into(), Value::Array(list));
+            }
             if let Some(detail) = detail {
                 context.insert("error_detail".into(), Value::String(detail));
             }

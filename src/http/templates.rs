@@ -7,13 +7,15 @@
 //! A template that fails to parse does not stop the server: its error is kept and rendering it
 //! fails with that error (a 500 whose page shows the detail only in debug).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use handlebars::Handlebars;
+use handlebars::{Context, Handlebars, Helper, HelperResult, Output, RenderContext};
 use serde_json::Value;
+
+use super::template_vars::{Analyzer, Needs, BUILTIN_HELPERS};
 
 /// How often, at most, a debug server looks at the template files for changes.
 const RELOAD_CHECK_INTERVAL: Duration = Duration::from_millis(250);
@@ -42,7 +44,33 @@ struct Loaded {
     broken: BTreeMap<String, String>,
     /// Every file seen with its modification time, to notice edits.
     stamps: BTreeMap<PathBuf, Option<SystemTime>>,
+    /// What each template needs from the context processors.
+    needs: HashMap<String, Needs>,
 }
+
+/// `{{csrf_input}}`: the hidden form field carrying the request's CSRF token. It reads the
+/// top-level `csrf_token` (the `csrf` processor provides it).
+fn csrf_input_helper(
+    _h: &Helper<'_>,
+    _r: &Handlebars<'_>,
+    ctx: &Context,
+    _rc: &mut RenderContext<'_, '_>,
+    out: &mut dyn Output,
+) -> HelperResult {
+    // As Django's {% csrf_token %}: without a token (no `csrf` processor, or no session),
+    // write nothing; the form's POST will then fail the CSRF check with a clear 403.
+    let Some(token) = ctx.data().get("csrf_token").and_then(Value::as_str) else {
+        tracing::warn!("{{{{csrf_input}}}} used without `csrf_token` in the context");
+        return Ok(());
+    };
+    out.write("<input type=\"hidden\" name=\"csrfmiddlewaretoken\" value=\"")?;
+    out.write(&handlebars::html_escape(token))?;
+    out.write("\">")?;
+    Ok(())
+}
+
+/// Helpers Switchyard registers, with the top-level variables each reads.
+const SWITCHYARD_HELPERS: &[(&str, &[&str])] = &[("csrf_input", &["csrf_token"])];
 
 /// The template registry shared by every HTTP worker.
 pub struct Templates {
@@ -92,6 +120,15 @@ impl Templates {
                 name: name.to_owned(),
                 message: render_error_message(&e),
             })
+    }
+
+    /// What template `name` needs from the context processors (`All` when unknown).
+    pub fn needs(&self, name: &str) -> Needs {
+        if self.reload {
+            self.reload_if_changed();
+        }
+        let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner());
+        loaded.needs.get(name).cloned().unwrap_or(Needs::All)
     }
 
     /// The names of the templates that parsed.
@@ -188,6 +225,7 @@ fn template_name(dir: &Path, file: &Path) -> String {
 fn scan(dir: &Path) -> Result<Loaded, TemplateError> {
     let mut registry = Handlebars::new();
     registry.register_escape_fn(handlebars::html_escape);
+    registry.register_helper("csrf_input", Box::new(csrf_input_helper));
     let mut broken = BTreeMap::new();
     let mut stamps = BTreeMap::new();
     for file in template_files(dir)? {
@@ -207,10 +245,26 @@ fn scan(dir: &Path) -> Result<Loaded, TemplateError> {
             broken.insert(name, e.to_string());
         }
     }
+    let helpers: HashMap<String, Vec<String>> = BUILTIN_HELPERS
+        .iter()
+        .map(|h| (h.to_string(), Vec::new()))
+        .chain(
+            SWITCHYARD_HELPERS
+                .iter()
+                .map(|(h, vars)| (h.to_string(), vars.iter().map(|v| v.to_string()).collect())),
+        )
+        .collect();
+    let analyzer = Analyzer::new(registry.get_templates(), &helpers);
+    let needs = registry
+        .get_templates()
+        .keys()
+        .map(|name| (name.clone(), analyzer.needs(name)))
+        .collect();
     Ok(Loaded {
         registry,
         broken,
         stamps,
+        needs,
     })
 }
 

@@ -284,5 +284,11 @@ pub fn set_cookie_value(res: &reqwest::Response, name: &str) -> Option<String> {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .find(|v| v.starts_with(&format!("{name}=")))
-        .map(|v| v[name.len() + 1..].split(';').next().unwrap_or("").to_owned())
+        .map(|v| {
+            v[name.len() + 1..]
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
 }

@@ -177,7 +177,7 @@ pub fn csrf_token(session: &crate::session::Session) -> Option<String> {
     Some(token)
 }
 
-/// `csrf`: `csrf_token` and `csrf_input` (the hidden form field, for `{{{csrf_input}}}`).
+/// `csrf`: `csrf_token` (templates write the form field with the `{{csrf_input}}` helper).
 pub struct CsrfProcessor;
 
 impl ContextProcessor for CsrfProcessor {
@@ -185,18 +185,11 @@ impl ContextProcessor for CsrfProcessor {
         "csrf"
     }
     fn provides(&self) -> &[&'static str] {
-        &["csrf_token", "csrf_input"]
+        &["csrf_token"]
     }
     fn process(&self, req: RequestSnapshot) -> Output {
         let mut m = Map::new();
         if let Some(token) = req.session.as_ref().and_then(csrf_token) {
-            // The token is URL-safe base64: nothing in it needs HTML escaping.
-            m.insert(
-                "csrf_input".into(),
-                Value::String(format!(
-                    "<input type=\"hidden\" name=\"csrfmiddlewaretoken\" value=\"{token}\">"
-                )),
-            );
             m.insert("csrf_token".into(), Value::String(token));
         }
         ready(m)

@@ -52,3 +52,6 @@ pub trait ContextProcessor: Send + Sync + 'static {
 
 pub mod builtins;
 pub mod messages;
+pub mod worker;
+
+pub use worker::{ContextOutcome, ContextWorker, ContextWorkers, EvaluateContext};
