@@ -97,25 +97,22 @@ impl Topology {
         let readiness = web::Data::new(readiness);
 
         let factory_config = config.clone();
-        let server = HttpServer::new(move || {
-            http_app(
-                &factory_config,
-                &routes,
-                metrics.clone(),
-                renderer.clone(),
-                readiness.clone(),
-                sessions.clone(),
-                auth.clone(),
-                csrf.clone(),
-            )
-        })
-        .workers(config.actors.http_workers as usize)
-        .shutdown_timeout(config.server.shutdown_timeout)
-        .bind(&config.server.bind)
-        .map_err(|source| StartError::Bind {
-            addr: config.server.bind.clone(),
-            source,
-        })?;
+        let shared = Shared {
+            metrics,
+            renderer,
+            readiness,
+            sessions,
+            auth,
+            csrf,
+        };
+        let server = HttpServer::new(move || http_app(&factory_config, &routes, &shared))
+            .workers(config.actors.http_workers as usize)
+            .shutdown_timeout(config.server.shutdown_timeout)
+            .bind(&config.server.bind)
+            .map_err(|source| StartError::Bind {
+                addr: config.server.bind.clone(),
+                source,
+            })?;
         let addrs = server.addrs();
         let server = server.run();
         let handle = server.handle();
@@ -167,15 +164,21 @@ impl Topology {
     }
 }
 
-fn http_app(
-    config: &Config,
-    routes: &[RouteFn],
+/// What every HTTP worker's app shares (cheap `Arc` clones).
+#[derive(Clone)]
+struct Shared {
     metrics: web::Data<Metrics>,
     renderer: web::Data<Renderer>,
     readiness: web::Data<Readiness>,
     sessions: web::Data<SessionLayer>,
     auth: web::Data<Auth>,
     csrf: web::Data<CsrfPolicy>,
+}
+
+fn http_app(
+    config: &Config,
+    routes: &[RouteFn],
+    shared: &Shared,
 ) -> actix_web::App<
     impl actix_web::dev::ServiceFactory<
         actix_web::dev::ServiceRequest,
@@ -186,12 +189,12 @@ fn http_app(
     >,
 > {
     let mut app = actix_web::App::new()
-        .app_data(metrics)
-        .app_data(renderer)
-        .app_data(readiness)
-        .app_data(sessions)
-        .app_data(auth)
-        .app_data(csrf)
+        .app_data(shared.metrics.clone())
+        .app_data(shared.renderer.clone())
+        .app_data(shared.readiness.clone())
+        .app_data(shared.sessions.clone())
+        .app_data(shared.auth.clone())
+        .app_data(shared.csrf.clone())
         .wrap(from_fn(render::render_middleware))
         .wrap(from_fn(csrf::csrf_middleware))
         .wrap(from_fn(session_mw::session_middleware))
