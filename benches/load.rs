@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix_web::{web, HttpResponse, HttpServer};
 use serde_json::json;
@@ -15,6 +15,10 @@ use switchyard::http::templates::Templates;
 
 #[path = "support/mod.rs"]
 mod support;
+
+/// The same allocator as the `switchyard` binary, for both sides.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -85,40 +89,46 @@ fn main() {
     config.server.bind = "127.0.0.1:0".into();
     config.server.debug = false;
     config.server.secret_key = "load-harness-secret-key-0123456789abcdef".into();
+    // Knobs for finding where time goes: LOAD_PROCESSORS=a,b (or "none"), LOAD_ENGINE=name.
+    if let Ok(list) = std::env::var("LOAD_PROCESSORS") {
+        config.context.processors = list
+            .split(',')
+            .filter(|s| !s.is_empty() && *s != "none")
+            .map(str::to_owned)
+            .collect();
+    }
+    if let Ok(engine) = std::env::var("LOAD_ENGINE") {
+        config.sessions.engine = toml::Value::String(engine)
+            .try_into()
+            .expect("LOAD_ENGINE names an engine");
+    }
     let workers = config.actors.http_workers as usize;
 
     let node = support::start_node(config);
     let (bare_addr, bare) = start_bare(workers);
-    let duration = Duration::from_secs(seconds);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
-    // Warm both up, then measure each for the same time, alternating order is not needed:
-    // each side gets the whole machine while it runs.
+    // Warm both up, then alternate one-second rounds so that whatever else the machine
+    // does falls on both sides alike.
+    let sy_url = format!("http://{}/", node.addr);
+    let bare_url = format!("http://{bare_addr}/");
+    let only_switchyard = std::env::var("LOAD_ONLY").as_deref() == Ok("switchyard");
     let warm = Duration::from_millis(500);
-    rt.block_on(support::drive(
-        &format!("http://{}/", node.addr),
-        connections,
-        warm,
-    ));
-    rt.block_on(support::drive(
-        &format!("http://{bare_addr}/"),
-        connections,
-        warm,
-    ));
-    let sy = rt.block_on(support::drive(
-        &format!("http://{}/", node.addr),
-        connections,
-        duration,
-    ));
-    let base = rt.block_on(support::drive(
-        &format!("http://{bare_addr}/"),
-        connections,
-        duration,
-    ));
+    rt.block_on(support::drive(&sy_url, connections, warm));
+    rt.block_on(support::drive(&bare_url, connections, warm));
+    let round = Duration::from_secs(1);
+    let mut sy = support::LoadResult::empty();
+    let mut base = support::LoadResult::empty();
+    for _ in 0..seconds {
+        sy.merge(rt.block_on(support::drive(&sy_url, connections, round)));
+        if !only_switchyard {
+            base.merge(rt.block_on(support::drive(&bare_url, connections, round)));
+        }
+    }
 
     println!(
         "load::get_index  ({connections} connections, {seconds} s each, {workers} http workers)"
@@ -128,5 +138,4 @@ fn main() {
     println!("  ratio switchyard/bare = {:.3}", sy.rps() / base.rps());
     rt.block_on(bare.stop(false));
     node.stop();
-    let _ = Instant::now();
 }

@@ -46,7 +46,7 @@ impl ContextProcessor for Probe {
     }
     fn process(
         &self,
-        _req: RequestSnapshot,
+        _req: Arc<RequestSnapshot>,
     ) -> BoxFuture<'static, Result<Map<String, Value>, String>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let (vars, fail, delay) = (self.vars.clone(), self.fail, self.delay);

@@ -53,8 +53,26 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
+    /// Nothing measured yet.
+    pub fn empty() -> Self {
+        Self {
+            requests: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            latencies_us: Vec::new(),
+        }
+    }
+
+    /// Adds another run's numbers (elapsed times add up).
+    pub fn merge(&mut self, other: LoadResult) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        self.latencies_us.extend(other.latencies_us);
+    }
+
     pub fn rps(&self) -> f64 {
-        self.requests as f64 / self.elapsed.as_secs_f64()
+        self.requests as f64 / self.elapsed.as_secs_f64().max(f64::EPSILON)
     }
 
     pub fn percentile_us(&self, p: f64) -> u64 {

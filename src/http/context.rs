@@ -2,15 +2,16 @@
 //! snapshot they get, and the merge (later processors win; the handler's own context wins over
 //! all, as in Django).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{HttpMessage, HttpRequest};
 use serde_json::{Map, Value};
 use switchyard_actors::context::{
-    ContextOutcome, ContextProcessor, ContextWorkers, EvaluateContext, ProcessorError,
-    RequestSnapshot, UserInfo,
+    ContextProcessor, ContextWorkers, ProcessorError, RequestSnapshot, UserInfo,
 };
 
 use super::auth::current_user;
@@ -26,8 +27,9 @@ pub struct Processors {
 
 /// Processor results already computed for this request (a processor runs at most once per
 /// request, however many templates it renders).
+/// Shared by the renders of one request (request extensions are not `Send`, so `Rc` is fine).
 #[derive(Default, Clone)]
-struct ContextMemo(HashMap<String, Map<String, Value>>);
+struct ContextMemo(Rc<RefCell<HashMap<String, Map<String, Value>>>>);
 
 /// The merged variables and the processors that failed.
 #[derive(Debug, Default)]
@@ -72,54 +74,40 @@ impl Processors {
     /// Runs the processors `needs` asks for (each at most once per request) and merges their
     /// variables in `context.processors` order, later ones winning.
     pub async fn evaluate(&self, req: &HttpRequest, needs: &Needs) -> Evaluated {
-        let mut memo = req
-            .extensions()
-            .get::<ContextMemo>()
-            .cloned()
-            .unwrap_or_default();
+        let memo = req
+            .extensions_mut()
+            .get_or_insert_with(ContextMemo::default)
+            .clone();
         let wanted: Vec<_> = self
             .list
             .iter()
             .filter(|p| needs.wants_any(p.provides()))
-            .cloned()
             .collect();
-        let to_run: Vec<_> = wanted
-            .iter()
-            .filter(|p| !memo.0.contains_key(p.name()))
-            .cloned()
-            .collect();
+        let to_run: Vec<_> = {
+            let done = memo.0.borrow();
+            wanted
+                .iter()
+                .filter(|p| !done.contains_key(p.name()))
+                .map(|p| Arc::clone(p))
+                .collect()
+        };
         let mut failures = Vec::new();
         if !to_run.is_empty() {
-            let names: Vec<String> = to_run.iter().map(|p| p.name().to_owned()).collect();
-            let msg = EvaluateContext {
-                snapshot: snapshot(req),
-                processors: to_run,
-                timeout: self.timeout,
-            };
-            let outcome = match &self.workers {
-                Some(w) => w.evaluate(msg).await.unwrap_or_else(|e| {
-                    tracing::error!("context workers unavailable: {e}");
-                    ContextOutcome {
-                        values: vec![],
-                        failures: names
-                            .iter()
-                            .map(|n| ProcessorError {
-                                processor: n.clone(),
-                                message: format!("context workers unavailable: {e}"),
-                            })
-                            .collect(),
-                    }
-                }),
-                None => switchyard_actors::context::worker::evaluate(msg).await,
-            };
-            memo.0.extend(outcome.values);
+            let outcome = ContextWorkers::evaluate(
+                self.workers.as_ref(),
+                &to_run,
+                Arc::new(snapshot(req)),
+                self.timeout,
+            )
+            .await;
+            memo.0.borrow_mut().extend(outcome.values);
             failures = outcome.failures;
-            req.extensions_mut().insert(memo.clone());
         }
+        let done = memo.0.borrow();
         let mut vars = Map::new();
         for p in &wanted {
-            if let Some(v) = memo.0.get(p.name()) {
-                vars.extend(v.clone());
+            if let Some(v) = done.get(p.name()) {
+                vars.extend(v.iter().map(|(k, v)| (k.clone(), v.clone())));
             }
         }
         Evaluated { vars, failures }
@@ -189,7 +177,7 @@ where
     }
     fn process(
         &self,
-        req: RequestSnapshot,
+        req: Arc<RequestSnapshot>,
     ) -> futures_util::future::BoxFuture<'static, Result<Map<String, Value>, String>> {
         let map = (self.f)(&req);
         Box::pin(async move { Ok(map) })

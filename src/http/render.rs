@@ -102,7 +102,7 @@ impl Renderer {
         let needs = if self.lazy {
             self.templates.needs(&render.template)
         } else {
-            Needs::All
+            Arc::new(Needs::All)
         };
         let Evaluated { mut vars, failures } = self.processors.evaluate(req, &needs).await;
         vars.extend(render.context);

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use handlebars::{Context, Handlebars, Helper, HelperResult, Output, RenderContext};
@@ -45,7 +45,7 @@ struct Loaded {
     /// Every file seen with its modification time, to notice edits.
     stamps: BTreeMap<PathBuf, Option<SystemTime>>,
     /// What each template needs from the context processors.
-    needs: HashMap<String, Needs>,
+    needs: HashMap<String, Arc<Needs>>,
 }
 
 /// `{{csrf_input}}`: the hidden form field carrying the request's CSRF token. It reads the
@@ -98,6 +98,11 @@ impl Templates {
 
     /// Renders `name` with `context`.
     pub fn render(&self, name: &str, context: &Value) -> Result<String, TemplateError> {
+        self.render_owned(name, context.clone())
+    }
+
+    /// Renders `name` with `context`, taking it by value (no copy of the data is made).
+    pub fn render_owned(&self, name: &str, context: Value) -> Result<String, TemplateError> {
         if self.reload {
             self.reload_if_changed();
         }
@@ -115,7 +120,7 @@ impl Templates {
         }
         loaded
             .registry
-            .render(name, context)
+            .render_with_context(name, &Context::from(context))
             .map_err(|e| TemplateError::Render {
                 name: name.to_owned(),
                 message: render_error_message(&e),
@@ -123,12 +128,16 @@ impl Templates {
     }
 
     /// What template `name` needs from the context processors (`All` when unknown).
-    pub fn needs(&self, name: &str) -> Needs {
+    pub fn needs(&self, name: &str) -> Arc<Needs> {
         if self.reload {
             self.reload_if_changed();
         }
         let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner());
-        loaded.needs.get(name).cloned().unwrap_or(Needs::All)
+        loaded
+            .needs
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Needs::All))
     }
 
     /// The names of the templates that parsed.
@@ -258,7 +267,7 @@ fn scan(dir: &Path) -> Result<Loaded, TemplateError> {
     let needs = registry
         .get_templates()
         .keys()
-        .map(|name| (name.clone(), analyzer.needs(name)))
+        .map(|name| (name.clone(), Arc::new(analyzer.needs(name))))
         .collect();
     Ok(Loaded {
         registry,

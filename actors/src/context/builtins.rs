@@ -1,6 +1,8 @@
 //! The built-in processors, matching Django's: `debug`, `request`, `auth`, `messages`, `csrf`
 //! and `static`.
 
+use std::sync::Arc;
+
 use futures_util::future::BoxFuture;
 use serde_json::{json, Map, Value};
 
@@ -24,7 +26,7 @@ impl ContextProcessor for StaticProcessor {
     fn provides(&self) -> &[&'static str] {
         &["static_url"]
     }
-    fn process(&self, _req: RequestSnapshot) -> Output {
+    fn process(&self, _req: Arc<RequestSnapshot>) -> Output {
         let mut m = Map::new();
         m.insert("static_url".into(), Value::String(self.static_url.clone()));
         ready(m)
@@ -41,9 +43,9 @@ impl ContextProcessor for AuthProcessor {
     fn provides(&self) -> &[&'static str] {
         &["user", "perms"]
     }
-    fn process(&self, req: RequestSnapshot) -> Output {
+    fn process(&self, req: Arc<RequestSnapshot>) -> Output {
         let mut m = Map::new();
-        match req.user {
+        match req.user.clone() {
             Some(u) => {
                 m.insert(
                     "user".into(),
@@ -78,7 +80,7 @@ impl ContextProcessor for MessagesProcessor {
     fn provides(&self) -> &[&'static str] {
         &["messages"]
     }
-    fn process(&self, req: RequestSnapshot) -> Output {
+    fn process(&self, req: Arc<RequestSnapshot>) -> Output {
         let list = req.session.as_ref().map(messages::take).unwrap_or_default();
         let mut m = Map::new();
         m.insert(
@@ -103,7 +105,7 @@ impl ContextProcessor for RequestProcessor {
     fn provides(&self) -> &[&'static str] {
         &["request"]
     }
-    fn process(&self, req: RequestSnapshot) -> Output {
+    fn process(&self, req: Arc<RequestSnapshot>) -> Output {
         let headers: Map<String, Value> = req
             .headers
             .iter()
@@ -152,7 +154,7 @@ impl ContextProcessor for DebugProcessor {
     fn provides(&self) -> &[&'static str] {
         &["debug", "sql_queries"]
     }
-    fn process(&self, req: RequestSnapshot) -> Output {
+    fn process(&self, req: Arc<RequestSnapshot>) -> Output {
         let mut m = Map::new();
         let local = req.peer_ip.is_some_and(|ip| ip.is_loopback());
         if self.debug && local {
@@ -187,7 +189,7 @@ impl ContextProcessor for CsrfProcessor {
     fn provides(&self) -> &[&'static str] {
         &["csrf_token"]
     }
-    fn process(&self, req: RequestSnapshot) -> Output {
+    fn process(&self, req: Arc<RequestSnapshot>) -> Output {
         let mut m = Map::new();
         if let Some(token) = req.session.as_ref().and_then(csrf_token) {
             m.insert("csrf_token".into(), Value::String(token));

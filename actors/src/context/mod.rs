@@ -1,5 +1,7 @@
 //! Context processors: functions of a request snapshot returning named template variables.
 
+use std::sync::Arc;
+
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 
@@ -46,7 +48,7 @@ pub trait ContextProcessor: Send + Sync + 'static {
     /// Computes the variables for one request.
     fn process(
         &self,
-        req: RequestSnapshot,
+        req: Arc<RequestSnapshot>,
     ) -> BoxFuture<'static, Result<Map<String, Value>, String>>;
 }
 

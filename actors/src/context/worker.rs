@@ -6,18 +6,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures_util::future::join_all;
+use futures_util::future::{join_all, BoxFuture};
+use futures_util::FutureExt;
 use serde_json::{Map, Value};
 
 use super::{ContextProcessor, ProcessorError, RequestSnapshot};
 
-/// Run `processors` for one request.
+/// A processor's computation for one request.
+pub type ProcessorFuture = BoxFuture<'static, Result<Map<String, Value>, String>>;
+
+/// Drive processors that had to wait (I/O), each under the timeout.
 #[derive(Message)]
 #[rtype(result = "ContextOutcome")]
 pub struct EvaluateContext {
-    pub snapshot: RequestSnapshot,
-    /// In merge order.
-    pub processors: Vec<Arc<dyn ContextProcessor>>,
+    /// Processor name and its started computation, in merge order.
+    pub runs: Vec<(String, ProcessorFuture)>,
     /// Each processor's time limit (`context.timeout_ms`).
     pub timeout: Duration,
 }
@@ -29,6 +32,21 @@ pub struct ContextOutcome {
     pub values: Vec<(String, Map<String, Value>)>,
     /// Those that failed or timed out.
     pub failures: Vec<ProcessorError>,
+}
+
+impl ContextOutcome {
+    fn push(&mut self, name: String, r: Result<Map<String, Value>, String>) {
+        match r {
+            Ok(map) => self.values.push((name, map)),
+            Err(message) => {
+                tracing::warn!(processor = %name, "context processor failed: {message}");
+                self.failures.push(ProcessorError {
+                    processor: name,
+                    message,
+                });
+            }
+        }
+    }
 }
 
 /// One context-processor actor.
@@ -45,41 +63,23 @@ impl Handler<EvaluateContext> for ContextWorker {
     type Result = ResponseFuture<ContextOutcome>;
 
     fn handle(&mut self, msg: EvaluateContext, _ctx: &mut Context<Self>) -> Self::Result {
-        Box::pin(evaluate(msg))
+        Box::pin(drive(msg))
     }
 }
 
-/// Evaluates `msg`'s processors concurrently (also used inline when no actor is involved).
-pub async fn evaluate(msg: EvaluateContext) -> ContextOutcome {
-    let EvaluateContext {
-        snapshot,
-        processors,
-        timeout,
-    } = msg;
-    let runs = processors.iter().map(|p| {
-        let name = p.name().to_owned();
-        let fut = p.process(snapshot.clone());
-        async move {
-            let r = match tokio::time::timeout(timeout, fut).await {
-                Ok(Ok(map)) => Ok(map),
-                Ok(Err(message)) => Err(message),
-                Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
-            };
-            (name, r)
-        }
+/// Drives every run concurrently, each under the timeout.
+async fn drive(msg: EvaluateContext) -> ContextOutcome {
+    let timeout = msg.timeout;
+    let runs = msg.runs.into_iter().map(|(name, fut)| async move {
+        let r = match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
+        };
+        (name, r)
     });
     let mut out = ContextOutcome::default();
     for (name, r) in join_all(runs).await {
-        match r {
-            Ok(map) => out.values.push((name, map)),
-            Err(message) => {
-                tracing::warn!(processor = %name, "context processor failed: {message}");
-                out.failures.push(ProcessorError {
-                    processor: name,
-                    message,
-                });
-            }
-        }
+        out.push(name, r);
     }
     out
 }
@@ -103,10 +103,67 @@ impl ContextWorkers {
         }
     }
 
-    /// Evaluates through the next worker.
-    pub async fn evaluate(&self, msg: EvaluateContext) -> Result<ContextOutcome, MailboxError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
-        self.workers[i].send(msg).await
+    /// Evaluates `processors` for `snapshot`, in order. Each processor is started and polled
+    /// once here: one that is ready at once (a pure function of the request) costs no
+    /// message; those that must wait are handed to the next context actor, which drives them
+    /// concurrently, each under `timeout`.
+    pub async fn evaluate(
+        workers: Option<&ContextWorkers>,
+        processors: &[Arc<dyn ContextProcessor>],
+        snapshot: Arc<RequestSnapshot>,
+        timeout: Duration,
+    ) -> ContextOutcome {
+        let mut ready: Vec<Option<(String, Result<Map<String, Value>, String>)>> = Vec::new();
+        let mut waiting = Vec::new();
+        for p in processors {
+            let name = p.name().to_owned();
+            let mut fut = p.process(snapshot.clone());
+            match (&mut fut).now_or_never() {
+                Some(r) => ready.push(Some((name, r))),
+                None => {
+                    ready.push(None);
+                    waiting.push((name, fut));
+                }
+            }
+        }
+        let mut driven = if waiting.is_empty() {
+            ContextOutcome::default()
+        } else {
+            let names: Vec<String> = waiting.iter().map(|(n, _)| n.clone()).collect();
+            let msg = EvaluateContext {
+                runs: waiting,
+                timeout,
+            };
+            match workers {
+                None => drive(msg).await,
+                Some(w) => {
+                    let i = w.next.fetch_add(1, Ordering::Relaxed) % w.workers.len();
+                    w.workers[i].send(msg).await.unwrap_or_else(|e| {
+                        let mut out = ContextOutcome::default();
+                        for n in names {
+                            out.push(n, Err(format!("context workers unavailable: {e}")));
+                        }
+                        out
+                    })
+                }
+            }
+        };
+        // Merge back in processor order.
+        let mut out = ContextOutcome::default();
+        let mut driven_values: std::collections::HashMap<String, Map<String, Value>> =
+            driven.values.drain(..).collect();
+        for (slot, p) in ready.into_iter().zip(processors) {
+            match slot {
+                Some((name, r)) => out.push(name, r),
+                None => {
+                    if let Some(v) = driven_values.remove(p.name()) {
+                        out.values.push((p.name().to_owned(), v));
+                    }
+                }
+            }
+        }
+        out.failures.extend(driven.failures);
+        out
     }
 }
 
@@ -127,11 +184,13 @@ mod tests {
         }
         fn process(
             &self,
-            _req: RequestSnapshot,
+            _req: Arc<RequestSnapshot>,
         ) -> BoxFuture<'static, Result<Map<String, Value>, String>> {
             let (r, d) = (self.1.clone(), self.2);
             Box::pin(async move {
-                tokio::time::sleep(d).await;
+                if !d.is_zero() {
+                    tokio::time::sleep(d).await;
+                }
                 r.map(|v| Map::from_iter([("v".to_owned(), v)]))
             })
         }
@@ -153,20 +212,25 @@ mod tests {
     async fn failing_and_slow_processors_contribute_nothing() {
         let arbiter = Arbiter::new();
         let workers = ContextWorkers::start(2, &arbiter.handle());
-        let out = workers
-            .evaluate(EvaluateContext {
-                snapshot: snapshot(),
-                processors: vec![
-                    Arc::new(Fixed("ok", Ok(json!(1)), Duration::ZERO)),
-                    Arc::new(Fixed("bad", Err("boom".into()), Duration::ZERO)),
-                    Arc::new(Fixed("slow", Ok(json!(2)), Duration::from_secs(5))),
-                ],
-                timeout: Duration::from_millis(50),
-            })
-            .await
-            .expect("answered");
-        assert_eq!(out.values.len(), 1);
-        assert_eq!(out.values[0].0, "ok");
+        let processors: Vec<Arc<dyn ContextProcessor>> = vec![
+            Arc::new(Fixed("ok", Ok(json!(1)), Duration::ZERO)),
+            Arc::new(Fixed("bad", Err("boom".into()), Duration::ZERO)),
+            Arc::new(Fixed("slow", Ok(json!(2)), Duration::from_secs(5))),
+            Arc::new(Fixed("io", Ok(json!(3)), Duration::from_millis(5))),
+        ];
+        let out = ContextWorkers::evaluate(
+            Some(&workers),
+            &processors,
+            Arc::new(snapshot()),
+            Duration::from_millis(50),
+        )
+        .await;
+        let names: Vec<_> = out.values.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["ok", "io"],
+            "in order, the waiting one driven by the actor"
+        );
         let failed: Vec<_> = out.failures.iter().map(|f| f.processor.as_str()).collect();
         assert_eq!(failed, ["bad", "slow"]);
         assert!(out.failures[1].message.contains("timed out"));

@@ -148,4 +148,14 @@ impl SessionStore for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    fn load_now(&self, id: &SessionId) -> Option<Result<Option<Record>, StoreError>> {
+        let now = now_unix();
+        match self.records.get(id) {
+            None => Some(Ok(None)),
+            Some(r) if !r.is_expired_at(now) => Some(Ok(Some(r.clone()))),
+            // Expired: let the shard's `load` remove it and its index entry.
+            Some(_) => None,
+        }
+    }
 }

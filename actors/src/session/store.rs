@@ -107,4 +107,10 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Whether the engine's service answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// A load answered without waiting, for in-process engines: `Some` lets a reader skip
+    /// the shard's mailbox (writes always go through it). The default is `None`.
+    fn load_now(&self, _id: &SessionId) -> Option<Result<Option<Record>, StoreError>> {
+        None
+    }
 }
