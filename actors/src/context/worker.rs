@@ -12,8 +12,11 @@ use serde_json::{Map, Value};
 
 use super::{ContextProcessor, ProcessorError, RequestSnapshot};
 
+/// What a processor returns: its variables, or why it failed.
+pub type ProcessorResult = Result<Map<String, Value>, String>;
+
 /// A processor's computation for one request.
-pub type ProcessorFuture = BoxFuture<'static, Result<Map<String, Value>, String>>;
+pub type ProcessorFuture = BoxFuture<'static, ProcessorResult>;
 
 /// Drive processors that had to wait (I/O), each under the timeout.
 #[derive(Message)]
@@ -113,7 +116,7 @@ impl ContextWorkers {
         snapshot: Arc<RequestSnapshot>,
         timeout: Duration,
     ) -> ContextOutcome {
-        let mut ready: Vec<Option<(String, Result<Map<String, Value>, String>)>> = Vec::new();
+        let mut ready: Vec<Option<(String, ProcessorResult)>> = Vec::new();
         let mut waiting = Vec::new();
         for p in processors {
             let name = p.name().to_owned();
