@@ -321,3 +321,9 @@ pub async fn session_middleware(
     }
     Ok(res)
 }
+
+impl From<SessionError> for Error {
+    fn from(e: SessionError) -> Self {
+        session_error(e)
+    }
+}
