@@ -11,6 +11,7 @@ use std::sync::Arc;
 use actix_web::web;
 use serde_json::{Map, Value};
 use switchyard_actors::context::ContextProcessor;
+use switchyard_actors::tasks::{Registry, Task};
 
 use crate::config::Config;
 use crate::http::auth::MergeFn;
@@ -44,6 +45,7 @@ pub struct App {
     pub(crate) routes: Vec<RouteFn>,
     pub(crate) processors: HashMap<String, Arc<dyn ContextProcessor>>,
     pub(crate) merge: Option<MergeFn>,
+    pub(crate) tasks: Registry,
 }
 
 impl App {
@@ -54,6 +56,7 @@ impl App {
             routes: Vec::new(),
             processors: HashMap::new(),
             merge: None,
+            tasks: Registry::new(),
         }
     }
 
@@ -87,6 +90,18 @@ impl App {
     ) -> Self {
         self.merge = Some(Arc::new(f));
         self
+    }
+
+    /// Registers a task: workers of this node run it, and handlers publish it through
+    /// `web::Data<switchyard::tasks::Tasks>` (see `docs/tasks.md`).
+    pub fn task<T: Task>(mut self, task: T) -> Self {
+        self.tasks.register(task);
+        self
+    }
+
+    /// The tasks registered so far.
+    pub fn tasks(&self) -> &Registry {
+        &self.tasks
     }
 
     /// Starts the node: actors, then the HTTP server. Must run inside an actix system.

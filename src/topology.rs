@@ -3,7 +3,12 @@
 //! Start order: metrics and templates, then the actors (on their own arbiter, each under an
 //! actix `Supervisor`), then the HTTP server holding their addresses. Shutdown is the reverse:
 //! the HTTP server stops accepting and finishes in-flight requests within
-//! `server.shutdown_timeout`, then the actors stop, then the actor arbiter.
+//! `server.shutdown_timeout`, then the task workers drain (warm: in-flight tasks get
+//! `tasks.drain_timeout`; a second SIGTERM/SIGINT makes it cold), then the actors stop, then the
+//! actor arbiter.
+//!
+//! Task workers (with `tasks.broker = "memory"` and not `always_eager`) run on an arbiter of
+//! their own, and the task bodies on the worker pool's own runtime.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,9 +25,10 @@ use switchyard_actors::context::ContextProcessor;
 use switchyard_actors::session::{
     CookieSigner, FileStore, MemoryStore, SessionShards, SessionStore,
 };
+use switchyard_actors::tasks::{EventSink, MemoryBroker, Registry, Tasks, WorkerPool};
 
 use crate::app::{App, RouteFn, Running, StartError};
-use crate::config::{Config, SessionEngine};
+use crate::config::{Broker, Config, SessionEngine};
 use crate::http::auth::Auth;
 use crate::http::context::Processors;
 use crate::http::health::{self, AlwaysReady, Readiness};
@@ -38,6 +44,13 @@ pub(crate) struct Topology {
     server: ServerHandle,
     server_task: Mutex<Option<actix_rt::task::JoinHandle<std::io::Result<()>>>>,
     actor_arbiter: actix_rt::Arbiter,
+    task_workers: Option<TaskWorkers>,
+}
+
+/// The in-process task workers (memory broker) and the arbiter their actors live on.
+struct TaskWorkers {
+    pool: WorkerPool,
+    arbiter: actix_rt::Arbiter,
 }
 
 impl Topology {
@@ -47,6 +60,7 @@ impl Topology {
             routes,
             processors: app_processors,
             merge,
+            tasks: task_registry,
         } = app;
         let config = Arc::new(config);
 
@@ -81,6 +95,8 @@ impl Topology {
             detail: format!("broker {}", config.tasks.broker.as_str()),
         });
         let readiness = web::Data::new(readiness);
+        let (tasks, task_workers) = task_system(&config, task_registry, &metrics)?;
+        let tasks = web::Data::new(tasks);
 
         let factory_config = config.clone();
         let server = HttpServer::new(move || {
@@ -92,6 +108,7 @@ impl Topology {
                 readiness.clone(),
                 sessions.clone(),
                 auth.clone(),
+                tasks.clone(),
             )
         })
         .workers(config.actors.http_workers as usize)
@@ -113,6 +130,7 @@ impl Topology {
                 server: handle,
                 server_task: Mutex::new(Some(server_task)),
                 actor_arbiter,
+                task_workers,
             },
         })
     }
@@ -141,6 +159,14 @@ impl Topology {
 
     /// Stops the actors in order, after the HTTP server has stopped.
     pub(crate) async fn shutdown(self) {
+        if let Some(workers) = self.task_workers {
+            tracing::info!(
+                drain_timeout = self.config.tasks.drain_timeout,
+                "draining task workers"
+            );
+            workers.pool.drain().await;
+            workers.arbiter.stop();
+        }
         tracing::info!(node = %self.config.server.node_id_or_default(), "stopping actors");
         self.actor_arbiter.stop();
         // Give the arbiter's actors their `stopping` hooks.
@@ -157,6 +183,7 @@ fn http_app(
     readiness: web::Data<Readiness>,
     sessions: web::Data<SessionLayer>,
     auth: web::Data<Auth>,
+    tasks: web::Data<Tasks>,
 ) -> actix_web::App<
     impl actix_web::dev::ServiceFactory<
         actix_web::dev::ServiceRequest,
@@ -172,6 +199,7 @@ fn http_app(
         .app_data(readiness)
         .app_data(sessions)
         .app_data(auth)
+        .app_data(tasks)
         .wrap(from_fn(render::render_middleware))
         .wrap(from_fn(session_mw::session_middleware))
         // Renders the error pages the session middleware itself answers with (503, 413).
@@ -282,6 +310,76 @@ fn session_backend(config: &Config, arbiter: &actix_rt::Arbiter) -> Result<Backe
         store,
         &arbiter.handle(),
     )))
+}
+
+/// The task client, and with `tasks.broker = "memory"` (not eager) the in-process workers.
+fn task_system(
+    config: &Config,
+    registry: Registry,
+    metrics: &web::Data<Metrics>,
+) -> Result<(Tasks, Option<TaskWorkers>), StartError> {
+    let settings = crate::tasks::settings(config);
+    let registry = Arc::new(registry);
+    if config.tasks.always_eager {
+        tracing::info!(tasks = %registry.names().join(", "), "tasks run eagerly (tasks.always_eager)");
+        return Ok((Tasks::eager(registry, settings), None));
+    }
+    match config.tasks.broker {
+        Broker::Memory => {}
+        Broker::Nats => {
+            return Err(StartError::Service {
+                key: "tasks.broker".into(),
+                message: "the nats broker is not available in this version yet".into(),
+            })
+        }
+    }
+    let broker = Arc::new(MemoryBroker::new(&settings));
+    let metrics = metrics.clone();
+    let events: EventSink = Arc::new(move |e| metrics.task_state(&e.task, e.state.as_str()));
+    let arbiter = actix_rt::Arbiter::new();
+    let pool = WorkerPool::start(
+        settings.clone(),
+        None,
+        broker.clone(),
+        registry.clone(),
+        Some(events),
+        &arbiter.handle(),
+    )
+    .map_err(|e| StartError::Service {
+        key: "tasks".into(),
+        message: format!("cannot start the task runtime: {e}"),
+    })?;
+    cold_on_second_signal(pool.cold_token());
+    Ok((
+        Tasks::new(broker, registry, settings),
+        Some(TaskWorkers { pool, arbiter }),
+    ))
+}
+
+/// The first SIGTERM/SIGINT stops the HTTP server and starts a warm drain of the task workers;
+/// a second one turns the drain cold (in-flight tasks are cancelled and aborted).
+fn cold_on_second_signal(cold: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot listen for signals: a second signal will not force a cold shutdown");
+        return;
+    };
+    actix_rt::spawn(async move {
+        for seen in 1..=2 {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                () = cold.cancelled() => return,
+            }
+            if seen == 2 {
+                tracing::warn!("second signal: cold shutdown of the task workers");
+                cold.cancel();
+            }
+        }
+    });
 }
 
 /// `/readyz`'s `sessions` check: the engine answers.

@@ -158,6 +158,16 @@ impl Tasks {
         }
     }
 
+    /// Whether `queue` is configured.
+    pub fn has_queue(&self, queue: &str) -> bool {
+        self.inner.settings.queue(queue).is_some()
+    }
+
+    /// The queue of tasks published without one.
+    pub fn default_queue(&self) -> &str {
+        &self.inner.settings.default_queue
+    }
+
     /// The registered tasks.
     pub fn registry(&self) -> &Registry {
         &self.inner.registry

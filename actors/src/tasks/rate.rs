@@ -15,7 +15,7 @@ impl TokenBucket {
     /// A bucket for `rate` starts per second (`rate > 0`).
     pub(crate) fn new(rate: f64) -> Self {
         let interval = if rate.is_finite() && rate > 0.0 {
-            Duration::from_secs_f64(1.0 / rate)
+            Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::MAX)
         } else {
             Duration::ZERO
         };

@@ -70,7 +70,10 @@ impl Backoff {
     pub fn ceiling(&self, n: u32) -> Duration {
         let factor = 2f64.powi(n.min(64) as i32);
         let d = self.base.as_secs_f64() * factor;
-        Duration::from_secs_f64(d.min(self.max.as_secs_f64()).max(0.0))
+        if d >= self.max.as_secs_f64() {
+            return self.max;
+        }
+        Duration::try_from_secs_f64(d.max(0.0)).unwrap_or(self.max)
     }
 
     /// The window `[d/2, d]` of retry `n`'s wait.
@@ -85,7 +88,10 @@ impl Backoff {
         if hi <= lo {
             return hi;
         }
-        Duration::from_secs_f64(rand::thread_rng().gen_range(lo.as_secs_f64()..=hi.as_secs_f64()))
+        let secs = rand::thread_rng().gen_range(lo.as_secs_f64()..=hi.as_secs_f64());
+        Duration::try_from_secs_f64(secs)
+            .unwrap_or(hi)
+            .clamp(lo, hi)
     }
 }
 
