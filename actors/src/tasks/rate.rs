@@ -36,6 +36,12 @@ impl TokenBucket {
         }
     }
 
+    /// Counts a start at `now` (a fetch holds its token while it waits; the interval runs
+    /// from the delivery, not from when the wait began).
+    pub(crate) fn started_at(&mut self, now: Instant) {
+        self.next = Some(now + self.interval);
+    }
+
     /// Gives back a token taken for nothing (a fetch that found no task).
     pub(crate) fn refund(&mut self) {
         self.next = None;
@@ -83,6 +89,8 @@ mod tests {
         let wait = b.try_take(t0).expect_err("second token must wait");
         assert_eq!(wait, Duration::from_millis(100));
         assert!(b.try_take(t0 + Duration::from_millis(100)).is_ok());
+        b.started_at(t0 + Duration::from_millis(150));
+        assert!(b.try_take(t0 + Duration::from_millis(200)).is_err());
         b.refund();
         assert!(b.try_take(t0 + Duration::from_millis(101)).is_ok());
     }

@@ -113,7 +113,12 @@ impl TaskWorker {
             .map(|res, act, ctx| {
                 act.fetch = None;
                 match res {
-                    Ok(Some(delivery)) => act.dispatch(delivery, ctx),
+                    Ok(Some(delivery)) => {
+                        if let Some(bucket) = &mut act.rate {
+                            bucket.started_at(Instant::now());
+                        }
+                        act.dispatch(delivery, ctx)
+                    }
                     Ok(None) => {
                         if let Some(bucket) = &mut act.rate {
                             bucket.refund();
