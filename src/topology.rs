@@ -96,7 +96,15 @@ impl Topology {
         });
         let readiness = web::Data::new(readiness);
         let (tasks, task_workers) = task_system(&config, task_registry, &metrics)?;
+        // Handlers reach the task client as `web::Data<Tasks>`.
         let tasks = web::Data::new(tasks);
+        let mut routes = routes;
+        routes.insert(
+            0,
+            Arc::new(move |cfg: &mut web::ServiceConfig| {
+                cfg.app_data(tasks.clone());
+            }),
+        );
 
         let factory_config = config.clone();
         let server = HttpServer::new(move || {
@@ -108,7 +116,6 @@ impl Topology {
                 readiness.clone(),
                 sessions.clone(),
                 auth.clone(),
-                tasks.clone(),
             )
         })
         .workers(config.actors.http_workers as usize)
@@ -183,7 +190,6 @@ fn http_app(
     readiness: web::Data<Readiness>,
     sessions: web::Data<SessionLayer>,
     auth: web::Data<Auth>,
-    tasks: web::Data<Tasks>,
 ) -> actix_web::App<
     impl actix_web::dev::ServiceFactory<
         actix_web::dev::ServiceRequest,
@@ -199,7 +205,6 @@ fn http_app(
         .app_data(readiness)
         .app_data(sessions)
         .app_data(auth)
-        .app_data(tasks)
         .wrap(from_fn(render::render_middleware))
         .wrap(from_fn(session_mw::session_middleware))
         // Renders the error pages the session middleware itself answers with (503, 413).

@@ -444,12 +444,13 @@ mod tests {
     use crate::tasks::QueueSpec;
 
     fn broker(ack_wait_ms: u64, ttl_ms: u64) -> MemoryBroker {
-        let mut s = TaskSettings::default();
-        s.queues = vec![QueueSpec::new("q", 1)];
-        s.ack_wait = Duration::from_millis(ack_wait_ms);
-        s.result_ttl = Duration::from_millis(ttl_ms);
-        s.dedupe_window = Duration::from_millis(200);
-        MemoryBroker::new(&s)
+        MemoryBroker::new(&TaskSettings {
+            queues: vec![QueueSpec::new("q", 1)],
+            ack_wait: Duration::from_millis(ack_wait_ms),
+            result_ttl: Duration::from_millis(ttl_ms),
+            dedupe_window: Duration::from_millis(200),
+            ..TaskSettings::default()
+        })
     }
 
     fn msg(id: &str, dedupe: &str) -> Outgoing {

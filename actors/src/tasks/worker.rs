@@ -282,7 +282,7 @@ impl WorkerPool {
         let specs: Vec<QueueSpec> = settings
             .queues
             .iter()
-            .filter(|q| queues.is_none_or(|names| names.iter().any(|n| *n == q.name)))
+            .filter(|q| queues.map_or(true, |names| names.contains(&q.name)))
             .cloned()
             .collect();
         let runner = Arc::new(Runner {
