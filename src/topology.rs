@@ -339,6 +339,9 @@ fn task_system(
         }
     }
     let broker = Arc::new(MemoryBroker::new(&settings));
+    for name in registry.names() {
+        metrics.task_registered(name);
+    }
     let metrics = metrics.clone();
     let events: EventSink = Arc::new(move |e| metrics.task_state(&e.task, e.state.as_str()));
     let arbiter = actix_rt::Arbiter::new();
