@@ -754,14 +754,28 @@ async fn cold_shutdown_aborts_after_drain_timeout<H: Harness>() {
     };
     let h = H::start(s, registry(&log)).await;
     let t = h.tasks();
-    let handle = t
+    // demo.sleep stops when its token fires; the probe ignores it and must be aborted.
+    let polite = t
         .delay::<Sleep>(SleepArgs { seconds: 5.0 })
         .await
         .expect("publish");
-    until_state(t, handle.id(), TaskState::Started).await;
+    let stubborn = t
+        .delay::<Probe<0>>(ProbeArgs {
+            sleep_ms: 5_000,
+            ..ProbeArgs::default()
+        })
+        .await
+        .expect("publish");
+    until_state(t, polite.id(), TaskState::Started).await;
+    until_state(t, stubborn.id(), TaskState::Started).await;
     let t0 = Instant::now();
     assert_eq!(h.drain().await, Some(DrainOutcome::Aborted(1)));
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // The polite one returned what it slept when the token fired.
+    let slept = polite.get(WAIT).await.expect("result");
+    assert!(slept < 1.0, "slept {slept}");
+    assert_eq!(stubborn.state().await.expect("state"), TaskState::Started);
+    assert!(log.of(stubborn.id())[0].ended.is_none());
     h.stop().await;
 }
 

@@ -39,7 +39,7 @@ pub use record::{ResultRecord, TaskState};
 pub use registry::{Registry, TaskEntry};
 pub use task::{Backoff, ResultExt, Task, TaskContext, TaskError, TaskOptions};
 pub use tokio_util::sync::CancellationToken;
-pub use worker::{Abort, Drain, DrainOutcome, TaskFinished, TaskWorker, WorkerPool};
+pub use worker::{Drain, DrainOutcome, TaskFinished, TaskWorker, WorkerPool};
 
 /// One queue a node serves.
 #[derive(Clone, Debug, PartialEq)]

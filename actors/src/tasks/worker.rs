@@ -3,14 +3,20 @@
 //! tokio runtime of its own, never the arbiter that carries the actors). The [`WorkerPool`]
 //! owns the workers and that runtime, and shuts them down: warm (stop fetching, let in-flight
 //! tasks finish within `drain_timeout`), then cold (fire their tokens, abort them).
+//!
+//! In-flight tasks are tracked by the pool's [`Jobs`] table, not only by the actors: on a
+//! signal actix-server stops the whole actix system, arbiters included, and the tasks (which
+//! run on the task runtime, not on an arbiter) must still be drained after their worker actor
+//! is gone.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures_util::future::join_all;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +30,61 @@ use super::{QueueSpec, Registry, TaskSettings};
 const FETCH_WAIT: Duration = Duration::from_secs(1);
 /// The pause after the broker failed a fetch.
 const FETCH_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// At a cold shutdown, how long tasks get between their token firing and the abort.
+const COLD_GRACE: Duration = Duration::from_millis(200);
+/// How long a stop-fetching request may take to reach a worker.
+const DRAIN_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Every in-flight task of a pool, with its abort handle.
+#[derive(Default)]
+struct Jobs {
+    running: Mutex<HashMap<u64, AbortHandle>>,
+    idle: Notify,
+    next: AtomicU64,
+}
+
+impl Jobs {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, AbortHandle>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn insert(&self, job: u64, handle: AbortHandle) {
+        self.lock().insert(job, handle);
+    }
+
+    fn remove(&self, job: u64) {
+        let mut running = self.lock();
+        running.remove(&job);
+        if running.is_empty() {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Resolves once no task is in flight.
+    async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn abort_all(&self) -> usize {
+        let running = std::mem::take(&mut *self.lock());
+        for handle in running.values() {
+            handle.abort();
+        }
+        running.len()
+    }
+}
 
 /// One task finished (or was aborted): its slot is free.
 #[derive(Message)]
@@ -32,24 +93,21 @@ pub struct TaskFinished {
     pub job: u64,
 }
 
-/// Stop fetching; answers once no task is in flight.
+/// Stop fetching new tasks (the first step of a shutdown); in-flight ones go on.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Drain;
 
-/// Abort every in-flight task now (a cold shutdown).
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct Abort;
-
-/// Sends [`TaskFinished`] when dropped: after the task ends, or when it is aborted.
+/// Frees the task's slot when dropped: after the task ends, or when it is aborted.
 struct FinishGuard {
     worker: Addr<TaskWorker>,
+    jobs: Arc<Jobs>,
     job: u64,
 }
 
 impl Drop for FinishGuard {
     fn drop(&mut self) {
+        self.jobs.remove(self.job);
         self.worker.do_send(TaskFinished { job: self.job });
     }
 }
@@ -59,30 +117,34 @@ pub struct TaskWorker {
     queue: QueueSpec,
     runner: Arc<Runner>,
     runtime: tokio::runtime::Handle,
-    in_flight: HashMap<u64, AbortHandle>,
-    next_job: u64,
+    jobs: Arc<Jobs>,
+    /// This worker's tasks in flight.
+    in_flight: HashSet<u64>,
     fetch: Option<SpawnHandle>,
     /// A timer waiting for the rate limit is pending.
     rate_timer: bool,
     rate: Option<TokenBucket>,
     draining: bool,
-    idle_waiters: Vec<oneshot::Sender<()>>,
 }
 
 impl TaskWorker {
-    fn new(queue: QueueSpec, runner: Arc<Runner>, runtime: tokio::runtime::Handle) -> Self {
+    fn new(
+        queue: QueueSpec,
+        runner: Arc<Runner>,
+        runtime: tokio::runtime::Handle,
+        jobs: Arc<Jobs>,
+    ) -> Self {
         let rate = queue.rate_limit_per_sec.map(TokenBucket::new);
         Self {
             queue,
             runner,
             runtime,
-            in_flight: HashMap::new(),
-            next_job: 0,
+            jobs,
+            in_flight: HashSet::new(),
             fetch: None,
             rate_timer: false,
             rate,
             draining: false,
-            idle_waiters: Vec::new(),
         }
     }
 
@@ -144,26 +206,25 @@ impl TaskWorker {
 
     /// Runs a delivery on the task runtime.
     fn dispatch(&mut self, delivery: super::Delivery, ctx: &mut Context<Self>) {
-        let job = self.next_job;
-        self.next_job += 1;
+        let job = self.jobs.next_id();
         let guard = FinishGuard {
             worker: ctx.address(),
+            jobs: self.jobs.clone(),
             job,
         };
         let runner = self.runner.clone();
+        // The task waits for its entry in the jobs table, so it cannot finish (and remove
+        // itself) before it was added.
+        let (go, registered) = oneshot::channel::<()>();
         let handle = self.runtime.spawn(async move {
             let _guard = guard;
-            runner.process(delivery).await;
-        });
-        self.in_flight.insert(job, handle.abort_handle());
-    }
-
-    fn notify_if_idle(&mut self) {
-        if self.in_flight.is_empty() {
-            for w in self.idle_waiters.drain(..) {
-                let _ = w.send(());
+            if registered.await.is_ok() {
+                runner.process(delivery).await;
             }
-        }
+        });
+        self.jobs.insert(job, handle.abort_handle());
+        self.in_flight.insert(job);
+        let _ = go.send(());
     }
 }
 
@@ -195,39 +256,18 @@ impl Handler<TaskFinished> for TaskWorker {
 
     fn handle(&mut self, msg: TaskFinished, ctx: &mut Context<Self>) {
         self.in_flight.remove(&msg.job);
-        self.notify_if_idle();
         self.pump(ctx);
     }
 }
 
 impl Handler<Drain> for TaskWorker {
-    type Result = ResponseFuture<()>;
+    type Result = ();
 
-    fn handle(&mut self, _msg: Drain, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _msg: Drain, ctx: &mut Context<Self>) {
         self.draining = true;
         if let Some(fetch) = self.fetch.take() {
             ctx.cancel_future(fetch);
         }
-        let (tx, rx) = oneshot::channel();
-        self.idle_waiters.push(tx);
-        self.notify_if_idle();
-        Box::pin(async move {
-            let _ = rx.await;
-        })
-    }
-}
-
-impl Handler<Abort> for TaskWorker {
-    type Result = usize;
-
-    fn handle(&mut self, _msg: Abort, _ctx: &mut Context<Self>) -> usize {
-        self.draining = true;
-        let n = self.in_flight.len();
-        for (_, handle) in self.in_flight.drain() {
-            handle.abort();
-        }
-        self.notify_if_idle();
-        n
     }
 }
 
@@ -236,7 +276,8 @@ impl Handler<Abort> for TaskWorker {
 pub enum DrainOutcome {
     /// Every in-flight task finished.
     Finished,
-    /// `drain_timeout` passed or the cold token fired; this many tasks were aborted.
+    /// `drain_timeout` passed or the cold token fired: the tasks' tokens fired and this many
+    /// tasks, still running after a short grace, were aborted.
     Aborted(usize),
 }
 
@@ -256,6 +297,7 @@ impl Drop for TaskRuntime {
 /// A node's task workers (one per queue it serves) and the runtime their tasks run on.
 pub struct WorkerPool {
     workers: Vec<Addr<TaskWorker>>,
+    jobs: Arc<Jobs>,
     cold: CancellationToken,
     drain_timeout: Duration,
     _runtime: TaskRuntime,
@@ -285,6 +327,7 @@ impl WorkerPool {
             .filter(|q| queues.map_or(true, |names| names.contains(&q.name)))
             .cloned()
             .collect();
+        let jobs = Arc::new(Jobs::default());
         let runner = Arc::new(Runner {
             broker,
             registry,
@@ -297,13 +340,15 @@ impl WorkerPool {
             .map(|spec| {
                 let runner = runner.clone();
                 let handle = runtime.handle().clone();
+                let jobs = jobs.clone();
                 Supervisor::start_in_arbiter(arbiter, move |_| {
-                    TaskWorker::new(spec, runner, handle)
+                    TaskWorker::new(spec, runner, handle, jobs)
                 })
             })
             .collect();
         Ok(Self {
             workers,
+            jobs,
             cold,
             drain_timeout,
             _runtime: TaskRuntime(Mutex::new(Some(runtime))),
@@ -315,12 +360,20 @@ impl WorkerPool {
         self.cold.clone()
     }
 
+    /// Tasks in flight right now.
+    pub fn in_flight(&self) -> usize {
+        self.jobs.lock().len()
+    }
+
     /// Warm shutdown: stop fetching and wait for in-flight tasks, at most `drain_timeout` or
-    /// until the cold token fires; then cold: fire every task's token and abort what is left.
+    /// until the cold token fires; then cold: fire every task's token, give them
+    /// `COLD_GRACE`, and abort what is left.
     pub async fn drain(&self) -> DrainOutcome {
-        let waits = join_all(self.workers.iter().map(|w| w.send(Drain)));
+        // A worker whose arbiter already stopped fetches nothing either: its error is fine.
+        let stop_fetching = join_all(self.workers.iter().map(|w| w.send(Drain)));
+        let _ = tokio::time::timeout(DRAIN_SEND_TIMEOUT, stop_fetching).await;
         let finished = tokio::select! {
-            _ = waits => true,
+            () = self.jobs.idle() => true,
             () = tokio::time::sleep(self.drain_timeout) => false,
             () = self.cold.cancelled() => false,
         };
@@ -328,11 +381,8 @@ impl WorkerPool {
             return DrainOutcome::Finished;
         }
         self.cold.cancel();
-        let aborted = join_all(self.workers.iter().map(|w| w.send(Abort)))
-            .await
-            .into_iter()
-            .map(|r| r.unwrap_or(0))
-            .sum();
+        let _ = tokio::time::timeout(COLD_GRACE, self.jobs.idle()).await;
+        let aborted = self.jobs.abort_all();
         tracing::warn!(aborted, "cold shutdown: in-flight tasks aborted");
         DrainOutcome::Aborted(aborted)
     }
