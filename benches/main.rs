@@ -60,6 +60,14 @@ mod tasks {
         Arc::new(r)
     }
 
+    /// CPU time this thread used so far.
+    fn thread_cpu() -> Duration {
+        use nix::time::{clock_gettime, ClockId};
+        clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+            .map(Duration::from)
+            .unwrap_or_default()
+    }
+
     pub fn bench(c: &mut Criterion) {
         // One eager call: envelope to JSON and back, the body, the record to JSON and back.
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -79,6 +87,24 @@ mod tasks {
                         black_box(h.get(Duration::ZERO).await.expect("result"));
                     }
                     t0.elapsed()
+                })
+            })
+        });
+
+        // The same, counting only this thread's CPU time (the eager call runs entirely on it):
+        // the cost without the other processes of a shared machine.
+        c.bench_function("tasks::eager_call_cpu", |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let t0 = thread_cpu();
+                    for _ in 0..iters {
+                        let h = eager
+                            .delay::<Add>(AddArgs { x: 2, y: 3 })
+                            .await
+                            .expect("publish");
+                        black_box(h.get(Duration::ZERO).await.expect("result"));
+                    }
+                    thread_cpu().saturating_sub(t0)
                 })
             })
         });
