@@ -118,10 +118,17 @@ struct ProbeOut {
     cancelled: bool,
 }
 
-/// Probe<0> plain, <1> soft limit 150 ms, <2> hard limit 150 ms, <3> 10 starts/s.
+/// Probe<0> plain, <1> soft limit 150 ms, <2> hard limit 150 ms, <3> 10 starts/s,
+/// <4> ignore_result.
 struct Probe<const K: u8>(Arc<ProbeLog>);
 
-const PROBE_NAMES: [&str; 4] = ["probe.plain", "probe.soft", "probe.hard", "probe.rate"];
+const PROBE_NAMES: [&str; 5] = [
+    "probe.plain",
+    "probe.soft",
+    "probe.hard",
+    "probe.rate",
+    "probe.ignored",
+];
 const LIMIT: Duration = Duration::from_millis(150);
 
 impl<const K: u8> Task for Probe<K> {
@@ -134,6 +141,7 @@ impl<const K: u8> Task for Probe<K> {
             1 => TaskOptions::new().soft_time_limit(LIMIT),
             2 => TaskOptions::new().time_limit(LIMIT).max_retries(0),
             3 => TaskOptions::new().rate_limit_per_sec(10.0),
+            4 => TaskOptions::new().ignore_result(),
             _ => TaskOptions::new(),
         }
     }
@@ -197,7 +205,8 @@ fn registry(log: &Arc<ProbeLog>) -> Registry {
         .register(Probe::<0>(log.clone()))
         .register(Probe::<1>(log.clone()))
         .register(Probe::<2>(log.clone()))
-        .register(Probe::<3>(log.clone()));
+        .register(Probe::<3>(log.clone()))
+        .register(Probe::<4>(log.clone()));
     r
 }
 
@@ -716,6 +725,37 @@ async fn forget_drops_the_record<H: Harness>() {
     h.stop().await;
 }
 
+async fn ignore_result_keeps_no_success_record<H: Harness>() {
+    let (h, log) = start::<H>().await;
+    let t = h.tasks();
+    let handle = t
+        .delay::<Probe<4>>(ProbeArgs::default())
+        .await
+        .expect("publish");
+    until("the ignored task's attempt", || {
+        log.of(handle.id()).iter().any(|a| a.ended.is_some())
+    })
+    .await;
+    if H::WORKERS {
+        assert!(matches!(
+            handle.get(WAIT).await,
+            Err(ClientError::ResultIgnored { .. })
+        ));
+        until("the success event", || {
+            kinds(&h.events(), handle.id()).contains(&EventKind::TaskSucceeded)
+        })
+        .await;
+    } else {
+        // Eager: the handle holds the result, the store keeps nothing.
+        assert_eq!(handle.get(WAIT).await.expect("result").attempt, 1);
+    }
+    assert_eq!(
+        t.result(handle.id()).await.expect("result").state,
+        TaskState::Pending
+    );
+    h.stop().await;
+}
+
 // Worker-only cases.
 
 async fn warm_shutdown_finishes_in_flight<H: Harness>() {
@@ -839,7 +879,8 @@ macro_rules! behaviour_suite {
                 hard_time_limit_aborts_the_attempt,
                 explicit_retry_waits_its_countdown,
                 bad_arguments_fail_clearly,
-                forget_drops_the_record
+                forget_drops_the_record,
+                ignore_result_keeps_no_success_record
                 $(, $worker_case)*
             ]);
         }
