@@ -77,8 +77,7 @@ impl Metrics {
     }
 
     /// Exports `task`'s counters at 0 for every state a worker reports (PENDING: received), so
-    /// the series exist
-    /// before the first task runs.
+    /// the series exist before the first task runs.
     pub fn task_registered(&self, task: &str) {
         for state in [
             "PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED",
