@@ -9,8 +9,8 @@
 //! run on the task runtime, not on an arbiter) must still be drained after their worker actor
 //! is gone.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -86,7 +86,7 @@ impl Jobs {
     }
 }
 
-/// One task finished (or was aborted): its slot is free.
+/// A task of a worker that had every slot taken finished (or was aborted): fetch again.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct TaskFinished {
@@ -98,17 +98,23 @@ pub struct TaskFinished {
 #[rtype(result = "()")]
 pub struct Drain;
 
-/// Frees the task's slot when dropped: after the task ends, or when it is aborted.
+/// Frees the task's slot when dropped: after the task ends, or when it is aborted. The worker
+/// hears of it only when it had stopped fetching for want of a slot (one cross-thread message
+/// saved per task otherwise).
 struct FinishGuard {
     worker: Addr<TaskWorker>,
     jobs: Arc<Jobs>,
     job: u64,
+    running: Arc<AtomicUsize>,
+    concurrency: usize,
 }
 
 impl Drop for FinishGuard {
     fn drop(&mut self) {
         self.jobs.remove(self.job);
-        self.worker.do_send(TaskFinished { job: self.job });
+        if self.running.fetch_sub(1, Ordering::AcqRel) >= self.concurrency {
+            self.worker.do_send(TaskFinished { job: self.job });
+        }
     }
 }
 
@@ -118,8 +124,8 @@ pub struct TaskWorker {
     runner: Arc<Runner>,
     runtime: tokio::runtime::Handle,
     jobs: Arc<Jobs>,
-    /// This worker's tasks in flight.
-    in_flight: HashSet<u64>,
+    /// This worker's tasks in flight (decremented by each task's [`FinishGuard`]).
+    running: Arc<AtomicUsize>,
     fetch: Option<SpawnHandle>,
     /// A timer waiting for the rate limit is pending.
     rate_timer: bool,
@@ -140,7 +146,7 @@ impl TaskWorker {
             runner,
             runtime,
             jobs,
-            in_flight: HashSet::new(),
+            running: Arc::new(AtomicUsize::new(0)),
             fetch: None,
             rate_timer: false,
             rate,
@@ -154,7 +160,7 @@ impl TaskWorker {
         if self.draining
             || self.fetch.is_some()
             || self.rate_timer
-            || self.in_flight.len() >= self.queue.concurrency.max(1)
+            || self.running.load(Ordering::Acquire) >= self.queue.concurrency.max(1)
         {
             return;
         }
@@ -207,10 +213,13 @@ impl TaskWorker {
     /// Runs a delivery on the task runtime.
     fn dispatch(&mut self, delivery: super::Delivery, ctx: &mut Context<Self>) {
         let job = self.jobs.next_id();
+        self.running.fetch_add(1, Ordering::AcqRel);
         let guard = FinishGuard {
             worker: ctx.address(),
             jobs: self.jobs.clone(),
             job,
+            running: self.running.clone(),
+            concurrency: self.queue.concurrency.max(1),
         };
         let runner = self.runner.clone();
         // The task waits for its entry in the jobs table, so it cannot finish (and remove
@@ -223,7 +232,6 @@ impl TaskWorker {
             }
         });
         self.jobs.insert(job, handle.abort_handle());
-        self.in_flight.insert(job);
         let _ = go.send(());
     }
 }
@@ -254,8 +262,7 @@ impl Supervised for TaskWorker {
 impl Handler<TaskFinished> for TaskWorker {
     type Result = ();
 
-    fn handle(&mut self, msg: TaskFinished, ctx: &mut Context<Self>) {
-        self.in_flight.remove(&msg.job);
+    fn handle(&mut self, _msg: TaskFinished, ctx: &mut Context<Self>) {
         self.pump(ctx);
     }
 }
