@@ -11,6 +11,7 @@ use std::sync::Arc;
 use actix_web::web;
 use serde_json::{Map, Value};
 use switchyard_actors::context::ContextProcessor;
+use switchyard_actors::tasks::{Registry, Task};
 
 use crate::config::Config;
 use crate::http::auth::MergeFn;
@@ -45,6 +46,7 @@ pub struct App {
     pub(crate) processors: HashMap<String, Arc<dyn ContextProcessor>>,
     pub(crate) merge: Option<MergeFn>,
     pub(crate) csrf_exempt: std::collections::HashSet<String>,
+    pub(crate) tasks: Registry,
 }
 
 impl App {
@@ -56,6 +58,7 @@ impl App {
             processors: HashMap::new(),
             merge: None,
             csrf_exempt: Default::default(),
+            tasks: Registry::new(),
         }
     }
 
@@ -96,6 +99,18 @@ impl App {
     pub fn csrf_exempt(mut self, pattern: impl Into<String>) -> Self {
         self.csrf_exempt.insert(pattern.into());
         self
+    }
+
+    /// Registers a task: workers of this node run it, and handlers publish it through
+    /// `web::Data<switchyard::tasks::Tasks>` (see `docs/tasks.md`).
+    pub fn task<T: Task>(mut self, task: T) -> Self {
+        self.tasks.register(task);
+        self
+    }
+
+    /// The tasks registered so far.
+    pub fn tasks(&self) -> &Registry {
+        &self.tasks
     }
 
     /// Starts the node: actors, then the HTTP server. Must run inside an actix system.

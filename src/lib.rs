@@ -9,6 +9,7 @@
 //! - [`http`]: routes, middleware, templates, metrics and the one place errors become
 //!   responses.
 //! - [`shop`]: the bundled demo shop, written against the public API only.
+//! - [`tasks`]: defining, registering and publishing tasks (the task API of the actors crate).
 //! - `topology`: the only place that assembles actors, pools and the HTTP server, and the
 //!   explicit shutdown order.
 //!
@@ -41,6 +42,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod shop;
+pub mod tasks;
 mod topology;
 
 pub use actix_web::web;

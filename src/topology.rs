@@ -3,7 +3,12 @@
 //! Start order: metrics and templates, then the actors (on their own arbiter, each under an
 //! actix `Supervisor`), then the HTTP server holding their addresses. Shutdown is the reverse:
 //! the HTTP server stops accepting and finishes in-flight requests within
-//! `server.shutdown_timeout`, then the actors stop, then the actor arbiter.
+//! `server.shutdown_timeout`, then the task workers drain (warm: in-flight tasks get
+//! `tasks.drain_timeout`; a second SIGTERM/SIGINT makes it cold), then the actors stop, then the
+//! actor arbiter.
+//!
+//! Task workers (with `tasks.broker = "memory"` and not `always_eager`) run on an arbiter of
+//! their own, and the task bodies on the worker pool's own runtime.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,9 +25,10 @@ use switchyard_actors::context::{ContextProcessor, ContextWorkers};
 use switchyard_actors::session::{
     CookieSigner, FileStore, MemoryStore, SessionShards, SessionStore,
 };
+use switchyard_actors::tasks::{EventSink, MemoryBroker, Registry, Tasks, WorkerPool};
 
 use crate::app::{App, RouteFn, Running, StartError};
-use crate::config::{Config, SessionEngine};
+use crate::config::{Broker, Config, SessionEngine};
 use crate::http::auth::Auth;
 use crate::http::context::Processors;
 use crate::http::csrf::{self, CsrfPolicy};
@@ -40,6 +46,13 @@ pub(crate) struct Topology {
     server_task: Mutex<Option<actix_rt::task::JoinHandle<std::io::Result<()>>>>,
     actor_arbiter: actix_rt::Arbiter,
     context_arbiter: actix_rt::Arbiter,
+    task_workers: Option<TaskWorkers>,
+}
+
+/// The in-process task workers (memory broker) and the arbiter their actors live on.
+struct TaskWorkers {
+    pool: WorkerPool,
+    arbiter: actix_rt::Arbiter,
 }
 
 impl Topology {
@@ -50,6 +63,7 @@ impl Topology {
             processors: app_processors,
             merge,
             csrf_exempt,
+            tasks: task_registry,
         } = app;
         let config = Arc::new(config);
 
@@ -95,6 +109,16 @@ impl Topology {
             detail: format!("broker {}", config.tasks.broker.as_str()),
         });
         let readiness = web::Data::new(readiness);
+        let (tasks, task_workers) = task_system(&config, task_registry, &metrics)?;
+        // Handlers reach the task client as `web::Data<Tasks>`.
+        let tasks = web::Data::new(tasks);
+        let mut routes = routes;
+        routes.insert(
+            0,
+            Arc::new(move |cfg: &mut web::ServiceConfig| {
+                cfg.app_data(tasks.clone());
+            }),
+        );
 
         let factory_config = config.clone();
         let shared = Shared {
@@ -126,6 +150,7 @@ impl Topology {
                 server_task: Mutex::new(Some(server_task)),
                 actor_arbiter,
                 context_arbiter,
+                task_workers,
             },
         })
     }
@@ -154,6 +179,14 @@ impl Topology {
 
     /// Stops the actors in order, after the HTTP server has stopped.
     pub(crate) async fn shutdown(self) {
+        if let Some(workers) = self.task_workers {
+            tracing::info!(
+                drain_timeout = self.config.tasks.drain_timeout,
+                "draining task workers"
+            );
+            workers.pool.drain().await;
+            workers.arbiter.stop();
+        }
         tracing::info!(node = %self.config.server.node_id_or_default(), "stopping actors");
         // Context workers first (no more renders), then the session shards.
         self.context_arbiter.stop();
@@ -306,6 +339,79 @@ fn session_backend(config: &Config, arbiter: &actix_rt::Arbiter) -> Result<Backe
         store,
         &arbiter.handle(),
     )))
+}
+
+/// The task client, and with `tasks.broker = "memory"` (not eager) the in-process workers.
+fn task_system(
+    config: &Config,
+    registry: Registry,
+    metrics: &web::Data<Metrics>,
+) -> Result<(Tasks, Option<TaskWorkers>), StartError> {
+    let settings = crate::tasks::settings(config);
+    let registry = Arc::new(registry);
+    if config.tasks.always_eager {
+        tracing::info!(tasks = %registry.names().join(", "), "tasks run eagerly (tasks.always_eager)");
+        return Ok((Tasks::eager(registry, settings), None));
+    }
+    match config.tasks.broker {
+        Broker::Memory => {}
+        Broker::Nats => {
+            return Err(StartError::Service {
+                key: "tasks.broker".into(),
+                message: "the nats broker is not available in this version yet".into(),
+            })
+        }
+    }
+    let broker = Arc::new(MemoryBroker::new(&settings));
+    for name in registry.names() {
+        metrics.task_registered(name);
+    }
+    let metrics = metrics.clone();
+    let events: EventSink = Arc::new(move |e| metrics.task_state(&e.task, e.state.as_str()));
+    let arbiter = actix_rt::Arbiter::new();
+    let pool = WorkerPool::start(
+        settings.clone(),
+        None,
+        broker.clone(),
+        registry.clone(),
+        Some(events),
+        &arbiter.handle(),
+    )
+    .map_err(|e| StartError::Service {
+        key: "tasks".into(),
+        message: format!("cannot start the task runtime: {e}"),
+    })?;
+    cold_on_second_signal(pool.cold_token());
+    Ok((
+        Tasks::new(broker, registry, settings),
+        Some(TaskWorkers { pool, arbiter }),
+    ))
+}
+
+/// The first SIGTERM/SIGINT stops the HTTP server and starts a warm drain of the task workers;
+/// a second one turns the drain cold (in-flight tasks are cancelled and aborted).
+fn cold_on_second_signal(cold: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot listen for signals: a second signal will not force a cold shutdown");
+        return;
+    };
+    actix_rt::spawn(async move {
+        for seen in 1..=2 {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                () = cold.cancelled() => return,
+            }
+            if seen == 2 {
+                tracing::warn!("second signal: cold shutdown of the task workers");
+                cold.cancel();
+            }
+        }
+    });
 }
 
 /// `/readyz`'s `sessions` check: the engine answers.

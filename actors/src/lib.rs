@@ -9,3 +9,4 @@
 
 pub mod context;
 pub mod session;
+pub mod tasks;

@@ -76,6 +76,16 @@ impl Metrics {
         self.sessions_saved.with_label_values(&[engine]).inc();
     }
 
+    /// Exports `task`'s counters at 0 for every state a worker reports (PENDING: received), so
+    /// the series exist before the first task runs.
+    pub fn task_registered(&self, task: &str) {
+        for state in [
+            "PENDING", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED",
+        ] {
+            self.tasks.with_label_values(&[task, state]);
+        }
+    }
+
     /// Counts one task reaching `state`.
     pub fn task_state(&self, task: &str, state: &str) {
         self.tasks.with_label_values(&[task, state]).inc();

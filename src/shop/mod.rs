@@ -2,18 +2,26 @@
 //!
 //! It uses only Switchyard's public API, as an application embedding Switchyard would.
 
+pub mod mail;
+pub mod orders;
+pub mod tasks;
+
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use actix_web::http::header;
 use actix_web::{Either, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::http::auth::{self, Auth};
+use crate::http::auth::{self, Auth, CurrentUser};
 use crate::http::context::FnProcessor;
 use crate::http::session::Session;
 use crate::messages::{self, Level};
+use crate::tasks::{PublishOptions, TaskState, Tasks};
 use crate::{web, App, Error, Render};
+use orders::{MemoryOrderStore, NewOrder, OrderError, OrderItem, OrderStore};
+use tasks::{OrderCreated, OrderCreatedArgs, EMAILS_QUEUE};
 
 /// The session key holding the cart: product id → quantity.
 pub const CART_KEY: &str = "cart";
@@ -277,10 +285,172 @@ async fn logout(req: HttpRequest) -> HttpResponse {
     see_other("/")
 }
 
-/// Adds the demo shop to `app`: its routes, its `cart` processor and its cart merge hook.
+fn order_err(e: OrderError) -> Error {
+    match e {
+        OrderError::Unavailable(message) => Error::Unavailable {
+            what: "order store".into(),
+            message,
+        },
+    }
+}
+
+/// The cart's lines, priced now (unknown products and zero quantities are left out).
+fn order_items(cart: &Cart) -> Vec<OrderItem> {
+    cart.iter()
+        .filter(|(_, qty)| **qty > 0)
+        .filter_map(|(id, qty)| {
+            let p = product(id.parse().ok()?)?;
+            Some(OrderItem {
+                product_id: p.id,
+                name: p.name.to_owned(),
+                quantity: *qty,
+                price_cents: p.price_cents,
+            })
+        })
+        .collect()
+}
+
+/// `POST /orders`: checkout. Creates the order, empties the cart, publishes
+/// `shop.order_created` on `emails`.
+async fn order_create(
+    user: CurrentUser,
+    session: Session,
+    auth_store: web::Data<Auth>,
+    orders: web::Data<dyn OrderStore>,
+    tasks: web::Data<Tasks>,
+) -> Result<HttpResponse, Error> {
+    let Some(user) = user.0 else {
+        return Err(Error::LoginRequired {
+            location: auth::login_redirect(auth_store.login_url(), "/cart"),
+        });
+    };
+    let cart: Cart = session
+        .get(CART_KEY)
+        .map_err(session_err)?
+        .unwrap_or_default();
+    let items = order_items(&cart);
+    if items.is_empty() {
+        messages::add(&session, Level::Warning, "Your cart is empty.").map_err(session_err)?;
+        return Ok(see_other("/cart"));
+    }
+    let total_cents = items
+        .iter()
+        .map(|i| i.price_cents * u64::from(i.quantity))
+        .sum();
+    let task_id = crate::tasks::new_task_id();
+    let order = orders
+        .create(NewOrder {
+            owner: user.username,
+            items,
+            total_cents,
+            task_id: Some(task_id.clone()),
+        })
+        .await
+        .map_err(order_err)?;
+    let mut options = PublishOptions::new().task_id(task_id);
+    if !tasks.has_queue(EMAILS_QUEUE) {
+        // The built-in defaults have only the default queue; default.toml adds `emails`.
+        options = options.queue(tasks.default_queue());
+    }
+    let published = tasks
+        .apply_async::<OrderCreated>(OrderCreatedArgs { order_id: order.id }, options)
+        .await;
+    if let Err(e) = published {
+        if let Err(undo) = orders.delete(order.id).await {
+            tracing::error!(order = order.id, "cannot undo the order: {undo}");
+        }
+        return Err(Error::Unavailable {
+            what: "task broker".into(),
+            message: e.to_string(),
+        });
+    }
+    session.remove(CART_KEY);
+    messages::add(
+        &session,
+        Level::Success,
+        format!("Thank you! Order #{} is placed.", order.id),
+    )
+    .map_err(session_err)?;
+    Ok(see_other(&format!("/orders/{}", order.id)))
+}
+
+/// `GET /orders/{id}`: the order and the state of its confirmation e-mail; only its owner
+/// sees it, everyone else (anonymous included) gets a 404.
+async fn order_detail(
+    path: web::Path<String>,
+    user: CurrentUser,
+    orders: web::Data<dyn OrderStore>,
+    tasks: web::Data<Tasks>,
+) -> Result<Render, Error> {
+    let id: u64 = path.into_inner().parse().map_err(|_| Error::NotFound)?;
+    let order = orders
+        .get(id)
+        .await
+        .map_err(order_err)?
+        .ok_or(Error::NotFound)?;
+    if user.0.map(|u| u.username).as_deref() != Some(order.owner.as_str()) {
+        return Err(Error::NotFound);
+    }
+    let state = match &order.task_id {
+        Some(task_id) => {
+            tasks
+                .result(task_id)
+                .await
+                .map_err(|e| Error::Unavailable {
+                    what: "task broker".into(),
+                    message: e.to_string(),
+                })?
+                .state
+        }
+        None => TaskState::Pending,
+    };
+    let items: Vec<Value> = order
+        .items
+        .iter()
+        .map(|i| {
+            json!({
+                "id": i.product_id,
+                "name": i.name,
+                "quantity": i.quantity,
+                "price": format_cents(i.price_cents),
+                "subtotal": format_cents(i.price_cents * u64::from(i.quantity)),
+            })
+        })
+        .collect();
+    Ok(Render::new(
+        "shop/order",
+        json!({
+            "title": format!("Order #{}", order.id),
+            "order": {
+                "id": order.id,
+                "items": items,
+                "total": format_cents(order.total_cents),
+                "created_at": order.created_at.to_rfc3339(),
+            },
+            "task_id": order.task_id,
+            "task_state": state.as_str(),
+            "task_done": state.is_ready(),
+        }),
+    ))
+}
+
+/// Adds the demo shop to `app`: its routes, its `cart` processor, its cart merge hook, its
+/// order store and its tasks.
 pub fn install(app: App) -> App {
+    let orders: Arc<dyn OrderStore> = Arc::new(MemoryOrderStore::new());
+    let mailer = mail::Mailer::new(&app.config().mail);
+    let orders_data = web::Data::from(orders.clone());
     app.context_processor(cart_processor())
         .on_login_merge(merge_carts)
+        .task(tasks::Add)
+        .task(tasks::Sleep)
+        .task(tasks::Flaky::default())
+        .task(OrderCreated::new(orders, mailer))
+        .routes(move |cfg| {
+            cfg.app_data(orders_data.clone());
+            cfg.route("/orders", web::post().to(order_create))
+                .route("/orders/{id}", web::get().to(order_detail));
+        })
         .routes(|cfg| {
             cfg.route("/", web::get().to(index))
                 .route("/cart/add/{id}", web::post().to(cart_add))

@@ -1,0 +1,564 @@
+//! The client side: [`Tasks`] publishes tasks (`delay`, `apply_async`, by name with `send`),
+//! reads result records, revokes; [`AsyncResult`] is the handle a publish returns.
+//!
+//! In eager mode (`tasks.always_eager`) publishing runs the task inline: the message is
+//! serialized and parsed back, the body runs under its time limits, retries wait their backoff,
+//! and the result record goes through JSON too, so what passes eagerly works on real workers.
+//! Eager results stay in the handle (and a bounded in-process map for [`Tasks::result`]): no
+//! broker, no I/O, no events. Unlike on workers, an eager publish ignores `countdown`/`eta`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::broker::{Broker, BrokerError, Outgoing, PublishOutcome};
+use super::execute::{after_error, run_attempt, AfterError};
+use super::{new_task_id, Envelope, PublishOptions, Registry, ResultRecord, Task, TaskContext};
+use super::{TaskOptions, TaskSettings, TaskState};
+
+/// Eager results and revocations kept for [`Tasks::result`] and [`Tasks::revoke`].
+const EAGER_KEEP: usize = 10_000;
+/// First and longest pause between two looks at a result while waiting for it.
+const POLL_FIRST: Duration = Duration::from_millis(2);
+const POLL_MAX: Duration = Duration::from_millis(50);
+
+/// Why a client operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The queue is not configured.
+    #[error("queue {0:?} is not in tasks.queues")]
+    UnknownQueue(String),
+    /// The arguments do not serialize to a JSON object.
+    #[error("task arguments: {0}")]
+    Args(String),
+    /// The broker failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The task was not ready in time.
+    #[error("task {id} not ready after {waited:?} (state {state})")]
+    Timeout {
+        id: String,
+        waited: Duration,
+        state: TaskState,
+    },
+    /// The task failed or was revoked; `error` is the record's.
+    #[error("task {id} is {state}: {error}")]
+    Failed {
+        id: String,
+        state: TaskState,
+        error: String,
+    },
+    /// The stored result does not decode as the task's output type.
+    #[error("task {id}: result does not decode: {message}")]
+    Decode { id: String, message: String },
+    /// The task keeps no result to wait for (`ignore_result`).
+    #[error("task {id} ignores its result")]
+    ResultIgnored { id: String },
+}
+
+/// Insertion-ordered, size-bounded map (oldest dropped first).
+struct Bounded<V> {
+    map: HashMap<String, V>,
+    order: VecDeque<String>,
+}
+
+impl<V> Default for Bounded<V> {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<V> Bounded<V> {
+    fn insert(&mut self, k: String, v: V) {
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
+        }
+        while self.order.len() > EAGER_KEEP {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct EagerState {
+    results: Mutex<Bounded<ResultRecord>>,
+    revoked: Mutex<(HashSet<String>, VecDeque<String>)>,
+}
+
+enum Backend {
+    Broker(Arc<dyn Broker>),
+    Eager(EagerState),
+}
+
+struct Inner {
+    backend: Backend,
+    registry: Arc<Registry>,
+    settings: Arc<TaskSettings>,
+}
+
+/// Publishes tasks and reads their results. Cheap to clone; handlers get it as
+/// `web::Data<Tasks>`.
+#[derive(Clone)]
+pub struct Tasks {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Tasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tasks")
+            .field("eager", &self.is_eager())
+            .field("tasks", &self.inner.registry.names())
+            .finish()
+    }
+}
+
+impl Tasks {
+    /// A client publishing to `broker`.
+    pub fn new(broker: Arc<dyn Broker>, registry: Arc<Registry>, settings: TaskSettings) -> Self {
+        Self::with(Backend::Broker(broker), registry, settings)
+    }
+
+    /// A client running every task inline (`tasks.always_eager`).
+    pub fn eager(registry: Arc<Registry>, settings: TaskSettings) -> Self {
+        Self::with(Backend::Eager(EagerState::default()), registry, settings)
+    }
+
+    fn with(backend: Backend, registry: Arc<Registry>, settings: TaskSettings) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                registry,
+                settings: Arc::new(settings),
+            }),
+        }
+    }
+
+    /// Whether tasks run inline.
+    pub fn is_eager(&self) -> bool {
+        matches!(self.inner.backend, Backend::Eager(_))
+    }
+
+    /// The broker (`None` in eager mode).
+    pub fn broker(&self) -> Option<&Arc<dyn Broker>> {
+        match &self.inner.backend {
+            Backend::Broker(b) => Some(b),
+            Backend::Eager(_) => None,
+        }
+    }
+
+    /// Whether `queue` is configured.
+    pub fn has_queue(&self, queue: &str) -> bool {
+        self.inner.settings.queue(queue).is_some()
+    }
+
+    /// The queue of tasks published without one.
+    pub fn default_queue(&self) -> &str {
+        &self.inner.settings.default_queue
+    }
+
+    /// The registered tasks.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Publishes `T` with `args` and default options.
+    pub async fn delay<T: Task>(
+        &self,
+        args: T::Args,
+    ) -> Result<AsyncResult<T::Output>, ClientError> {
+        self.apply_async::<T>(args, PublishOptions::default()).await
+    }
+
+    /// Publishes `T` with `args` and `options`.
+    pub async fn apply_async<T: Task>(
+        &self,
+        args: T::Args,
+        options: PublishOptions,
+    ) -> Result<AsyncResult<T::Output>, ClientError> {
+        let args = serde_json::to_value(&args).map_err(|e| ClientError::Args(e.to_string()))?;
+        self.publish(T::NAME, args, &options, &T::options()).await
+    }
+
+    /// Publishes the task called `task` (known or not to this node) with JSON `args`.
+    pub async fn send(
+        &self,
+        task: &str,
+        args: Value,
+        options: PublishOptions,
+    ) -> Result<AsyncResult<Value>, ClientError> {
+        let task_options = self
+            .inner
+            .registry
+            .get(task)
+            .map(|e| e.options().clone())
+            .unwrap_or_default();
+        self.publish(task, args, &options, &task_options).await
+    }
+
+    async fn publish<T>(
+        &self,
+        task: &str,
+        args: Value,
+        options: &PublishOptions,
+        task_options: &TaskOptions,
+    ) -> Result<AsyncResult<T>, ClientError> {
+        let settings = &self.inner.settings;
+        let queue = options
+            .queue
+            .clone()
+            .or_else(|| task_options.queue.clone())
+            .unwrap_or_else(|| settings.default_queue.clone());
+        if settings.queue(&queue).is_none() {
+            return Err(ClientError::UnknownQueue(queue));
+        }
+        if !args.is_object() {
+            return Err(ClientError::Args(format!(
+                "expected a JSON object, got {}",
+                json_kind(&args)
+            )));
+        }
+        let now = Utc::now();
+        let id = options.task_id.clone().unwrap_or_else(new_task_id);
+        let eta = options.eta.or_else(|| options.countdown.map(|c| now + c));
+        let env = Envelope {
+            id: Some(id.clone()),
+            task: task.to_owned(),
+            args,
+            queue: Some(queue.clone()),
+            retries: 0,
+            max_retries: Some(
+                options
+                    .max_retries
+                    .or(task_options.max_retries)
+                    .unwrap_or(settings.default_max_retries),
+            ),
+            eta,
+            expires: options
+                .expires
+                .or_else(|| task_options.expires.map(|d| now + d)),
+            published_at: Some(now),
+        };
+        let payload = serde_json::to_vec(&env).map_err(|e| ClientError::Args(e.to_string()))?;
+        match &self.inner.backend {
+            Backend::Broker(broker) => {
+                let dedupe_id = options
+                    .unique
+                    .as_ref()
+                    .map_or_else(|| id.clone(), |k| format!("unique:{k}"));
+                let outcome = broker
+                    .publish(Outgoing {
+                        id: id.clone(),
+                        queue,
+                        payload,
+                        dedupe_id,
+                        not_before: eta,
+                    })
+                    .await?;
+                let id = match outcome {
+                    PublishOutcome::Queued => id,
+                    PublishOutcome::Duplicate { original_id } => original_id.unwrap_or(id),
+                };
+                Ok(AsyncResult::new(
+                    id,
+                    self.clone(),
+                    None,
+                    task_options.ignore_result,
+                ))
+            }
+            Backend::Eager(state) => {
+                let record = self.run_eager(state, &payload).await;
+                // The record crosses JSON as it would from a result store.
+                let record = serde_json::to_vec(&record)
+                    .and_then(|b| serde_json::from_slice::<ResultRecord>(&b))
+                    .map_err(|e| ClientError::Decode {
+                        id: id.clone(),
+                        message: e.to_string(),
+                    })?;
+                if !(task_options.ignore_result && record.state == TaskState::Success) {
+                    lock(&state.results).insert(id.clone(), record.clone());
+                }
+                Ok(AsyncResult::new(id, self.clone(), Some(record), false))
+            }
+        }
+    }
+
+    /// Runs a published message inline: revoke and expiry checks, then attempts with retries.
+    async fn run_eager(&self, state: &EagerState, payload: &[u8]) -> ResultRecord {
+        let node = &self.inner.settings.node_id;
+        let now = Utc::now();
+        let env: Envelope = match serde_json::from_slice(payload) {
+            Ok(env) => env,
+            Err(e) => {
+                let mut rec = ResultRecord::pending(new_task_id());
+                rec.state = TaskState::Failure;
+                rec.error = Some(format!("bad_message: {e}"));
+                return rec;
+            }
+        };
+        let id = env.id.clone().unwrap_or_else(new_task_id);
+        let mut rec = ResultRecord::new(&id, &env.task, TaskState::Pending, 0, node);
+        if lock(&state.revoked).0.contains(&id) {
+            rec.state = TaskState::Revoked;
+            rec.error = Some("revoked".into());
+            rec.finished_at = Some(now);
+            return rec;
+        }
+        if env.is_expired(now) {
+            rec.state = TaskState::Revoked;
+            rec.error = Some("expired".into());
+            rec.finished_at = Some(now);
+            return rec;
+        }
+        let Some(entry) = self.inner.registry.get(&env.task) else {
+            rec.state = TaskState::Failure;
+            rec.error = Some(format!(
+                "unknown_task: no task named {:?} is registered",
+                env.task
+            ));
+            rec.finished_at = Some(now);
+            return rec;
+        };
+        let plan = self.inner.settings.plan(entry.options(), env.max_retries);
+        let mut retries = env.retries;
+        // Each failed attempt either fails the task or raises `retries`, which `after_error`
+        // bounds by `max_retries`: at most max_retries + 1 attempts.
+        loop {
+            entry.rate_limit().await;
+            rec.started_at = Some(Utc::now());
+            let ctx = TaskContext {
+                id: id.clone(),
+                task: env.task.clone(),
+                queue: env.queue.clone().unwrap_or_default(),
+                retries,
+                max_retries: plan.max_retries,
+                eta: env.eta,
+                eager: true,
+                cancel: CancellationToken::new(),
+            };
+            let outcome = run_attempt(entry, ctx, env.args.clone(), &plan).await;
+            rec.retries = retries;
+            rec.finished_at = Some(Utc::now());
+            match outcome {
+                Ok(value) => {
+                    rec.state = TaskState::Success;
+                    rec.result = value;
+                    rec.error = None;
+                    return rec;
+                }
+                Err(err) => match after_error(&err, retries, &plan) {
+                    AfterError::Retry(wait) => {
+                        tracing::debug!(task_id = %id, retries, ?wait, "eager retry: {err}");
+                        tokio::time::sleep(wait).await;
+                        retries += 1;
+                    }
+                    AfterError::Fail => {
+                        rec.state = TaskState::Failure;
+                        rec.error = Some(err.to_string());
+                        return rec;
+                    }
+                },
+            }
+        }
+    }
+
+    /// The result record of task `id`; PENDING with null fields when unknown or expired.
+    pub async fn result(&self, id: &str) -> Result<ResultRecord, ClientError> {
+        match &self.inner.backend {
+            Backend::Broker(b) => Ok(b
+                .get_result(id)
+                .await?
+                .unwrap_or_else(|| ResultRecord::pending(id))),
+            Backend::Eager(state) => Ok(lock(&state.results)
+                .map
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| ResultRecord::pending(id))),
+        }
+    }
+
+    /// Revokes task `id` if it has not started: it will never run and its record is REVOKED.
+    /// Returns whether it was revoked (false: it already started or finished).
+    pub async fn revoke(&self, id: &str) -> Result<bool, ClientError> {
+        match &self.inner.backend {
+            Backend::Broker(b) => Ok(b.revoke(id).await?),
+            Backend::Eager(state) => {
+                if lock(&state.results).map.contains_key(id) {
+                    return Ok(false);
+                }
+                let mut revoked = lock(&state.revoked);
+                if revoked.0.insert(id.to_owned()) {
+                    revoked.1.push_back(id.to_owned());
+                }
+                while revoked.1.len() > EAGER_KEEP {
+                    if let Some(old) = revoked.1.pop_front() {
+                        revoked.0.remove(&old);
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Drops every waiting task of `queue`; returns how many (always 0 in eager mode).
+    pub async fn purge(&self, queue: &str) -> Result<u64, ClientError> {
+        match &self.inner.backend {
+            Backend::Broker(b) => Ok(b.purge(queue).await?),
+            Backend::Eager(_) => Ok(0),
+        }
+    }
+
+    /// A handle on an existing task id.
+    pub fn handle<T>(&self, id: impl Into<String>) -> AsyncResult<T> {
+        AsyncResult::new(id.into(), self.clone(), None, false)
+    }
+
+    async fn forget(&self, id: &str) -> Result<(), ClientError> {
+        match &self.inner.backend {
+            Backend::Broker(b) => Ok(b.forget_result(id).await?),
+            Backend::Eager(state) => {
+                lock(&state.results).map.remove(id);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The handle of a published task (Celery's `AsyncResult`), typed by the task's output.
+pub struct AsyncResult<T> {
+    id: String,
+    tasks: Tasks,
+    /// Eager mode: the finished record.
+    eager: Option<ResultRecord>,
+    ignore_result: bool,
+    _output: PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for AsyncResult<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncResult")
+            .field("id", &self.id)
+            .field("eager", &self.eager)
+            .finish()
+    }
+}
+
+impl<T> AsyncResult<T> {
+    fn new(id: String, tasks: Tasks, eager: Option<ResultRecord>, ignore_result: bool) -> Self {
+        Self {
+            id,
+            tasks,
+            eager,
+            ignore_result,
+            _output: PhantomData,
+        }
+    }
+
+    /// The task id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The current result record (eager: the finished one, no I/O).
+    pub async fn record(&self) -> Result<ResultRecord, ClientError> {
+        match &self.eager {
+            Some(rec) => Ok(rec.clone()),
+            None => self.tasks.result(&self.id).await,
+        }
+    }
+
+    /// The current state.
+    pub async fn state(&self) -> Result<TaskState, ClientError> {
+        Ok(self.record().await?.state)
+    }
+
+    /// Whether the task is done (SUCCESS, FAILURE or REVOKED).
+    pub async fn ready(&self) -> Result<bool, ClientError> {
+        Ok(self.state().await?.is_ready())
+    }
+
+    /// Deletes the result record.
+    pub async fn forget(&mut self) -> Result<(), ClientError> {
+        self.eager = None;
+        self.tasks.forget(&self.id).await
+    }
+}
+
+impl<T: DeserializeOwned> AsyncResult<T> {
+    /// Waits at most `timeout` for the task to finish; its result on SUCCESS, else
+    /// [`ClientError::Failed`] (FAILURE, REVOKED) or [`ClientError::Timeout`].
+    pub async fn get(&self, timeout: Duration) -> Result<T, ClientError> {
+        if self.ignore_result {
+            return Err(ClientError::ResultIgnored {
+                id: self.id.clone(),
+            });
+        }
+        let started = Instant::now();
+        let mut pause = POLL_FIRST;
+        loop {
+            let rec = self.record().await?;
+            if rec.state.is_ready() {
+                return self.output(rec);
+            }
+            let waited = started.elapsed();
+            if waited >= timeout {
+                return Err(ClientError::Timeout {
+                    id: self.id.clone(),
+                    waited,
+                    state: rec.state,
+                });
+            }
+            tokio::time::sleep(pause.min(timeout - waited)).await;
+            pause = (pause * 2).min(POLL_MAX);
+        }
+    }
+
+    fn output(&self, rec: ResultRecord) -> Result<T, ClientError> {
+        match rec.state {
+            TaskState::Success => {
+                serde_json::from_value(rec.result).map_err(|e| ClientError::Decode {
+                    id: self.id.clone(),
+                    message: e.to_string(),
+                })
+            }
+            state => Err(ClientError::Failed {
+                id: self.id.clone(),
+                state,
+                error: rec.error.unwrap_or_default(),
+            }),
+        }
+    }
+}
+
+impl<T: Serialize> AsyncResult<T> {
+    /// The handle, untyped.
+    pub fn untyped(self) -> AsyncResult<Value> {
+        AsyncResult::new(self.id, self.tasks, self.eager, self.ignore_result)
+    }
+}

@@ -1,0 +1,355 @@
+//! Running tasks: one attempt under its soft and hard time limits, the retry decision, and
+//! what a worker does with one delivery (decode, expiry, eta, revoke, run, record, retry,
+//! dead-letter, acknowledge). Eager mode uses the same attempt and retry decision.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::broker::{Broker, Claim, DeadLetter, Delivery, Outgoing};
+use super::events::{EventKind, EventSink, TaskEvent};
+use super::{Backoff, Envelope, Registry, ResultRecord, TaskContext, TaskEntry, TaskError};
+use super::{TaskSettings, TaskState};
+
+/// How long a delivery is put back when the result store is unreachable at claim time.
+const CLAIM_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// One task's limits and retry policy, resolved against `[tasks]`.
+#[derive(Clone, Debug)]
+pub(crate) struct Plan {
+    pub(crate) max_retries: u32,
+    pub(crate) backoff: Backoff,
+    pub(crate) soft_time_limit: Option<Duration>,
+    pub(crate) time_limit: Option<Duration>,
+    pub(crate) retry_on_time_limit: bool,
+    pub(crate) ignore_result: bool,
+}
+
+/// Runs one attempt: the cancellation token fires at the soft limit; at the hard limit the body
+/// is dropped (at its next await) and the attempt fails with `time_limit`.
+pub(crate) async fn run_attempt(
+    entry: &TaskEntry,
+    ctx: TaskContext,
+    args: Value,
+    plan: &Plan,
+) -> Result<Value, TaskError> {
+    let token = ctx.cancel.clone();
+    let soft = plan.soft_time_limit;
+    let mut body = entry.call(ctx, args);
+    let limited = async move {
+        if let Some(soft) = soft {
+            tokio::select! {
+                r = &mut body => return r,
+                () = tokio::time::sleep(soft) => token.cancel(),
+            }
+        }
+        body.await
+    };
+    match plan.time_limit {
+        Some(hard) => match tokio::time::timeout(hard, limited).await {
+            Ok(r) => r,
+            Err(_) => {
+                let message = format!("hard time limit of {:.3}s exceeded", hard.as_secs_f64());
+                Err(if plan.retry_on_time_limit {
+                    TaskError::retry("time_limit", message)
+                } else {
+                    TaskError::fail("time_limit", message)
+                })
+            }
+        },
+        None => limited.await,
+    }
+}
+
+/// What follows a failed attempt.
+#[derive(Debug, PartialEq)]
+pub(crate) enum AfterError {
+    /// Retry after this wait.
+    Retry(Duration),
+    /// Fail the task.
+    Fail,
+}
+
+/// Retry errors are retried while `retries < max_retries`, after their own countdown or the
+/// backoff of retry number `retries`; everything else fails.
+pub(crate) fn after_error(err: &TaskError, retries: u32, plan: &Plan) -> AfterError {
+    match err {
+        TaskError::Retry { countdown, .. } if retries < plan.max_retries => {
+            AfterError::Retry(countdown.unwrap_or_else(|| plan.backoff.delay(retries)))
+        }
+        _ => AfterError::Fail,
+    }
+}
+
+/// Awaits `fut`, telling the broker every `every` that the delivery is still being worked on.
+async fn with_heartbeat<F: Future>(delivery: &Delivery, fut: F, every: Duration) -> F::Output {
+    tokio::pin!(fut);
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = &mut fut => return r,
+            _ = tick.tick() => {
+                if let Err(e) = delivery.progress().await {
+                    tracing::warn!(seq = delivery.seq, "cannot extend the ack deadline: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// What a worker needs to process deliveries; shared by the workers of one pool.
+pub(crate) struct Runner {
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) settings: Arc<TaskSettings>,
+    pub(crate) events: Option<EventSink>,
+    /// Fires at a cold shutdown; every task's token is a child of it.
+    pub(crate) cold: CancellationToken,
+}
+
+/// Who a delivery is about, once known.
+struct Subject<'a> {
+    id: &'a str,
+    task: &'a str,
+    queue: &'a str,
+}
+
+impl Runner {
+    fn emit(&self, kind: EventKind, s: &Subject<'_>, state: TaskState) {
+        if let Some(sink) = &self.events {
+            sink(&TaskEvent {
+                kind,
+                task_id: s.id.to_owned(),
+                task: s.task.to_owned(),
+                queue: s.queue.to_owned(),
+                node: self.settings.node_id.clone(),
+                state,
+                at: Utc::now(),
+            });
+        }
+    }
+
+    async fn put(&self, record: &ResultRecord) {
+        if let Err(e) = self.broker.put_result(record).await {
+            tracing::error!(task_id = %record.id, state = %record.state, "cannot store result: {e}");
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) {
+        if let Err(e) = delivery.ack().await {
+            tracing::warn!(seq = delivery.seq, "cannot acknowledge: {e}");
+        }
+    }
+
+    async fn nak(&self, delivery: &Delivery, delay: Duration) {
+        if let Err(e) = delivery.nak(delay).await {
+            tracing::warn!(seq = delivery.seq, "cannot put back: {e}");
+        }
+    }
+
+    /// Fails a message for good: FAILURE record (when it has an id), dead letter, ack.
+    async fn reject(
+        &self,
+        delivery: &Delivery,
+        subject: Option<&Subject<'_>>,
+        reason: &str,
+        error: String,
+    ) {
+        tracing::warn!(queue = %delivery.queue, seq = delivery.seq, reason, "{error}");
+        if let Some(s) = subject {
+            let mut rec =
+                ResultRecord::new(s.id, s.task, TaskState::Failure, 0, &self.settings.node_id);
+            rec.error = Some(error);
+            rec.finished_at = Some(Utc::now());
+            self.put(&rec).await;
+            self.emit(EventKind::TaskFailed, s, TaskState::Failure);
+        }
+        let letter = DeadLetter {
+            id: subject.map(|s| s.id.to_owned()),
+            task: subject.map(|s| s.task.to_owned()),
+            queue: delivery.queue.clone(),
+            payload: delivery.payload.clone(),
+            reason: reason.to_owned(),
+            dead_at: Utc::now(),
+        };
+        match self.broker.dead_letter(letter).await {
+            Ok(()) => self.ack(delivery).await,
+            // Keep the message rather than lose it; it comes back after ack_wait.
+            Err(e) => tracing::error!(seq = delivery.seq, "cannot dead-letter: {e}"),
+        }
+    }
+
+    /// Processes one delivery to the end: every path acknowledges, puts back, or (when the
+    /// broker fails) leaves it for redelivery.
+    pub(crate) async fn process(&self, delivery: Delivery) {
+        let now = Utc::now();
+        let env: Envelope = match serde_json::from_slice(&delivery.payload) {
+            Ok(env) => env,
+            Err(e) => {
+                let error = format!("bad_message: {e}");
+                return self.reject(&delivery, None, "bad message", error).await;
+            }
+        };
+        let id = env
+            .id
+            .clone()
+            .unwrap_or_else(|| Envelope::fallback_id(self.broker.stream(), delivery.seq));
+        let s = Subject {
+            id: &id,
+            task: &env.task,
+            queue: &delivery.queue,
+        };
+        if delivery.delivered == 1 && env.retries == 0 {
+            self.emit(EventKind::TaskReceived, &s, TaskState::Pending);
+        }
+        if !env.args.is_object() {
+            let error = "bad_args: args must be a JSON object".to_owned();
+            return self.reject(&delivery, Some(&s), "bad args", error).await;
+        }
+        if delivery.delivered > self.settings.max_deliver {
+            let error = format!(
+                "max_deliver: delivered {} times (tasks.max_deliver = {})",
+                delivery.delivered, self.settings.max_deliver
+            );
+            return self
+                .reject(&delivery, Some(&s), "max deliveries", error)
+                .await;
+        }
+        if env.is_expired(now) {
+            let mut rec = ResultRecord::new(
+                &id,
+                &env.task,
+                TaskState::Revoked,
+                env.retries,
+                &self.settings.node_id,
+            );
+            rec.error = Some("expired".into());
+            rec.finished_at = Some(now);
+            self.put(&rec).await;
+            self.emit(EventKind::TaskRevoked, &s, TaskState::Revoked);
+            return self.ack(&delivery).await;
+        }
+        if let Some(wait) = env.wait_for_eta(now) {
+            return self.nak(&delivery, wait).await;
+        }
+        let Some(entry) = self.registry.get(&env.task) else {
+            let error = format!(
+                "unknown_task: no task named {:?} is registered on node {}",
+                env.task, self.settings.node_id
+            );
+            return self
+                .reject(&delivery, Some(&s), "unknown task", error)
+                .await;
+        };
+        let plan = self.settings.plan(entry.options(), env.max_retries);
+        entry.rate_limit().await;
+
+        let started_at = Utc::now();
+        let mut started = ResultRecord::new(
+            &id,
+            &env.task,
+            TaskState::Started,
+            env.retries,
+            &self.settings.node_id,
+        );
+        started.started_at = Some(started_at);
+        match self.broker.claim(&started).await {
+            Ok(Claim::Claimed) => {}
+            Ok(Claim::Refused(state)) => {
+                tracing::info!(task_id = %id, %state, "not running a task that is already {state}");
+                if state == TaskState::Revoked {
+                    self.emit(EventKind::TaskRevoked, &s, state);
+                }
+                return self.ack(&delivery).await;
+            }
+            Err(e) => {
+                tracing::warn!(task_id = %id, "cannot claim, putting back: {e}");
+                return self.nak(&delivery, CLAIM_RETRY_DELAY).await;
+            }
+        }
+        self.emit(EventKind::TaskStarted, &s, TaskState::Started);
+
+        let ctx = TaskContext {
+            id: id.clone(),
+            task: env.task.clone(),
+            queue: delivery.queue.clone(),
+            retries: env.retries,
+            max_retries: plan.max_retries,
+            eta: env.eta,
+            eager: false,
+            cancel: self.cold.child_token(),
+        };
+        let attempt = run_attempt(entry, ctx, env.args.clone(), &plan);
+        let outcome = with_heartbeat(&delivery, attempt, self.settings.ack_wait / 2).await;
+
+        let mut rec = started;
+        rec.finished_at = Some(Utc::now());
+        match outcome {
+            Ok(value) => {
+                rec.state = TaskState::Success;
+                rec.result = value;
+                if plan.ignore_result {
+                    if let Err(e) = self.broker.forget_result(&id).await {
+                        tracing::warn!(task_id = %id, "cannot drop the result: {e}");
+                    }
+                } else {
+                    self.put(&rec).await;
+                }
+                self.emit(EventKind::TaskSucceeded, &s, TaskState::Success);
+            }
+            Err(err) => match after_error(&err, env.retries, &plan) {
+                AfterError::Retry(countdown) => {
+                    let retries = env.retries + 1;
+                    rec.state = TaskState::Retry;
+                    rec.retries = retries;
+                    rec.error = Some(err.to_string());
+                    rec.finished_at = None;
+                    // The RETRY record goes first, so the next attempt's STARTED follows it.
+                    self.put(&rec).await;
+                    let eta = Utc::now() + countdown;
+                    let next = Envelope {
+                        id: Some(id.clone()),
+                        retries,
+                        eta: Some(eta),
+                        queue: Some(delivery.queue.clone()),
+                        ..env.clone()
+                    };
+                    let sent = match serde_json::to_vec(&next) {
+                        Ok(payload) => self
+                            .broker
+                            .publish(Outgoing {
+                                id: id.clone(),
+                                queue: delivery.queue.clone(),
+                                payload,
+                                dedupe_id: format!("{id}:retry:{retries}"),
+                                not_before: Some(eta),
+                            })
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(e) = sent {
+                        tracing::warn!(task_id = %id, "cannot publish the retry, putting back: {e}");
+                        return self.nak(&delivery, countdown).await;
+                    }
+                    tracing::info!(task_id = %id, task = %env.task, retries, ?countdown, "retrying: {err}");
+                    self.emit(EventKind::TaskRetried, &s, TaskState::Retry);
+                }
+                AfterError::Fail => {
+                    rec.state = TaskState::Failure;
+                    rec.error = Some(err.to_string());
+                    tracing::warn!(task_id = %id, task = %env.task, "task failed: {err}");
+                    self.put(&rec).await;
+                    self.emit(EventKind::TaskFailed, &s, TaskState::Failure);
+                }
+            },
+        }
+        self.ack(&delivery).await;
+    }
+}

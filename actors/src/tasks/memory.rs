@@ -1,0 +1,557 @@
+//! The `memory` broker: queues and results inside one process, with the NATS broker's
+//! semantics (at-least-once delivery with an ack deadline, delayed redelivery, deduplication,
+//! result TTL, atomic claim/revoke).
+//!
+//! Its state sits behind one mutex: publishers are HTTP workers and consumers are worker
+//! actors on other threads, every critical section is a few map operations with no await
+//! inside, and one lock makes claim/revoke and deliver/ack trivially atomic. Each queue has a
+//! `Notify` so idle consumers sleep until a message arrives or a delayed one comes due.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use tokio::sync::Notify;
+
+use super::broker::{
+    Acker, Broker, BrokerError, Claim, DeadLetter, Delivery, Outgoing, PublishOutcome,
+};
+use super::{ResultRecord, TaskSettings, TaskState};
+
+/// The stream name used for fallback ids of messages without one.
+const STREAM: &str = "MEMORY_TASKS";
+/// How often expired results and dedupe ids are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Dead letters kept (the oldest are dropped).
+const MAX_DEAD_LETTERS: usize = 10_000;
+
+#[derive(Clone)]
+struct Message {
+    seq: u64,
+    payload: Arc<Vec<u8>>,
+    /// Deliveries so far.
+    delivered: u32,
+}
+
+#[derive(Default)]
+struct QueueState {
+    ready: VecDeque<Message>,
+    /// Held until their time: keyed by (due, seq).
+    delayed: BTreeMap<(Instant, u64), Message>,
+    /// Delivered, not yet acknowledged: seq → (message, ack deadline).
+    in_flight: HashMap<u64, (Message, Instant)>,
+}
+
+impl QueueState {
+    /// Moves due delayed messages and overdue deliveries back to `ready`.
+    fn promote(&mut self, now: Instant) {
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            self.ready.push_back(entry.remove());
+        }
+        let overdue: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in overdue {
+            if let Some((msg, _)) = self.in_flight.remove(&seq) {
+                self.ready.push_back(msg);
+            }
+        }
+    }
+
+    /// When something next becomes deliverable without a publish.
+    fn next_wake(&self) -> Option<Instant> {
+        let delayed = self.delayed.keys().next().map(|(t, _)| *t);
+        let overdue = self.in_flight.values().map(|(_, d)| *d).min();
+        match (delayed, overdue) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+struct StoredResult {
+    record: ResultRecord,
+    expires: Instant,
+}
+
+struct State {
+    queues: HashMap<String, QueueState>,
+    results: HashMap<String, StoredResult>,
+    /// dedupe id → (until, task id).
+    dedupe: HashMap<String, (Instant, String)>,
+    dead: VecDeque<DeadLetter>,
+    next_seq: u64,
+    last_sweep: Instant,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    notify: HashMap<String, Notify>,
+    ack_wait: Duration,
+    result_ttl: Duration,
+    dedupe_window: Duration,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn notify(&self, queue: &str) {
+        if let Some(n) = self.notify.get(queue) {
+            n.notify_one();
+        }
+    }
+}
+
+impl State {
+    fn sweep(&mut self, now: Instant) {
+        if now.duration_since(self.last_sweep) < SWEEP_EVERY {
+            return;
+        }
+        self.last_sweep = now;
+        self.results.retain(|_, r| r.expires > now);
+        self.dedupe.retain(|_, (until, _)| *until > now);
+    }
+
+    fn live_result(&self, id: &str, now: Instant) -> Option<&ResultRecord> {
+        self.results
+            .get(id)
+            .filter(|r| r.expires > now)
+            .map(|r| &r.record)
+    }
+}
+
+/// The in-process broker. Cloning shares the queues.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    inner: Arc<Inner>,
+}
+
+impl MemoryBroker {
+    /// A broker serving the queues of `settings`, with its ack wait, result TTL and dedupe
+    /// window.
+    pub fn new(settings: &TaskSettings) -> Self {
+        let queues = settings
+            .queues
+            .iter()
+            .map(|q| (q.name.clone(), QueueState::default()))
+            .collect();
+        let notify = settings
+            .queues
+            .iter()
+            .map(|q| (q.name.clone(), Notify::new()))
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    queues,
+                    results: HashMap::new(),
+                    dedupe: HashMap::new(),
+                    dead: VecDeque::new(),
+                    next_seq: 1,
+                    last_sweep: Instant::now(),
+                }),
+                notify,
+                ack_wait: settings.ack_wait,
+                result_ttl: settings.result_ttl,
+                dedupe_window: settings.dedupe_window,
+            }),
+        }
+    }
+
+    /// The dead letters kept so far, oldest first.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.inner.lock().dead.iter().cloned().collect()
+    }
+
+    /// Messages of `queue` waiting or in flight.
+    pub fn depth(&self, queue: &str) -> usize {
+        self.inner
+            .lock()
+            .queues
+            .get(queue)
+            .map_or(0, |q| q.ready.len() + q.delayed.len() + q.in_flight.len())
+    }
+
+    fn take(&self, queue: &str) -> Result<Result<Delivery, Option<Instant>>, BrokerError> {
+        let now = Instant::now();
+        let mut state = self.inner.lock();
+        let q = state
+            .queues
+            .get_mut(queue)
+            .ok_or_else(|| BrokerError::UnknownQueue(queue.to_owned()))?;
+        q.promote(now);
+        let Some(mut msg) = q.ready.pop_front() else {
+            return Ok(Err(q.next_wake()));
+        };
+        msg.delivered = msg.delivered.saturating_add(1);
+        let (seq, delivered, payload) = (msg.seq, msg.delivered, msg.payload.clone());
+        q.in_flight.insert(seq, (msg, now + self.inner.ack_wait));
+        let acker = MemoryAcker {
+            inner: self.inner.clone(),
+            queue: queue.to_owned(),
+            seq,
+            delivered,
+        };
+        Ok(Ok(Delivery::new(
+            payload.as_ref().clone(),
+            queue.to_owned(),
+            seq,
+            delivered,
+            Box::new(acker),
+        )))
+    }
+}
+
+/// Acknowledges one delivery; acts only while that delivery is the current one (an ack after
+/// the deadline passed and the message went to another consumer is ignored).
+struct MemoryAcker {
+    inner: Arc<Inner>,
+    queue: String,
+    seq: u64,
+    delivered: u32,
+}
+
+impl MemoryAcker {
+    fn with_current<R>(&self, f: impl FnOnce(&mut QueueState) -> R) -> Option<R> {
+        let mut state = self.inner.lock();
+        let q = state.queues.get_mut(&self.queue)?;
+        let current = q
+            .in_flight
+            .get(&self.seq)
+            .is_some_and(|(m, _)| m.delivered == self.delivered);
+        current.then(|| f(q))
+    }
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        self.with_current(|q| q.in_flight.remove(&self.seq));
+        Ok(())
+    }
+
+    async fn nak(&self, delay: Duration) -> Result<(), BrokerError> {
+        let due = Instant::now() + delay;
+        let requeued = self.with_current(|q| {
+            if let Some((msg, _)) = q.in_flight.remove(&self.seq) {
+                if delay.is_zero() {
+                    q.ready.push_back(msg);
+                } else {
+                    q.delayed.insert((due, msg.seq), msg);
+                }
+            }
+        });
+        if requeued.is_some() {
+            self.inner.notify(&self.queue);
+        }
+        Ok(())
+    }
+
+    async fn progress(&self) -> Result<(), BrokerError> {
+        let deadline = Instant::now() + self.inner.ack_wait;
+        self.with_current(|q| {
+            if let Some(entry) = q.in_flight.get_mut(&self.seq) {
+                entry.1 = deadline;
+            }
+        });
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn stream(&self) -> &str {
+        STREAM
+    }
+
+    async fn publish(&self, msg: Outgoing) -> Result<PublishOutcome, BrokerError> {
+        let now = Instant::now();
+        {
+            let mut state = self.inner.lock();
+            state.sweep(now);
+            if let Some((until, original)) = state.dedupe.get(&msg.dedupe_id) {
+                if *until > now {
+                    return Ok(PublishOutcome::Duplicate {
+                        original_id: Some(original.clone()),
+                    });
+                }
+            }
+            if !state.queues.contains_key(&msg.queue) {
+                return Err(BrokerError::UnknownQueue(msg.queue));
+            }
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            let until = now + self.inner.dedupe_window;
+            state.dedupe.insert(msg.dedupe_id, (until, msg.id));
+            let message = Message {
+                seq,
+                payload: Arc::new(msg.payload),
+                delivered: 0,
+            };
+            let due = msg
+                .not_before
+                .and_then(|t| (t - Utc::now()).to_std().ok())
+                .filter(|d| !d.is_zero())
+                .map(|d| now + d);
+            let q = state
+                .queues
+                .get_mut(&msg.queue)
+                .ok_or_else(|| BrokerError::UnknownQueue(msg.queue.clone()))?;
+            match due {
+                Some(due) => {
+                    q.delayed.insert((due, seq), message);
+                }
+                None => q.ready.push_back(message),
+            }
+        }
+        self.inner.notify(&msg.queue);
+        Ok(PublishOutcome::Queued)
+    }
+
+    async fn fetch(&self, queue: &str, wait: Duration) -> Result<Option<Delivery>, BrokerError> {
+        let deadline = Instant::now() + wait;
+        let notify = self
+            .inner
+            .notify
+            .get(queue)
+            .ok_or_else(|| BrokerError::UnknownQueue(queue.to_owned()))?;
+        // Each round either delivers, returns at the deadline, or sleeps until a publish, a
+        // delayed message comes due, or the deadline: bounded by `wait`.
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let next = match self.take(queue)? {
+                Ok(delivery) => return Ok(Some(delivery)),
+                Err(next) => next,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let until = next.map_or(deadline, |t| t.min(deadline));
+            let _ = tokio::time::timeout_at(until.into(), notified).await;
+        }
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut state = self.inner.lock();
+        let q = state
+            .queues
+            .get_mut(queue)
+            .ok_or_else(|| BrokerError::UnknownQueue(queue.to_owned()))?;
+        let n = q.ready.len() + q.delayed.len();
+        q.ready.clear();
+        q.delayed.clear();
+        Ok(n as u64)
+    }
+
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BrokerError> {
+        let mut state = self.inner.lock();
+        if state.dead.len() >= MAX_DEAD_LETTERS {
+            state.dead.pop_front();
+        }
+        state.dead.push_back(letter);
+        Ok(())
+    }
+
+    async fn put_result(&self, record: &ResultRecord) -> Result<(), BrokerError> {
+        let now = Instant::now();
+        let mut state = self.inner.lock();
+        state.sweep(now);
+        state.results.insert(
+            record.id.clone(),
+            StoredResult {
+                record: record.clone(),
+                expires: now + self.inner.result_ttl,
+            },
+        );
+        Ok(())
+    }
+
+    async fn get_result(&self, id: &str) -> Result<Option<ResultRecord>, BrokerError> {
+        Ok(self.inner.lock().live_result(id, Instant::now()).cloned())
+    }
+
+    async fn forget_result(&self, id: &str) -> Result<(), BrokerError> {
+        self.inner.lock().results.remove(id);
+        Ok(())
+    }
+
+    async fn claim(&self, started: &ResultRecord) -> Result<Claim, BrokerError> {
+        let now = Instant::now();
+        let mut state = self.inner.lock();
+        if let Some(r) = state.live_result(&started.id, now) {
+            if r.state.is_ready() {
+                return Ok(Claim::Refused(r.state));
+            }
+        }
+        state.results.insert(
+            started.id.clone(),
+            StoredResult {
+                record: started.clone(),
+                expires: now + self.inner.result_ttl,
+            },
+        );
+        Ok(Claim::Claimed)
+    }
+
+    async fn revoke(&self, id: &str) -> Result<bool, BrokerError> {
+        let now = Instant::now();
+        let mut state = self.inner.lock();
+        let existing = state.live_result(id, now);
+        if existing.is_some_and(|r| !matches!(r.state, TaskState::Pending | TaskState::Retry)) {
+            return Ok(false);
+        }
+        let mut record = existing
+            .cloned()
+            .unwrap_or_else(|| ResultRecord::pending(id));
+        record.state = TaskState::Revoked;
+        record.error = Some("revoked".into());
+        record.finished_at = Some(Utc::now());
+        state.results.insert(
+            id.to_owned(),
+            StoredResult {
+                record,
+                expires: now + self.inner.result_ttl,
+            },
+        );
+        Ok(true)
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::QueueSpec;
+
+    fn broker(ack_wait_ms: u64, ttl_ms: u64) -> MemoryBroker {
+        MemoryBroker::new(&TaskSettings {
+            queues: vec![QueueSpec::new("q", 1)],
+            ack_wait: Duration::from_millis(ack_wait_ms),
+            result_ttl: Duration::from_millis(ttl_ms),
+            dedupe_window: Duration::from_millis(200),
+            ..TaskSettings::default()
+        })
+    }
+
+    fn msg(id: &str, dedupe: &str) -> Outgoing {
+        Outgoing {
+            id: id.into(),
+            queue: "q".into(),
+            payload: id.as_bytes().to_vec(),
+            dedupe_id: dedupe.into(),
+            not_before: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unacknowledged_delivery_comes_back_after_ack_wait() {
+        let b = broker(100, 60_000);
+        b.publish(msg("a", "a")).await.expect("publish");
+        let first = b
+            .fetch("q", Duration::from_millis(10))
+            .await
+            .expect("fetch")
+            .expect("delivered");
+        assert_eq!(first.delivered, 1);
+        assert!(b
+            .fetch("q", Duration::from_millis(20))
+            .await
+            .expect("fetch")
+            .is_none());
+        drop(first); // a crashed consumer
+        let t0 = Instant::now();
+        let again = b
+            .fetch("q", Duration::from_secs(2))
+            .await
+            .expect("fetch")
+            .expect("redelivered");
+        assert_eq!((again.seq, again.delivered), (1, 2));
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        again.ack().await.expect("ack");
+        assert_eq!(b.depth("q"), 0);
+    }
+
+    #[tokio::test]
+    async fn nak_redelivers_after_the_delay_and_stale_acks_are_ignored() {
+        let b = broker(60_000, 60_000);
+        b.publish(msg("a", "a")).await.expect("publish");
+        let d = b
+            .fetch("q", Duration::from_millis(10))
+            .await
+            .expect("fetch")
+            .expect("delivered");
+        let t0 = Instant::now();
+        d.nak(Duration::from_millis(80)).await.expect("nak");
+        d.ack().await.expect("stale ack is a no-op");
+        let again = b
+            .fetch("q", Duration::from_secs(2))
+            .await
+            .expect("fetch")
+            .expect("redelivered");
+        assert!(t0.elapsed() >= Duration::from_millis(80));
+        assert_eq!(again.delivered, 2);
+    }
+
+    #[tokio::test]
+    async fn duplicates_within_the_window_are_dropped() {
+        let b = broker(60_000, 60_000);
+        assert_eq!(
+            b.publish(msg("a", "unique:k")).await.expect("publish"),
+            PublishOutcome::Queued
+        );
+        assert_eq!(
+            b.publish(msg("b", "unique:k")).await.expect("publish"),
+            PublishOutcome::Duplicate {
+                original_id: Some("a".into())
+            }
+        );
+        assert_eq!(b.depth("q"), 1);
+        assert!(matches!(
+            b.publish(Outgoing {
+                queue: "nope".into(),
+                ..msg("c", "c")
+            })
+            .await,
+            Err(BrokerError::UnknownQueue(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn results_expire_and_revoke_races_claim() {
+        let b = broker(60_000, 100);
+        let started = ResultRecord::new("t", "demo.add", TaskState::Started, 0, "n");
+        assert_eq!(b.claim(&started).await.expect("claim"), Claim::Claimed);
+        assert!(!b.revoke("t").await.expect("revoke"), "started: too late");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(b.get_result("t").await.expect("get"), None, "expired");
+        assert!(b.revoke("u").await.expect("revoke"));
+        let rec = b.get_result("u").await.expect("get").expect("revoked");
+        assert_eq!(rec.state, TaskState::Revoked);
+        let started = ResultRecord::new("u", "demo.add", TaskState::Started, 0, "n");
+        assert_eq!(
+            b.claim(&started).await.expect("claim"),
+            Claim::Refused(TaskState::Revoked),
+            "revoked first"
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! Tasks (the Celery role): typed task definitions, explicit registration, the task message
+//! and result record, the [`Broker`] trait with its in-process [`MemoryBroker`], the worker
+//! actors that run tasks, and the [`Tasks`] client that publishes them (or, in eager mode,
+//! runs them inline through the same serialization, retries and limits).
+//!
+//! # Layout
+//!
+//! - `task`: the [`Task`] trait, [`TaskOptions`], [`TaskContext`], [`TaskError`].
+//! - `registry`: the [`Registry`] of tasks by name (type-erased entries).
+//! - `envelope`, `record`, `events`: the task message, the result record, task events.
+//! - `broker`: the [`Broker`] trait every broker implements; `memory`: the memory broker.
+//! - `execute`: one attempt under its limits, and what a worker does with a delivery.
+//! - `worker`: the [`TaskWorker`] actors (one per queue) and the [`WorkerPool`] that owns them
+//!   and the task runtime.
+//! - `client`: [`Tasks`] (publish, results, revoke) and the [`AsyncResult`] handle.
+
+mod broker;
+mod client;
+mod envelope;
+mod events;
+mod execute;
+mod memory;
+mod rate;
+mod record;
+mod registry;
+mod task;
+mod worker;
+
+use std::time::Duration;
+
+pub use broker::{
+    Acker, Broker, BrokerError, Claim, DeadLetter, Delivery, Outgoing, PublishOutcome,
+};
+pub use client::{AsyncResult, ClientError, Tasks};
+pub use envelope::{new_task_id, Envelope, PublishOptions};
+pub use events::{EventKind, EventSink, TaskEvent};
+pub use memory::MemoryBroker;
+pub use record::{ResultRecord, TaskState};
+pub use registry::{Registry, TaskEntry};
+pub use task::{Backoff, ResultExt, Task, TaskContext, TaskError, TaskOptions};
+pub use tokio_util::sync::CancellationToken;
+pub use worker::{Drain, DrainOutcome, TaskFinished, TaskWorker, WorkerPool};
+
+/// One queue a node serves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueSpec {
+    pub name: String,
+    /// Tasks of this queue one worker runs at once (>= 1).
+    pub concurrency: usize,
+    /// Most task starts per second on one worker; `None`: unlimited.
+    pub rate_limit_per_sec: Option<f64>,
+}
+
+impl QueueSpec {
+    /// A queue without a rate limit.
+    pub fn new(name: impl Into<String>, concurrency: usize) -> Self {
+        Self {
+            name: name.into(),
+            concurrency,
+            rate_limit_per_sec: None,
+        }
+    }
+}
+
+/// The task system's settings (`[tasks]`, in the units the code uses).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskSettings {
+    /// This node's id, written to result records and events.
+    pub node_id: String,
+    /// Queue of tasks published without one.
+    pub default_queue: String,
+    pub queues: Vec<QueueSpec>,
+    /// How long result records are kept.
+    pub result_ttl: Duration,
+    pub default_max_retries: u32,
+    pub backoff: Backoff,
+    /// Default soft time limit (`None`: none).
+    pub soft_time_limit: Option<Duration>,
+    /// Default hard time limit (`None`: none).
+    pub time_limit: Option<Duration>,
+    /// How long a delivery may go unacknowledged before it is delivered again.
+    pub ack_wait: Duration,
+    /// Deliveries before a message is dead-lettered.
+    pub max_deliver: u32,
+    /// The broker's duplicate window.
+    pub dedupe_window: Duration,
+    /// How long a warm shutdown waits for in-flight tasks.
+    pub drain_timeout: Duration,
+    /// Threads of the runtime task bodies run on.
+    pub runtime_threads: usize,
+}
+
+impl Default for TaskSettings {
+    /// SPEC.md's `[tasks]` defaults.
+    fn default() -> Self {
+        Self {
+            node_id: "local".into(),
+            default_queue: "default".into(),
+            queues: vec![QueueSpec::new("default", 8)],
+            result_ttl: Duration::from_secs(86_400),
+            default_max_retries: 3,
+            backoff: Backoff {
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(600),
+            },
+            soft_time_limit: None,
+            time_limit: None,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            dedupe_window: Duration::from_secs(120),
+            drain_timeout: Duration::from_secs(30),
+            runtime_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+impl TaskSettings {
+    /// The queue called `name`.
+    pub fn queue(&self, name: &str) -> Option<&QueueSpec> {
+        self.queues.iter().find(|q| q.name == name)
+    }
+
+    /// The limits and retry policy of one task: its options over these defaults, with a
+    /// message's own `max_retries` over both.
+    pub(crate) fn plan(&self, options: &TaskOptions, max_retries: Option<u32>) -> execute::Plan {
+        execute::Plan {
+            max_retries: max_retries
+                .or(options.max_retries)
+                .unwrap_or(self.default_max_retries),
+            backoff: options.backoff.unwrap_or(self.backoff),
+            soft_time_limit: options.soft_time_limit.or(self.soft_time_limit),
+            time_limit: options.time_limit.or(self.time_limit),
+            retry_on_time_limit: options.retry_on_time_limit,
+            ignore_result: options.ignore_result,
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The worker actors: one [`TaskWorker`] per queue fetches deliveries, at most `concurrency`
+//! at a time and no faster than the queue's rate limit, and runs each on the task runtime (a
+//! tokio runtime of its own, never the arbiter that carries the actors). The [`WorkerPool`]
+//! owns the workers and that runtime, and shuts them down: warm (stop fetching, let in-flight
+//! tasks finish within `drain_timeout`), then cold (fire their tokens, abort them).
+//!
+//! In-flight tasks are tracked by the pool's [`Jobs`] table, not only by the actors: on a
+//! signal actix-server stops the whole actix system, arbiters included, and the tasks (which
+//! run on the task runtime, not on an arbiter) must still be drained after their worker actor
+//! is gone.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures_util::future::join_all;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::broker::Broker;
+use super::events::EventSink;
+use super::execute::Runner;
+use super::rate::TokenBucket;
+use super::{QueueSpec, Registry, TaskSettings};
+
+/// How long one fetch waits for a message before the worker asks again.
+const FETCH_WAIT: Duration = Duration::from_secs(1);
+/// The pause after the broker failed a fetch.
+const FETCH_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// At a cold shutdown, how long tasks get between their token firing and the abort.
+const COLD_GRACE: Duration = Duration::from_millis(200);
+/// How long a stop-fetching request may take to reach a worker.
+const DRAIN_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Every in-flight task of a pool, with its abort handle.
+#[derive(Default)]
+struct Jobs {
+    running: Mutex<HashMap<u64, AbortHandle>>,
+    idle: Notify,
+    next: AtomicU64,
+}
+
+impl Jobs {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, AbortHandle>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn insert(&self, job: u64, handle: AbortHandle) {
+        self.lock().insert(job, handle);
+    }
+
+    fn remove(&self, job: u64) {
+        let mut running = self.lock();
+        running.remove(&job);
+        if running.is_empty() {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Resolves once no task is in flight.
+    async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn abort_all(&self) -> usize {
+        let running = std::mem::take(&mut *self.lock());
+        for handle in running.values() {
+            handle.abort();
+        }
+        running.len()
+    }
+}
+
+/// A task of a worker that had every slot taken finished (or was aborted): fetch again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TaskFinished {
+    pub job: u64,
+}
+
+/// Stop fetching new tasks (the first step of a shutdown); in-flight ones go on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+/// Frees the task's slot when dropped: after the task ends, or when it is aborted. The worker
+/// hears of it only when it had stopped fetching for want of a slot (one cross-thread message
+/// saved per task otherwise).
+struct FinishGuard {
+    worker: Addr<TaskWorker>,
+    jobs: Arc<Jobs>,
+    job: u64,
+    running: Arc<AtomicUsize>,
+    concurrency: usize,
+}
+
+impl Drop for FinishGuard {
+    fn drop(&mut self) {
+        self.jobs.remove(self.job);
+        if self.running.fetch_sub(1, Ordering::AcqRel) >= self.concurrency {
+            self.worker.do_send(TaskFinished { job: self.job });
+        }
+    }
+}
+
+/// The worker of one queue.
+pub struct TaskWorker {
+    queue: QueueSpec,
+    runner: Arc<Runner>,
+    runtime: tokio::runtime::Handle,
+    jobs: Arc<Jobs>,
+    /// This worker's tasks in flight (decremented by each task's [`FinishGuard`]).
+    running: Arc<AtomicUsize>,
+    fetch: Option<SpawnHandle>,
+    /// A timer waiting for the rate limit is pending.
+    rate_timer: bool,
+    rate: Option<TokenBucket>,
+    draining: bool,
+}
+
+impl TaskWorker {
+    fn new(
+        queue: QueueSpec,
+        runner: Arc<Runner>,
+        runtime: tokio::runtime::Handle,
+        jobs: Arc<Jobs>,
+    ) -> Self {
+        let rate = queue.rate_limit_per_sec.map(TokenBucket::new);
+        Self {
+            queue,
+            runner,
+            runtime,
+            jobs,
+            running: Arc::new(AtomicUsize::new(0)),
+            fetch: None,
+            rate_timer: false,
+            rate,
+            draining: false,
+        }
+    }
+
+    /// Fetches one more delivery if a slot is free, the rate limit allows, and no fetch is
+    /// already waiting.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        if self.draining
+            || self.fetch.is_some()
+            || self.rate_timer
+            || self.running.load(Ordering::Acquire) >= self.queue.concurrency.max(1)
+        {
+            return;
+        }
+        if let Some(bucket) = &mut self.rate {
+            if let Err(wait) = bucket.try_take(Instant::now()) {
+                self.rate_timer = true;
+                ctx.run_later(wait, |act, ctx| {
+                    act.rate_timer = false;
+                    act.pump(ctx);
+                });
+                return;
+            }
+        }
+        let broker = self.runner.broker.clone();
+        let queue = self.queue.name.clone();
+        let fut = async move { broker.fetch(&queue, FETCH_WAIT).await }
+            .into_actor(self)
+            .map(|res, act, ctx| {
+                act.fetch = None;
+                match res {
+                    Ok(Some(delivery)) => {
+                        if let Some(bucket) = &mut act.rate {
+                            bucket.started_at(Instant::now());
+                        }
+                        act.dispatch(delivery, ctx)
+                    }
+                    Ok(None) => {
+                        if let Some(bucket) = &mut act.rate {
+                            bucket.refund();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(queue = %act.queue.name, "fetch failed: {e}");
+                        if act.draining {
+                            return;
+                        }
+                        act.rate_timer = true;
+                        ctx.run_later(FETCH_ERROR_PAUSE, |act, ctx| {
+                            act.rate_timer = false;
+                            act.pump(ctx);
+                        });
+                        return;
+                    }
+                }
+                act.pump(ctx);
+            });
+        self.fetch = Some(ctx.spawn(fut));
+    }
+
+    /// Runs a delivery on the task runtime.
+    fn dispatch(&mut self, delivery: super::Delivery, ctx: &mut Context<Self>) {
+        let job = self.jobs.next_id();
+        self.running.fetch_add(1, Ordering::AcqRel);
+        let guard = FinishGuard {
+            worker: ctx.address(),
+            jobs: self.jobs.clone(),
+            job,
+            running: self.running.clone(),
+            concurrency: self.queue.concurrency.max(1),
+        };
+        let runner = self.runner.clone();
+        // The task waits for its entry in the jobs table, so it cannot finish (and remove
+        // itself) before it was added.
+        let (go, registered) = oneshot::channel::<()>();
+        let handle = self.runtime.spawn(async move {
+            let _guard = guard;
+            if registered.await.is_ok() {
+                runner.process(delivery).await;
+            }
+        });
+        self.jobs.insert(job, handle.abort_handle());
+        let _ = go.send(());
+    }
+}
+
+impl Actor for TaskWorker {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        tracing::info!(
+            queue = %self.queue.name,
+            concurrency = self.queue.concurrency,
+            rate_limit_per_sec = ?self.queue.rate_limit_per_sec,
+            tasks = %self.runner.registry.names().join(", "),
+            "task worker started"
+        );
+        self.pump(ctx);
+    }
+}
+
+impl Supervised for TaskWorker {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        tracing::warn!(queue = %self.queue.name, "task worker restarting");
+        self.fetch = None;
+        self.rate_timer = false;
+    }
+}
+
+impl Handler<TaskFinished> for TaskWorker {
+    type Result = ();
+
+    fn handle(&mut self, _msg: TaskFinished, ctx: &mut Context<Self>) {
+        self.pump(ctx);
+    }
+}
+
+impl Handler<Drain> for TaskWorker {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Drain, ctx: &mut Context<Self>) {
+        self.draining = true;
+        if let Some(fetch) = self.fetch.take() {
+            ctx.cancel_future(fetch);
+        }
+    }
+}
+
+/// How a [`WorkerPool::drain`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every in-flight task finished.
+    Finished,
+    /// `drain_timeout` passed or the cold token fired: the tasks' tokens fired and this many
+    /// tasks, still running after a short grace, were aborted.
+    Aborted(usize),
+}
+
+/// The task runtime: dropped without blocking (its threads are told to stop; a task that is
+/// still running is abandoned at its next await).
+struct TaskRuntime(Mutex<Option<tokio::runtime::Runtime>>);
+
+impl Drop for TaskRuntime {
+    fn drop(&mut self) {
+        let rt = self.0.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(rt) = rt {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A node's task workers (one per queue it serves) and the runtime their tasks run on.
+pub struct WorkerPool {
+    workers: Vec<Addr<TaskWorker>>,
+    jobs: Arc<Jobs>,
+    cold: CancellationToken,
+    drain_timeout: Duration,
+    _runtime: TaskRuntime,
+}
+
+impl WorkerPool {
+    /// Starts a worker for each queue of `settings` (or only `queues`, when given) on
+    /// `arbiter`, with a runtime of `settings.runtime_threads` threads for task bodies.
+    pub fn start(
+        settings: TaskSettings,
+        queues: Option<&[String]>,
+        broker: Arc<dyn Broker>,
+        registry: Arc<Registry>,
+        events: Option<EventSink>,
+        arbiter: &ArbiterHandle,
+    ) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(settings.runtime_threads.max(1))
+            .thread_name("switchyard-task")
+            .enable_all()
+            .build()?;
+        let cold = CancellationToken::new();
+        let drain_timeout = settings.drain_timeout;
+        let specs: Vec<QueueSpec> = settings
+            .queues
+            .iter()
+            .filter(|q| queues.map_or(true, |names| names.contains(&q.name)))
+            .cloned()
+            .collect();
+        let jobs = Arc::new(Jobs::default());
+        let runner = Arc::new(Runner {
+            broker,
+            registry,
+            settings: Arc::new(settings),
+            events,
+            cold: cold.clone(),
+        });
+        let workers = specs
+            .into_iter()
+            .map(|spec| {
+                let runner = runner.clone();
+                let handle = runtime.handle().clone();
+                let jobs = jobs.clone();
+                Supervisor::start_in_arbiter(arbiter, move |_| {
+                    TaskWorker::new(spec, runner, handle, jobs)
+                })
+            })
+            .collect();
+        Ok(Self {
+            workers,
+            jobs,
+            cold,
+            drain_timeout,
+            _runtime: TaskRuntime(Mutex::new(Some(runtime))),
+        })
+    }
+
+    /// The token that, once cancelled, turns a warm shutdown cold (the second signal).
+    pub fn cold_token(&self) -> CancellationToken {
+        self.cold.clone()
+    }
+
+    /// Tasks in flight right now.
+    pub fn in_flight(&self) -> usize {
+        self.jobs.lock().len()
+    }
+
+    /// Warm shutdown: stop fetching and wait for in-flight tasks, at most `drain_timeout` or
+    /// until the cold token fires; then cold: fire every task's token, give them
+    /// `COLD_GRACE`, and abort what is left.
+    pub async fn drain(&self) -> DrainOutcome {
+        // A worker whose arbiter already stopped fetches nothing either: its error is fine.
+        let stop_fetching = join_all(self.workers.iter().map(|w| w.send(Drain)));
+        let _ = tokio::time::timeout(DRAIN_SEND_TIMEOUT, stop_fetching).await;
+        let finished = tokio::select! {
+            () = self.jobs.idle() => true,
+            () = tokio::time::sleep(self.drain_timeout) => false,
+            () = self.cold.cancelled() => false,
+        };
+        if finished {
+            return DrainOutcome::Finished;
+        }
+        self.cold.cancel();
+        let _ = tokio::time::timeout(COLD_GRACE, self.jobs.idle()).await;
+        let aborted = self.jobs.abort_all();
+        tracing::warn!(aborted, "cold shutdown: in-flight tasks aborted");
+        DrainOutcome::Aborted(aborted)
+    }
+}

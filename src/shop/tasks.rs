@@ -1,0 +1,194 @@
+//! The demo's tasks: `demo.add`, `demo.sleep`, `demo.flaky` (for the CLI and foreign clients
+//! to call) and `shop.order_created` (the order confirmation e-mail).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::format_cents;
+use super::mail::{Email, Mailer};
+use super::orders::OrderStore;
+use crate::tasks::{ResultExt, Task, TaskContext, TaskError, TaskOptions};
+
+/// The longest `demo.sleep` accepts, in seconds.
+const MAX_SLEEP_SECS: f64 = 3600.0;
+/// Task ids `demo.flaky` keeps attempt counts for (the oldest are forgotten).
+const FLAKY_KEEP: usize = 10_000;
+
+/// `demo.add`: `{"x": 2, "y": 3}` → `5`.
+pub struct Add;
+
+/// Arguments of `demo.add`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddArgs {
+    pub x: i64,
+    pub y: i64,
+}
+
+impl Task for Add {
+    const NAME: &'static str = "demo.add";
+    type Args = AddArgs;
+    type Output = i64;
+
+    async fn run(&self, _ctx: TaskContext, args: AddArgs) -> Result<i64, TaskError> {
+        args.x.checked_add(args.y).ok_or_else(|| {
+            TaskError::fail("overflow", format!("{} + {} overflows", args.x, args.y))
+        })
+    }
+}
+
+/// `demo.sleep`: `{"seconds": 1.5}` → the seconds slept. Stops early, returning what it slept,
+/// when its cancellation token fires (soft time limit, cold shutdown).
+pub struct Sleep;
+
+/// Arguments of `demo.sleep`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SleepArgs {
+    pub seconds: f64,
+}
+
+impl Task for Sleep {
+    const NAME: &'static str = "demo.sleep";
+    type Args = SleepArgs;
+    type Output = f64;
+
+    async fn run(&self, ctx: TaskContext, args: SleepArgs) -> Result<f64, TaskError> {
+        if !args.seconds.is_finite() || !(0.0..=MAX_SLEEP_SECS).contains(&args.seconds) {
+            return Err(TaskError::fail(
+                "bad_args",
+                format!(
+                    "seconds must be from 0 to {MAX_SLEEP_SECS}, got {}",
+                    args.seconds
+                ),
+            ));
+        }
+        let started = Instant::now();
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs_f64(args.seconds)) => {}
+            () = ctx.cancelled() => {}
+        }
+        Ok(started.elapsed().as_secs_f64())
+    }
+}
+
+/// `demo.flaky`: `{"fail_times": 2}` fails that many attempts of one task id (retryably), then
+/// succeeds with the number of the attempt that did.
+#[derive(Default)]
+pub struct Flaky {
+    attempts: Mutex<HashMap<String, u32>>,
+}
+
+/// Arguments of `demo.flaky`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FlakyArgs {
+    pub fail_times: u32,
+}
+
+impl Task for Flaky {
+    const NAME: &'static str = "demo.flaky";
+    type Args = FlakyArgs;
+    type Output = u32;
+
+    async fn run(&self, ctx: TaskContext, args: FlakyArgs) -> Result<u32, TaskError> {
+        let attempt = {
+            let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+            if attempts.len() >= FLAKY_KEEP && !attempts.contains_key(ctx.id()) {
+                attempts.clear();
+            }
+            let n = attempts.entry(ctx.id().to_owned()).or_default();
+            *n += 1;
+            let attempt = *n;
+            if attempt > args.fail_times {
+                attempts.remove(ctx.id());
+            }
+            attempt
+        };
+        if attempt <= args.fail_times {
+            return Err(TaskError::retry(
+                "flaky",
+                format!("attempt {attempt} of {} planned failures", args.fail_times),
+            ));
+        }
+        Ok(attempt)
+    }
+}
+
+/// `shop.order_created` (queue `emails`): writes the order confirmation e-mail.
+pub struct OrderCreated {
+    orders: Arc<dyn OrderStore>,
+    mailer: Mailer,
+}
+
+impl OrderCreated {
+    /// The task reading orders from `orders` and sending with `mailer`.
+    pub fn new(orders: Arc<dyn OrderStore>, mailer: Mailer) -> Self {
+        Self { orders, mailer }
+    }
+}
+
+/// Arguments of `shop.order_created`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OrderCreatedArgs {
+    pub order_id: u64,
+}
+
+/// The queue the confirmation e-mails go to.
+pub const EMAILS_QUEUE: &str = "emails";
+
+impl Task for OrderCreated {
+    const NAME: &'static str = "shop.order_created";
+    type Args = OrderCreatedArgs;
+    type Output = String;
+
+    fn options() -> TaskOptions {
+        TaskOptions::new().queue(EMAILS_QUEUE)
+    }
+
+    /// Idempotent under redelivery: the mail is keyed by the task id, so a second run
+    /// overwrites the first file instead of sending another mail.
+    async fn run(&self, ctx: TaskContext, args: OrderCreatedArgs) -> Result<String, TaskError> {
+        let order = self
+            .orders
+            .get(args.order_id)
+            .await
+            .or_retry("order_store")?
+            // Another node may not see a just-created order yet: retry.
+            .ok_or_else(|| {
+                TaskError::retry("order_not_found", format!("no order #{}", args.order_id))
+            })?;
+        let lines: Vec<String> = order
+            .items
+            .iter()
+            .map(|i| {
+                format!(
+                    "  {} x {} at {} = {}",
+                    i.quantity,
+                    i.name,
+                    format_cents(i.price_cents),
+                    format_cents(i.price_cents * u64::from(i.quantity))
+                )
+            })
+            .collect();
+        let email = Email {
+            to: order.owner.clone(),
+            subject: format!("Order #{} confirmed", order.id),
+            body: format!(
+                "Hello {},\n\nthank you for your order #{}:\n\n{}\n\nTotal: {}\n",
+                order.owner,
+                order.id,
+                lines.join("\n"),
+                format_cents(order.total_cents)
+            ),
+        };
+        self.mailer
+            .send(ctx.id(), &email)
+            .await
+            .map_err(|e| match e {
+                super::mail::MailError::BadKey(_) => TaskError::fail("bad_task_id", e),
+                super::mail::MailError::Io { .. } => TaskError::retry("mail", e),
+            })?;
+        Ok(email.subject)
+    }
+}
