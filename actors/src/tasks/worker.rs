@@ -331,7 +331,7 @@ impl WorkerPool {
         let specs: Vec<QueueSpec> = settings
             .queues
             .iter()
-            .filter(|q| queues.map_or(true, |names| names.contains(&q.name)))
+            .filter(|q| queues.is_none_or(|names| names.contains(&q.name)))
             .cloned()
             .collect();
         let jobs = Arc::new(Jobs::default());
