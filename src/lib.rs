@@ -39,6 +39,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+mod engines;
 pub mod http;
 pub mod shop;
 mod topology;

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod render;
 pub mod session;
 pub mod templates;
+pub mod users;
 
 pub use error::Error;
 pub use render::Render;
