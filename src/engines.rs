@@ -110,7 +110,7 @@ pub(crate) async fn open(config: &Config) -> Result<Option<Opened>, StartError> 
             let cached = Arc::new(CachedDbStore::new(
                 Arc::new(db),
                 link,
-                format!("{prefix}.sessions.invalidate"),
+                prefix,
             ));
             Opened {
                 store: cached.clone(),

@@ -47,7 +47,8 @@ pub struct NatsConnect {
     pub name: String,
 }
 
-/// A NATS connection and a counter bumped on every disconnect and reconnect, so holders of
+/// A NATS connection and a counter bumped on every disconnect, reconnect and dropped message
+/// (slow consumer), so holders of
 /// state derived from NATS (the `cached_db` cache) can tell that they may have missed messages.
 #[derive(Clone)]
 pub struct NatsLink {
@@ -102,7 +103,10 @@ impl NatsLink {
                 let counter = counter.clone();
                 async move {
                     match event {
-                        async_nats::Event::Connected | async_nats::Event::Disconnected => {
+                        // Messages may have been missed (slow consumer: dropped).
+                        async_nats::Event::Connected
+                        | async_nats::Event::Disconnected
+                        | async_nats::Event::SlowConsumer(_) => {
                             tracing::info!("nats: {event}");
                             counter.fetch_add(1, Ordering::SeqCst);
                         }
