@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
+use dashmap::DashMap;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
@@ -150,11 +151,27 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     }
 }
 
+/// Most remembered revisions; past it the memory starts over.
+const MAX_REVISIONS: usize = 100_000;
+
 /// Sessions in a NATS JetStream key-value bucket.
 pub struct NatsKvStore {
     link: NatsLink,
     kv: kv::Store,
     codec: RecordCodec,
+    /// The key revision each session had when this node last read or wrote it, with the
+    /// record's version and owner then: a write expecting that version goes straight to
+    /// `update` at that revision (the revision check proves nothing changed), saving a read.
+    revisions: DashMap<SessionId, Seen>,
+}
+
+/// What this node last saw of a session.
+#[derive(Clone)]
+struct Seen {
+    version: u64,
+    expires_at: i64,
+    revision: u64,
+    user: Option<String>,
 }
 
 /// Creates the bucket's stream when missing, in a form NATS 2.9 understands.
@@ -196,12 +213,32 @@ impl NatsKvStore {
             .get_key_value(bucket)
             .await
             .map_err(|e| unavailable(format!("cannot open bucket {bucket}: {e}")))?;
-        Ok(Self { link, kv, codec })
+        Ok(Self {
+            link,
+            kv,
+            codec,
+            revisions: DashMap::new(),
+        })
     }
 
     /// The key-value store (benchmarks compare against it).
     pub fn kv(&self) -> &kv::Store {
         &self.kv
+    }
+
+    fn remember(&self, id: &SessionId, record: &Record, revision: u64) {
+        if self.revisions.len() >= MAX_REVISIONS {
+            self.revisions.clear();
+        }
+        self.revisions.insert(
+            id.clone(),
+            Seen {
+                version: record.version,
+                expires_at: record.expires_at,
+                revision,
+                user: record.user().map(str::to_owned),
+            },
+        );
     }
 
     fn index_key(user: &str) -> String {
@@ -228,21 +265,27 @@ impl NatsKvStore {
     }
 
     /// Writes `value` under `key` if its revision is still `revision` (`None`: if absent or
-    /// deleted). `Ok(false)` when another writer got there first.
-    async fn put_if(&self, key: &str, value: Bytes, revision: Option<u64>) -> Result<bool, StoreError> {
+    /// deleted): the new revision, or `None` when another writer got there first.
+    async fn put_if(
+        &self,
+        key: &str,
+        value: Bytes,
+        revision: Option<u64>,
+    ) -> Result<Option<u64>, StoreError> {
+        self.link.require_connected(ENGINE)?;
         let result = match revision {
-            Some(rev) => self.kv.update(key, value, rev).await.map(|_| ()).map_err(|e| {
+            Some(rev) => self.kv.update(key, value, rev).await.map_err(|e| {
                 (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())
             }),
-            None => self.kv.create(key, value).await.map(|_| ()).map_err(|e| {
+            None => self.kv.create(key, value).await.map_err(|e| {
                 (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())
             }),
         };
         match result {
-            Ok(()) => Ok(true),
-            Err((true, _)) => Ok(false),
+            Ok(rev) => Ok(Some(rev)),
+            Err((true, _)) => Ok(None),
             // A create racing another create can also surface as a failed revision check.
-            Err((false, m)) if m.contains("wrong last sequence") => Ok(false),
+            Err((false, m)) if m.contains("wrong last sequence") => Ok(None),
             Err((false, m)) => Err(unavailable(m)),
         }
     }
@@ -268,6 +311,7 @@ impl NatsKvStore {
             if self
                 .put_if(&key, bytes.into(), current.map(|e| e.revision))
                 .await?
+                .is_some()
             {
                 return Ok(());
             }
@@ -285,11 +329,18 @@ impl SessionStore for NatsKvStore {
     }
 
     async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
-        Ok(self
-            .entry(id.as_str())
-            .await?
-            .and_then(|e| self.decode(id, &e.value))
-            .filter(|r| !r.is_expired()))
+        let Some(entry) = self.entry(id.as_str()).await? else {
+            self.revisions.remove(id);
+            return Ok(None);
+        };
+        let record = self.decode(id, &entry.value).filter(|r| !r.is_expired());
+        match &record {
+            Some(r) => self.remember(id, r, entry.revision),
+            None => {
+                self.revisions.remove(id);
+            }
+        }
+        Ok(record)
     }
 
     async fn save(
@@ -299,23 +350,37 @@ impl SessionStore for NatsKvStore {
         expected: Option<u64>,
     ) -> Result<SaveOutcome, StoreError> {
         let bytes = self.codec.encode(id, record)?;
-        let current = self.entry(id.as_str()).await?;
-        let old = current
-            .as_ref()
-            .and_then(|e| self.decode(id, &e.value))
-            .filter(|r| !r.is_expired());
-        if old.as_ref().map(|r| r.version) != expected {
+        let seen = self.revisions.get(id).map(|s| s.clone());
+        // The revision this node saw for the expected version: the revision check alone
+        // proves the version (nothing was written since), so no read is needed.
+        let (revision, old_user) = match (expected, seen) {
+            (Some(v), Some(seen)) if seen.version == v && seen.expires_at > now_unix() => {
+                (Some(seen.revision), seen.user)
+            }
+            _ => {
+                let current = self.entry(id.as_str()).await?;
+                let old = current
+                    .as_ref()
+                    .and_then(|e| self.decode(id, &e.value))
+                    .filter(|r| !r.is_expired());
+                if old.as_ref().map(|r| r.version) != expected {
+                    return Ok(SaveOutcome::Conflict);
+                }
+                // An expired or unreadable value is replaced at its revision; a missing one
+                // created.
+                (
+                    current.map(|e| e.revision),
+                    old.as_ref().and_then(Record::user).map(str::to_owned),
+                )
+            }
+        };
+        let Some(new_revision) = self.put_if(id.as_str(), bytes.into(), revision).await? else {
+            self.revisions.remove(id);
             return Ok(SaveOutcome::Conflict);
-        }
-        // An expired or unreadable value is replaced at its revision; a missing one created.
-        if !self
-            .put_if(id.as_str(), bytes.into(), current.map(|e| e.revision))
-            .await?
-        {
-            return Ok(SaveOutcome::Conflict);
-        }
+        };
+        self.remember(id, record, new_revision);
         if let Some(user) = record.user() {
-            if old.as_ref().and_then(Record::user) != Some(user) {
+            if old_user.as_deref() != Some(user) {
                 self.update_index(user, id, false).await?;
             }
         }
@@ -324,6 +389,7 @@ impl SessionStore for NatsKvStore {
 
     async fn delete(&self, id: &SessionId) -> Result<(), StoreError> {
         self.link.require_connected(ENGINE)?;
+        self.revisions.remove(id);
         self.kv.delete(id.as_str()).await.map_err(unavailable)
     }
 

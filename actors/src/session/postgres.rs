@@ -383,3 +383,146 @@ impl SessionStore for PostgresStore {
             .map_err(|e| pg_error(ENGINE, e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{Change, SaveSession, SessionShards, UpdateFn};
+    use serde_json::{json, Value};
+    use std::sync::Arc;
+
+    /// A fresh database on the test Postgres, or `None` (skipped) when it is unreachable.
+    async fn fresh_store() -> Option<(PostgresStore, String)> {
+        let base = std::env::var("SWITCHYARD_POSTGRES__URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/switchyard".into());
+        let host = base.split("://").nth(1)?.split('/').next()?.rsplit('@').next()?;
+        let reachable = std::net::TcpStream::connect(host).is_ok();
+        if !reachable {
+            assert_ne!(
+                std::env::var("SWITCHYARD_REQUIRE_SERVICES").as_deref(),
+                Ok("1"),
+                "postgres not reachable at {base}"
+            );
+            println!("SKIPPED: postgres not reachable at {base}");
+            return None;
+        }
+        let db = format!("sy_t_unit_{}", &SessionId::generate().as_str()[..12].to_lowercase())
+            .replace('-', "_");
+        let url = match base.rfind('/') {
+            Some(i) if i > base.find("://")? + 2 => format!("{}/{db}", &base[..i]),
+            _ => format!("{base}/{db}"),
+        };
+        let pool = connect_pool(&url, 4).await.ok()?;
+        let store = PostgresStore::open(pool, RecordCodec::plain()).await.ok()?;
+        Some((store, url))
+    }
+
+    async fn drop_db(url: &str) {
+        let Ok(config) = tokio_postgres::Config::from_str(url) else {
+            return;
+        };
+        let db = config.get_dbname().unwrap_or_default().to_owned();
+        let mut admin = config.clone();
+        admin.dbname("postgres");
+        if let Ok(client) = connect(&admin).await {
+            let _ = client
+                .simple_query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                .await;
+        }
+    }
+
+    fn record(n: i64, version: u64) -> Record {
+        Record {
+            data: json!({ "n": n }).as_object().cloned().unwrap_or_default(),
+            expires_at: now_unix() + 60,
+            version,
+            updated_at: now_unix(),
+        }
+    }
+
+    fn item(id: &SessionId, n: i64, expected: Option<u64>) -> SaveItem {
+        SaveItem {
+            id: id.clone(),
+            record: record(n, expected.map_or(1, |v| v + 1)),
+            expected,
+        }
+    }
+
+    #[actix_rt::test]
+    async fn one_statement_answers_each_row_its_own_cas_result() -> Result<(), StoreError> {
+        let Some((store, url)) = fresh_store().await else {
+            return Ok(());
+        };
+        let [a, b, c, d, e] = std::array::from_fn(|_| SessionId::generate());
+        for id in [&b, &c, &e] {
+            assert_eq!(store.save(id, &record(0, 1), None).await?, SaveOutcome::Saved);
+        }
+        let before = store.batch_stats().0;
+        let outcomes = store
+            .save_batch(&[
+                item(&a, 1, None),    // new: written
+                item(&b, 2, Some(1)), // current version: written
+                item(&c, 3, Some(7)), // stale version: conflict
+                item(&d, 4, Some(1)), // no such session: conflict
+                item(&e, 5, None),    // exists and live: conflict
+            ])
+            .await;
+        let outcomes: Vec<SaveOutcome> = outcomes.into_iter().collect::<Result<_, _>>()?;
+        use SaveOutcome::{Conflict, Saved};
+        assert_eq!(outcomes, vec![Saved, Saved, Conflict, Conflict, Conflict]);
+        assert_eq!(store.batch_stats().0, before + 1, "one statement");
+        let n = |r: Option<Record>| r.map(|r| (r.data["n"].clone(), r.version));
+        assert_eq!(n(store.load(&a).await?), Some((json!(1), 1)));
+        assert_eq!(n(store.load(&b).await?), Some((json!(2), 2)));
+        assert_eq!(n(store.load(&c).await?), Some((json!(0), 1)));
+        assert_eq!(n(store.load(&d).await?), None);
+        assert_eq!(n(store.load(&e).await?), Some((json!(0), 1)));
+        drop(store);
+        drop_db(&url).await;
+        Ok(())
+    }
+
+    #[actix_rt::test]
+    async fn a_shard_group_commits_waiting_saves() -> Result<(), Box<dyn std::error::Error>> {
+        let Some((store, url)) = fresh_store().await else {
+            return Ok(());
+        };
+        let store = Arc::new(store);
+        let arbiter = actix::Arbiter::new();
+        let shards = SessionShards::start(1, store.clone(), &arbiter.handle());
+        let inc: UpdateFn = Arc::new(|v| Ok(json!(v.and_then(Value::as_i64).unwrap_or(0) + 1)));
+        let msg = |id: Option<SessionId>, base: Option<u64>, n: i64| SaveSession {
+            id,
+            base_version: base,
+            data: json!({ "n": n }).as_object().cloned().unwrap_or_default(),
+            changes: vec![Change::Update("n".into(), inc.clone())],
+            expires_at: now_unix() + 60,
+            max_size: 1024,
+            delete_after: None,
+        };
+        // 40 new sessions at once on one shard: fewer statements than saves.
+        let (batches0, rows0) = store.batch_stats();
+        let saves = (0..40).map(|_| shards.save(msg(None, None, 1)));
+        let saved: Vec<_> = futures_util::future::join_all(saves)
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        let (batches, rows) = store.batch_stats();
+        assert_eq!(rows - rows0, 40);
+        assert!(batches - batches0 < 40, "{} statements for 40 saves", batches - batches0);
+        for s in &saved {
+            assert!(store.load(&s.id).await?.is_some(), "answered only once committed");
+        }
+        // 20 writers from one base version: each re-applied after losing, none lost.
+        let first = &saved[0];
+        let writes = (0..20).map(|_| shards.save(msg(Some(first.id.clone()), Some(first.version), 2)));
+        for r in futures_util::future::join_all(writes).await {
+            r?;
+        }
+        let rec = store.load(&first.id).await?.ok_or("session gone")?;
+        assert_eq!(rec.data["n"], json!(21));
+        arbiter.stop();
+        drop_db(&url).await;
+        Ok(())
+    }
+}
