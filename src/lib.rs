@@ -11,6 +11,8 @@
 //! - [`shop`]: the bundled demo shop, written against the public API only.
 //! - `topology`: the only place that assembles actors, pools and the HTTP server, and the
 //!   explicit shutdown order.
+//! - `engines`: opens the session engine `sessions.engine` names with its pools and
+//!   connections (for `topology` and the CLI's `sessions`/`users` commands).
 //!
 //! The actors themselves live in the `switchyard-actors` crate, which knows nothing of HTTP.
 //!
