@@ -7,8 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Broker, Config, LogFormat, SessionEngine};
-use crate::{shop, App};
+use crate::config::{AuthStore, Broker, Config, LogFormat, SessionEngine};
+use crate::http::users::{PgUsers, UserError};
+use crate::{engines, shop, App};
 
 /// Exit code for bad usage or invalid configuration.
 const EXIT_USAGE: u8 = 2;
@@ -45,6 +46,9 @@ enum Command {
     /// Session maintenance.
     #[command(subcommand)]
     Sessions(SessionsCommand),
+    /// User accounts of auth.store = "postgres" (an extension of SPEC.md).
+    #[command(subcommand)]
+    Users(UsersCommand),
     /// Inspect and replay dead-lettered tasks.
     #[command(subcommand)]
     Dead(DeadCommand),
@@ -113,6 +117,28 @@ enum SessionsCommand {
     Revoke {
         #[arg(long)]
         user: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsersCommand {
+    /// Create a user; prints {"created":NAME}.
+    Create {
+        name: String,
+        /// Read the password from the first line of standard input (required).
+        #[arg(long)]
+        password_stdin: bool,
+        /// A permission such as shop.view_order (repeatable).
+        #[arg(long = "permission", value_name = "PERM")]
+        permissions: Vec<String>,
+    },
+    /// Replace a user's password and end every session of the user; prints
+    /// {"updated":NAME,"revoked":N}.
+    SetPassword {
+        name: String,
+        /// Read the password from the first line of standard input (required).
+        #[arg(long)]
+        password_stdin: bool,
     },
 }
 
@@ -219,7 +245,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Sessions(_) => {
+        Command::Sessions(cmd) => {
             let config = match load(config_path) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -230,17 +256,162 @@ pub fn run(cli: Cli) -> ExitCode {
                      it needs a server-side engine such as \"file\" or \"postgres\"",
                     config.sessions.engine.as_str()
                 )),
-                other => failure(format!(
-                    "sessions.engine = \"{}\" is not available in this version yet",
-                    other.as_str()
-                )),
+                _ => block_on(sessions_command(config, cmd)),
             }
+        }
+        Command::Users(cmd) => {
+            let config = match load(config_path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if config.auth.store != AuthStore::Postgres {
+                return usage_error(format!(
+                    "auth.store = \"{}\" keeps its users in [[auth.users]]; set auth.store = \
+                     \"postgres\" (for example SWITCHYARD_AUTH__STORE=postgres) to manage users \
+                     with this command",
+                    config.auth.store.as_str()
+                ));
+            }
+            block_on(users_command(config, cmd))
         }
         Command::Cluster(_) => {
             if let Err(code) = load(config_path) {
                 return code;
             }
             failure("cluster status needs the NATS broker, not available in this version yet")
+        }
+    }
+}
+
+/// Runs a command's future on a single-threaded runtime.
+fn block_on(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(fut),
+        Err(e) => failure(format!("cannot start the runtime: {e}")),
+    }
+}
+
+async fn sessions_command(config: Config, cmd: SessionsCommand) -> ExitCode {
+    let store = match engines::open(&config).await {
+        Ok(Some(opened)) => opened.store,
+        Ok(None) => return usage_error("sessions.engine keeps no sessions on the server"),
+        Err(e) => return failure(e),
+    };
+    match cmd {
+        SessionsCommand::Clear => match store.purge_expired().await {
+            Ok(n) => {
+                println!("{}", serde_json::json!({ "deleted": n }));
+                ExitCode::SUCCESS
+            }
+            Err(e) => failure(e),
+        },
+        SessionsCommand::Revoke { user } => {
+            let ids = match store.sessions_of(&user).await {
+                Ok(ids) => ids,
+                Err(e) => return failure(e),
+            };
+            let mut n = 0u64;
+            for id in ids {
+                if let Err(e) = store.delete(&id).await {
+                    return failure(format!("{e} (after ending {n} sessions)"));
+                }
+                n += 1;
+            }
+            println!("{}", serde_json::json!({ "revoked": n }));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// The first line of standard input, without its line ending.
+fn password_from_stdin(given: bool) -> Result<String, ExitCode> {
+    if !given {
+        return Err(usage_error(
+            "pass the password on standard input with --password-stdin",
+        ));
+    }
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        return Err(failure(format!("cannot read standard input: {e}")));
+    }
+    let password = line.trim_end_matches(['\r', '\n']).to_owned();
+    if password.is_empty() {
+        return Err(usage_error(
+            "the password read from standard input is empty",
+        ));
+    }
+    Ok(password)
+}
+
+async fn users_command(config: Config, cmd: UsersCommand) -> ExitCode {
+    let users = match engines::postgres_pool(&config).await {
+        Ok(pool) => match PgUsers::open(pool).await {
+            Ok(u) => u,
+            Err(e) => return failure(format!("postgres.url: {e}")),
+        },
+        Err(e) => return failure(e),
+    };
+    match cmd {
+        UsersCommand::Create {
+            name,
+            password_stdin,
+            permissions,
+        } => {
+            let password = match password_from_stdin(password_stdin) {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
+            match users.create(&name, &password, &permissions).await {
+                Ok(()) => {
+                    println!("{}", serde_json::json!({ "created": name }));
+                    ExitCode::SUCCESS
+                }
+                Err(UserError::Invalid(m)) => usage_error(m),
+                Err(e) => failure(e),
+            }
+        }
+        UsersCommand::SetPassword {
+            name,
+            password_stdin,
+        } => {
+            let password = match password_from_stdin(password_stdin) {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
+            if let Err(e) = users.set_password(&name, &password).await {
+                return match e {
+                    UserError::Invalid(m) => usage_error(m),
+                    e => failure(e),
+                };
+            }
+            // A new password ends every session of the user (when sessions live server-side).
+            let revoked = match config.sessions.engine {
+                SessionEngine::Memory | SessionEngine::SignedCookies => 0,
+                _ => match engines::open(&config).await {
+                    Ok(Some(opened)) => match opened.store.sessions_of(&name).await {
+                        Ok(ids) => {
+                            let mut n = 0u64;
+                            for id in ids {
+                                if opened.store.delete(&id).await.is_ok() {
+                                    n += 1;
+                                }
+                            }
+                            n
+                        }
+                        Err(e) => return failure(format!("password changed; {e}")),
+                    },
+                    Ok(None) => 0,
+                    Err(e) => return failure(format!("password changed; {e}")),
+                },
+            };
+            println!(
+                "{}",
+                serde_json::json!({ "updated": name, "revoked": revoked })
+            );
+            ExitCode::SUCCESS
         }
     }
 }

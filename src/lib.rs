@@ -12,6 +12,8 @@
 //! - [`tasks`]: defining, registering and publishing tasks (the task API of the actors crate).
 //! - `topology`: the only place that assembles actors, pools and the HTTP server, and the
 //!   explicit shutdown order.
+//! - `engines`: opens the session engine `sessions.engine` names with its pools and
+//!   connections (for `topology` and the CLI's `sessions`/`users` commands).
 //!
 //! The actors themselves live in the `switchyard-actors` crate, which knows nothing of HTTP.
 //!
@@ -40,6 +42,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+mod engines;
 pub mod http;
 pub mod shop;
 pub mod tasks;

@@ -22,13 +22,12 @@ use switchyard_actors::context::builtins::{
     StaticProcessor,
 };
 use switchyard_actors::context::{ContextProcessor, ContextWorkers};
-use switchyard_actors::session::{
-    CookieSigner, FileStore, MemoryStore, SessionShards, SessionStore,
-};
+use switchyard_actors::session::{CookieSigner, PgPool, SessionShards};
 use switchyard_actors::tasks::{EventSink, MemoryBroker, Registry, Tasks, WorkerPool};
 
 use crate::app::{App, RouteFn, Running, StartError};
-use crate::config::{Broker, Config, SessionEngine};
+use crate::config::{AuthStore, Broker, Config};
+use crate::engines;
 use crate::http::auth::Auth;
 use crate::http::context::Processors;
 use crate::http::csrf::{self, CsrfPolicy};
@@ -37,6 +36,7 @@ use crate::http::metrics::{self, Metrics};
 use crate::http::render::{self, Renderer};
 use crate::http::session::{self as session_mw, Backend, SessionLayer};
 use crate::http::templates::Templates;
+use crate::http::users::PgUsers;
 use crate::http::Error;
 
 /// A running node's parts, in the order they stop.
@@ -90,7 +90,7 @@ impl Topology {
         });
 
         let mut readiness = Readiness::default();
-        let backend = session_backend(&config, &actor_arbiter)?;
+        let (backend, pool) = session_backend(&config, &actor_arbiter).await?;
         match &backend {
             Backend::Server(shards) => readiness.add(SessionCheck(shards.clone())),
             Backend::Signed(_) => readiness.add(AlwaysReady {
@@ -99,7 +99,13 @@ impl Topology {
             }),
         }
         let sessions = web::Data::new(SessionLayer::new(&config.sessions, backend));
-        let auth = web::Data::new(Auth::new(&config.auth, config.sessions.on_login, merge));
+        let mut auth = Auth::new(&config.auth, config.sessions.on_login, merge);
+        if config.auth.store == AuthStore::Postgres {
+            let users = postgres_users(&config, pool).await?;
+            readiness.add(UsersCheck(users.clone()));
+            auth = auth.with_postgres(users);
+        }
+        let auth = web::Data::new(auth);
         let csrf = web::Data::new(CsrfPolicy {
             exempt: csrf_exempt,
             check_origin: config.sessions.cookie_secure,
@@ -300,45 +306,72 @@ pub(crate) fn secret(config: &Config) -> Vec<u8> {
     }
 }
 
-/// The session engine `sessions.engine` names, behind its shard actors.
-fn session_backend(config: &Config, arbiter: &actix_rt::Arbiter) -> Result<Backend, StartError> {
-    let store: Arc<dyn SessionStore> = match config.sessions.engine {
-        SessionEngine::Memory => Arc::new(MemoryStore::new()),
-        SessionEngine::File => {
-            Arc::new(
-                FileStore::open(&config.file.dir).map_err(|e| StartError::Service {
-                    key: "file.dir".into(),
-                    message: e.to_string(),
-                })?,
-            )
-        }
-        SessionEngine::SignedCookies => {
-            let fallbacks: Vec<Vec<u8>> = config
-                .server
-                .secret_key_fallbacks
-                .iter()
-                .map(|k| k.as_bytes().to_vec())
-                .collect();
-            return Ok(Backend::Signed(CookieSigner::new(
-                &secret(config),
-                &fallbacks,
-            )));
-        }
-        other => {
-            return Err(StartError::Service {
-                key: "sessions.engine".into(),
-                message: format!(
-                    "engine \"{}\" is not available in this version yet",
-                    other.as_str()
-                ),
-            })
-        }
+/// The session engine `sessions.engine` names, behind its shard actors, and the Postgres pool
+/// it opened (if any) for others to share.
+async fn session_backend(
+    config: &Config,
+    arbiter: &actix_rt::Arbiter,
+) -> Result<(Backend, Option<PgPool>), StartError> {
+    let Some(opened) = engines::open(config).await? else {
+        let fallbacks: Vec<Vec<u8>> = config
+            .server
+            .secret_key_fallbacks
+            .iter()
+            .map(|k| k.as_bytes().to_vec())
+            .collect();
+        return Ok((
+            Backend::Signed(CookieSigner::new(&secret(config), &fallbacks)),
+            None,
+        ));
     };
-    Ok(Backend::Server(SessionShards::start(
+    if let Some(cached) = &opened.cached {
+        cached
+            .listen(&arbiter.handle())
+            .await
+            .map_err(|e| StartError::Service {
+                key: "nats.url".into(),
+                message: e.to_string(),
+            })?;
+    }
+    let shards = SessionShards::start(
         config.actors.session_shards as usize,
-        store,
+        opened.store,
         &arbiter.handle(),
-    )))
+    );
+    Ok((Backend::Server(shards), opened.postgres))
+}
+
+/// The Postgres user store of `auth.store = "postgres"` (sharing the engine's pool if any).
+async fn postgres_users(config: &Config, pool: Option<PgPool>) -> Result<Arc<PgUsers>, StartError> {
+    let pool = match pool {
+        Some(p) => p,
+        None => engines::postgres_pool(config).await?,
+    };
+    let users = PgUsers::open(pool).await.map_err(|e| StartError::Service {
+        key: "postgres.url".into(),
+        message: e.to_string(),
+    })?;
+    users.keep_fresh();
+    Ok(users)
+}
+
+/// `/readyz`'s `database` check with `auth.store = "postgres"`.
+struct UsersCheck(Arc<PgUsers>);
+
+impl health::ReadinessCheck for UsersCheck {
+    fn name(&self) -> &str {
+        "database"
+    }
+    fn check(&self) -> futures_util::future::BoxFuture<'static, Result<String, String>> {
+        let users = self.0.clone();
+        Box::pin(async move {
+            users
+                .refresh()
+                .await
+                .map(|()| "postgres (auth.store)".to_owned())
+                .map_err(|e| e.to_string())
+        })
+    }
 }
 
 /// The task client, and with `tasks.broker = "memory"` (not eager) the in-process workers.

@@ -17,8 +17,8 @@ use switchyard::{App, Error, Session};
 #[derive(Clone, Copy)]
 struct Engine {
     engine: SessionEngine,
-    /// The service it needs (`None`: in-process or local files), for skip-or-require.
-    service: Option<&'static str>,
+    /// The services it needs (none: in-process or local files), for skip-or-require.
+    services: &'static [&'static str],
     /// Whether the data lives on the server. False for signed cookies, whose data travels with
     /// each request, as in Django: concurrent writers' cookies overwrite each other (the last
     /// response wins) and a copy of an old cookie stays readable until it expires.
@@ -124,10 +124,28 @@ fn routes(cfg: &mut web::ServiceConfig) {
 /// A node in this process plus a hand-driven cookie (so tests see exactly what is sent).
 struct Harness {
     running: Option<switchyard::Running>,
+    config: Config,
     base: String,
     http: reqwest::Client,
     cookie_name: String,
     _dir: tempfile::TempDir,
+}
+
+/// Drops what a test created on the shared services (its database, its bucket).
+async fn cleanup(config: &Config) {
+    match config.sessions.engine {
+        SessionEngine::Postgres | SessionEngine::CachedDb => {
+            common::drop_database(&config.postgres.url).await
+        }
+        SessionEngine::NatsKv => {
+            common::delete_stream(
+                &config.nats.url,
+                &format!("KV_{}_sessions", config.nats.prefix),
+            )
+            .await
+        }
+        _ => {}
+    }
 }
 
 /// A response's session cookie: `Some(Some(v))` set, `Some(None)` removed, `None` untouched.
@@ -158,7 +176,7 @@ struct Reply {
 
 impl Harness {
     async fn start(engine: &Engine) -> Option<Harness> {
-        if let Some(service) = engine.service {
+        for service in engine.services {
             if !common::service_available(service) {
                 return None;
             }
@@ -169,12 +187,14 @@ impl Harness {
 
     async fn start_with(config: Config, dir: tempfile::TempDir) -> Harness {
         let cookie_name = config.sessions.cookie_name.clone();
+        let kept = config.clone();
         let running = App::new(config)
             .routes(routes)
             .start()
             .await
             .expect("node starts");
         Harness {
+            config: kept,
             base: format!("http://{}", running.addr()),
             running: Some(running),
             http: reqwest::Client::builder()
@@ -233,6 +253,7 @@ impl Harness {
         if let Some(r) = self.running.take() {
             r.stop().await;
         }
+        cleanup(&self.config).await;
     }
 }
 
@@ -570,7 +591,7 @@ session_suite!(
     memory,
     Engine {
         engine: SessionEngine::Memory,
-        service: None,
+        services: &[],
         server_side: true,
         configure: no_setup,
     }
@@ -579,7 +600,7 @@ session_suite!(
     file,
     Engine {
         engine: SessionEngine::File,
-        service: None,
+        services: &[],
         server_side: true,
         configure: file_setup,
     }
@@ -588,8 +609,89 @@ session_suite!(
     signed_cookies,
     Engine {
         engine: SessionEngine::SignedCookies,
-        service: None,
+        services: &[],
         server_side: false,
         configure: no_setup,
+    }
+);
+
+/// Leftovers on shared services expire soon (tests set their own shorter expiries).
+const NETWORK_COOKIE_AGE: u64 = 3600;
+
+fn postgres_setup(c: &mut Config, _: &std::path::Path) {
+    c.postgres.url = common::fresh_postgres_url();
+    c.postgres.pool_size = 4;
+}
+
+fn cached_db_setup(c: &mut Config, dir: &std::path::Path) {
+    postgres_setup(c, dir);
+    c.nats.url = common::service_url("nats");
+    c.nats.prefix = common::unique_name("t");
+}
+
+fn nats_kv_setup(c: &mut Config, _: &std::path::Path) {
+    c.nats.url = common::service_url("nats");
+    c.nats.prefix = common::unique_name("t");
+    c.sessions.cookie_age = NETWORK_COOKIE_AGE;
+}
+
+fn redis_setup(c: &mut Config, _: &std::path::Path) {
+    c.redis.url = common::service_url("redis");
+    c.nats.prefix = common::unique_name("t");
+    c.sessions.cookie_age = NETWORK_COOKIE_AGE;
+}
+
+fn memcached_setup(c: &mut Config, _: &std::path::Path) {
+    c.memcached.servers = common::service_url("memcached")
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .collect();
+    c.nats.prefix = common::unique_name("t");
+    c.sessions.cookie_age = NETWORK_COOKIE_AGE;
+}
+
+session_suite!(
+    postgres,
+    Engine {
+        engine: SessionEngine::Postgres,
+        services: &["postgres"],
+        server_side: true,
+        configure: postgres_setup,
+    }
+);
+session_suite!(
+    cached_db,
+    Engine {
+        engine: SessionEngine::CachedDb,
+        services: &["postgres", "nats"],
+        server_side: true,
+        configure: cached_db_setup,
+    }
+);
+session_suite!(
+    nats_kv,
+    Engine {
+        engine: SessionEngine::NatsKv,
+        services: &["nats"],
+        server_side: true,
+        configure: nats_kv_setup,
+    }
+);
+session_suite!(
+    redis,
+    Engine {
+        engine: SessionEngine::Redis,
+        services: &["redis"],
+        server_side: true,
+        configure: redis_setup,
+    }
+);
+session_suite!(
+    memcached,
+    Engine {
+        engine: SessionEngine::Memcached,
+        services: &["memcached"],
+        server_side: true,
+        configure: memcached_setup,
     }
 );

@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use switchyard_actors::session::AUTH_USER_KEY;
 
 use super::session::{session_error, Session, SessionLayer};
+use super::users::PgUsers;
 use super::Error;
 use crate::config::{AuthConfig, OnLogin};
 
@@ -42,14 +43,18 @@ impl User {
 pub type MergeFn =
     Arc<dyn Fn(&Map<String, Value>, &Map<String, Value>) -> Map<String, Value> + Send + Sync>;
 
-struct StoredUser {
-    password_hash: String,
-    permissions: Vec<String>,
+/// A user as the stores keep it.
+#[derive(Clone)]
+pub(crate) struct StoredUser {
+    pub(crate) password_hash: String,
+    pub(crate) permissions: Vec<String>,
 }
 
 /// The user store and login policy.
 pub struct Auth {
     users: HashMap<String, StoredUser>,
+    /// `auth.store = "postgres"`: the users live there instead of `users`.
+    db: Option<Arc<PgUsers>>,
     login_url: String,
     on_login: OnLogin,
     merge: Option<MergeFn>,
@@ -72,23 +77,54 @@ impl Auth {
             .collect();
         Self {
             users,
+            db: None,
             login_url: config.login_url.clone(),
             on_login,
             merge,
         }
     }
 
+    /// Looks users up in Postgres (`auth.store = "postgres"`) instead of `[[auth.users]]`.
+    pub(crate) fn with_postgres(mut self, users: Arc<PgUsers>) -> Self {
+        self.users.clear();
+        self.db = Some(users);
+        self
+    }
+
+    /// The Postgres user store, with `auth.store = "postgres"`.
+    pub fn postgres_users(&self) -> Option<&Arc<PgUsers>> {
+        self.db.as_ref()
+    }
+
+    fn stored(&self, username: &str) -> Option<StoredUser> {
+        match &self.db {
+            Some(db) => db.get(username),
+            None => self.users.get(username).cloned(),
+        }
+    }
+
     /// The user named `username`, if it exists.
     pub fn user(&self, username: &str) -> Option<User> {
-        self.users.get(username).map(|u| User {
+        self.stored(username).map(|u| User {
             username: username.to_owned(),
-            permissions: u.permissions.clone(),
+            permissions: u.permissions,
         })
     }
 
     /// Checks a password (argon2, on the blocking pool); `None` when wrong or unknown.
     pub async fn authenticate(&self, username: &str, password: &str) -> Option<User> {
-        let hash = self.users.get(username)?.password_hash.clone();
+        let stored = match &self.db {
+            // Always the database's current hash: a new or changed password counts at once.
+            Some(db) => match db.fetch(username).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::error!("cannot look up user {username:?}: {e}");
+                    None
+                }
+            },
+            None => self.users.get(username).cloned(),
+        };
+        let hash = stored?.password_hash;
         let password = password.to_owned();
         let ok = web::block(move || {
             PasswordHash::new(&hash)
@@ -209,6 +245,32 @@ pub async fn revoke_other_sessions(req: &HttpRequest, username: &str) -> Result<
         .revoke_user(username, keep.as_ref())
         .await
         .map_err(session_error)
+}
+
+/// Changes `username`'s password (`auth.store = "postgres"`) and ends every other session of
+/// that user, keeping the current request's. Returns how many sessions ended.
+pub async fn change_password(
+    req: &HttpRequest,
+    username: &str,
+    new_password: &str,
+) -> Result<u64, Error> {
+    let db = req
+        .app_data::<web::Data<Auth>>()
+        .and_then(|a| a.postgres_users().cloned())
+        .ok_or_else(|| {
+            Error::BadRequest("passwords can only be changed with auth.store = \"postgres\"".into())
+        })?;
+    db.set_password(username, new_password)
+        .await
+        .map_err(|e| match e {
+            super::users::UserError::Store(e) if e.is_unavailable() => Error::Unavailable {
+                what: "user store".into(),
+                message: e.to_string(),
+            },
+            super::users::UserError::Invalid(m) => Error::BadRequest(m),
+            e => Error::internal(e),
+        })?;
+    revoke_other_sessions(req, username).await
 }
 
 /// `next` if it is a path on this site (`/…`, not `//host` or `/\host`), else `None`.

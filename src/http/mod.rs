@@ -10,6 +10,7 @@ pub mod render;
 pub mod session;
 pub mod template_vars;
 pub mod templates;
+pub mod users;
 
 pub use error::Error;
 pub use render::Render;

@@ -292,3 +292,70 @@ pub fn set_cookie_value(res: &reqwest::Response, name: &str) -> Option<String> {
                 .to_owned()
         })
 }
+
+/// A random lowercase name for per-test namespaces (`<prefix><16 hex digits>`).
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mix = nanos
+        ^ (u64::from(std::process::id()) << 32)
+        ^ N.fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    format!("{prefix}{mix:016x}")
+}
+
+/// The shared Postgres URL with its database replaced by `db`.
+pub fn postgres_url_for(db: &str) -> String {
+    let base = service_url("postgres");
+    let (head, query) = match base.split_once('?') {
+        Some((h, q)) => (h.to_owned(), format!("?{q}")),
+        None => (base.clone(), String::new()),
+    };
+    let scheme_end = head.find("://").map_or(0, |i| i + 3);
+    let host_end = head[scheme_end..]
+        .find('/')
+        .map_or(head.len(), |i| scheme_end + i);
+    format!("{}/{db}{query}", &head[..host_end])
+}
+
+/// A fresh database name on the shared Postgres, as a URL (`serve` creates it).
+pub fn fresh_postgres_url() -> String {
+    postgres_url_for(&unique_name("sy_t_"))
+}
+
+/// Drops the database a test URL names (best effort; ends its connections).
+pub async fn drop_database(url: &str) {
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return;
+    };
+    let Some(db) = config.get_dbname().map(str::to_owned) else {
+        return;
+    };
+    if !db.starts_with("sy_t_") {
+        return;
+    }
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    if let Ok((client, conn)) = admin.connect(tokio_postgres::NoTls).await {
+        let task = tokio::spawn(conn);
+        let _ = client
+            .simple_query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .await;
+        drop(client);
+        let _ = task.await;
+    }
+}
+
+/// Deletes a per-test NATS stream (best effort).
+pub async fn delete_stream(nats_url: &str, stream: &str) {
+    if let Ok(Ok(client)) =
+        tokio::time::timeout(Duration::from_secs(2), async_nats::connect(nats_url)).await
+    {
+        let js = async_nats::jetstream::new(client);
+        let _ = tokio::time::timeout(Duration::from_secs(2), js.delete_stream(stream)).await;
+    }
+}

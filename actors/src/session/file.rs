@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::{now_unix, Record, SaveOutcome, SessionId, SessionStore, StoreError};
+use super::{now_unix, Record, RecordCodec, SaveOutcome, SessionId, SessionStore, StoreError};
 
 const ENGINE: &str = "file";
 const SUFFIX: &str = ".session";
@@ -13,6 +13,7 @@ const SUFFIX: &str = ".session";
 /// Sessions as files in one directory.
 pub struct FileStore {
     dir: PathBuf,
+    codec: RecordCodec,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -28,7 +29,16 @@ impl FileStore {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)
             .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            codec: RecordCodec::plain(),
+        })
+    }
+
+    /// Encodes files with `codec` (`sessions.encrypt`).
+    pub fn with_codec(mut self, codec: RecordCodec) -> Self {
+        self.codec = codec;
+        self
     }
 
     /// The directory sessions live in.
@@ -40,16 +50,16 @@ impl FileStore {
         self.dir.join(format!("{}{SUFFIX}", id.as_str()))
     }
 
-    async fn read(&self, path: &Path) -> Result<Option<Record>, StoreError> {
+    async fn read(&self, id: &SessionId, path: &Path) -> Result<Option<Record>, StoreError> {
         match tokio::fs::read(path).await {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| StoreError::Corrupt {
-                        engine: ENGINE,
-                        message: format!("{}: {e}", path.display()),
-                    })
-            }
+            Ok(bytes) => self
+                .codec
+                .decode(id, &bytes)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    engine: ENGINE,
+                    message: format!("{}: {e}", path.display()),
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable(format!("cannot read {}: {e}", path.display()))),
         }
@@ -110,7 +120,7 @@ impl SessionStore for FileStore {
 
     async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
         let path = self.path(id);
-        match self.read(&path).await {
+        match self.read(id, &path).await {
             Ok(Some(r)) if r.is_expired() => {
                 let _ = tokio::fs::remove_file(&path).await;
                 Ok(None)
@@ -133,7 +143,7 @@ impl SessionStore for FileStore {
     ) -> Result<SaveOutcome, StoreError> {
         // The shard actor serialises writes to one id, so read-compare-write is atomic here.
         let path = self.path(id);
-        let current = match self.read(&path).await {
+        let current = match self.read(id, &path).await {
             Ok(Some(r)) if !r.is_expired() => Some(r.version),
             Ok(_) | Err(StoreError::Corrupt { .. }) => None,
             Err(e) => return Err(e),
@@ -141,10 +151,7 @@ impl SessionStore for FileStore {
         if current != expected {
             return Ok(SaveOutcome::Conflict);
         }
-        let bytes = serde_json::to_vec(record).map_err(|e| StoreError::Other {
-            engine: ENGINE,
-            message: e.to_string(),
-        })?;
+        let bytes = self.codec.encode(id, record)?;
         tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
             .await
             .map_err(unavailable)?
@@ -163,8 +170,8 @@ impl SessionStore for FileStore {
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         let now = now_unix();
         let mut n = 0;
-        for (_, path) in self.all().await? {
-            let expired = match self.read(&path).await {
+        for (id, path) in self.all().await? {
+            let expired = match self.read(&id, &path).await {
                 Ok(Some(r)) => r.is_expired_at(now),
                 Ok(None) => false,
                 Err(StoreError::Corrupt { .. }) => true,
@@ -181,7 +188,7 @@ impl SessionStore for FileStore {
         let now = now_unix();
         let mut out = Vec::new();
         for (id, path) in self.all().await? {
-            if let Ok(Some(r)) = self.read(&path).await {
+            if let Ok(Some(r)) = self.read(&id, &path).await {
                 if !r.is_expired_at(now) && r.user() == Some(user) {
                     out.push(id);
                 }

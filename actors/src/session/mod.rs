@@ -5,23 +5,37 @@
 //! sessions that hash to it and resolves concurrent writes by compare-and-swap on the record's
 //! version, re-applying the request's [`Change`]s to the fresh data on a conflict.
 
+mod cached_db;
 mod change;
+mod codec;
 mod file;
 mod handle;
 mod id;
+mod memcached;
 mod memory;
+mod nats_kv;
+mod postgres;
+mod redis;
 mod shard;
 mod signed;
 mod store;
 
+pub use self::redis::RedisStore;
+pub use cached_db::CachedDbStore;
 pub use change::{Change, UpdateFn};
+pub use codec::RecordCodec;
 pub use file::FileStore;
 pub use handle::{Expiry, Session, SessionState, EXPIRY_KEY};
 pub use id::SessionId;
+pub use memcached::MemcachedStore;
 pub use memory::MemoryStore;
-pub use shard::{DeleteSession, LoadSession, SaveSession, Saved, SessionShard, SessionShards};
+pub use nats_kv::{NatsConnect, NatsKvStore, NatsLink};
+pub use postgres::{connect_pool, migrate, pg_error, pool_error, PgPool, PostgresStore};
+pub use shard::{
+    DeleteSession, LoadSession, SaveSession, Saved, SessionShard, SessionShards, MAX_BATCH,
+};
 pub use signed::{CookieSigner, SignedCookieError, SIGNED_COOKIE_MAX_BYTES};
-pub use store::{Record, SaveOutcome, SessionStore, StoreError};
+pub use store::{Record, SaveItem, SaveOutcome, SessionStore, StoreError};
 
 /// The session key holding the logged-in user's name.
 pub const AUTH_USER_KEY: &str = "_auth_user";

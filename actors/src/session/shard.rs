@@ -1,19 +1,27 @@
 //! The session shard actors and the router that picks one by session id.
 //!
-//! Each [`SessionShard`] owns the writes to the sessions whose id hashes to it: it handles one
-//! [`SaveSession`] at a time (an atomic response), so two writes to one id on one node never
-//! interleave, and the engine's version check settles writes from other nodes. Loads are
-//! answered concurrently. Handlers never block: engine I/O is awaited in the response future.
+//! Each [`SessionShard`] owns the writes to the sessions whose id hashes to it: one group write
+//! is in flight at a time and never holds two writes to one id, so two writes to one id on one
+//! node never interleave, and the engine's version check settles writes from other nodes.
+//! Loads are answered concurrently. Handlers never block: engine I/O is awaited in futures.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use actix::prelude::*;
 use serde_json::{Map, Value};
+use tokio::sync::oneshot;
 
-use super::{now_unix, Change, Record, SaveOutcome, SessionError, SessionId, SessionStore};
+use super::{
+    now_unix, Change, Record, SaveItem, SaveOutcome, SessionError, SessionId, SessionStore,
+    StoreError,
+};
 
 /// How many times a write is re-applied after losing a race before giving up.
 const MAX_SAVE_ATTEMPTS: u32 = 32;
+
+/// Most saves one group write carries.
+pub const MAX_BATCH: usize = 64;
 
 /// Load the live record of a session.
 #[derive(Message)]
@@ -58,14 +66,96 @@ pub struct DeleteSession {
 }
 
 /// One shard: a mailbox in front of the engine for the sessions that hash to it.
+///
+/// Saves queue up while a write is in flight; the next write takes every queued save (distinct
+/// ids, at most [`MAX_BATCH`]) to the engine at once with [`SessionStore::save_batch`] — a
+/// group commit on engines that support it. Each request is answered only after its own data
+/// is stored; a save that lost its version check is re-applied to the fresh data and queued
+/// again.
 pub struct SessionShard {
     store: Arc<dyn SessionStore>,
+    queue: VecDeque<PendingSave>,
+    flushing: bool,
+}
+
+/// A save waiting for (or in) a group write.
+struct PendingSave {
+    id: SessionId,
+    expected: Option<u64>,
+    data: Map<String, Value>,
+    changes: Vec<Change>,
+    expires_at: i64,
+    max_size: usize,
+    delete_after: Option<SessionId>,
+    attempts: u32,
+    reply: oneshot::Sender<Result<Saved, SessionError>>,
 }
 
 impl SessionShard {
     /// A shard writing to `store`.
     pub fn new(store: Arc<dyn SessionStore>) -> Self {
-        Self { store }
+        Self {
+            store,
+            queue: VecDeque::new(),
+            flushing: false,
+        }
+    }
+
+    /// Takes the next batch from the queue: distinct ids, in arrival order, at most
+    /// [`MAX_BATCH`]; sessions over `max_size` are answered at once.
+    fn next_batch(&mut self) -> Vec<(PendingSave, SaveItem)> {
+        let mut batch = Vec::new();
+        let mut ids = HashSet::new();
+        let mut rest = VecDeque::with_capacity(self.queue.len());
+        let now = now_unix();
+        while let Some(p) = self.queue.pop_front() {
+            if batch.len() >= MAX_BATCH || ids.contains(&p.id) {
+                rest.push_back(p);
+                continue;
+            }
+            if let Err(e) = check_size(&p.data, p.max_size) {
+                let _ = p.reply.send(Err(e));
+                continue;
+            }
+            ids.insert(p.id.clone());
+            let item = SaveItem {
+                id: p.id.clone(),
+                record: Record {
+                    data: p.data.clone(),
+                    expires_at: p.expires_at,
+                    version: p.expected.map_or(1, |v| v + 1),
+                    updated_at: now,
+                },
+                expected: p.expected,
+            };
+            batch.push((p, item));
+        }
+        self.queue = rest;
+        batch
+    }
+
+    /// Starts a group write unless one is in flight or nothing waits.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.flushing {
+            return;
+        }
+        let batch = self.next_batch();
+        if batch.is_empty() {
+            return;
+        }
+        self.flushing = true;
+        let store = self.store.clone();
+        ctx.spawn(
+            write_batch(store, batch)
+                .into_actor(self)
+                .map(|retry, act, ctx| {
+                    act.flushing = false;
+                    for p in retry.into_iter().rev() {
+                        act.queue.push_front(p);
+                    }
+                    act.flush(ctx);
+                }),
+        );
     }
 }
 
@@ -76,6 +166,8 @@ impl Actor for SessionShard {
 impl Supervised for SessionShard {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         tracing::warn!(engine = self.store.engine(), "session shard restarting");
+        self.queue.clear();
+        self.flushing = false;
     }
 }
 
@@ -89,11 +181,31 @@ impl Handler<LoadSession> for SessionShard {
 }
 
 impl Handler<SaveSession> for SessionShard {
-    type Result = AtomicResponse<Self, Result<Saved, SessionError>>;
+    type Result = ResponseFuture<Result<Saved, SessionError>>;
 
-    fn handle(&mut self, msg: SaveSession, _ctx: &mut Context<Self>) -> Self::Result {
-        let store = self.store.clone();
-        AtomicResponse::new(Box::pin(save(store, msg).into_actor(self)))
+    fn handle(&mut self, msg: SaveSession, ctx: &mut Context<Self>) -> Self::Result {
+        let (reply, answer) = oneshot::channel();
+        let (id, expected) = match msg.id {
+            Some(id) => (id, msg.base_version),
+            None => (SessionId::generate(), None),
+        };
+        self.queue.push_back(PendingSave {
+            id,
+            expected,
+            data: msg.data,
+            changes: msg.changes,
+            expires_at: msg.expires_at,
+            max_size: msg.max_size,
+            delete_after: msg.delete_after,
+            attempts: 0,
+            reply,
+        });
+        self.flush(ctx);
+        Box::pin(async move {
+            answer.await.map_err(|_| {
+                SessionError::Mailbox("the session shard stopped before the write finished".into())
+            })?
+        })
     }
 }
 
@@ -119,62 +231,90 @@ fn check_size(data: &Map<String, Value>, max: usize) -> Result<(), SessionError>
     Ok(())
 }
 
-/// The compare-and-swap loop: write the request's data if nothing changed since it loaded;
-/// otherwise re-apply its changes to the fresh data and try again.
-async fn save(store: Arc<dyn SessionStore>, msg: SaveSession) -> Result<Saved, SessionError> {
-    let SaveSession {
-        id,
-        base_version,
-        mut data,
-        changes,
-        expires_at,
-        max_size,
-        delete_after,
-    } = msg;
-    let (id, mut expected) = match id {
-        Some(id) => (id, base_version),
-        None => (SessionId::generate(), None),
-    };
-    for attempt in 1..=MAX_SAVE_ATTEMPTS {
-        check_size(&data, max_size)?;
-        let record = Record {
-            data,
-            expires_at,
-            version: expected.map_or(1, |v| v + 1),
-            updated_at: now_unix(),
-        };
-        match store.save(&id, &record, expected).await? {
-            SaveOutcome::Saved => {
-                if let Some(old) = delete_after.filter(|old| *old != id) {
-                    store.delete(&old).await?;
-                }
-                return Ok(Saved {
-                    id,
-                    version: record.version,
-                });
+/// One group write: every item in one `save_batch`; then each saved request is answered (after
+/// deleting the id it cycled away from), and each that lost its version check gets the fresh
+/// data with its changes re-applied and comes back to be queued again.
+async fn write_batch(
+    store: Arc<dyn SessionStore>,
+    batch: Vec<(PendingSave, SaveItem)>,
+) -> Vec<PendingSave> {
+    let items: Vec<SaveItem> = batch.iter().map(|(_, item)| item.clone()).collect();
+    let outcomes = store.save_batch(&items).await;
+    let mut saved = Vec::new();
+    let mut conflicts = Vec::new();
+    let mut outcomes = outcomes.into_iter();
+    for (p, item) in batch {
+        match outcomes.next() {
+            Some(Ok(SaveOutcome::Saved)) => saved.push((p, item.record.version)),
+            Some(Ok(SaveOutcome::Conflict)) => conflicts.push(p),
+            Some(Err(e)) => {
+                let _ = p.reply.send(Err(e.into()));
             }
-            SaveOutcome::Conflict => {
-                let fresh = store.load(&id).await?;
-                tracing::debug!(session = %id, attempt, "session write conflict, re-applying");
-                let (base, version) = match fresh {
-                    Some(r) => (r.data, Some(r.version)),
-                    // The session ended meanwhile (logout elsewhere, expiry): start it anew
-                    // from the request's changes alone rather than resurrecting old data.
-                    None => (Map::new(), None),
-                };
-                data = base;
-                Change::apply_all(&changes, &mut data).map_err(|message| SessionError::Value {
-                    key: "*".into(),
-                    message,
-                })?;
-                expected = version;
+            None => {
+                let _ = p.reply.send(Err(SessionError::Store(StoreError::Other {
+                    engine: store.engine(),
+                    message: "the engine answered fewer writes than it was given".into(),
+                })));
             }
         }
     }
-    Err(SessionError::Contention {
-        id: id.to_string(),
-        attempts: MAX_SAVE_ATTEMPTS,
-    })
+    let finish = saved.into_iter().map(|(p, version)| {
+        let store = store.clone();
+        async move {
+            let result = match p.delete_after.as_ref().filter(|old| **old != p.id) {
+                Some(old) => store.delete(old).await.map_err(SessionError::from),
+                None => Ok(()),
+            };
+            let _ = p.reply.send(result.map(|()| Saved { id: p.id, version }));
+        }
+    });
+    let reapply = conflicts.into_iter().map(|p| {
+        let store = store.clone();
+        async move { reapply(store.as_ref(), p).await }
+    });
+    let (_, retry) = futures_util::future::join(
+        futures_util::future::join_all(finish),
+        futures_util::future::join_all(reapply),
+    )
+    .await;
+    retry.into_iter().flatten().collect()
+}
+
+/// A save that lost a race: re-applies its changes to the fresh data (or answers it when it
+/// cannot go on).
+async fn reapply(store: &dyn SessionStore, mut p: PendingSave) -> Option<PendingSave> {
+    p.attempts += 1;
+    if p.attempts >= MAX_SAVE_ATTEMPTS {
+        let _ = p.reply.send(Err(SessionError::Contention {
+            id: p.id.to_string(),
+            attempts: p.attempts,
+        }));
+        return None;
+    }
+    tracing::debug!(session = %p.id, attempt = p.attempts, "session write conflict, re-applying");
+    let fresh = match store.load(&p.id).await {
+        Ok(fresh) => fresh,
+        Err(e) => {
+            let _ = p.reply.send(Err(e.into()));
+            return None;
+        }
+    };
+    let (mut data, version) = match fresh {
+        Some(r) => (r.data, Some(r.version)),
+        // The session ended meanwhile (logout elsewhere, expiry): start it anew from the
+        // request's changes alone rather than resurrecting old data.
+        None => (Map::new(), None),
+    };
+    if let Err(message) = Change::apply_all(&p.changes, &mut data) {
+        let _ = p.reply.send(Err(SessionError::Value {
+            key: "*".into(),
+            message,
+        }));
+        return None;
+    }
+    p.data = data;
+    p.expected = version;
+    Some(p)
 }
 
 /// The shards of one node and the store behind them.

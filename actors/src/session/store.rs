@@ -46,8 +46,19 @@ pub enum SaveOutcome {
     Conflict,
 }
 
+/// One write of a batch (see [`SessionStore::save_batch`]).
+#[derive(Debug, Clone)]
+pub struct SaveItem {
+    /// The session's id.
+    pub id: SessionId,
+    /// The record to write (its `version` is the new version).
+    pub record: Record,
+    /// The version the write expects to replace (`None`: only if no live record exists).
+    pub expected: Option<u64>,
+}
+
 /// Why an engine failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The service is unreachable or timed out: the request gets a 503, retrying may work.
     #[error("session engine {engine} unavailable: {message}")]
@@ -95,6 +106,18 @@ pub trait SessionStore: Send + Sync + 'static {
         record: &Record,
         expected: Option<u64>,
     ) -> Result<SaveOutcome, StoreError>;
+
+    /// Writes several records of distinct ids, each with its own version check, answering
+    /// per item in order. Engines that can should write them in one round trip and commit
+    /// them together (group commit); the default runs the single saves concurrently.
+    async fn save_batch(&self, items: &[SaveItem]) -> Vec<Result<SaveOutcome, StoreError>> {
+        futures_util::future::join_all(
+            items
+                .iter()
+                .map(|i| self.save(&i.id, &i.record, i.expected)),
+        )
+        .await
+    }
 
     /// Deletes the record under `id` (no error if missing).
     async fn delete(&self, id: &SessionId) -> Result<(), StoreError>;

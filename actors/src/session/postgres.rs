@@ -1,0 +1,545 @@
+//! The `postgres` engine: one row per session (versioned, expiry indexed, owner indexed), over a
+//! bb8 pool. A batch of saves is one statement, so a shard's group commit is one round trip and
+//! one transaction; each row carries its own compare-and-swap result.
+//!
+//! The database named in `postgres.url` is created when missing (through the `postgres`
+//! maintenance database of the same server), and the tables when missing, under an advisory
+//! lock so that nodes starting together do not race.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bb8_postgres::PostgresConnectionManager;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
+use tokio_postgres::NoTls;
+
+use super::{
+    now_unix, Record, RecordCodec, SaveItem, SaveOutcome, SessionId, SessionStore, StoreError,
+};
+
+const ENGINE: &str = "postgres";
+
+/// How long getting a pooled connection (or a first connection) may take before the service
+/// counts as unavailable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A pool of Postgres connections.
+pub type PgPool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+
+/// Advisory lock key serialising schema creation across nodes ("switchyd" in ASCII).
+const SCHEMA_LOCK: i64 = 0x7377_6974_6368_7964;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS switchyard_sessions (
+    id          text   PRIMARY KEY,
+    data        bytea  NOT NULL,
+    username    text,
+    expires_at  bigint NOT NULL,
+    version     bigint NOT NULL,
+    updated_at  bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS switchyard_sessions_expires_at_idx
+    ON switchyard_sessions (expires_at);
+CREATE INDEX IF NOT EXISTS switchyard_sessions_username_idx
+    ON switchyard_sessions (username) WHERE username IS NOT NULL;
+";
+
+/// Every save of a batch in one statement: rows that expect a version update only that
+/// version of a live row; rows that expect nothing insert, or take over an expired row. The
+/// ids returned are the rows written.
+const SAVE_BATCH: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[], $5::int8[],
+                         $6::int8[], $7::int8[])
+        AS t(id, data, username, expires_at, version, updated_at, expected)
+), upd AS (
+    UPDATE switchyard_sessions s
+       SET data = i.data, username = i.username, expires_at = i.expires_at,
+           version = i.version, updated_at = i.updated_at
+      FROM input i
+     WHERE s.id = i.id AND i.expected IS NOT NULL AND s.version = i.expected
+       AND s.expires_at > $8
+    RETURNING s.id
+), ins AS (
+    INSERT INTO switchyard_sessions AS s (id, data, username, expires_at, version, updated_at)
+    SELECT id, data, username, expires_at, version, updated_at FROM input WHERE expected IS NULL
+    ON CONFLICT (id) DO UPDATE
+       SET data = EXCLUDED.data, username = EXCLUDED.username,
+           expires_at = EXCLUDED.expires_at, version = EXCLUDED.version,
+           updated_at = EXCLUDED.updated_at
+     WHERE s.expires_at <= $8
+    RETURNING s.id
+)
+SELECT id FROM upd UNION ALL SELECT id FROM ins";
+
+/// Maps a Postgres error: connection trouble is `Unavailable` (503, retry later).
+pub fn pg_error(engine: &'static str, e: tokio_postgres::Error) -> StoreError {
+    let unavailable = match e.code() {
+        None => true,
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08")
+                || c.starts_with("53")
+                || c.starts_with("57P")
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+        }
+    };
+    let message = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    };
+    if unavailable {
+        StoreError::Unavailable { engine, message }
+    } else {
+        StoreError::Other { engine, message }
+    }
+}
+
+/// Maps a pool error: a timeout waiting for a connection is `Unavailable`.
+pub fn pool_error(engine: &'static str, e: bb8::RunError<tokio_postgres::Error>) -> StoreError {
+    match e {
+        bb8::RunError::User(e) => pg_error(engine, e),
+        bb8::RunError::TimedOut => StoreError::Unavailable {
+            engine,
+            message: format!("no database connection within {CONNECT_TIMEOUT:?}"),
+        },
+    }
+}
+
+/// Connects to `url`, creating its database when missing, and returns a pool of `size`.
+pub async fn connect_pool(url: &str, size: u32) -> Result<PgPool, StoreError> {
+    let config = tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Other {
+        engine: ENGINE,
+        message: format!("invalid URL: {e}"),
+    })?;
+    match probe(&config).await {
+        Ok(()) => {}
+        Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {
+            create_database(&config).await?;
+        }
+        Err(e) => return Err(pg_error(ENGINE, e)),
+    }
+    let manager = PostgresConnectionManager::new(config, NoTls);
+    bb8::Pool::builder()
+        .max_size(size.max(1))
+        .connection_timeout(CONNECT_TIMEOUT)
+        // A broken connection fails its query (a 503 for that request) and is dropped when
+        // returned; checking every checkout would cost a round trip per query.
+        .test_on_check_out(false)
+        .build(manager)
+        .await
+        .map_err(|e| pg_error(ENGINE, e))
+}
+
+async fn connect(
+    config: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("postgres connection closed: {e}");
+        }
+    });
+    Ok(client)
+}
+
+async fn probe(config: &tokio_postgres::Config) -> Result<(), tokio_postgres::Error> {
+    let mut config = config.clone();
+    config.connect_timeout(CONNECT_TIMEOUT);
+    let client = connect(&config).await?;
+    client.simple_query("SELECT 1").await.map(|_| ())
+}
+
+async fn create_database(config: &tokio_postgres::Config) -> Result<(), StoreError> {
+    let name = config.get_dbname().unwrap_or("postgres").to_owned();
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    admin.connect_timeout(CONNECT_TIMEOUT);
+    let client = connect(&admin).await.map_err(|e| pg_error(ENGINE, e))?;
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    match client
+        .simple_query(&format!("CREATE DATABASE {quoted}"))
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(database = %name, "created the database");
+            Ok(())
+        }
+        // Another node created it first.
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => Ok(()),
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(()),
+        Err(e) => Err(pg_error(ENGINE, e)),
+    }
+}
+
+/// Runs `ddl` (idempotent statements) under the schema advisory lock.
+pub async fn migrate(pool: &PgPool, engine: &'static str, ddl: &str) -> Result<(), StoreError> {
+    let mut conn = pool.get().await.map_err(|e| pool_error(engine, e))?;
+    let tx = conn.transaction().await.map_err(|e| pg_error(engine, e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+        .await
+        .map_err(|e| pg_error(engine, e))?;
+    tx.batch_execute(ddl)
+        .await
+        .map_err(|e| pg_error(engine, e))?;
+    tx.commit().await.map_err(|e| pg_error(engine, e))
+}
+
+/// Sessions in a Postgres table.
+pub struct PostgresStore {
+    pool: PgPool,
+    codec: RecordCodec,
+    batches: AtomicU64,
+    rows: AtomicU64,
+}
+
+impl PostgresStore {
+    /// The engine over `pool`, creating its tables when missing.
+    pub async fn open(pool: PgPool, codec: RecordCodec) -> Result<Self, StoreError> {
+        migrate(&pool, ENGINE, SCHEMA).await?;
+        Ok(Self {
+            pool,
+            codec,
+            batches: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+        })
+    }
+
+    /// The pool (shared with the Postgres auth store).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Batch statements written so far and the rows they carried (group commit's effect).
+    pub fn batch_stats(&self) -> (u64, u64) {
+        (
+            self.batches.load(Ordering::Relaxed),
+            self.rows.load(Ordering::Relaxed),
+        )
+    }
+
+    async fn conn(
+        &self,
+    ) -> Result<bb8::PooledConnection<'_, PostgresConnectionManager<NoTls>>, StoreError> {
+        self.pool.get().await.map_err(|e| pool_error(ENGINE, e))
+    }
+
+    async fn write_batch(&self, items: &[SaveItem]) -> Result<Vec<SaveOutcome>, StoreError> {
+        let n = items.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut data = Vec::with_capacity(n);
+        let mut users = Vec::with_capacity(n);
+        let mut expires = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut updated = Vec::with_capacity(n);
+        let mut expected = Vec::with_capacity(n);
+        for item in items {
+            ids.push(item.id.as_str().to_owned());
+            data.push(self.codec.encode(&item.id, &item.record)?);
+            users.push(item.record.user().map(str::to_owned));
+            expires.push(item.record.expires_at);
+            versions.push(to_i64(item.record.version));
+            updated.push(item.record.updated_at);
+            expected.push(item.expected.map(to_i64));
+        }
+        let now = now_unix();
+        let conn = self.conn().await?;
+        let rows = conn
+            .query_typed(
+                SAVE_BATCH,
+                &[
+                    (&ids, Type::TEXT_ARRAY),
+                    (&data, Type::BYTEA_ARRAY),
+                    (&users, Type::TEXT_ARRAY),
+                    (&expires, Type::INT8_ARRAY),
+                    (&versions, Type::INT8_ARRAY),
+                    (&updated, Type::INT8_ARRAY),
+                    (&expected, Type::INT8_ARRAY),
+                    (&now, Type::INT8),
+                ],
+            )
+            .await
+            .map_err(|e| pg_error(ENGINE, e))?;
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.rows.fetch_add(n as u64, Ordering::Relaxed);
+        let written: std::collections::HashSet<String> =
+            rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+        Ok(items
+            .iter()
+            .map(|i| {
+                if written.contains(i.id.as_str()) {
+                    SaveOutcome::Saved
+                } else {
+                    SaveOutcome::Conflict
+                }
+            })
+            .collect())
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl SessionStore for PostgresStore {
+    fn engine(&self) -> &'static str {
+        ENGINE
+    }
+
+    async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_typed(
+                "SELECT data FROM switchyard_sessions WHERE id = $1 AND expires_at > $2",
+                &[(&id.as_str(), Type::TEXT), (&now_unix(), Type::INT8)],
+            )
+            .await
+            .map_err(|e| pg_error(ENGINE, e))?;
+        let Some(row) = row.first() else {
+            return Ok(None);
+        };
+        let bytes: &[u8] = row.try_get(0).map_err(|e| pg_error(ENGINE, e))?;
+        match self.codec.decode(id, bytes) {
+            Ok(r) if !r.is_expired() => Ok(Some(r)),
+            Ok(_) => Ok(None),
+            Err(e) => {
+                tracing::warn!(session = %id, "unreadable session row, treated as missing: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn save(
+        &self,
+        id: &SessionId,
+        record: &Record,
+        expected: Option<u64>,
+    ) -> Result<SaveOutcome, StoreError> {
+        let item = SaveItem {
+            id: id.clone(),
+            record: record.clone(),
+            expected,
+        };
+        let mut out = self.write_batch(std::slice::from_ref(&item)).await?;
+        Ok(out.pop().unwrap_or(SaveOutcome::Conflict))
+    }
+
+    async fn save_batch(&self, items: &[SaveItem]) -> Vec<Result<SaveOutcome, StoreError>> {
+        match self.write_batch(items).await {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            Err(e) => items.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    async fn delete(&self, id: &SessionId) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        conn.query_typed(
+            "DELETE FROM switchyard_sessions WHERE id = $1",
+            &[(&id.as_str(), Type::TEXT)],
+        )
+        .await
+        .map_err(|e| pg_error(ENGINE, e))?;
+        Ok(())
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let conn = self.conn().await?;
+        conn.execute(
+            "DELETE FROM switchyard_sessions WHERE expires_at <= $1",
+            &[&now_unix()],
+        )
+        .await
+        .map_err(|e| pg_error(ENGINE, e))
+    }
+
+    async fn sessions_of(&self, user: &str) -> Result<Vec<SessionId>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query_typed(
+                "SELECT id FROM switchyard_sessions WHERE username = $1 AND expires_at > $2",
+                &[(&user, Type::TEXT), (&now_unix(), Type::INT8)],
+            )
+            .await
+            .map_err(|e| pg_error(ENGINE, e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.try_get::<_, &str>(0).ok())
+            .filter_map(SessionId::parse)
+            .collect())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        conn.simple_query("SELECT 1")
+            .await
+            .map(|_| ())
+            .map_err(|e| pg_error(ENGINE, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{Change, SaveSession, SessionShards, UpdateFn};
+    use serde_json::{json, Value};
+    use std::sync::Arc;
+
+    /// A fresh database on the test Postgres, or `None` (skipped) when it is unreachable.
+    async fn fresh_store() -> Option<(PostgresStore, String)> {
+        let base = std::env::var("SWITCHYARD_POSTGRES__URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/switchyard".into());
+        let host = base
+            .split("://")
+            .nth(1)?
+            .split('/')
+            .next()?
+            .rsplit('@')
+            .next()?;
+        let reachable = std::net::TcpStream::connect(host).is_ok();
+        if !reachable {
+            assert_ne!(
+                std::env::var("SWITCHYARD_REQUIRE_SERVICES").as_deref(),
+                Ok("1"),
+                "postgres not reachable at {base}"
+            );
+            println!("SKIPPED: postgres not reachable at {base}");
+            return None;
+        }
+        let db = format!(
+            "sy_t_unit_{}",
+            &SessionId::generate().as_str()[..12].to_lowercase()
+        )
+        .replace('-', "_");
+        let url = match base.rfind('/') {
+            Some(i) if i > base.find("://")? + 2 => format!("{}/{db}", &base[..i]),
+            _ => format!("{base}/{db}"),
+        };
+        let pool = connect_pool(&url, 4).await.ok()?;
+        let store = PostgresStore::open(pool, RecordCodec::plain()).await.ok()?;
+        Some((store, url))
+    }
+
+    async fn drop_db(url: &str) {
+        let Ok(config) = tokio_postgres::Config::from_str(url) else {
+            return;
+        };
+        let db = config.get_dbname().unwrap_or_default().to_owned();
+        let mut admin = config.clone();
+        admin.dbname("postgres");
+        if let Ok(client) = connect(&admin).await {
+            let _ = client
+                .simple_query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                .await;
+        }
+    }
+
+    fn record(n: i64, version: u64) -> Record {
+        Record {
+            data: json!({ "n": n }).as_object().cloned().unwrap_or_default(),
+            expires_at: now_unix() + 60,
+            version,
+            updated_at: now_unix(),
+        }
+    }
+
+    fn item(id: &SessionId, n: i64, expected: Option<u64>) -> SaveItem {
+        SaveItem {
+            id: id.clone(),
+            record: record(n, expected.map_or(1, |v| v + 1)),
+            expected,
+        }
+    }
+
+    #[actix_rt::test]
+    async fn one_statement_answers_each_row_its_own_cas_result() -> Result<(), StoreError> {
+        let Some((store, url)) = fresh_store().await else {
+            return Ok(());
+        };
+        let [a, b, c, d, e] = std::array::from_fn(|_| SessionId::generate());
+        for id in [&b, &c, &e] {
+            assert_eq!(
+                store.save(id, &record(0, 1), None).await?,
+                SaveOutcome::Saved
+            );
+        }
+        let before = store.batch_stats().0;
+        let outcomes = store
+            .save_batch(&[
+                item(&a, 1, None),    // new: written
+                item(&b, 2, Some(1)), // current version: written
+                item(&c, 3, Some(7)), // stale version: conflict
+                item(&d, 4, Some(1)), // no such session: conflict
+                item(&e, 5, None),    // exists and live: conflict
+            ])
+            .await;
+        let outcomes: Vec<SaveOutcome> = outcomes.into_iter().collect::<Result<_, _>>()?;
+        use SaveOutcome::{Conflict, Saved};
+        assert_eq!(outcomes, vec![Saved, Saved, Conflict, Conflict, Conflict]);
+        assert_eq!(store.batch_stats().0, before + 1, "one statement");
+        let n = |r: Option<Record>| r.map(|r| (r.data["n"].clone(), r.version));
+        assert_eq!(n(store.load(&a).await?), Some((json!(1), 1)));
+        assert_eq!(n(store.load(&b).await?), Some((json!(2), 2)));
+        assert_eq!(n(store.load(&c).await?), Some((json!(0), 1)));
+        assert_eq!(n(store.load(&d).await?), None);
+        assert_eq!(n(store.load(&e).await?), Some((json!(0), 1)));
+        drop(store);
+        drop_db(&url).await;
+        Ok(())
+    }
+
+    #[actix_rt::test]
+    async fn a_shard_group_commits_waiting_saves() -> Result<(), Box<dyn std::error::Error>> {
+        let Some((store, url)) = fresh_store().await else {
+            return Ok(());
+        };
+        let store = Arc::new(store);
+        let arbiter = actix::Arbiter::new();
+        let shards = SessionShards::start(1, store.clone(), &arbiter.handle());
+        let inc: UpdateFn = Arc::new(|v| Ok(json!(v.and_then(Value::as_i64).unwrap_or(0) + 1)));
+        let msg = |id: Option<SessionId>, base: Option<u64>, n: i64| SaveSession {
+            id,
+            base_version: base,
+            data: json!({ "n": n }).as_object().cloned().unwrap_or_default(),
+            changes: vec![Change::Update("n".into(), inc.clone())],
+            expires_at: now_unix() + 60,
+            max_size: 1024,
+            delete_after: None,
+        };
+        // 40 new sessions at once on one shard: fewer statements than saves.
+        let (batches0, rows0) = store.batch_stats();
+        let saves = (0..40).map(|_| shards.save(msg(None, None, 1)));
+        let saved: Vec<_> = futures_util::future::join_all(saves)
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        let (batches, rows) = store.batch_stats();
+        assert_eq!(rows - rows0, 40);
+        assert!(
+            batches - batches0 < 40,
+            "{} statements for 40 saves",
+            batches - batches0
+        );
+        for s in &saved {
+            assert!(
+                store.load(&s.id).await?.is_some(),
+                "answered only once committed"
+            );
+        }
+        // 20 writers from one base version: each re-applied after losing, none lost.
+        let first = &saved[0];
+        let writes =
+            (0..20).map(|_| shards.save(msg(Some(first.id.clone()), Some(first.version), 2)));
+        for r in futures_util::future::join_all(writes).await {
+            r?;
+        }
+        let rec = store.load(&first.id).await?.ok_or("session gone")?;
+        assert_eq!(rec.data["n"], json!(21));
+        arbiter.stop();
+        drop_db(&url).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,407 @@
+//! Outages of a session engine's service, on private servers this test starts and stops (a
+//! temporary `initdb` Postgres cluster, a `nats-server` with its own store): requests that
+//! need the session get 503 and `/readyz` names the failing check; once the service is back
+//! the node serves again without a restart, with every committed session intact.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{marker, spawn_node, Node, NodeOptions};
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const NATS_SERVER: &str = "/usr/sbin/nats-server";
+/// How long a node may take to serve again after its service came back.
+const RECOVERY: Duration = Duration::from_secs(20);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_port(port: u16, up: bool, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let open = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        if open == up {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A private Postgres cluster in a temporary directory, run as the `postgres` user.
+struct PrivatePostgres {
+    dir: PathBuf,
+    port: u16,
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+fn as_postgres(program: &str, args: &[&str]) -> bool {
+    let is_root = is_root();
+    let mut cmd = if is_root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", program]);
+        c
+    } else {
+        Command::new(program)
+    };
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl PrivatePostgres {
+    /// `None` (skipped, or failed under SWITCHYARD_REQUIRE_SERVICES=1) without the binaries.
+    fn start() -> Option<Self> {
+        if !Path::new(PG_BIN).join("initdb").exists() {
+            if std::env::var("SWITCHYARD_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                panic!("{PG_BIN}/initdb not found (SWITCHYARD_REQUIRE_SERVICES=1)");
+            }
+            println!("SKIPPED: {PG_BIN}/initdb not found");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(common::unique_name("sy-pg-"));
+        std::fs::create_dir_all(&dir).expect("pg dir");
+        if is_root() {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status();
+        }
+        let data = dir.join("data");
+        let data_s = data.to_string_lossy().into_owned();
+        assert!(
+            as_postgres(
+                &format!("{PG_BIN}/initdb"),
+                &["-D", &data_s, "-A", "trust", "-U", "postgres", "--no-sync"],
+            ),
+            "initdb"
+        );
+        let pg = PrivatePostgres {
+            dir,
+            port: free_port(),
+        };
+        pg.up();
+        Some(pg)
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    fn up(&self) {
+        let data = self.dir.join("data").to_string_lossy().into_owned();
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
+            self.port,
+            self.dir.to_string_lossy()
+        );
+        assert!(
+            as_postgres(
+                &format!("{PG_BIN}/pg_ctl"),
+                &["-D", &data, "-o", &opts, "-w", "-t", "30", "start"],
+            ),
+            "pg_ctl start"
+        );
+        assert!(wait_port(self.port, true, Duration::from_secs(10)));
+    }
+
+    fn down(&self) {
+        let data = self.dir.join("data").to_string_lossy().into_owned();
+        as_postgres(
+            &format!("{PG_BIN}/pg_ctl"),
+            &["-D", &data, "-m", "fast", "-w", "-t", "30", "stop"],
+        );
+        assert!(wait_port(self.port, false, Duration::from_secs(10)));
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data").to_string_lossy().into_owned();
+        as_postgres(
+            &format!("{PG_BIN}/pg_ctl"),
+            &["-D", &data, "-m", "immediate", "-w", "-t", "10", "stop"],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A private `nats-server -js` with its own store directory.
+struct PrivateNats {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateNats {
+    fn start() -> Option<Self> {
+        if !Path::new(NATS_SERVER).exists() {
+            if std::env::var("SWITCHYARD_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                panic!("{NATS_SERVER} not found (SWITCHYARD_REQUIRE_SERVICES=1)");
+            }
+            println!("SKIPPED: {NATS_SERVER} not found");
+            return None;
+        }
+        let mut n = PrivateNats {
+            dir: tempfile::tempdir().expect("nats dir"),
+            port: free_port(),
+            child: None,
+        };
+        n.up();
+        Some(n)
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn up(&mut self) {
+        let child = Command::new(NATS_SERVER)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        assert!(wait_port(self.port, true, Duration::from_secs(10)));
+    }
+
+    fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(wait_port(self.port, false, Duration::from_secs(10)));
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn node(env: &[(&str, String)]) -> Node {
+    let mut all: Vec<(String, String)> = vec![
+        (
+            "SWITCHYARD_SERVER__SECRET_KEY".into(),
+            "outage-test-secret-key-0123456789abcdef".into(),
+        ),
+        ("SWITCHYARD_POSTGRES__POOL_SIZE".into(), "4".into()),
+        ("RUST_LOG".into(), "warn".into()),
+    ];
+    all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+    spawn_node(NodeOptions {
+        env: all,
+        ..Default::default()
+    })
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> (u16, String) {
+    match client.get(url).send().await {
+        Ok(res) => {
+            let status = res.status().as_u16();
+            (status, res.text().await.unwrap_or_default())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// A logged-in client with 2 items in its cart; returns the client.
+async fn shopper(node: &Node) -> reqwest::Client {
+    let client = common::client();
+    let (_, page) = get(&client, &node.url("/login")).await;
+    let token = csrf(&page);
+    let res = client
+        .post(node.url("/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "username=alice&password=wonderland{}",
+            token
+                .map(|t| format!("&csrfmiddlewaretoken={t}"))
+                .unwrap_or_default()
+        ))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(res.status().as_u16(), 303);
+    for _ in 0..2 {
+        let (_, page) = get(&client, &node.url("/")).await;
+        let token = csrf(&page);
+        let res = client
+            .post(node.url("/cart/add/1"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(
+                token
+                    .map(|t| format!("csrfmiddlewaretoken={t}"))
+                    .unwrap_or_default(),
+            )
+            .send()
+            .await
+            .expect("add");
+        assert_eq!(res.status().as_u16(), 303);
+    }
+    client
+}
+
+fn csrf(html: &str) -> Option<String> {
+    let key = "name=\"csrfmiddlewaretoken\" value=\"";
+    let start = html.find(key)? + key.len();
+    let end = html[start..].find('"')? + start;
+    Some(html[start..end].to_owned())
+}
+
+/// While the service is down: the cart page is a 503 and /readyz names the sessions check.
+async fn assert_unavailable(client: &reqwest::Client, node: &Node) {
+    let (status, page) = get(client, &node.url("/cart")).await;
+    assert_eq!(status, 503, "{page}");
+    assert!(
+        page.to_lowercase().contains("unavailable"),
+        "a clear page: {page}"
+    );
+    let (status, body) = get(client, &node.url("/readyz")).await;
+    assert_eq!(status, 503, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("readyz json");
+    assert_eq!(v["checks"]["sessions"]["ok"], false, "{body}");
+    let (status, _) = get(client, &node.url("/healthz")).await;
+    assert_eq!(status, 200, "the process itself is fine");
+}
+
+/// Once the service is back: polls until the cart page answers, then checks it is intact.
+async fn assert_recovers(client: &reqwest::Client, node: &Node) {
+    let deadline = Instant::now() + RECOVERY;
+    let page = loop {
+        let (status, page) = get(client, &node.url("/cart")).await;
+        if status == 200 {
+            break page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not serving {RECOVERY:?} after the service came back: {status} {page}\n{}",
+            node.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(marker(&page, "cart-count").as_deref(), Some("2"), "{page}");
+    assert_eq!(marker(&page, "user").as_deref(), Some("alice"));
+    let (status, body) = get(client, &node.url("/readyz")).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[actix_rt::test]
+async fn postgres_outage_gives_503_and_recovers_with_sessions_intact() {
+    let Some(pg) = PrivatePostgres::start() else {
+        return;
+    };
+    let a = node(&[
+        ("SWITCHYARD_SESSIONS__ENGINE", "postgres".into()),
+        ("SWITCHYARD_POSTGRES__URL", pg.url("switchyard")),
+    ]);
+    let client = shopper(&a).await;
+    pg.down();
+    assert_unavailable(&client, &a).await;
+    pg.up();
+    assert_recovers(&client, &a).await;
+}
+
+#[actix_rt::test]
+async fn nats_kv_outage_gives_503_and_recovers_with_sessions_intact() {
+    let Some(mut nats) = PrivateNats::start() else {
+        return;
+    };
+    let a = node(&[
+        ("SWITCHYARD_SESSIONS__ENGINE", "nats_kv".into()),
+        ("SWITCHYARD_NATS__URL", nats.url()),
+    ]);
+    let client = shopper(&a).await;
+    nats.down();
+    assert_unavailable(&client, &a).await;
+    nats.up();
+    assert_recovers(&client, &a).await;
+}
+
+/// `cached_db` without NATS keeps serving from Postgres (uncached) and caches again once
+/// NATS is back.
+#[actix_rt::test]
+async fn cached_db_serves_without_nats() {
+    if !common::service_available("postgres") {
+        return;
+    }
+    let Some(mut nats) = PrivateNats::start() else {
+        return;
+    };
+    let url = common::fresh_postgres_url();
+    let env = [
+        ("SWITCHYARD_SESSIONS__ENGINE", "cached_db".to_owned()),
+        ("SWITCHYARD_NATS__URL", nats.url()),
+        ("SWITCHYARD_POSTGRES__URL", url.clone()),
+    ];
+    let a = node(&env);
+    let b = node(&env);
+    let client = shopper(&a).await;
+    // B caches the session.
+    let (_, page) = get(&client, &b.url("/cart")).await;
+    assert_eq!(marker(&page, "cart-count").as_deref(), Some("2"));
+    nats.down();
+    // Without NATS: a write on A, read on B (which must not serve its stale copy).
+    let (_, page) = get(&client, &a.url("/")).await;
+    let token = csrf(&page);
+    let res = client
+        .post(a.url("/cart/add/1"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(
+            token
+                .map(|t| format!("csrfmiddlewaretoken={t}"))
+                .unwrap_or_default(),
+        )
+        .send()
+        .await
+        .expect("add");
+    assert_eq!(res.status().as_u16(), 303);
+    let (status, page) = get(&client, &b.url("/cart")).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(marker(&page, "cart-count").as_deref(), Some("3"), "{page}");
+    let (status, body) = get(&client, &b.url("/readyz")).await;
+    assert_eq!(status, 200, "Postgres is what the engine needs: {body}");
+    nats.up();
+    let (status, page) = get(&client, &b.url("/cart")).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(marker(&page, "cart-count").as_deref(), Some("3"), "{page}");
+    drop((a, b));
+    common::drop_database(&url).await;
+}
