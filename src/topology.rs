@@ -423,7 +423,7 @@ fn task_system(
 
 /// The first SIGTERM/SIGINT stops the HTTP server and starts a warm drain of the task workers;
 /// a second one turns the drain cold (in-flight tasks are cancelled and aborted).
-fn cold_on_second_signal(cold: tokio_util::sync::CancellationToken) {
+fn cold_on_second_signal(cold: switchyard_actors::tasks::CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

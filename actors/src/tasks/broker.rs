@@ -6,7 +6,8 @@
 //! - [`Broker::publish`] appends a message's bytes to its queue; a `dedupe_id` seen within
 //!   `tasks.dedupe_window` is dropped ([`PublishOutcome::Duplicate`]). `not_before` is a hint:
 //!   a broker may hold the message until then; the worker also re-checks the eta.
-//! - [`Broker::fetch`] hands out one message of a queue at a time to any number of consumers.
+//! - [`Broker::fetch`] hands out one message of a queue at a time to any number of consumers
+//!   ([`Broker::fetch_batch`]: up to `max` at once, what a worker with free slots asks for).
 //!   A delivery not acknowledged within `tasks.ack_wait` (a crash, a lost worker) is delivered
 //!   again, with `delivered` counting every delivery. [`Delivery::nak`] puts it back after a
 //!   delay; [`Delivery::progress`] extends the ack deadline of a long task.
@@ -157,6 +158,17 @@ pub trait Broker: Send + Sync + 'static {
     async fn publish(&self, msg: Outgoing) -> Result<PublishOutcome, BrokerError>;
     /// The next message of `queue`, waiting at most `wait`; `None` when none came.
     async fn fetch(&self, queue: &str, wait: Duration) -> Result<Option<Delivery>, BrokerError>;
+    /// Up to `max` messages of `queue`: what is ready now, or the first to come within `wait`
+    /// (empty when none came). The default fetches one.
+    async fn fetch_batch(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let _ = max;
+        Ok(self.fetch(queue, wait).await?.into_iter().collect())
+    }
     /// Drops every waiting message of `queue`; returns how many.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
     /// Keeps a message that failed for good.

@@ -182,7 +182,12 @@ impl MemoryBroker {
             .map_or(0, |q| q.ready.len() + q.delayed.len() + q.in_flight.len())
     }
 
-    fn take(&self, queue: &str) -> Result<Result<Delivery, Option<Instant>>, BrokerError> {
+    /// Delivers up to `max` ready messages; when none is ready, says when one may be.
+    fn take(
+        &self,
+        queue: &str,
+        max: usize,
+    ) -> Result<Result<Vec<Delivery>, Option<Instant>>, BrokerError> {
         let now = Instant::now();
         let mut state = self.inner.lock();
         let q = state
@@ -190,25 +195,32 @@ impl MemoryBroker {
             .get_mut(queue)
             .ok_or_else(|| BrokerError::UnknownQueue(queue.to_owned()))?;
         q.promote(now);
-        let Some(mut msg) = q.ready.pop_front() else {
+        if q.ready.is_empty() {
             return Ok(Err(q.next_wake()));
-        };
-        msg.delivered = msg.delivered.saturating_add(1);
-        let (seq, delivered, payload) = (msg.seq, msg.delivered, msg.payload.clone());
-        q.in_flight.insert(seq, (msg, now + self.inner.ack_wait));
-        let acker = MemoryAcker {
-            inner: self.inner.clone(),
-            queue: queue.to_owned(),
-            seq,
-            delivered,
-        };
-        Ok(Ok(Delivery::new(
-            payload.as_ref().clone(),
-            queue.to_owned(),
-            seq,
-            delivered,
-            Box::new(acker),
-        )))
+        }
+        let mut out = Vec::new();
+        while out.len() < max.max(1) {
+            let Some(mut msg) = q.ready.pop_front() else {
+                break;
+            };
+            msg.delivered = msg.delivered.saturating_add(1);
+            let (seq, delivered, payload) = (msg.seq, msg.delivered, msg.payload.clone());
+            q.in_flight.insert(seq, (msg, now + self.inner.ack_wait));
+            let acker = MemoryAcker {
+                inner: self.inner.clone(),
+                queue: queue.to_owned(),
+                seq,
+                delivered,
+            };
+            out.push(Delivery::new(
+                payload.as_ref().clone(),
+                queue.to_owned(),
+                seq,
+                delivered,
+                Box::new(acker),
+            ));
+        }
+        Ok(Ok(out))
     }
 }
 
@@ -323,6 +335,15 @@ impl Broker for MemoryBroker {
     }
 
     async fn fetch(&self, queue: &str, wait: Duration) -> Result<Option<Delivery>, BrokerError> {
+        Ok(self.fetch_batch(queue, 1, wait).await?.pop())
+    }
+
+    async fn fetch_batch(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
         let deadline = Instant::now() + wait;
         let notify = self
             .inner
@@ -335,13 +356,13 @@ impl Broker for MemoryBroker {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let next = match self.take(queue)? {
-                Ok(delivery) => return Ok(Some(delivery)),
+            let next = match self.take(queue, max)? {
+                Ok(deliveries) => return Ok(deliveries),
                 Err(next) => next,
             };
             let now = Instant::now();
             if now >= deadline {
-                return Ok(None);
+                return Ok(Vec::new());
             }
             let until = next.map_or(deadline, |t| t.min(deadline));
             let _ = tokio::time::timeout_at(until.into(), notified).await;
@@ -510,6 +531,32 @@ mod tests {
             .expect("redelivered");
         assert!(t0.elapsed() >= Duration::from_millis(80));
         assert_eq!(again.delivered, 2);
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_what_is_ready_up_to_max() {
+        let b = broker(60_000, 60_000);
+        for id in ["a", "b", "c"] {
+            b.publish(msg(id, id)).await.expect("publish");
+        }
+        let batch = b
+            .fetch_batch("q", 2, Duration::from_millis(10))
+            .await
+            .expect("fetch");
+        assert_eq!(
+            batch.iter().map(|d| d.payload.clone()).collect::<Vec<_>>(),
+            [b"a".to_vec(), b"b".to_vec()]
+        );
+        let rest = b
+            .fetch_batch("q", 5, Duration::from_millis(10))
+            .await
+            .expect("fetch");
+        assert_eq!(rest.len(), 1);
+        assert!(b
+            .fetch_batch("q", 5, Duration::from_millis(10))
+            .await
+            .expect("fetch")
+            .is_empty());
     }
 
     #[tokio::test]

@@ -154,8 +154,8 @@ impl TaskWorker {
         }
     }
 
-    /// Fetches one more delivery if a slot is free, the rate limit allows, and no fetch is
-    /// already waiting.
+    /// Fetches deliveries for the free slots (one under a rate limit) if the rate limit allows
+    /// and no fetch is already waiting.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         if self.draining
             || self.fetch.is_some()
@@ -176,20 +176,28 @@ impl TaskWorker {
         }
         let broker = self.runner.broker.clone();
         let queue = self.queue.name.clone();
-        let fut = async move { broker.fetch(&queue, FETCH_WAIT).await }
+        let free = self
+            .queue
+            .concurrency
+            .max(1)
+            .saturating_sub(self.running.load(Ordering::Acquire));
+        let max = if self.rate.is_some() { 1 } else { free.max(1) };
+        let fut = async move { broker.fetch_batch(&queue, max, FETCH_WAIT).await }
             .into_actor(self)
             .map(|res, act, ctx| {
                 act.fetch = None;
                 match res {
-                    Ok(Some(delivery)) => {
+                    Ok(deliveries) if deliveries.is_empty() => {
+                        if let Some(bucket) = &mut act.rate {
+                            bucket.refund();
+                        }
+                    }
+                    Ok(deliveries) => {
                         if let Some(bucket) = &mut act.rate {
                             bucket.started_at(Instant::now());
                         }
-                        act.dispatch(delivery, ctx)
-                    }
-                    Ok(None) => {
-                        if let Some(bucket) = &mut act.rate {
-                            bucket.refund();
+                        for delivery in deliveries {
+                            act.dispatch(delivery, ctx);
                         }
                     }
                     Err(e) => {
