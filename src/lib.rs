@@ -42,6 +42,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod db;
 mod engines;
 pub mod http;
 pub mod shop;

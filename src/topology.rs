@@ -266,7 +266,6 @@ fn processors(
     let mut available: std::collections::HashMap<String, Arc<dyn ContextProcessor>> = [
         Arc::new(DebugProcessor {
             debug: config.server.debug,
-            queries: None,
         }) as Arc<dyn ContextProcessor>,
         Arc::new(RequestProcessor),
         Arc::new(AuthProcessor),

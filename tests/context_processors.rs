@@ -478,3 +478,111 @@ async fn secure_cookies_check_origin_and_referer() {
     assert_eq!(r.status(), 303);
     node.stop().await;
 }
+
+/// A processor that asks Postgres, through the project's counted pool.
+struct Orders {
+    db: Arc<switchyard::db::Db>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl ContextProcessor for Orders {
+    fn name(&self) -> &str {
+        "orders"
+    }
+    fn provides(&self) -> &[&'static str] {
+        &["order_total"]
+    }
+    fn process(
+        &self,
+        _req: Arc<RequestSnapshot>,
+    ) -> BoxFuture<'static, Result<Map<String, Value>, String>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let db = self.db.clone();
+        Box::pin(async move {
+            let rows = db
+                .query(None, "SELECT 41 + 1 AS total", &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            let total: i32 = rows.first().map(|r| r.get("total")).unwrap_or(0);
+            Ok(Map::from_iter([("order_total".to_owned(), json!(total))]))
+        })
+    }
+}
+
+fn db_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route(
+        "/nothing",
+        web::get().to(|| async { Render::new("nothing", json!({})) }),
+    )
+    .route(
+        "/orders",
+        web::get().to(|| async { Render::new("orders", json!({})) }),
+    )
+    .route(
+        "/handler-query",
+        web::get().to(
+            |req: HttpRequest, db: web::Data<Arc<switchyard::db::Db>>| async move {
+                let log = switchyard::db::QueryLog::of(&req);
+                db.query(Some(&log), "SELECT 'from the handler' AS x", &[])
+                    .await
+                    .map_err(|e| switchyard::Error::Internal(e.to_string()))?;
+                Ok::<_, switchyard::Error>(Render::new("queries", json!({})))
+            },
+        ),
+    );
+}
+
+#[actix_rt::test]
+async fn lazy_rendering_costs_an_unused_processor_no_query() {
+    if !common::service_available("postgres") {
+        return;
+    }
+    let mut pg = Config::default().postgres;
+    pg.url = common::service_url("postgres");
+    pg.pool_size = 2;
+    let db = switchyard::db::Db::connect(&pg).await.expect("postgres");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let dir = tempfile::tempdir().expect("tempdir");
+    templates(
+        dir.path(),
+        &[
+            ("orders.hbs", "total={{order_total}}"),
+            ("queries.hbs", "{{#each sql_queries}}[{{sql}}]{{/each}}"),
+        ],
+    );
+    let mut c = Config::default();
+    c.server.bind = "127.0.0.1:0".into();
+    c.server.templates = dir.path().to_path_buf();
+    c.context.processors = vec!["debug".into(), "orders".into()];
+    let data = web::Data::new(db.clone());
+    let running = App::new(c)
+        .routes(move |cfg| {
+            cfg.app_data(data.clone());
+            db_routes(cfg);
+        })
+        .context_processor(Orders {
+            db: db.clone(),
+            calls: calls.clone(),
+        })
+        .start()
+        .await
+        .expect("start");
+    let base = format!("http://{}", running.addr());
+    let http = client();
+    for _ in 0..3 {
+        let (s, html) = body(&http, format!("{base}/nothing")).await;
+        assert_eq!((s, html.as_str()), (200, "static text only"));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "the processor never ran");
+    assert_eq!(db.queries_total(), 0, "and Postgres saw no query");
+
+    let (_, html) = body(&http, format!("{base}/orders")).await;
+    assert_eq!(html, "total=42");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(db.queries_total(), 1);
+
+    // The debug processor lists what the request ran through the pool.
+    let (_, html) = body(&http, format!("{base}/handler-query")).await;
+    assert_eq!(html, "[SELECT &#x27;from the handler&#x27; AS x]");
+    running.stop().await;
+}

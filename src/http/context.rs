@@ -141,6 +141,10 @@ pub fn snapshot(req: &HttpRequest) -> RequestSnapshot {
         }),
         session: req.extensions().get::<Session>().map(|s| s.0.clone()),
         peer_ip: req.peer_addr().map(|a| a.ip()),
+        sql_log: req
+            .extensions()
+            .get::<crate::db::QueryLog>()
+            .map(|l| l.shared()),
     }
 }
 

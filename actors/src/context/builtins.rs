@@ -136,15 +136,10 @@ impl ContextProcessor for RequestProcessor {
     }
 }
 
-/// Reports the SQL queries a request ran (text and time), for the `debug` processor.
-pub type QueryLog = std::sync::Arc<dyn Fn(&RequestSnapshot) -> Vec<Value> + Send + Sync>;
-
 /// `debug`: `debug` and `sql_queries`, only when the server is in debug mode and the client is
 /// local (as Django's `INTERNAL_IPS`).
 pub struct DebugProcessor {
     pub debug: bool,
-    /// The queries this request ran, if the application tracks them.
-    pub queries: Option<QueryLog>,
 }
 
 impl ContextProcessor for DebugProcessor {
@@ -158,7 +153,11 @@ impl ContextProcessor for DebugProcessor {
         let mut m = Map::new();
         let local = req.peer_ip.is_some_and(|ip| ip.is_loopback());
         if self.debug && local {
-            let queries = self.queries.as_ref().map(|f| f(&req)).unwrap_or_default();
+            let queries = req
+                .sql_log
+                .as_ref()
+                .map(|log| log.lock().unwrap_or_else(|e| e.into_inner()).clone())
+                .unwrap_or_default();
             m.insert("debug".into(), Value::Bool(true));
             m.insert("sql_queries".into(), Value::Array(queries));
         }

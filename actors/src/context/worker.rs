@@ -208,6 +208,7 @@ mod tests {
             user: None,
             session: None,
             peer_ip: None,
+            sql_log: None,
         }
     }
 
