@@ -42,7 +42,7 @@ impl Ns {
     }
 
     fn env(&self) -> Vec<(String, String)> {
-        let mut env = vec![
+        let env = vec![
             ("SWITCHYARD_SESSIONS__ENGINE", self.engine.to_owned()),
             ("SWITCHYARD_SERVER__SECRET_KEY", SECRET.to_owned()),
             ("SWITCHYARD_POSTGRES__URL", self.pg_url.clone()),
