@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 use switchyard::config::{Config, SessionEngine};
 use switchyard_actors::session::{
-    connect_pool, now_unix, Change, NatsConnect, NatsKvStore, NatsLink, PostgresStore, Record,
-    RecordCodec, SaveSession, SessionId, SessionShards, SessionStore,
+    connect_pool_with_timeout, now_unix, Change, NatsConnect, NatsKvStore, NatsLink, PostgresStore,
+    Record, RecordCodec, SaveSession, SessionId, SessionShards, SessionStore,
 };
 use tokio_postgres::types::Type;
 
@@ -31,6 +31,7 @@ mod support;
 const SAVERS: usize = 64;
 const POOL: u32 = 16;
 const VALUE_BYTES: usize = 1024;
+/// `actors.session_shards`' default; `SESSIONS_BENCH_SHARDS` overrides.
 const SHARDS: usize = 8;
 const KV_WORKERS: usize = 16;
 const HTTP_CONNECTIONS: usize = 32;
@@ -75,6 +76,14 @@ struct Run {
 impl Run {
     fn rate(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+    fn p50_ms(&self) -> f64 {
+        let mut v = self.latencies_us.clone();
+        if v.is_empty() {
+            return 0.0;
+        }
+        v.sort_unstable();
+        v[(v.len() - 1) / 2] as f64 / 1000.0
     }
     fn p99_ms(&self) -> f64 {
         let mut v = self.latencies_us.clone();
@@ -211,7 +220,9 @@ fn bench_postgres(seconds: u64, runs: u64) {
     let sys = actix_rt::System::new();
     sys.block_on(async move {
         let url = postgres_url("switchyard_bench");
-        let pool = connect_pool(&url, POOL).await.expect("postgres");
+        let pool = connect_pool_with_timeout(&url, POOL, Duration::from_secs(60))
+            .await
+            .expect("postgres");
         let store = Arc::new(
             PostgresStore::open(pool.clone(), RecordCodec::plain())
                 .await
@@ -229,7 +240,8 @@ fn bench_postgres(seconds: u64, runs: u64) {
             .expect("tables");
         }
         let arbiter = actix::Arbiter::new();
-        let shards = SessionShards::start(SHARDS, store.clone(), &arbiter.handle());
+        let shard_count = env_num("SESSIONS_BENCH_SHARDS", SHARDS as u64) as usize;
+        let shards = SessionShards::start(shard_count, store.clone(), &arbiter.handle());
         let (mut engine, mut naive) = (Vec::new(), Vec::new());
         for run in 0..runs {
             let (b0, r0) = store.batch_stats();
@@ -250,10 +262,20 @@ fn bench_postgres(seconds: u64, runs: u64) {
         }
         let (e, n) = (median(engine), median(naive));
         println!(
-            "sessions::postgres_saves  ({SAVERS} savers, pool {POOL}, {VALUE_BYTES} B values, {SHARDS} shards, {seconds} s, median of {runs})"
+            "sessions::postgres_saves  ({SAVERS} savers, pool {POOL}, {VALUE_BYTES} B values, {shard_count} shards, {seconds} s, median of {runs})"
         );
-        println!("  postgres engine     {:>8.0} saves/s  p99 {:.2} ms", e.rate(), e.p99_ms());
-        println!("  naive upsert loop   {:>8.0} saves/s  p99 {:.2} ms", n.rate(), n.p99_ms());
+        println!(
+            "  postgres engine     {:>8.0} saves/s  p50 {:.2} ms  p99 {:.2} ms",
+            e.rate(),
+            e.p50_ms(),
+            e.p99_ms()
+        );
+        println!(
+            "  naive upsert loop   {:>8.0} saves/s  p50 {:.2} ms  p99 {:.2} ms",
+            n.rate(),
+            n.p50_ms(),
+            n.p99_ms()
+        );
         println!("  ratio engine/naive = {:.2}", e.rate() / n.rate());
         arbiter.stop();
     });

@@ -295,10 +295,10 @@ fn block_on(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
 }
 
 async fn sessions_command(config: Config, cmd: SessionsCommand) -> ExitCode {
-    let store = match engines::open(&config).await {
-        Ok(Some(opened)) => opened.store,
+    let store = match open_for_cli(&config).await {
+        Ok(Some(store)) => store,
         Ok(None) => return usage_error("sessions.engine keeps no sessions on the server"),
-        Err(e) => return failure(e),
+        Err(code) => return code,
     };
     match cmd {
         SessionsCommand::Clear => match store.purge_expired().await {
@@ -324,6 +324,24 @@ async fn sessions_command(config: Config, cmd: SessionsCommand) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// The configured engine for a maintenance command; `cached_db` first learns the live nodes so
+/// that its deletions reach their caches before the command returns.
+async fn open_for_cli(
+    config: &Config,
+) -> Result<Option<std::sync::Arc<dyn switchyard_actors::session::SessionStore>>, ExitCode> {
+    let opened = match engines::open(config).await {
+        Ok(Some(o)) => o,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(failure(e)),
+    };
+    if let Some(cached) = &opened.cached {
+        if let Err(e) = cached.listen(None).await {
+            return Err(failure(format!("nats.url: {e}")));
+        }
+    }
+    Ok(Some(opened.store))
 }
 
 /// The first line of standard input, without its line ending.
@@ -390,12 +408,12 @@ async fn users_command(config: Config, cmd: UsersCommand) -> ExitCode {
             // A new password ends every session of the user (when sessions live server-side).
             let revoked = match config.sessions.engine {
                 SessionEngine::Memory | SessionEngine::SignedCookies => 0,
-                _ => match engines::open(&config).await {
-                    Ok(Some(opened)) => match opened.store.sessions_of(&name).await {
+                _ => match open_for_cli(&config).await {
+                    Ok(Some(store)) => match store.sessions_of(&name).await {
                         Ok(ids) => {
                             let mut n = 0u64;
                             for id in ids {
-                                if opened.store.delete(&id).await.is_ok() {
+                                if store.delete(&id).await.is_ok() {
                                     n += 1;
                                 }
                             }
@@ -404,7 +422,10 @@ async fn users_command(config: Config, cmd: UsersCommand) -> ExitCode {
                         Err(e) => return failure(format!("password changed; {e}")),
                     },
                     Ok(None) => 0,
-                    Err(e) => return failure(format!("password changed; {e}")),
+                    Err(code) => {
+                        eprintln!("the password was changed; its sessions were not ended");
+                        return code;
+                    }
                 },
             };
             println!(

@@ -325,7 +325,7 @@ async fn session_backend(
     };
     if let Some(cached) = &opened.cached {
         cached
-            .listen(&arbiter.handle())
+            .listen(Some(&arbiter.handle()))
             .await
             .map_err(|e| StartError::Service {
                 key: "nats.url".into(),

@@ -436,6 +436,8 @@ async fn cached_db_read_your_writes_across_nodes() {
     };
     let a = ns.node(&[]);
     let b = ns.node(&[]);
+    // A node caches only once every writer knows it (the warm-up, 1.5 s).
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     let client = common::client();
     let token = login(&client, &a, "alice", "wonderland").await;
     for i in 1..=10 {
@@ -451,6 +453,23 @@ async fn cached_db_read_your_writes_across_nodes() {
         );
         assert_eq!(cart_count(&client, &b).await, Some(i.to_string()));
     }
+    // The reads above were served from B's cache: with the row gone from Postgres behind the
+    // engine's back, B still has the session (an uncached read would find nothing).
+    let (pg, conn) = tokio_postgres::connect(&ns.pg_url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let deleted = pg
+        .execute("DELETE FROM switchyard_sessions", &[])
+        .await
+        .expect("delete");
+    assert_eq!(deleted, 1);
+    assert_eq!(
+        cart_count(&client, &b).await.as_deref(),
+        Some("10"),
+        "served from the cache"
+    );
+    drop(pg);
     drop((a, b));
     ns.cleanup().await;
 }

@@ -3,34 +3,37 @@
 //!
 //! Reads hit the cache; a miss loads from Postgres and fills it. Writes go to Postgres first
 //! (group-committed like `postgres`), then the writer publishes one invalidation per written
-//! session and completes a round trip through the NATS server before answering, so the server
-//! has routed the invalidations. A node drops its entries older than an invalidation it
-//! receives.
+//! session, each with a reply subject, and answers only once every live node acknowledged it:
+//! each node applies an invalidation (drops its older copy) before it acknowledges. So once a
+//! write's response has arrived, no node serves the old data — reads need no round trip.
 //!
-//! Read-your-writes across nodes: before a cache hit a node also completes a round trip
-//! through the server (a request nobody answers, which the server rejects at once) and applies
-//! every invalidation that arrived before the reply. The server delivers in order, so any
-//! write answered before the read began has been applied. Concurrent readers share one round
-//! trip (the *sync rounds*: a reader waits for the first round that started after it arrived).
-//! The subscription is consumed by the same task that runs the rounds rather than by an actor,
-//! because a round must drain the subscription before it completes.
+//! Live nodes: every caching node publishes a heartbeat `{"node"}` on
+//! `<prefix>.sessions.nodes` every [`HEARTBEAT`]; a writer waits for the nodes it heard from
+//! within [`NODE_TTL`]. A node caches only after a warm-up of [`WARM_UP`] since it (re)joined
+//! (so every writer counts it), and only while it hears its own heartbeat (so its messages
+//! flow). A node that does not acknowledge within [`NATS_TIMEOUT`] is taken for gone.
 //!
-//! While the node is not connected to NATS, and after every disconnect, reconnect or slow-
-//! consumer event, it drops its whole cache and reads from Postgres, since it may have missed
-//! invalidations. A fill races an invalidation (a load that read version 5 may finish after
-//! the invalidation for version 6 arrived), so a fill only lands when no invalidation arrived
-//! and no cache drop happened since the load began (two counters), and is skipped otherwise.
+//! While the node is not connected to NATS, and after every disconnect, reconnect or
+//! slow-consumer event, it drops its whole cache and reads from Postgres, since it may have
+//! missed invalidations. A fill races an invalidation (a load that read version 5 may finish
+//! after the invalidation for version 6 arrived), so a fill only lands when no invalidation
+//! arrived and no cache drop happened since the load began (two counters).
+//!
+//! One task per node consumes the three subscriptions (invalidations, heartbeats, acks) and
+//! sends the heartbeats; it is a plain task rather than an actor because the writers wait on
+//! it through shared state (the pending acknowledgements), not through messages.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use async_trait::async_trait;
 use dashmap::DashMap;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, Notify};
+use tokio::sync::oneshot;
 
 use super::nats_kv::{NatsLink, NATS_TIMEOUT};
 use super::{PostgresStore, Record, SaveItem, SaveOutcome, SessionId, SessionStore, StoreError};
@@ -39,10 +42,14 @@ const ENGINE: &str = "cached_db";
 
 /// Most sessions a node caches; past it the cache starts over (a crude but safe bound).
 const MAX_CACHED: usize = 100_000;
-/// Most buffered invalidations one round applies before it answers (the rest follow).
-const MAX_DRAIN: usize = 100_000;
-/// How often the listener checks that its store still exists.
-const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// How often a caching node announces itself.
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+/// A node unheard for this long is gone (writers stop waiting for it).
+pub const NODE_TTL: Duration = Duration::from_millis(2000);
+/// How long a node that (re)joined waits before caching: every writer has heard it by then.
+pub const WARM_UP: Duration = Duration::from_millis(1500);
+/// How long the CLI listens for heartbeats before it writes (to know whom to wait for).
+pub const DISCOVERY: Duration = Duration::from_millis(800);
 
 /// The invalidation message (`version` null: the session was deleted).
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,7 +58,23 @@ struct Invalidation {
     version: Option<u64>,
 }
 
-/// The cache and its coherence counters, shared with the listener task.
+/// A heartbeat or an acknowledgement.
+#[derive(Debug, Serialize, Deserialize)]
+struct NodeMsg {
+    node: String,
+}
+
+fn millis_since(start: Instant) -> i64 {
+    i64::try_from(start.elapsed().as_millis()).unwrap_or(i64::MAX)
+}
+
+/// An invalidation waiting for acknowledgements.
+struct Pending {
+    waiting: HashSet<String>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// The cache, the live nodes and the pending acknowledgements, shared with the listener.
 struct Cache {
     entries: DashMap<SessionId, Record>,
     /// Bumped on every whole-cache drop.
@@ -60,14 +83,21 @@ struct Cache {
     invalidations: AtomicU64,
     /// The link's change counter when last looked at.
     seen_changes: AtomicU64,
-    /// Whether the listener runs (no listener: never cache).
+    /// Whether the listener runs with caching on.
     listening: AtomicBool,
-    /// The number of the last sync round started.
-    rounds_started: AtomicU64,
-    /// Wakes the listener to run a round.
-    wake: Notify,
-    /// The last round finished and whether it succeeded.
-    rounds_done: watch::Receiver<(u64, bool)>,
+    /// This node's name on the wire.
+    node: String,
+    /// The time base of the millisecond fields below.
+    epoch: Instant,
+    /// No caching before this (ms since `epoch`): warm-up after (re)joining.
+    cache_from_ms: AtomicI64,
+    /// When this node last heard its own heartbeat (ms since `epoch`; -1: never).
+    own_heartbeat_ms: AtomicI64,
+    /// Nodes heard from, with when.
+    nodes: Mutex<HashMap<String, Instant>>,
+    /// Invalidations sent and not yet acknowledged by everyone, by sequence number.
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_seq: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -130,68 +160,141 @@ impl Cache {
         }
     }
 
-    /// Waits for a sync round that started after this call: afterwards every invalidation the
-    /// server routed before the call has been applied. `false` when the round failed.
-    async fn synced(&self) -> bool {
-        let target = self.rounds_started.load(Ordering::SeqCst) + 1;
-        let mut done = self.rounds_done.clone();
-        self.wake.notify_one();
-        let wait = async {
-            loop {
-                let (round, ok) = *done.borrow_and_update();
-                if round >= target {
-                    return ok;
-                }
-                if done.changed().await.is_err() {
-                    return false;
-                }
+    /// Starts the warm-up again (after joining or any connection change).
+    fn rejoin(&self) {
+        let from =
+            millis_since(self.epoch) + i64::try_from(WARM_UP.as_millis()).unwrap_or(i64::MAX);
+        self.cache_from_ms.store(from, Ordering::SeqCst);
+    }
+
+    /// Whether this node may serve from its cache now (warm-up over, heartbeats flowing).
+    fn may_cache(&self) -> bool {
+        let now = millis_since(self.epoch);
+        let own = self.own_heartbeat_ms.load(Ordering::SeqCst);
+        self.listening.load(Ordering::SeqCst)
+            && now >= self.cache_from_ms.load(Ordering::SeqCst)
+            && own >= 0
+            && now - own < i64::try_from(NODE_TTL.as_millis()).unwrap_or(i64::MAX) / 2
+    }
+
+    fn lock_nodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The nodes heard from within [`NODE_TTL`].
+    fn live_nodes(&self) -> HashSet<String> {
+        let mut nodes = self.lock_nodes();
+        nodes.retain(|_, seen| seen.elapsed() < NODE_TTL);
+        nodes.keys().cloned().collect()
+    }
+
+    fn heard(&self, node: String) {
+        if node == self.node {
+            self.own_heartbeat_ms
+                .store(millis_since(self.epoch), Ordering::SeqCst);
+        }
+        self.lock_nodes().insert(node, Instant::now());
+    }
+
+    fn acked(&self, seq: u64, node: &str) {
+        let mut pending = self.lock_pending();
+        let complete = match pending.get_mut(&seq) {
+            Some(p) => {
+                p.waiting.remove(node);
+                p.waiting.is_empty()
             }
+            None => false,
         };
-        tokio::time::timeout(NATS_TIMEOUT * 2, wait)
-            .await
-            .unwrap_or(false)
+        if complete {
+            if let Some(done) = pending.remove(&seq).and_then(|mut p| p.done.take()) {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Forgets `nodes` (they did not answer in time) and what waits for them.
+    fn forget(&self, nodes: &HashSet<String>) {
+        self.lock_nodes().retain(|n, _| !nodes.contains(n));
+        let mut pending = self.lock_pending();
+        let mut complete = Vec::new();
+        for (seq, p) in pending.iter_mut() {
+            p.waiting.retain(|n| !nodes.contains(n));
+            if p.waiting.is_empty() {
+                complete.push(*seq);
+            }
+        }
+        for seq in complete {
+            if let Some(done) = pending.remove(&seq).and_then(|mut p| p.done.take()) {
+                let _ = done.send(());
+            }
+        }
     }
 }
 
-/// The listener: applies invalidations as they come and runs the sync rounds.
+/// The subscriptions a listener consumes.
+struct Subscriptions {
+    /// `None` for a node that does not cache (the CLI).
+    invalidations: Option<async_nats::Subscriber>,
+    nodes: async_nats::Subscriber,
+    acks: async_nats::Subscriber,
+}
+
+/// The listener: applies and acknowledges invalidations, tracks live nodes, collects the
+/// acknowledgements of this node's invalidations and (when caching) sends heartbeats.
 async fn listen_loop(
     cache: Weak<Cache>,
-    mut sub: async_nats::Subscriber,
+    mut subs: Subscriptions,
     client: async_nats::Client,
-    sync_subject: String,
-    done: watch::Sender<(u64, bool)>,
+    nodes_subject: String,
 ) {
-    let mut round = 0u64;
+    let caching = subs.invalidations.is_some();
+    let mut tick = tokio::time::interval(HEARTBEAT);
     loop {
         let Some(c) = cache.upgrade() else { break };
+        let invalidation = async {
+            match subs.invalidations.as_mut() {
+                Some(sub) => sub.next().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = c.wake.notified() => {
-                round += 1;
-                c.rounds_started.store(round, Ordering::SeqCst);
-                let ok = match tokio::time::timeout(
-                    NATS_TIMEOUT,
-                    client.request(sync_subject.clone(), bytes::Bytes::new()),
-                )
-                .await
-                {
-                    Ok(Ok(_)) => true,
-                    Ok(Err(e)) => e.kind() == async_nats::client::RequestErrorKind::NoResponders,
-                    Err(_) => false,
-                };
-                // Everything the server sent before its reply is buffered: apply it.
-                for _ in 0..MAX_DRAIN {
-                    match sub.next().now_or_never() {
-                        Some(Some(msg)) => c.apply(&msg),
-                        Some(None) | None => break,
+            msg = invalidation => match msg {
+                Some(msg) => {
+                    c.apply(&msg);
+                    if let Some(reply) = msg.reply {
+                        ack(&client, reply, &c.node).await;
                     }
                 }
-                let _ = done.send((round, ok));
-            }
-            msg = sub.next() => match msg {
-                Some(msg) => c.apply(&msg),
                 None => break,
             },
-            _ = tokio::time::sleep(IDLE_CHECK) => {}
+            msg = subs.nodes.next() => match msg {
+                Some(msg) => match serde_json::from_slice::<NodeMsg>(&msg.payload) {
+                    Ok(m) => c.heard(m.node),
+                    Err(e) => tracing::debug!("malformed heartbeat: {e}"),
+                },
+                None => break,
+            },
+            msg = subs.acks.next() => match msg {
+                Some(msg) => {
+                    let seq = msg.subject.rsplit('.').next().and_then(|s| s.parse().ok());
+                    match (seq, serde_json::from_slice::<NodeMsg>(&msg.payload)) {
+                        (Some(seq), Ok(m)) => c.acked(seq, &m.node),
+                        _ => tracing::debug!("malformed acknowledgement on {}", msg.subject),
+                    }
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                if caching {
+                    if let Ok(payload) = serde_json::to_vec(&NodeMsg { node: c.node.clone() }) {
+                        let _ = client.publish(nodes_subject.clone(), payload.into()).await;
+                    }
+                }
+            }
         }
     }
     if let Some(c) = cache.upgrade() {
@@ -202,30 +305,45 @@ async fn listen_loop(
     }
 }
 
+async fn ack(client: &async_nats::Client, reply: async_nats::Subject, node: &str) {
+    if let Ok(payload) = serde_json::to_vec(&NodeMsg {
+        node: node.to_owned(),
+    }) {
+        if let Err(e) = client.publish(reply, payload.into()).await {
+            tracing::debug!("cannot acknowledge an invalidation: {e}");
+        }
+    }
+}
+
 /// The `cached_db` engine.
 pub struct CachedDbStore {
     db: Arc<PostgresStore>,
     link: NatsLink,
     subject: String,
-    sync_subject: String,
+    nodes_subject: String,
+    inbox: String,
     cache: Arc<Cache>,
-    rounds_done: std::sync::Mutex<Option<watch::Sender<(u64, bool)>>>,
 }
 
 impl CachedDbStore {
     /// The engine over `db`, publishing invalidations on `<prefix>.sessions.invalidate`. It
-    /// caches nothing until [`CachedDbStore::listen`] runs (the CLI never does).
+    /// caches nothing until [`CachedDbStore::listen`] runs with caching on.
     pub fn new(db: Arc<PostgresStore>, link: NatsLink, prefix: &str) -> Self {
-        let (done_tx, done_rx) = watch::channel((0, false));
+        let node = uuid::Uuid::new_v4().simple().to_string();
+        let inbox = format!("{}.{node}", link.client.new_inbox());
         let cache = Arc::new(Cache {
             entries: DashMap::new(),
             generation: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
             seen_changes: AtomicU64::new(link.changes()),
             listening: AtomicBool::new(false),
-            rounds_started: AtomicU64::new(0),
-            wake: Notify::new(),
-            rounds_done: done_rx,
+            node,
+            epoch: Instant::now(),
+            cache_from_ms: AtomicI64::new(i64::MAX),
+            own_heartbeat_ms: AtomicI64::new(-1),
+            nodes: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            next_seq: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         });
@@ -233,48 +351,53 @@ impl CachedDbStore {
             db,
             link,
             subject: format!("{prefix}.sessions.invalidate"),
-            sync_subject: format!("{prefix}.sessions.sync"),
+            nodes_subject: format!("{prefix}.sessions.nodes"),
+            inbox,
             cache,
-            rounds_done: std::sync::Mutex::new(Some(done_tx)),
         }
     }
 
-    /// Subscribes to the invalidations and starts the listener on `arbiter`; from then on
-    /// reads are cached.
-    pub async fn listen(&self, arbiter: &ArbiterHandle) -> Result<(), StoreError> {
+    /// Starts the listener: on `arbiter` as a caching node (`serve`), or with `None` on the
+    /// current runtime as a writer that does not cache (the CLI), which then listens for
+    /// [`DISCOVERY`] to learn the live nodes before it returns.
+    pub async fn listen(&self, arbiter: Option<&ArbiterHandle>) -> Result<(), StoreError> {
         let unavailable = |message: String| StoreError::Unavailable {
             engine: ENGINE,
             message,
         };
-        let Some(done) = self
-            .rounds_done
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
-            return Ok(());
+        let client = &self.link.client;
+        let subscribe = |subject: String| async move {
+            client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| unavailable(format!("cannot subscribe to {subject}: {e}")))
         };
-        let sub = self
-            .link
-            .client
-            .subscribe(self.subject.clone())
-            .await
-            .map_err(|e| unavailable(format!("cannot subscribe to {}: {e}", self.subject)))?;
+        let subs = Subscriptions {
+            invalidations: match arbiter {
+                Some(_) => Some(subscribe(self.subject.clone()).await?),
+                None => None,
+            },
+            nodes: subscribe(self.nodes_subject.clone()).await?,
+            acks: subscribe(format!("{}.*", self.inbox)).await?,
+        };
         let fut = listen_loop(
             Arc::downgrade(&self.cache),
-            sub,
+            subs,
             self.link.client.clone(),
-            self.sync_subject.clone(),
-            done,
+            self.nodes_subject.clone(),
         );
-        if !arbiter.spawn(fut) {
-            return Err(unavailable("the actor arbiter is not running".into()));
-        }
-        self.cache.listening.store(true, Ordering::SeqCst);
-        // The subscription is in place on the server once a round trip completes.
-        if !self.cache.synced().await {
-            self.cache.listening.store(false, Ordering::SeqCst);
-            return Err(unavailable("no round trip through the NATS server".into()));
+        match arbiter {
+            Some(arbiter) => {
+                if !arbiter.spawn(fut) {
+                    return Err(unavailable("the actor arbiter is not running".into()));
+                }
+                self.cache.rejoin();
+                self.cache.listening.store(true, Ordering::SeqCst);
+            }
+            None => {
+                tokio::spawn(fut);
+                tokio::time::sleep(DISCOVERY).await;
+            }
         }
         Ok(())
     }
@@ -292,15 +415,16 @@ impl CachedDbStore {
         let changes = self.link.changes();
         if self.cache.seen_changes.swap(changes, Ordering::SeqCst) != changes {
             self.cache.drop_all();
+            self.cache.rejoin();
         }
-        let usable = self.cache.listening.load(Ordering::SeqCst) && self.link.is_connected();
+        let usable = self.link.is_connected() && self.cache.may_cache();
         if !usable && !self.cache.entries.is_empty() {
             self.cache.drop_all();
         }
         usable
     }
 
-    /// Publishes invalidations and waits until the server has routed them.
+    /// Publishes invalidations and waits until every live node applied them.
     async fn announce(&self, invalidations: &[Invalidation]) {
         if invalidations.is_empty() {
             return;
@@ -313,38 +437,51 @@ impl CachedDbStore {
             );
             return;
         }
+        let nodes = self.cache.live_nodes();
+        let mut waits = Vec::new();
         for inv in invalidations {
             let Ok(payload) = serde_json::to_vec(inv) else {
                 continue;
             };
+            let seq = self.cache.next_seq.fetch_add(1, Ordering::SeqCst);
+            if !nodes.is_empty() {
+                let (done, wait) = oneshot::channel();
+                self.cache.lock_pending().insert(
+                    seq,
+                    Pending {
+                        waiting: nodes.clone(),
+                        done: Some(done),
+                    },
+                );
+                waits.push((seq, wait));
+            }
             if let Err(e) = self
                 .link
                 .client
-                .publish(self.subject.clone(), payload.into())
+                .publish_with_reply(
+                    self.subject.clone(),
+                    format!("{}.{seq}", self.inbox),
+                    payload.into(),
+                )
                 .await
             {
                 tracing::warn!("session invalidation not sent: {e}");
             }
         }
-        let routed = if self.cache.listening.load(Ordering::SeqCst) {
-            self.cache.synced().await
-        } else {
-            // The CLI has no listener: a round trip of its own.
-            match tokio::time::timeout(
-                NATS_TIMEOUT,
-                self.link
-                    .client
-                    .request(self.sync_subject.clone(), bytes::Bytes::new()),
-            )
-            .await
-            {
-                Ok(Ok(_)) => true,
-                Ok(Err(e)) => e.kind() == async_nats::client::RequestErrorKind::NoResponders,
-                Err(_) => false,
-            }
-        };
-        if !routed {
-            tracing::warn!("session invalidations not confirmed by the NATS server");
+        let seqs: Vec<u64> = waits.iter().map(|(seq, _)| *seq).collect();
+        let all = futures_util::future::join_all(waits.into_iter().map(|(_, w)| w));
+        if tokio::time::timeout(NATS_TIMEOUT, all).await.is_err() {
+            let missing: HashSet<String> = {
+                let mut pending = self.cache.lock_pending();
+                seqs.iter()
+                    .filter_map(|s| pending.remove(s))
+                    .flat_map(|p| p.waiting)
+                    .collect()
+            };
+            tracing::warn!(
+                "no acknowledgement within {NATS_TIMEOUT:?} from node(s) {missing:?}; taken for gone"
+            );
+            self.cache.forget(&missing);
         }
     }
 }
@@ -357,9 +494,7 @@ impl SessionStore for CachedDbStore {
 
     async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
         let usable = self.cache_usable();
-        // A cache hit is only served after a sync round (read-your-writes across nodes),
-        // which may have removed the entry.
-        if usable && self.cache.entries.contains_key(id) && self.cache.synced().await {
+        if usable {
             if let Some(r) = self.cache.entries.get(id) {
                 if !r.is_expired() {
                     self.cache.hits.fetch_add(1, Ordering::Relaxed);
@@ -399,7 +534,6 @@ impl SessionStore for CachedDbStore {
     }
 
     async fn save_batch(&self, items: &[SaveItem]) -> Vec<Result<SaveOutcome, StoreError>> {
-        let mark = self.cache.mark();
         let outcomes = self.db.save_batch(items).await;
         let mut invalidations = Vec::new();
         for (item, outcome) in items.iter().zip(&outcomes) {
@@ -415,14 +549,10 @@ impl SessionStore for CachedDbStore {
                 Err(_) => {}
             }
         }
+        // Every node (this one too) drops its older copy before the writers are answered;
+        // the next read fills the cache again. (Filling it here could race a newer write
+        // from another node.)
         self.announce(&invalidations).await;
-        if self.cache_usable() {
-            for (item, outcome) in items.iter().zip(&outcomes) {
-                if matches!(outcome, Ok(SaveOutcome::Saved)) {
-                    self.cache.fill(&item.id, item.record.clone(), mark);
-                }
-            }
-        }
         outcomes
     }
 

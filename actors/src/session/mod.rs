@@ -30,7 +30,10 @@ pub use id::SessionId;
 pub use memcached::MemcachedStore;
 pub use memory::MemoryStore;
 pub use nats_kv::{NatsConnect, NatsKvStore, NatsLink};
-pub use postgres::{connect_pool, migrate, pg_error, pool_error, PgPool, PostgresStore};
+pub use postgres::{
+    connect_pool, connect_pool_with_timeout, migrate, pg_error, pool_error, PgConn, PgManager,
+    PgPool, PostgresStore,
+};
 pub use shard::{
     DeleteSession, LoadSession, SaveSession, Saved, SessionShard, SessionShards, MAX_BATCH,
 };

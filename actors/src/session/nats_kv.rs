@@ -92,6 +92,7 @@ impl NatsLink {
         }
         let changes = Arc::new(AtomicU64::new(0));
         let counter = changes.clone();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let client = opts
             .name(if c.name.is_empty() {
                 "switchyard"
@@ -106,16 +107,24 @@ impl NatsLink {
             })
             .event_callback(move |event| {
                 let counter = counter.clone();
+                let down = down.clone();
                 async move {
-                    match event {
-                        // Messages may have been missed (slow consumer: dropped).
-                        async_nats::Event::Connected
-                        | async_nats::Event::Disconnected
-                        | async_nats::Event::SlowConsumer(_) => {
-                            tracing::info!("nats: {event}");
-                            counter.fetch_add(1, Ordering::SeqCst);
+                    let counts = match &event {
+                        async_nats::Event::Disconnected => {
+                            down.store(true, Ordering::SeqCst);
+                            true
                         }
-                        other => tracing::debug!("nats: {other}"),
+                        // The first connect is not a change; a reconnect is.
+                        async_nats::Event::Connected => down.swap(false, Ordering::SeqCst),
+                        // Messages were dropped.
+                        async_nats::Event::SlowConsumer(_) => true,
+                        _ => false,
+                    };
+                    if counts {
+                        tracing::info!("nats: {event}");
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        tracing::debug!("nats: {event}");
                     }
                 }
             })

@@ -10,11 +10,13 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+
 use async_trait::async_trait;
-use bb8_postgres::PostgresConnectionManager;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
-use tokio_postgres::NoTls;
+use tokio_postgres::{NoTls, Statement};
 
 use super::{
     now_unix, Record, RecordCodec, SaveItem, SaveOutcome, SessionId, SessionStore, StoreError,
@@ -27,7 +29,69 @@ const ENGINE: &str = "postgres";
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A pool of Postgres connections.
-pub type PgPool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+pub type PgPool = bb8::Pool<PgManager>;
+
+/// A pooled Postgres connection that keeps its prepared statements: the engine's statements
+/// are parsed and planned once per connection, not once per request. Dereferences to the
+/// `tokio_postgres::Client`.
+pub struct PgConn {
+    client: tokio_postgres::Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl PgConn {
+    /// The prepared statement for `sql` (prepared on first use on this connection).
+    pub async fn prepared(
+        &mut self,
+        sql: &'static str,
+        types: &[Type],
+    ) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare_typed(sql, types).await?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+}
+
+impl Deref for PgConn {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &Self::Target {
+        &self.client
+    }
+}
+
+impl DerefMut for PgConn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.client
+    }
+}
+
+/// bb8 manager of [`PgConn`]s.
+pub struct PgManager {
+    config: tokio_postgres::Config,
+}
+
+impl bb8::ManageConnection for PgManager {
+    type Connection = PgConn;
+    type Error = tokio_postgres::Error;
+
+    async fn connect(&self) -> Result<PgConn, tokio_postgres::Error> {
+        Ok(PgConn {
+            client: connect(&self.config).await?,
+            statements: HashMap::new(),
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut PgConn) -> Result<(), tokio_postgres::Error> {
+        conn.client.simple_query("").await.map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        conn.client.is_closed()
+    }
+}
 
 /// Advisory lock key serialising schema creation across nodes ("switchyd" in ASCII).
 const SCHEMA_LOCK: i64 = 0x7377_6974_6368_7964;
@@ -75,6 +139,8 @@ WITH input AS (
 )
 SELECT id FROM upd UNION ALL SELECT id FROM ins";
 
+const LOAD: &str = "SELECT data FROM switchyard_sessions WHERE id = $1 AND expires_at > $2";
+
 /// Maps a Postgres error: connection trouble is `Unavailable` (503, retry later).
 pub fn pg_error(engine: &'static str, e: tokio_postgres::Error) -> StoreError {
     let unavailable = match e.code() {
@@ -111,6 +177,15 @@ pub fn pool_error(engine: &'static str, e: bb8::RunError<tokio_postgres::Error>)
 
 /// Connects to `url`, creating its database when missing, and returns a pool of `size`.
 pub async fn connect_pool(url: &str, size: u32) -> Result<PgPool, StoreError> {
+    connect_pool_with_timeout(url, size, CONNECT_TIMEOUT).await
+}
+
+/// [`connect_pool`] with another wait limit for a pooled connection (benchmarks).
+pub async fn connect_pool_with_timeout(
+    url: &str,
+    size: u32,
+    timeout: Duration,
+) -> Result<PgPool, StoreError> {
     let config = tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Other {
         engine: ENGINE,
         message: format!("invalid URL: {e}"),
@@ -122,10 +197,12 @@ pub async fn connect_pool(url: &str, size: u32) -> Result<PgPool, StoreError> {
         }
         Err(e) => return Err(pg_error(ENGINE, e)),
     }
-    let manager = PostgresConnectionManager::new(config, NoTls);
+    let mut config = config;
+    config.connect_timeout(CONNECT_TIMEOUT);
+    let manager = PgManager { config };
     bb8::Pool::builder()
         .max_size(size.max(1))
-        .connection_timeout(CONNECT_TIMEOUT)
+        .connection_timeout(timeout)
         // A broken connection fails its query (a 503 for that request) and is dropped when
         // returned; checking every checkout would cost a round trip per query.
         .test_on_check_out(false)
@@ -221,9 +298,7 @@ impl PostgresStore {
         )
     }
 
-    async fn conn(
-        &self,
-    ) -> Result<bb8::PooledConnection<'_, PostgresConnectionManager<NoTls>>, StoreError> {
+    async fn conn(&self) -> Result<bb8::PooledConnection<'_, PgManager>, StoreError> {
         self.pool.get().await.map_err(|e| pool_error(ENGINE, e))
     }
 
@@ -246,19 +321,28 @@ impl PostgresStore {
             expected.push(item.expected.map(to_i64));
         }
         let now = now_unix();
-        let conn = self.conn().await?;
-        let rows = conn
-            .query_typed(
+        let mut conn = self.conn().await?;
+        let stmt = conn
+            .prepared(
                 SAVE_BATCH,
                 &[
-                    (&ids, Type::TEXT_ARRAY),
-                    (&data, Type::BYTEA_ARRAY),
-                    (&users, Type::TEXT_ARRAY),
-                    (&expires, Type::INT8_ARRAY),
-                    (&versions, Type::INT8_ARRAY),
-                    (&updated, Type::INT8_ARRAY),
-                    (&expected, Type::INT8_ARRAY),
-                    (&now, Type::INT8),
+                    Type::TEXT_ARRAY,
+                    Type::BYTEA_ARRAY,
+                    Type::TEXT_ARRAY,
+                    Type::INT8_ARRAY,
+                    Type::INT8_ARRAY,
+                    Type::INT8_ARRAY,
+                    Type::INT8_ARRAY,
+                    Type::INT8,
+                ],
+            )
+            .await
+            .map_err(|e| pg_error(ENGINE, e))?;
+        let rows = conn
+            .query(
+                &stmt,
+                &[
+                    &ids, &data, &users, &expires, &versions, &updated, &expected, &now,
                 ],
             )
             .await
@@ -291,12 +375,13 @@ impl SessionStore for PostgresStore {
     }
 
     async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
-        let conn = self.conn().await?;
+        let mut conn = self.conn().await?;
+        let stmt = conn
+            .prepared(LOAD, &[Type::TEXT, Type::INT8])
+            .await
+            .map_err(|e| pg_error(ENGINE, e))?;
         let row = conn
-            .query_typed(
-                "SELECT data FROM switchyard_sessions WHERE id = $1 AND expires_at > $2",
-                &[(&id.as_str(), Type::TEXT), (&now_unix(), Type::INT8)],
-            )
+            .query(&stmt, &[&id.as_str(), &now_unix()])
             .await
             .map_err(|e| pg_error(ENGINE, e))?;
         let Some(row) = row.first() else {

@@ -23,6 +23,11 @@ const MAX_SAVE_ATTEMPTS: u32 = 32;
 /// Most saves one group write carries.
 pub const MAX_BATCH: usize = 64;
 
+/// Group writes one shard has in flight at once. One keeps the groups largest: measured on
+/// the `postgres` engine (64 savers, 8 shards), two in flight halved the rows per statement
+/// and lowered throughput.
+pub const MAX_IN_FLIGHT: usize = 1;
+
 /// Load the live record of a session.
 #[derive(Message)]
 #[rtype(result = "Result<Option<Record>, SessionError>")]
@@ -75,7 +80,10 @@ pub struct DeleteSession {
 pub struct SessionShard {
     store: Arc<dyn SessionStore>,
     queue: VecDeque<PendingSave>,
-    flushing: bool,
+    /// Group writes in flight (at most [`MAX_IN_FLIGHT`]).
+    in_flight: usize,
+    /// The ids those writes carry: a save of one of them waits for the next write.
+    busy: HashSet<SessionId>,
 }
 
 /// A save waiting for (or in) a group write.
@@ -97,7 +105,8 @@ impl SessionShard {
         Self {
             store,
             queue: VecDeque::new(),
-            flushing: false,
+            in_flight: 0,
+            busy: HashSet::new(),
         }
     }
 
@@ -109,7 +118,7 @@ impl SessionShard {
         let mut rest = VecDeque::with_capacity(self.queue.len());
         let now = now_unix();
         while let Some(p) = self.queue.pop_front() {
-            if batch.len() >= MAX_BATCH || ids.contains(&p.id) {
+            if batch.len() >= MAX_BATCH || ids.contains(&p.id) || self.busy.contains(&p.id) {
                 rest.push_back(p);
                 continue;
             }
@@ -134,28 +143,32 @@ impl SessionShard {
         batch
     }
 
-    /// Starts a group write unless one is in flight or nothing waits.
+    /// Starts group writes while fewer than [`MAX_IN_FLIGHT`] are in flight and saves wait.
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if self.flushing {
-            return;
+        while self.in_flight < MAX_IN_FLIGHT {
+            let batch = self.next_batch();
+            if batch.is_empty() {
+                return;
+            }
+            let ids: Vec<SessionId> = batch.iter().map(|(p, _)| p.id.clone()).collect();
+            self.busy.extend(ids.iter().cloned());
+            self.in_flight += 1;
+            let store = self.store.clone();
+            ctx.spawn(
+                write_batch(store, batch)
+                    .into_actor(self)
+                    .map(move |retry, act, ctx| {
+                        act.in_flight -= 1;
+                        for id in &ids {
+                            act.busy.remove(id);
+                        }
+                        for p in retry.into_iter().rev() {
+                            act.queue.push_front(p);
+                        }
+                        act.flush(ctx);
+                    }),
+            );
         }
-        let batch = self.next_batch();
-        if batch.is_empty() {
-            return;
-        }
-        self.flushing = true;
-        let store = self.store.clone();
-        ctx.spawn(
-            write_batch(store, batch)
-                .into_actor(self)
-                .map(|retry, act, ctx| {
-                    act.flushing = false;
-                    for p in retry.into_iter().rev() {
-                        act.queue.push_front(p);
-                    }
-                    act.flush(ctx);
-                }),
-        );
     }
 }
 
@@ -167,7 +180,8 @@ impl Supervised for SessionShard {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         tracing::warn!(engine = self.store.engine(), "session shard restarting");
         self.queue.clear();
-        self.flushing = false;
+        self.in_flight = 0;
+        self.busy.clear();
     }
 }
 
