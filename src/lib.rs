@@ -45,6 +45,7 @@ pub mod config;
 mod engines;
 pub mod http;
 pub mod shop;
+mod task_commands;
 pub mod tasks;
 mod topology;
 
