@@ -388,3 +388,155 @@ async fn a_sigkilled_worker_s_task_is_redelivered_and_a_crash_loop_is_quarantine
     assert!(!out.contains(h.id()), "replayed letters leave the dead stream");
     env.stop().await;
 }
+
+/// A private `nats-server` with JetStream on a free port, which the test may kill.
+struct PrivateNats {
+    port: u16,
+    store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateNats {
+    fn start() -> Option<PrivateNats> {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let mut s = PrivateNats {
+            port,
+            store: tempfile::tempdir().ok()?,
+            child: None,
+        };
+        s.spawn(bin);
+        Some(s)
+    }
+
+    fn spawn(&mut self, bin: &str) {
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "private nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn a_private_server_killed_and_restarted_loses_no_task() {
+    let Some(mut server) = PrivateNats::start() else {
+        eprintln!("SKIPPED: no nats-server binary");
+        return;
+    };
+    let bin = "/usr/sbin/nats-server";
+    let client = async_nats::ConnectOptions::new()
+        .max_reconnects(None)
+        .connect(server.url())
+        .await
+        .expect("nats");
+    let broker = Arc::new(
+        NatsBroker::open(client, "outage", &settings())
+            .await
+            .expect("broker"),
+    );
+    let tasks = Tasks::new(broker.clone(), Arc::new(Registry::new()), settings());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut worker = Command::new(common::binary())
+        .args(["worker", "--node-id", "w1"])
+        .current_dir(common::root())
+        .env("SWITCHYARD_TASKS__BROKER", "nats")
+        .env("SWITCHYARD_NATS__PREFIX", "outage")
+        .env("SWITCHYARD_NATS__URL", server.url())
+        .env("SWITCHYARD_TASKS__ACK_WAIT", ACK_WAIT_SECS.to_string())
+        .env("SWITCHYARD_MAIL__DIR", dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker");
+    const N: usize = 40;
+    let mut ids: Vec<String> = Vec::new();
+    for i in 0..N {
+        if i == N / 2 {
+            // The worker is connected and working before the outage.
+            let deadline = Instant::now() + WAIT;
+            while !tasks
+                .result(&ids[0])
+                .await
+                .is_ok_and(|r| r.state == TaskState::Success)
+            {
+                assert!(Instant::now() < deadline, "the worker never ran a task");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            server.kill();
+            // The publisher retries (within its bound) while the server is down.
+            let (port, store) = (server.port, server.store.path().to_owned());
+            let restart = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(800));
+                Command::new(bin)
+                    .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                    .arg(&store)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("nats-server")
+            });
+            let h = tasks
+                .send("demo.add", json!({"x": i, "y": 1}), Default::default())
+                .await
+                .expect("publish across the outage");
+            ids.push(h.id().to_owned());
+            server.child = Some(restart.join().expect("restart"));
+            continue;
+        }
+        let h = tasks
+            .send("demo.add", json!({"x": i, "y": 1}), Default::default())
+            .await
+            .expect("publish");
+        ids.push(h.id().to_owned());
+    }
+    assert_eq!(ids.len(), N, "N published");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, id) in ids.iter().enumerate() {
+        loop {
+            let rec = tasks.result(id).await;
+            if let Ok(rec) = &rec {
+                if rec.state == TaskState::Success {
+                    assert_eq!(rec.result, json!(i + 1));
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "task {i} ({id}) never completed: {rec:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
