@@ -533,7 +533,15 @@ async fn a_private_server_killed_and_restarted_loses_no_task() {
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "task {i} ({id}) never completed: {rec:?}");
+            if Instant::now() >= deadline {
+                let js = broker.jetstream();
+                let mut st = js.get_stream("OUTAGE_TASKS").await.expect("stream");
+                let info = st.info().await.expect("info").state.clone();
+                let mut c: async_nats::jetstream::consumer::PullConsumer =
+                    st.get_consumer("outage_default").await.expect("consumer");
+                let ci = c.info().await.expect("ci").clone();
+                panic!("task {i} ({id}) never completed: {rec:?}\nstream {info:?}\nconsumer {ci:?}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

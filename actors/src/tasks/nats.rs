@@ -243,6 +243,33 @@ impl NatsBroker {
         Ok(c)
     }
 
+    /// One pull request: without `wait`, what is ready now; with it, up to `max` arriving
+    /// within `wait`.
+    async fn pull(
+        &self,
+        c: &consumer::PullConsumer,
+        queue: &str,
+        max: usize,
+        wait: Option<Duration>,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let mut out = Vec::new();
+        let mut msgs = match wait {
+            None => c.fetch().max_messages(max).messages().await,
+            Some(wait) => c.batch().max_messages(max).expires(wait).messages().await,
+        }
+        .map_err(unavailable)?;
+        while let Some(m) = msgs.next().await {
+            match m {
+                Ok(m) => out.push(self.delivery(queue, m)),
+                Err(e) => {
+                    tracing::debug!("fetch: {e}");
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn delivery(&self, queue: &str, msg: jetstream::Message) -> Delivery {
         let (seq, delivered) = msg
             .info()
@@ -567,44 +594,23 @@ impl Broker for NatsBroker {
     ) -> Result<Vec<Delivery>, BrokerError> {
         let c = self.consumer(queue).await?;
         let max = max.max(1);
-        let mut out = Vec::new();
-        // What is ready now, without waiting.
-        let mut ready = c
-            .fetch()
-            .max_messages(max)
-            .messages()
-            .await
-            .map_err(unavailable)?;
-        while let Some(m) = ready.next().await {
-            match m {
-                Ok(m) => out.push(self.delivery(queue, m)),
-                Err(e) => {
-                    tracing::debug!("fetch: {e}");
-                    break;
-                }
-            }
-        }
+        // The server ends a pull request; a connection lost meanwhile must not leave this
+        // waiting forever, so each request is also bounded here.
+        let ready = tokio::time::timeout(REQUEST_TIMEOUT, self.pull(&c, queue, max, None)).await;
+        let out = match ready {
+            Ok(r) => r?,
+            Err(_) => return Err(unavailable("fetch timed out")),
+        };
         if !out.is_empty() || wait.is_zero() {
             return Ok(out);
         }
         // Nothing ready: wait for the first to come.
-        let mut first = c
-            .batch()
-            .max_messages(1)
-            .expires(wait)
-            .messages()
+        match tokio::time::timeout(wait + REQUEST_TIMEOUT, self.pull(&c, queue, 1, Some(wait)))
             .await
-            .map_err(unavailable)?;
-        while let Some(m) = first.next().await {
-            match m {
-                Ok(m) => out.push(self.delivery(queue, m)),
-                Err(e) => {
-                    tracing::debug!("fetch: {e}");
-                    break;
-                }
-            }
+        {
+            Ok(r) => r,
+            Err(_) => Err(unavailable("fetch timed out")),
         }
-        Ok(out)
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
