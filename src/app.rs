@@ -113,6 +113,11 @@ impl App {
         &self.tasks
     }
 
+    /// The registry of tasks, taking it (what `switchyard worker` runs).
+    pub(crate) fn into_registry(self) -> Registry {
+        self.tasks
+    }
+
     /// Starts the node: actors, then the HTTP server. Must run inside an actix system.
     pub async fn start(self) -> Result<Running, StartError> {
         Topology::start(self).await

@@ -230,7 +230,7 @@ pub fn run(cli: Cli) -> ExitCode {
         | Command::Revoke { .. }
         | Command::Purge { .. }
         | Command::Dead(_) => {
-            let config = match load(config_path) {
+            let mut config = match load(config_path) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -241,7 +241,8 @@ pub fn run(cli: Cli) -> ExitCode {
                      to use this command",
                 ),
                 Broker::Nats => {
-                    failure("the NATS task broker is not available in this version yet")
+                    init_tracing(&config);
+                    task_command(&mut config, cli.command)
                 }
             }
         }
@@ -280,6 +281,41 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             failure("cluster status needs the NATS broker, not available in this version yet")
         }
+    }
+}
+
+/// The task commands with `tasks.broker = "nats"` (see `task_commands`).
+fn task_command(config: &mut Config, command: Command) -> ExitCode {
+    use crate::task_commands::{self as tc, Simple};
+    let config = std::mem::take(config);
+    match command {
+        Command::Worker(args) => {
+            let mut config = config;
+            if let Some(id) = args.node_id {
+                config.server.node_id = id;
+            }
+            tc::worker(config, args.queues, args.concurrency)
+        }
+        Command::Publish(a) => block_on(tc::publish(
+            config,
+            tc::PublishRequest {
+                task: a.task,
+                args: a.args,
+                queue: a.queue,
+                unique: a.unique,
+                countdown: a.countdown,
+                eta: a.eta,
+                wait: a.wait,
+            },
+        )),
+        Command::Result { id } => block_on(tc::simple(config, Simple::Result(id))),
+        Command::Revoke { id } => block_on(tc::simple(config, Simple::Revoke(id))),
+        Command::Purge { queue } => block_on(tc::simple(config, Simple::Purge(queue))),
+        Command::Dead(DeadCommand::List { queue }) => block_on(tc::dead_list(config, queue)),
+        Command::Dead(DeadCommand::Replay { id, all, queue }) => {
+            block_on(tc::dead_replay(config, id, all, queue))
+        }
+        _ => failure("`switchyard beat` is not available in this version yet"),
     }
 }
 

@@ -134,3 +134,14 @@ pub(crate) async fn open(config: &Config) -> Result<Option<Opened>, StartError> 
     };
     Ok(Some(opened))
 }
+
+/// Connects to NATS and opens the task broker under `nats.prefix` (`tasks.broker = "nats"`).
+pub(crate) async fn nats_broker(
+    config: &Config,
+    settings: &switchyard_actors::tasks::TaskSettings,
+) -> Result<switchyard_actors::tasks::NatsBroker, StartError> {
+    let link = nats_link(config).await?;
+    switchyard_actors::tasks::NatsBroker::open(link.client, &config.nats.prefix, settings)
+        .await
+        .map_err(|e| service("nats.url", e))
+}

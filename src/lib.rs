@@ -46,6 +46,7 @@ pub mod db;
 mod engines;
 pub mod http;
 pub mod shop;
+mod task_commands;
 pub mod tasks;
 mod topology;
 

@@ -115,7 +115,7 @@ impl Topology {
             detail: format!("broker {}", config.tasks.broker.as_str()),
         });
         let readiness = web::Data::new(readiness);
-        let (tasks, task_workers) = task_system(&config, task_registry, &metrics)?;
+        let (tasks, task_workers) = task_system(&config, task_registry, &metrics).await?;
         // Handlers reach the task client as `web::Data<Tasks>`.
         let tasks = web::Data::new(tasks);
         let mut routes = routes;
@@ -374,7 +374,9 @@ impl health::ReadinessCheck for UsersCheck {
 }
 
 /// The task client, and with `tasks.broker = "memory"` (not eager) the in-process workers.
-fn task_system(
+/// With `tasks.broker = "nats"` the client publishes to JetStream and `switchyard worker`
+/// processes run the tasks.
+async fn task_system(
     config: &Config,
     registry: Registry,
     metrics: &web::Data<Metrics>,
@@ -388,10 +390,8 @@ fn task_system(
     match config.tasks.broker {
         Broker::Memory => {}
         Broker::Nats => {
-            return Err(StartError::Service {
-                key: "tasks.broker".into(),
-                message: "the nats broker is not available in this version yet".into(),
-            })
+            let broker = Arc::new(engines::nats_broker(config, &settings).await?);
+            return Ok((Tasks::new(broker, registry, settings), None));
         }
     }
     let broker = Arc::new(MemoryBroker::new(&settings));

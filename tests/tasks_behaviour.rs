@@ -2,6 +2,8 @@
 //! the memory broker with its worker actors, and eager mode (the NATS broker adds its harness
 //! here). Each case is a generic fn over [`Harness`]; `behaviour_suite!` instantiates them.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +17,7 @@ use switchyard::tasks::{
     QueueSpec, Registry, Task, TaskContext, TaskError, TaskEvent, TaskOptions, TaskSettings,
     TaskState, Tasks, WorkerPool,
 };
-use switchyard_actors::tasks::{Broker, DrainOutcome, Outgoing};
+use switchyard_actors::tasks::{Broker, DrainOutcome, NatsBroker, Outgoing};
 
 /// Generous upper bound for anything the suite waits for.
 const WAIT: Duration = Duration::from_secs(10);
@@ -217,6 +219,9 @@ fn registry(log: &Arc<ProbeLog>) -> Registry {
 trait Harness: Sized {
     /// Whether worker actors consume a broker (false: eager, tasks run inside publish).
     const WORKERS: bool;
+    /// The shared service the harness needs (the case is skipped, or fails under
+    /// `SWITCHYARD_REQUIRE_SERVICES=1`, when it is unreachable).
+    const SERVICE: Option<&'static str> = None;
     async fn start(settings: TaskSettings, registry: Registry) -> Self;
     fn tasks(&self) -> &Tasks;
     /// Events so far (eager mode has none).
@@ -276,6 +281,97 @@ impl Harness for MemoryHarness {
         self.pool.cold_token().cancel();
         self.pool.drain().await;
         self.arbiter.stop();
+    }
+}
+
+/// The NATS JetStream broker on the shared server, under a unique `nats.prefix`; its streams
+/// and bucket are deleted at the end.
+struct NatsHarness {
+    inner: MemoryLike,
+    broker: Arc<NatsBroker>,
+}
+
+/// The parts a broker-backed harness shares.
+struct MemoryLike {
+    tasks: Tasks,
+    pool: WorkerPool,
+    arbiter: actix_rt::Arbiter,
+    events: Arc<Mutex<Vec<TaskEvent>>>,
+}
+
+impl NatsHarness {
+    async fn open(settings: &TaskSettings) -> Arc<NatsBroker> {
+        let client = async_nats::connect(common::service_url("nats"))
+            .await
+            .expect("nats");
+        let prefix = common::unique_name("sy");
+        Arc::new(
+            NatsBroker::open(client, &prefix, settings)
+                .await
+                .expect("nats broker"),
+        )
+    }
+
+    async fn delete(broker: &NatsBroker) {
+        let names = broker.names();
+        let js = broker.jetstream();
+        for stream in [
+            names.tasks_stream(),
+            names.dead_stream(),
+            format!("KV_{}", names.results_bucket()),
+        ] {
+            let _ = js.delete_stream(&stream).await;
+        }
+    }
+}
+
+impl Harness for NatsHarness {
+    const WORKERS: bool = true;
+    const SERVICE: Option<&'static str> = Some("nats");
+
+    async fn start(settings: TaskSettings, registry: Registry) -> Self {
+        let broker = Self::open(&settings).await;
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink: EventSink = {
+            let events = events.clone();
+            Arc::new(move |e: &TaskEvent| events.lock().expect("events").push(e.clone()))
+        };
+        let sink = broker.event_sink(Some(sink));
+        let registry = Arc::new(registry);
+        let arbiter = actix_rt::Arbiter::new();
+        let pool = WorkerPool::start(
+            settings.clone(),
+            None,
+            broker.clone(),
+            registry.clone(),
+            Some(sink),
+            &arbiter.handle(),
+        )
+        .expect("worker pool");
+        Self {
+            inner: MemoryLike {
+                tasks: Tasks::new(broker.clone(), registry, settings),
+                pool,
+                arbiter,
+                events,
+            },
+            broker,
+        }
+    }
+    fn tasks(&self) -> &Tasks {
+        &self.inner.tasks
+    }
+    fn events(&self) -> Vec<TaskEvent> {
+        self.inner.events.lock().expect("events").clone()
+    }
+    async fn drain(&self) -> Option<DrainOutcome> {
+        Some(self.inner.pool.drain().await)
+    }
+    async fn stop(self) {
+        self.inner.pool.cold_token().cancel();
+        self.inner.pool.drain().await;
+        self.inner.arbiter.stop();
+        Self::delete(&self.broker).await;
     }
 }
 
@@ -889,6 +985,11 @@ macro_rules! behaviour_suite {
         $(
             #[actix_rt::test]
             async fn $case() {
+                if let Some(service) = <$harness as Harness>::SERVICE {
+                    if !common::service_available(service) {
+                        return;
+                    }
+                }
                 super::$case::<$harness>().await
             }
         )*
@@ -905,6 +1006,15 @@ behaviour_suite!(
     ]
 );
 behaviour_suite!(eager, EagerHarness, []);
+behaviour_suite!(
+    nats,
+    NatsHarness,
+    [
+        warm_shutdown_finishes_in_flight,
+        cold_shutdown_aborts_after_drain_timeout,
+        concurrency_and_queue_rate_limit
+    ]
+);
 
 // ---------------------------------------------------------------------------------------------
 // The memory broker's own cases: foreign messages.

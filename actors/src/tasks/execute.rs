@@ -248,7 +248,6 @@ impl Runner {
                 .await;
         };
         let plan = self.settings.plan(entry.options(), env.max_retries);
-        entry.rate_limit().await;
 
         let started_at = Utc::now();
         let mut started = ResultRecord::new(
@@ -273,6 +272,9 @@ impl Runner {
                 return self.nak(&delivery, CLAIM_RETRY_DELAY).await;
             }
         }
+        // After the claim: a broker round trip between the limiter and the body would make
+        // starts jitter by its latency.
+        entry.rate_limit().await;
         self.emit(EventKind::TaskStarted, &s, TaskState::Started);
 
         let ctx = TaskContext {

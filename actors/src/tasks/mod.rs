@@ -8,7 +8,8 @@
 //! - `task`: the [`Task`] trait, [`TaskOptions`], [`TaskContext`], [`TaskError`].
 //! - `registry`: the [`Registry`] of tasks by name (type-erased entries).
 //! - `envelope`, `record`, `events`: the task message, the result record, task events.
-//! - `broker`: the [`Broker`] trait every broker implements; `memory`: the memory broker.
+//! - `broker`: the [`Broker`] trait every broker implements; `memory`: the memory broker;
+//!   `nats`: the NATS JetStream broker.
 //! - `execute`: one attempt under its limits, and what a worker does with a delivery.
 //! - `worker`: the [`TaskWorker`] actors (one per queue) and the [`WorkerPool`] that owns them
 //!   and the task runtime.
@@ -20,6 +21,7 @@ mod envelope;
 mod events;
 mod execute;
 mod memory;
+mod nats;
 mod rate;
 mod record;
 mod registry;
@@ -35,6 +37,7 @@ pub use client::{AsyncResult, ClientError, Tasks};
 pub use envelope::{new_task_id, Envelope, PublishOptions};
 pub use events::{EventKind, EventSink, TaskEvent};
 pub use memory::MemoryBroker;
+pub use nats::{NatsBroker, NatsNames, StoredDeadLetter, PUBLISH_RETRY_FOR};
 pub use record::{ResultRecord, TaskState};
 pub use registry::{Registry, TaskEntry};
 pub use task::{Backoff, ResultExt, Task, TaskContext, TaskError, TaskOptions};

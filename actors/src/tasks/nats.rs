@@ -1,0 +1,729 @@
+//! The `nats` broker: JetStream stream `<PREFIX>_TASKS` on `<prefix>.tasks.>` (file storage,
+//! work-queue retention, duplicate window = `tasks.dedupe_window`), one durable pull consumer
+//! per queue shared by every worker, dead letters in `<PREFIX>_DEAD` on `<prefix>.dead.>`,
+//! result records in the key-value bucket `<prefix>_results`, events on `<prefix>.events.*`.
+//!
+//! Only JetStream features NATS 2.9 has are used: the results bucket's stream is created
+//! directly (`KV_<bucket>`) and then opened as a key-value store; delayed delivery (an eta, a
+//! retry countdown) is a negative ack with a delay, done by the worker; dead-lettering is done
+//! by the worker (a work-queue stream never moves a message by itself). See
+//! `docs/task-protocol.md`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_nats::header::HeaderMap;
+use async_nats::jetstream::{self, consumer, kv, stream, AckKind};
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+use super::broker::{
+    Acker, Broker, BrokerError, Claim, DeadLetter, Delivery, Outgoing, PublishOutcome,
+};
+use super::{Envelope, EventSink, ResultRecord, TaskEvent, TaskSettings, TaskState};
+
+/// Request timeout of one JetStream API call or publish.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a publish keeps retrying while NATS is unreachable before it fails.
+pub const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(10);
+/// Pause between publish attempts.
+const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Unacknowledged deliveries a queue's consumer allows (delayed naks hold slots too).
+const MAX_ACK_PENDING: i64 = 100_000;
+/// Attempts at a compare-and-swap on a result record.
+const CAS_ATTEMPTS: u32 = 32;
+/// Events buffered for publishing before new ones are dropped.
+const EVENT_BUFFER: usize = 65_536;
+/// Header: why a message was dead-lettered.
+pub const HEADER_REASON: &str = "Switchyard-Reason";
+/// Header: when (RFC 3339).
+pub const HEADER_FAILED_AT: &str = "Switchyard-Failed-At";
+/// Header: the subject the message was published to.
+pub const HEADER_ORIGINAL_SUBJECT: &str = "Switchyard-Original-Subject";
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+/// The names under one `nats.prefix`.
+#[derive(Clone, Debug)]
+pub struct NatsNames {
+    pub prefix: String,
+}
+
+impl NatsNames {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+    /// `<PREFIX>_TASKS`.
+    pub fn tasks_stream(&self) -> String {
+        format!("{}_TASKS", self.prefix.to_uppercase())
+    }
+    /// `<PREFIX>_DEAD`.
+    pub fn dead_stream(&self) -> String {
+        format!("{}_DEAD", self.prefix.to_uppercase())
+    }
+    /// `<prefix>.tasks.<queue>`.
+    pub fn task_subject(&self, queue: &str) -> String {
+        format!("{}.tasks.{queue}", self.prefix)
+    }
+    /// `<prefix>.dead.<queue>`.
+    pub fn dead_subject(&self, queue: &str) -> String {
+        format!("{}.dead.{queue}", self.prefix)
+    }
+    /// `<prefix>.events.<kind>`.
+    pub fn event_subject(&self, kind: &str) -> String {
+        format!("{}.events.{kind}", self.prefix)
+    }
+    /// `<prefix>_results`.
+    pub fn results_bucket(&self) -> String {
+        format!("{}_results", self.prefix)
+    }
+    /// The durable consumer of a queue.
+    pub fn consumer(&self, queue: &str) -> String {
+        format!("{}_{}", self.prefix, queue).replace(['.', '*', '>', ' '], "_")
+    }
+}
+
+/// Creates a key-value bucket's stream when missing, in a form NATS 2.9 understands.
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    max_age: Duration,
+) -> Result<(), BrokerError> {
+    let name = format!("KV_{bucket}");
+    if js.get_stream(&name).await.is_ok() {
+        return Ok(());
+    }
+    let config = stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        allow_rollup: true,
+        deny_delete: false,
+        deny_purge: false,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        storage: stream::StorageType::File,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    match js.create_stream(config).await {
+        Ok(_) => Ok(()),
+        Err(e) => match js.get_stream(&name).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(unavailable(format!("cannot create stream {name}: {e}"))),
+        },
+    }
+}
+
+async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), BrokerError> {
+    let name = config.name.clone();
+    if js.get_stream(&name).await.is_ok() {
+        return Ok(());
+    }
+    match js.create_stream(config).await {
+        Ok(_) => Ok(()),
+        Err(e) => match js.get_stream(&name).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(unavailable(format!("cannot create stream {name}: {e}"))),
+        },
+    }
+}
+
+/// The JetStream broker. Cloning shares the connection.
+#[derive(Clone)]
+pub struct NatsBroker {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    names: NatsNames,
+    stream: String,
+    kv: kv::Store,
+    ack_wait: Duration,
+    consumers: std::sync::Arc<Mutex<HashMap<String, consumer::PullConsumer>>>,
+}
+
+impl NatsBroker {
+    /// Opens the broker under `prefix` over `client`: creates the streams, the results bucket
+    /// and the consumers of `settings`' queues when missing.
+    pub async fn open(
+        client: async_nats::Client,
+        prefix: &str,
+        settings: &TaskSettings,
+    ) -> Result<Self, BrokerError> {
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(REQUEST_TIMEOUT);
+        let names = NatsNames::new(prefix);
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: names.tasks_stream(),
+                subjects: vec![format!("{prefix}.tasks.>")],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: settings.dedupe_window,
+                num_replicas: 1,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: names.dead_stream(),
+                subjects: vec![format!("{prefix}.dead.>")],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                num_replicas: 1,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let bucket = names.results_bucket();
+        ensure_bucket(&js, &bucket, settings.result_ttl).await?;
+        let kv = js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|e| unavailable(format!("cannot open bucket {bucket}: {e}")))?;
+        let broker = Self {
+            client,
+            js,
+            stream: names.tasks_stream(),
+            names,
+            kv,
+            ack_wait: settings.ack_wait,
+            consumers: Default::default(),
+        };
+        for q in &settings.queues {
+            broker.consumer(&q.name).await?;
+        }
+        Ok(broker)
+    }
+
+    /// The names in use.
+    pub fn names(&self) -> &NatsNames {
+        &self.names
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The queue's durable consumer, created when missing.
+    async fn consumer(&self, queue: &str) -> Result<consumer::PullConsumer, BrokerError> {
+        let mut map = self.consumers.lock().await;
+        if let Some(c) = map.get(queue) {
+            return Ok(c.clone());
+        }
+        let name = self.names.consumer(queue);
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: self.names.task_subject(queue),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_deliver: -1,
+            max_ack_pending: MAX_ACK_PENDING,
+            ..Default::default()
+        };
+        let stream = self.js.get_stream(&self.stream).await.map_err(unavailable)?;
+        let c = stream
+            .get_or_create_consumer::<consumer::pull::Config>(&name, config)
+            .await
+            .map_err(|e| unavailable(format!("consumer {name}: {e}")))?;
+        map.insert(queue.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// One pull request: without `wait`, what is ready now; with it, up to `max` arriving
+    /// within `wait`.
+    async fn pull(
+        &self,
+        c: &consumer::PullConsumer,
+        queue: &str,
+        max: usize,
+        wait: Option<Duration>,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let mut out = Vec::new();
+        let mut msgs = match wait {
+            None => c.fetch().max_messages(max).messages().await,
+            Some(wait) => c.batch().max_messages(max).expires(wait).messages().await,
+        }
+        .map_err(unavailable)?;
+        while let Some(m) = msgs.next().await {
+            match m {
+                Ok(m) => out.push(self.delivery(queue, m)),
+                Err(e) => {
+                    tracing::debug!("fetch: {e}");
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delivery(&self, queue: &str, msg: jetstream::Message) -> Delivery {
+        let (seq, delivered) = msg
+            .info()
+            .map(|i| (i.stream_sequence, i.delivered.clamp(1, u32::MAX as i64) as u32))
+            .unwrap_or((0, 1));
+        let (msg, acker) = msg.split();
+        Delivery::new(
+            msg.payload.to_vec(),
+            queue.to_owned(),
+            seq,
+            delivered,
+            Box::new(NatsAcker(acker)),
+        )
+    }
+
+    /// Publishes with `Nats-Msg-Id`, retrying for up to [`PUBLISH_RETRY_FOR`] while NATS
+    /// does not answer (the same id makes a retried publish safe).
+    async fn publish_raw(
+        &self,
+        subject: String,
+        payload: Bytes,
+        headers: HeaderMap,
+    ) -> Result<jetstream::publish::PublishAck, BrokerError> {
+        let deadline = Instant::now() + PUBLISH_RETRY_FOR;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let sent = self
+                .js
+                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .await;
+            match sent {
+                Ok(ack) => match ack.await {
+                    Ok(ack) => return Ok(ack),
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+            tracing::debug!(%subject, "publish failed, retrying: {last}");
+            tokio::time::sleep(PUBLISH_RETRY_PAUSE).await;
+        }
+        Err(unavailable(format!(
+            "publish to {subject} failed for {PUBLISH_RETRY_FOR:?}: {last}"
+        )))
+    }
+
+    fn unique_key(dedupe_id: &str) -> Option<String> {
+        let key = dedupe_id.strip_prefix("unique:")?;
+        let h = Sha256::digest(key.as_bytes());
+        Some(format!(
+            "unique.{}",
+            h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ))
+    }
+
+    /// The task id of the message a duplicate publish collided with.
+    async fn original_id(&self, msg: &Outgoing, seq: u64) -> Option<String> {
+        let Some(key) = Self::unique_key(&msg.dedupe_id) else {
+            // Plain and retry dedupe ids carry the task id itself.
+            return Some(msg.id.clone());
+        };
+        if let Ok(stream) = self.js.get_stream(&self.stream).await {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                if let Some(id) = serde_json::from_slice::<Envelope>(&m.payload)
+                    .ok()
+                    .and_then(|e| e.id)
+                {
+                    return Some(id);
+                }
+            }
+        }
+        // Already consumed: the first publisher noted its id (retry briefly: it may be racing).
+        for _ in 0..10 {
+            if let Ok(Some(v)) = self.kv.get(&key).await {
+                return String::from_utf8(v.to_vec()).ok();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// The live record under `id` with its revision.
+    async fn entry(&self, id: &str) -> Result<Option<(ResultRecord, u64)>, BrokerError> {
+        let entry = self.kv.entry(id).await.map_err(unavailable)?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let rec = serde_json::from_slice(&e.value)
+                    .map_err(|err| BrokerError::Data(format!("result {id}: {err}")))?;
+                Ok(Some((rec, e.revision)))
+            }
+            Some(e) => Ok(Some((ResultRecord::pending(id), e.revision)).filter(|_| false)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes `record` if the key is still at `revision` (`None`: absent); whether it did.
+    async fn put_if(
+        &self,
+        record: &ResultRecord,
+        revision: Option<u64>,
+    ) -> Result<bool, BrokerError> {
+        let bytes = Bytes::from(serde_json::to_vec(record).map_err(unavailable)?);
+        let res = match revision {
+            Some(rev) => self
+                .kv
+                .update(&record.id, bytes, rev)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => self
+                .kv
+                .create(&record.id, bytes)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        match res {
+            Ok(()) => Ok(true),
+            Err(m) if m.contains("wrong last sequence") || m.contains("already exists") => {
+                Ok(false)
+            }
+            Err(m) => Err(unavailable(m)),
+        }
+    }
+
+    /// An event sink publishing to `<prefix>.events.<kind>` (in the background, in order;
+    /// dropped when the buffer is full), then handing each event to `next`.
+    pub fn event_sink(&self, next: Option<EventSink>) -> EventSink {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Bytes)>(EVENT_BUFFER);
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            while let Some((subject, payload)) = rx.recv().await {
+                if let Err(e) = client.publish(subject, payload).await {
+                    tracing::debug!("cannot publish event: {e}");
+                }
+            }
+        });
+        let names = self.names.clone();
+        std::sync::Arc::new(move |e: &TaskEvent| {
+            if let Ok(payload) = serde_json::to_vec(e) {
+                let kind = serde_json::to_value(e.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "task".into());
+                let _ = tx.try_send((names.event_subject(&kind), Bytes::from(payload)));
+            }
+            if let Some(next) = &next {
+                next(e);
+            }
+        })
+    }
+
+    /// Dead letters kept, oldest first, of `queue` (all queues: `None`), at most `limit`.
+    pub async fn dead_letters(
+        &self,
+        queue: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredDeadLetter>, BrokerError> {
+        let mut stream = self
+            .js
+            .get_stream(self.names.dead_stream())
+            .await
+            .map_err(unavailable)?;
+        let info = stream.info().await.map_err(unavailable)?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        let mut out = Vec::new();
+        if info.state.messages == 0 {
+            return Ok(out);
+        }
+        let want = queue.map(|q| self.names.dead_subject(q));
+        let mut seq = first;
+        while seq <= last && out.len() < limit {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                if want.as_deref().is_none_or(|w| m.subject.as_str() == w) {
+                    out.push(StoredDeadLetter::from_raw(&self.names, &m));
+                }
+            }
+            seq += 1;
+        }
+        Ok(out)
+    }
+
+    /// Sends dead letter `seq` back to its queue (`Nats-Msg-Id` `<id>:replay:<seq>`), forgets
+    /// the task's FAILURE record so it can run, and deletes the letter; returns the task id
+    /// (or `seq:<n>` for a message without one).
+    pub async fn replay(&self, letter: &StoredDeadLetter) -> Result<String, BrokerError> {
+        let stream = self
+            .js
+            .get_stream(self.names.dead_stream())
+            .await
+            .map_err(unavailable)?;
+        let m = stream
+            .get_raw_message(letter.seq)
+            .await
+            .map_err(unavailable)?;
+        let id = letter
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("seq:{}", letter.seq));
+        if let Some(task_id) = &letter.id {
+            self.forget_result(task_id).await?;
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("{id}:replay:{}", letter.seq).as_str());
+        self.publish_raw(
+            self.names.task_subject(&letter.queue),
+            m.payload.clone(),
+            headers,
+        )
+        .await?;
+        stream
+            .delete_message(letter.seq)
+            .await
+            .map_err(unavailable)?;
+        Ok(id)
+    }
+}
+
+/// A dead letter as `switchyard dead list` prints it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StoredDeadLetter {
+    pub seq: u64,
+    pub id: Option<String>,
+    pub task: Option<String>,
+    pub queue: String,
+    pub reason: String,
+    pub dead_at: Option<DateTime<Utc>>,
+}
+
+impl StoredDeadLetter {
+    fn from_raw(names: &NatsNames, m: &jetstream::message::StreamMessage) -> Self {
+        let env: Option<serde_json::Value> = serde_json::from_slice(&m.payload).ok();
+        let field = |k: &str| {
+            env.as_ref()
+                .and_then(|v| v.get(k))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        let header = |k: &str| m.headers.get(k).map(|v| v.as_str().to_owned());
+        let queue = m
+            .subject
+            .as_str()
+            .strip_prefix(&format!("{}.dead.", names.prefix))
+            .unwrap_or_default()
+            .to_owned();
+        Self {
+            seq: m.sequence,
+            id: field("id"),
+            task: field("task"),
+            queue,
+            reason: header(HEADER_REASON).unwrap_or_default(),
+            dead_at: header(HEADER_FAILED_AT)
+                .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+                .map(|t| t.with_timezone(&Utc)),
+        }
+    }
+}
+
+struct NatsAcker(jetstream::message::Acker);
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        self.0.ack().await.map_err(unavailable)
+    }
+    async fn nak(&self, delay: Duration) -> Result<(), BrokerError> {
+        let delay = (!delay.is_zero()).then_some(delay);
+        self.0
+            .ack_with(AckKind::Nak(delay))
+            .await
+            .map_err(unavailable)
+    }
+    async fn progress(&self) -> Result<(), BrokerError> {
+        self.0
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl Broker for NatsBroker {
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    async fn publish(&self, msg: Outgoing) -> Result<PublishOutcome, BrokerError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg.dedupe_id.as_str());
+        let ack = self
+            .publish_raw(
+                self.names.task_subject(&msg.queue),
+                Bytes::from(msg.payload.clone()),
+                headers,
+            )
+            .await?;
+        if ack.duplicate {
+            return Ok(PublishOutcome::Duplicate {
+                original_id: self.original_id(&msg, ack.sequence).await,
+            });
+        }
+        if let Some(key) = Self::unique_key(&msg.dedupe_id) {
+            if let Err(e) = self.kv.put(&key, Bytes::from(msg.id.clone())).await {
+                tracing::warn!(task_id = %msg.id, "cannot note the unique key: {e}");
+            }
+        }
+        Ok(PublishOutcome::Queued)
+    }
+
+    async fn fetch(&self, queue: &str, wait: Duration) -> Result<Option<Delivery>, BrokerError> {
+        Ok(self.fetch_batch(queue, 1, wait).await?.into_iter().next())
+    }
+
+    async fn fetch_batch(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let c = self.consumer(queue).await?;
+        let max = max.max(1);
+        // The server ends a pull request; a connection lost meanwhile must not leave this
+        // waiting forever, so each request is also bounded here.
+        let ready = tokio::time::timeout(REQUEST_TIMEOUT, self.pull(&c, queue, max, None)).await;
+        let out = match ready {
+            Ok(r) => r?,
+            Err(_) => return Err(unavailable("fetch timed out")),
+        };
+        if !out.is_empty() || wait.is_zero() {
+            return Ok(out);
+        }
+        // Nothing ready: wait for the first to come.
+        match tokio::time::timeout(wait + REQUEST_TIMEOUT, self.pull(&c, queue, 1, Some(wait)))
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(unavailable("fetch timed out")),
+        }
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let stream = self.js.get_stream(&self.stream).await.map_err(unavailable)?;
+        let res = stream
+            .purge()
+            .filter(self.names.task_subject(queue))
+            .await
+            .map_err(unavailable)?;
+        Ok(res.purged)
+    }
+
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BrokerError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_REASON, letter.reason.as_str());
+        headers.insert(
+            HEADER_FAILED_AT,
+            letter
+                .dead_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                .as_str(),
+        );
+        headers.insert(
+            HEADER_ORIGINAL_SUBJECT,
+            self.names.task_subject(&letter.queue).as_str(),
+        );
+        self.publish_raw(
+            self.names.dead_subject(&letter.queue),
+            Bytes::from(letter.payload),
+            headers,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn put_result(&self, record: &ResultRecord) -> Result<(), BrokerError> {
+        let bytes = serde_json::to_vec(record).map_err(unavailable)?;
+        self.kv
+            .put(&record.id, Bytes::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn get_result(&self, id: &str) -> Result<Option<ResultRecord>, BrokerError> {
+        Ok(self.entry(id).await?.map(|(r, _)| r))
+    }
+
+    async fn forget_result(&self, id: &str) -> Result<(), BrokerError> {
+        self.kv.purge(id).await.map_err(unavailable)
+    }
+
+    async fn claim(&self, started: &ResultRecord) -> Result<Claim, BrokerError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let raw = self.kv.entry(&started.id).await.map_err(unavailable)?;
+            let revision = match raw {
+                Some(e) if e.operation == kv::Operation::Put => {
+                    if let Ok(r) = serde_json::from_slice::<ResultRecord>(&e.value) {
+                        if r.state.is_ready() {
+                            return Ok(Claim::Refused(r.state));
+                        }
+                    }
+                    Some(e.revision)
+                }
+                Some(e) => Some(e.revision),
+                None => None,
+            };
+            if self.put_if(started, revision).await? {
+                return Ok(Claim::Claimed);
+            }
+        }
+        Err(unavailable(format!(
+            "claim of {}: too much contention",
+            started.id
+        )))
+    }
+
+    async fn revoke(&self, id: &str) -> Result<bool, BrokerError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let raw = self.kv.entry(id).await.map_err(unavailable)?;
+            let (existing, revision) = match raw {
+                Some(e) if e.operation == kv::Operation::Put => (
+                    serde_json::from_slice::<ResultRecord>(&e.value).ok(),
+                    Some(e.revision),
+                ),
+                Some(e) => (None, Some(e.revision)),
+                None => (None, None),
+            };
+            if existing
+                .as_ref()
+                .is_some_and(|r| !matches!(r.state, TaskState::Pending | TaskState::Retry))
+            {
+                return Ok(false);
+            }
+            let mut record = existing.unwrap_or_else(|| ResultRecord::pending(id));
+            record.state = TaskState::Revoked;
+            record.error = Some("revoked".into());
+            record.finished_at = Some(Utc::now());
+            if self.put_if(&record, revision).await? {
+                return Ok(true);
+            }
+        }
+        Err(unavailable(format!("revoke of {id}: too much contention")))
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(unavailable("not connected to NATS"));
+        }
+        self.js
+            .get_stream(&self.stream)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}

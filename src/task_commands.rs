@@ -1,0 +1,290 @@
+//! The task commands of `tasks.broker = "nats"`: `worker`, `publish`, `result`, `revoke`,
+//! `purge`, `dead list` and `dead replay`, with SPEC.md's output (stdout: results only) and
+//! exit codes (2 bad usage, 1 runtime failure).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use switchyard_actors::tasks::{
+    NatsBroker, PublishOptions, Registry, TaskSettings, TaskState, Tasks, WorkerPool,
+};
+
+use crate::config::Config;
+use crate::{engines, shop, App};
+
+/// Exit code for bad usage.
+const EXIT_USAGE: u8 = 2;
+/// Exit code for a runtime failure.
+const EXIT_FAILURE: u8 = 1;
+/// Pause between result polls of `publish --wait`.
+const WAIT_POLL: Duration = Duration::from_millis(20);
+/// Most dead letters `dead list` and `dead replay --all` look at.
+const DEAD_LIMIT: usize = 100_000;
+
+fn usage(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn failure(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_FAILURE)
+}
+
+/// The tasks the bundled demo registers (and an embedding app would add).
+fn registry(config: &Config) -> Registry {
+    shop::install(App::new(config.clone())).into_registry()
+}
+
+async fn open(config: &Config, settings: &TaskSettings) -> Result<NatsBroker, ExitCode> {
+    engines::nats_broker(config, settings)
+        .await
+        .map_err(failure)
+}
+
+/// What `switchyard publish` was asked.
+pub(crate) struct PublishRequest {
+    pub(crate) task: String,
+    pub(crate) args: Option<String>,
+    pub(crate) queue: Option<String>,
+    pub(crate) unique: Option<String>,
+    pub(crate) countdown: Option<f64>,
+    pub(crate) eta: Option<String>,
+    pub(crate) wait: Option<f64>,
+}
+
+/// `switchyard publish`: the id, or with `--wait` the final record (exit 1 unless SUCCESS).
+pub(crate) async fn publish(config: Config, req: PublishRequest) -> ExitCode {
+    let args: Value = match req.args.as_deref().map(serde_json::from_str).transpose() {
+        Ok(v) => v.unwrap_or_else(|| Value::Object(Default::default())),
+        Err(e) => return usage(format!("ARGS_JSON is not JSON: {e}")),
+    };
+    if !args.is_object() {
+        return usage("ARGS_JSON must be a JSON object");
+    }
+    let mut options = PublishOptions::new();
+    if let Some(q) = req.queue {
+        options = options.queue(q);
+    }
+    if let Some(k) = req.unique {
+        options = options.unique(k);
+    }
+    if let Some(c) = req.countdown {
+        match Duration::try_from_secs_f64(c) {
+            Ok(d) => options = options.countdown(d),
+            Err(_) => return usage(format!("--countdown {c}: expected seconds >= 0")),
+        }
+    }
+    if let Some(eta) = req.eta {
+        match DateTime::parse_from_rfc3339(&eta) {
+            Ok(t) => options = options.eta(t.with_timezone(&Utc)),
+            Err(e) => return usage(format!("--eta {eta:?}: expected RFC 3339: {e}")),
+        }
+    }
+    let wait = match req.wait.map(Duration::try_from_secs_f64).transpose() {
+        Ok(w) => w,
+        Err(_) => return usage("--wait: expected seconds >= 0"),
+    };
+    let settings = crate::tasks::settings(&config);
+    let broker = match open(&config, &settings).await {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let tasks = Tasks::new(Arc::new(broker), Arc::new(registry(&config)), settings);
+    let handle = match tasks.send(&req.task, args, options).await {
+        Ok(h) => h,
+        Err(e @ switchyard_actors::tasks::ClientError::UnknownQueue(_)) => return usage(e),
+        Err(e @ switchyard_actors::tasks::ClientError::Args(_)) => return usage(e),
+        Err(e) => return failure(e),
+    };
+    let Some(wait) = wait else {
+        println!("{}", handle.id());
+        return ExitCode::SUCCESS;
+    };
+    let deadline = Instant::now() + wait;
+    loop {
+        let rec = match tasks.result(handle.id()).await {
+            Ok(r) => r,
+            Err(e) => return failure(e),
+        };
+        if rec.state.is_ready() || Instant::now() >= deadline {
+            println!("{}", rec.to_json_line());
+            return if rec.state == TaskState::Success {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            };
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
+/// `result`, `revoke`, `purge`.
+pub(crate) enum Simple {
+    Result(String),
+    Revoke(String),
+    Purge(String),
+}
+
+pub(crate) async fn simple(config: Config, cmd: Simple) -> ExitCode {
+    let settings = crate::tasks::settings(&config);
+    let broker = match open(&config, &settings).await {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let tasks = Tasks::new(Arc::new(broker), Arc::new(Registry::new()), settings);
+    match cmd {
+        Simple::Result(id) => match tasks.result(&id).await {
+            Ok(rec) => println!("{}", rec.to_json_line()),
+            Err(e) => return failure(e),
+        },
+        Simple::Revoke(id) => match tasks.revoke(&id).await {
+            Ok(done) => println!("{{\"revoked\":{}}}", u8::from(done)),
+            Err(e) => return failure(e),
+        },
+        Simple::Purge(queue) => match tasks.purge(&queue).await {
+            Ok(n) => println!("{{\"purged\":{n}}}"),
+            Err(e) => return failure(e),
+        },
+    }
+    ExitCode::SUCCESS
+}
+
+/// `dead list [QUEUE]`: one JSON line per letter.
+pub(crate) async fn dead_list(config: Config, queue: Option<String>) -> ExitCode {
+    let settings = crate::tasks::settings(&config);
+    let broker = match open(&config, &settings).await {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    match broker.dead_letters(queue.as_deref(), DEAD_LIMIT).await {
+        Ok(letters) => {
+            for l in letters {
+                match serde_json::to_string(&l) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => return failure(e),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => failure(e),
+    }
+}
+
+/// `dead replay ID|--all [QUEUE]`: ID is a task id or a dead-letter sequence number.
+pub(crate) async fn dead_replay(
+    config: Config,
+    id: Option<String>,
+    all: bool,
+    queue: Option<String>,
+) -> ExitCode {
+    // `dead replay --all QUEUE` parses QUEUE as the id position.
+    let (id, queue) = if all { (None, queue.or(id)) } else { (id, queue) };
+    if id.is_none() && !all {
+        return usage("dead replay needs an ID or --all");
+    }
+    let settings = crate::tasks::settings(&config);
+    let broker = match open(&config, &settings).await {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let letters = match broker.dead_letters(queue.as_deref(), DEAD_LIMIT).await {
+        Ok(l) => l,
+        Err(e) => return failure(e),
+    };
+    let chosen: Vec<_> = letters
+        .into_iter()
+        .filter(|l| match &id {
+            None => true,
+            Some(id) => l.id.as_deref() == Some(id.as_str()) || l.seq.to_string() == *id,
+        })
+        .collect();
+    if chosen.is_empty() {
+        if let Some(id) = id {
+            return failure(format!("no dead letter {id}"));
+        }
+    }
+    for letter in &chosen {
+        match broker.replay(letter).await {
+            Ok(id) => println!("{id}"),
+            Err(e) => return failure(e),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `switchyard worker`: consumes the queues until SIGTERM/SIGINT, then drains (a second signal
+/// makes the drain cold).
+pub(crate) fn worker(config: Config, queues: Vec<String>, concurrency: Option<u32>) -> ExitCode {
+    let mut settings = crate::tasks::settings(&config);
+    for q in &queues {
+        if settings.queue(q).is_none() {
+            return usage(format!("--queues: {q:?} is not a queue of [[tasks.queues]]"));
+        }
+    }
+    if let Some(n) = concurrency {
+        for q in &mut settings.queues {
+            q.concurrency = n.max(1) as usize;
+        }
+    }
+    let registry = Arc::new(registry(&config));
+    let system = actix_rt::System::new();
+    system.block_on(async move {
+        let broker = match open(&config, &settings).await {
+            Ok(b) => Arc::new(b),
+            Err(code) => return code,
+        };
+        let sink = broker.event_sink(None);
+        let arbiter = actix_rt::Arbiter::new();
+        let queues = (!queues.is_empty()).then_some(queues);
+        let pool = match WorkerPool::start(
+            settings.clone(),
+            queues.as_deref(),
+            broker.clone(),
+            registry.clone(),
+            Some(sink),
+            &arbiter.handle(),
+        ) {
+            Ok(p) => p,
+            Err(e) => return failure(format!("cannot start the task runtime: {e}")),
+        };
+        let served: Vec<String> = match &queues {
+            Some(q) => q.clone(),
+            None => settings.queues.iter().map(|q| q.name.clone()).collect(),
+        };
+        tracing::info!(
+            node = %settings.node_id,
+            queues = %served.join(","),
+            tasks = %registry.names().join(", "),
+            "worker ready"
+        );
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return failure("cannot listen for signals");
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping: draining in-flight tasks");
+        let cold = pool.cold_token();
+        actix_rt::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: cold shutdown");
+            cold.cancel();
+        });
+        let outcome = pool.drain().await;
+        tracing::info!(?outcome, "worker stopped");
+        arbiter.stop();
+        ExitCode::SUCCESS
+    })
+}

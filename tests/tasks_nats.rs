@@ -1,0 +1,550 @@
+//! The NATS broker across processes: `switchyard worker` OS processes, the task CLI, foreign
+//! publishers with a plain NATS client, dead letters and replay, and a worker SIGKILLed
+//! mid-task. Each test runs under its own `nats.prefix` and deletes its streams at the end.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use switchyard::tasks::{QueueSpec, Registry, TaskSettings, TaskState, Tasks};
+use switchyard_actors::tasks::{Envelope, NatsBroker};
+
+/// Upper bound of every wait.
+const WAIT: Duration = Duration::from_secs(20);
+/// The short ack wait the tests run with (seconds).
+const ACK_WAIT_SECS: u64 = 1;
+
+struct Env {
+    prefix: String,
+    dir: tempfile::TempDir,
+    broker: Arc<NatsBroker>,
+    tasks: Tasks,
+    workers: Vec<Child>,
+}
+
+fn settings() -> TaskSettings {
+    TaskSettings {
+        queues: vec![QueueSpec::new("default", 8), QueueSpec::new("emails", 4)],
+        ack_wait: Duration::from_secs(ACK_WAIT_SECS),
+        ..TaskSettings::default()
+    }
+}
+
+impl Env {
+    async fn start() -> Option<Env> {
+        if !common::service_available("nats") {
+            return None;
+        }
+        let prefix = common::unique_name("syn");
+        let client = async_nats::connect(common::service_url("nats"))
+            .await
+            .expect("nats");
+        let broker = Arc::new(
+            NatsBroker::open(client, &prefix, &settings())
+                .await
+                .expect("broker"),
+        );
+        let tasks = Tasks::new(broker.clone(), Arc::new(Registry::new()), settings());
+        Some(Env {
+            prefix,
+            dir: tempfile::tempdir().expect("tempdir"),
+            broker,
+            tasks,
+            workers: Vec::new(),
+        })
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("SWITCHYARD_TASKS__BROKER".into(), "nats".into()),
+            ("SWITCHYARD_NATS__PREFIX".into(), self.prefix.clone()),
+            ("SWITCHYARD_NATS__URL".into(), common::service_url("nats")),
+            (
+                "SWITCHYARD_TASKS__ACK_WAIT".into(),
+                ACK_WAIT_SECS.to_string(),
+            ),
+            (
+                "SWITCHYARD_MAIL__DIR".into(),
+                self.dir.path().display().to_string(),
+            ),
+        ]
+    }
+
+    fn cli(&self, args: &[&str], extra: &[(&str, &str)]) -> (i32, String, String) {
+        let env = self.env();
+        let mut all: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        all.extend_from_slice(extra);
+        common::run_cli(args, &all, None)
+    }
+
+    /// Starts a `switchyard worker` process.
+    fn worker(&mut self, node: &str, extra: &[(&str, &str)]) -> usize {
+        let mut cmd = Command::new(common::binary());
+        cmd.args(["worker", "--node-id", node])
+            .current_dir(common::root())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in self.env() {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        self.workers.push(cmd.spawn().expect("spawn worker"));
+        self.workers.len() - 1
+    }
+
+    fn kill(&mut self, i: usize) {
+        let _ = self.workers[i].kill();
+        let _ = self.workers[i].wait();
+    }
+
+    async fn until_state(&self, id: &str, state: TaskState) -> switchyard::tasks::ResultRecord {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let rec = self.tasks.result(id).await.expect("result");
+            if rec.state == state {
+                return rec;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never reached {state}: {rec:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        let names = self.broker.names().clone();
+        let js = self.broker.jetstream();
+        for stream in [
+            names.tasks_stream(),
+            names.dead_stream(),
+            format!("KV_{}", names.results_bucket()),
+        ] {
+            let _ = js.delete_stream(&stream).await;
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
+fn record(line: &str) -> Value {
+    serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("not JSON {line:?}: {e}"))
+}
+
+#[tokio::test]
+async fn publish_wait_prints_the_record_and_exit_codes_follow_the_state() {
+    let Some(mut env) = Env::start().await else {
+        return;
+    };
+    env.worker("w1", &[]);
+    let (code, out, err) = env.cli(&["publish", "demo.add", r#"{"x":2,"y":3}"#, "--wait", "15"], &[]);
+    assert_eq!(code, 0, "stderr: {err}");
+    let rec = record(&out);
+    assert_eq!(rec["state"], "SUCCESS");
+    assert_eq!(rec["result"], 5);
+    assert_eq!(out.lines().count(), 1);
+
+    // Plain publish: the id only; `result ID` prints the record.
+    let (code, out, _) = env.cli(&["publish", "demo.add", r#"{"x":1,"y":1}"#], &[]);
+    assert_eq!(code, 0);
+    let id = out.trim().to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id:?}");
+    env.until_state(&id, TaskState::Success).await;
+    let (code, out, _) = env.cli(&["result", &id], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(record(&out)["result"], 2);
+
+    // A failing task: exit 1 with the FAILURE record.
+    let (code, out, _) = env.cli(
+        &["publish", "nope.unknown", "{}", "--wait", "15"],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert_eq!(record(&out)["state"], "FAILURE");
+
+    // A timeout: exit 1 with the record as it stands.
+    let (code, out, _) = env.cli(
+        &["publish", "demo.add", r#"{"x":1,"y":2}"#, "--countdown", "5", "--wait", "0.5"],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert_eq!(record(&out)["state"], "PENDING");
+
+    // Revoke before it starts (countdown), then purge.
+    let (_, out, _) = env.cli(
+        &["publish", "demo.add", r#"{"x":1,"y":2}"#, "--countdown", "3"],
+        &[],
+    );
+    let id = out.trim().to_owned();
+    let (code, out, _) = env.cli(&["revoke", &id], &[]);
+    assert_eq!((code, out.trim()), (0, r#"{"revoked":1}"#));
+    env.until_state(&id, TaskState::Revoked).await;
+    let (code, out, _) = env.cli(&["purge", "emails"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.trim().starts_with(r#"{"purged":"#), "{out}");
+
+    // Unique: published twice, one id, one run.
+    let (_, a, _) = env.cli(&["publish", "demo.add", r#"{"x":3,"y":3}"#, "--unique", "k1"], &[]);
+    let (_, b, _) = env.cli(&["publish", "demo.add", r#"{"x":3,"y":3}"#, "--unique", "k1"], &[]);
+    assert_eq!(a.trim(), b.trim());
+    env.until_state(a.trim(), TaskState::Success).await;
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn foreign_publisher_dead_letters_and_replay() {
+    let Some(mut env) = Env::start().await else {
+        return;
+    };
+    env.worker("w1", &[]);
+    let client = async_nats::connect(common::service_url("nats"))
+        .await
+        .expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let subject = format!("{}.tasks.default", env.prefix);
+    let ack = js
+        .publish(
+            subject.clone(),
+            br#"{"task": "demo.add", "args": {"x": 2, "y": 3}}"#.as_ref().into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let id = Envelope::fallback_id(&env.broker.names().tasks_stream(), ack.sequence);
+    let rec = env.until_state(&id, TaskState::Success).await;
+    assert_eq!(rec.result, json!(5));
+
+    for bad in [
+        b"{not json".as_ref(),
+        br#"{"task": "no.such", "args": {}}"#.as_ref(),
+        br#"{"task": "demo.add", "args": [1, 2]}"#.as_ref(),
+    ] {
+        js.publish(subject.clone(), bad.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+    let deadline = Instant::now() + WAIT;
+    let letters = loop {
+        let (code, out, _) = env.cli(&["dead", "list"], &[]);
+        assert_eq!(code, 0);
+        let letters: Vec<Value> = out.lines().map(record).collect();
+        if letters.len() == 3 {
+            break letters;
+        }
+        assert!(Instant::now() < deadline, "dead letters: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut reasons: Vec<&str> = letters
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap_or(""))
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["bad args", "bad message", "unknown task"]);
+    assert!(letters.iter().all(|l| l["queue"] == "default"));
+    // The headers SPEC.md names are on the letter.
+    let dead = js
+        .get_stream(env.broker.names().dead_stream())
+        .await
+        .expect("dead stream");
+    let first = letters[0]["seq"].as_u64().expect("seq");
+    let raw = dead.get_raw_message(first).await.expect("letter");
+    for h in [
+        "Switchyard-Reason",
+        "Switchyard-Failed-At",
+        "Switchyard-Original-Subject",
+    ] {
+        assert!(raw.headers.get(h).is_some(), "header {h}");
+    }
+    assert_eq!(
+        raw.headers
+            .get("Switchyard-Original-Subject")
+            .map(|v| v.as_str().to_owned()),
+        Some(subject.clone())
+    );
+
+    // The worker keeps serving.
+    let (code, out, _) = env.cli(&["publish", "demo.add", r#"{"x":4,"y":4}"#, "--wait", "15"], &[]);
+    assert_eq!(code, 0, "{out}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn two_worker_processes_run_each_task_once() {
+    let Some(mut env) = Env::start().await else {
+        return;
+    };
+    let client = async_nats::connect(common::service_url("nats"))
+        .await
+        .expect("nats");
+    let mut started = client
+        .subscribe(format!("{}.events.task-started", env.prefix))
+        .await
+        .expect("subscribe");
+    env.worker("w1", &[]);
+    env.worker("w2", &[]);
+    const N: usize = 60;
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let h = env
+            .tasks
+            .send("demo.sleep", json!({"seconds": 0.05}), Default::default())
+            .await
+            .expect("publish");
+        ids.push((i, h.id().to_owned()));
+    }
+    for (_, id) in &ids {
+        env.until_state(id, TaskState::Success).await;
+    }
+    // Every start event within a short grace: one per task.
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    let mut nodes: HashMap<String, usize> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(300), started.next()).await {
+            Ok(Some(m)) => {
+                let e: Value = serde_json::from_slice(&m.payload).expect("event");
+                *per_id
+                    .entry(e["task_id"].as_str().unwrap_or("").to_owned())
+                    .or_default() += 1;
+                *nodes
+                    .entry(e["node"].as_str().unwrap_or("").to_owned())
+                    .or_default() += 1;
+            }
+            _ => break,
+        }
+    }
+    assert_eq!(per_id.len(), N, "start events: {per_id:?}");
+    assert!(per_id.values().all(|n| *n == 1), "{per_id:?}");
+    assert_eq!(nodes.len(), 2, "both workers took tasks: {nodes:?}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_sigkilled_worker_s_task_is_redelivered_and_a_crash_loop_is_quarantined() {
+    let Some(mut env) = Env::start().await else {
+        return;
+    };
+    let w1 = env.worker("w1", &[]);
+    let h = env
+        .tasks
+        .send("demo.sleep", json!({"seconds": 1.5}), Default::default())
+        .await
+        .expect("publish");
+    env.until_state(h.id(), TaskState::Started).await;
+    env.kill(w1);
+    env.worker("w2", &[]);
+    let rec = env.until_state(h.id(), TaskState::Success).await;
+    assert_eq!(rec.node.as_deref(), Some("w2"));
+
+    // With max_deliver = 1, a task whose worker dies is dead-lettered on the redelivery,
+    // and a dead letter replayed runs.
+    let w2 = env.workers.len() - 1;
+    env.kill(w2);
+    let w3 = env.worker("w3", &[("SWITCHYARD_TASKS__MAX_DELIVER", "1")]);
+    let h = env
+        .tasks
+        .send("demo.sleep", json!({"seconds": 1.5}), Default::default())
+        .await
+        .expect("publish");
+    env.until_state(h.id(), TaskState::Started).await;
+    env.kill(w3);
+    env.worker("w4", &[("SWITCHYARD_TASKS__MAX_DELIVER", "1")]);
+    env.until_state(h.id(), TaskState::Failure).await;
+    let (_, out, _) = env.cli(&["dead", "list", "default"], &[]);
+    let letter = out
+        .lines()
+        .map(record)
+        .find(|l| l["id"] == h.id())
+        .expect("dead letter");
+    assert_eq!(letter["reason"], "max deliveries");
+    let (code, out, err) = env.cli(&["dead", "replay", h.id()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), h.id());
+    env.until_state(h.id(), TaskState::Success).await;
+    let (_, out, _) = env.cli(&["dead", "list"], &[]);
+    assert!(!out.contains(h.id()), "replayed letters leave the dead stream");
+    env.stop().await;
+}
+
+/// A private `nats-server` with JetStream on a free port, which the test may kill.
+struct PrivateNats {
+    port: u16,
+    store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateNats {
+    fn start() -> Option<PrivateNats> {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let mut s = PrivateNats {
+            port,
+            store: tempfile::tempdir().ok()?,
+            child: None,
+        };
+        s.spawn(bin);
+        Some(s)
+    }
+
+    fn spawn(&mut self, bin: &str) {
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "private nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn a_private_server_killed_and_restarted_loses_no_task() {
+    let Some(mut server) = PrivateNats::start() else {
+        eprintln!("SKIPPED: no nats-server binary");
+        return;
+    };
+    let bin = "/usr/sbin/nats-server";
+    let client = async_nats::ConnectOptions::new()
+        .max_reconnects(None)
+        .connect(server.url())
+        .await
+        .expect("nats");
+    let broker = Arc::new(
+        NatsBroker::open(client, "outage", &settings())
+            .await
+            .expect("broker"),
+    );
+    let tasks = Tasks::new(broker.clone(), Arc::new(Registry::new()), settings());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut worker = Command::new(common::binary())
+        .args(["worker", "--node-id", "w1"])
+        .current_dir(common::root())
+        .env("SWITCHYARD_TASKS__BROKER", "nats")
+        .env("SWITCHYARD_NATS__PREFIX", "outage")
+        .env("SWITCHYARD_NATS__URL", server.url())
+        .env("SWITCHYARD_TASKS__ACK_WAIT", ACK_WAIT_SECS.to_string())
+        .env("SWITCHYARD_MAIL__DIR", dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker");
+    const N: usize = 40;
+    let mut ids: Vec<String> = Vec::new();
+    for i in 0..N {
+        if i == N / 2 {
+            // The worker is connected and working before the outage.
+            let deadline = Instant::now() + WAIT;
+            while !tasks
+                .result(&ids[0])
+                .await
+                .is_ok_and(|r| r.state == TaskState::Success)
+            {
+                assert!(Instant::now() < deadline, "the worker never ran a task");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            server.kill();
+            // The publisher retries (within its bound) while the server is down.
+            let (port, store) = (server.port, server.store.path().to_owned());
+            let restart = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(800));
+                Command::new(bin)
+                    .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                    .arg(&store)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("nats-server")
+            });
+            let h = tasks
+                .send("demo.add", json!({"x": i, "y": 1}), Default::default())
+                .await
+                .expect("publish across the outage");
+            ids.push(h.id().to_owned());
+            server.child = Some(restart.join().expect("restart"));
+            continue;
+        }
+        let h = tasks
+            .send("demo.add", json!({"x": i, "y": 1}), Default::default())
+            .await
+            .expect("publish");
+        ids.push(h.id().to_owned());
+    }
+    assert_eq!(ids.len(), N, "N published");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, id) in ids.iter().enumerate() {
+        loop {
+            let rec = tasks.result(id).await;
+            if let Ok(rec) = &rec {
+                if rec.state == TaskState::Success {
+                    assert_eq!(rec.result, json!(i + 1));
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                let js = broker.jetstream();
+                let mut st = js.get_stream("OUTAGE_TASKS").await.expect("stream");
+                let info = st.info().await.expect("info").state.clone();
+                let mut c: async_nats::jetstream::consumer::PullConsumer =
+                    st.get_consumer("outage_default").await.expect("consumer");
+                let ci = c.info().await.expect("ci").clone();
+                panic!("task {i} ({id}) never completed: {rec:?}\nstream {info:?}\nconsumer {ci:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
