@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 use switchyard::config::{Config, SessionEngine};
 use switchyard_actors::session::{
-    connect_pool_with_timeout, now_unix, Change, NatsConnect, NatsKvStore, NatsLink, PostgresStore, Record,
-    RecordCodec, SaveSession, SessionId, SessionShards, SessionStore,
+    connect_pool_with_timeout, now_unix, Change, NatsConnect, NatsKvStore, NatsLink, PostgresStore,
+    Record, RecordCodec, SaveSession, SessionId, SessionShards, SessionStore,
 };
 use tokio_postgres::types::Type;
 
@@ -161,7 +161,8 @@ async fn engine_saves(shards: &SessionShards, seconds: u64) -> Run {
     merge(parts, started.elapsed())
 }
 
-const NAIVE_UPSERT: &str = "INSERT INTO bench_naive_sessions (id, data, expires_at, version, updated_at)
+const NAIVE_UPSERT: &str =
+    "INSERT INTO bench_naive_sessions (id, data, expires_at, version, updated_at)
      VALUES ($1, $2, $3, 1, $4)
      ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data, expires_at = EXCLUDED.expires_at,
          version = bench_naive_sessions.version + 1, updated_at = EXCLUDED.updated_at";
@@ -315,7 +316,11 @@ async fn cart_cookie(addr: std::net::SocketAddr) -> String {
     let res = client
         .post(format!("http://{addr}/cart/add/1"))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(token.map(|t| format!("csrfmiddlewaretoken={t}")).unwrap_or_default())
+        .body(
+            token
+                .map(|t| format!("csrfmiddlewaretoken={t}"))
+                .unwrap_or_default(),
+        )
         .send()
         .await
         .expect("add to cart");
@@ -342,9 +347,7 @@ fn bench_cached_db(seconds: u64, runs: u64) {
         .map(|e| support::start_node(shop_config(*e)))
         .collect();
     // cached_db caches only after its warm-up (every writer must know the node first).
-    std::thread::sleep(
-        switchyard_actors::session::CACHED_DB_WARM_UP + Duration::from_millis(500),
-    );
+    std::thread::sleep(switchyard_actors::session::CACHED_DB_WARM_UP + Duration::from_millis(500));
     let targets: Vec<(String, String)> = nodes
         .iter()
         .map(|n| {
@@ -356,9 +359,12 @@ fn bench_cached_db(seconds: u64, runs: u64) {
         .collect();
     let drive = |(url, cookie): &(String, String), d: Duration| {
         let cookie = cookie.clone();
-        rt.block_on(support::drive_with(url, HTTP_CONNECTIONS, d, move |c, u| {
-            c.get(u).header("cookie", cookie.clone())
-        }))
+        rt.block_on(support::drive_with(
+            url,
+            HTTP_CONNECTIONS,
+            d,
+            move |c, u| c.get(u).header("cookie", cookie.clone()),
+        ))
     };
     for t in &targets {
         drive(t, Duration::from_millis(500));
@@ -367,7 +373,12 @@ fn bench_cached_db(seconds: u64, runs: u64) {
     for run in 0..runs {
         for (i, t) in targets.iter().enumerate() {
             let r = drive(t, Duration::from_secs(seconds));
-            println!("  run {}: {:<10} {}", run + 1, engines[i].as_str(), r.summary());
+            println!(
+                "  run {}: {:<10} {}",
+                run + 1,
+                engines[i].as_str(),
+                r.summary()
+            );
             results[i].push(r);
         }
     }

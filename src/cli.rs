@@ -357,7 +357,9 @@ fn password_from_stdin(given: bool) -> Result<String, ExitCode> {
     }
     let password = line.trim_end_matches(['\r', '\n']).to_owned();
     if password.is_empty() {
-        return Err(usage_error("the password read from standard input is empty"));
+        return Err(usage_error(
+            "the password read from standard input is empty",
+        ));
     }
     Ok(password)
 }

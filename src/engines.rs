@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use switchyard_actors::session::{
-    connect_pool, CachedDbStore, FileStore, MemcachedStore, MemoryStore, NatsConnect,
-    NatsKvStore, NatsLink, PgPool, PostgresStore, RecordCodec, RedisStore, SessionStore,
+    connect_pool, CachedDbStore, FileStore, MemcachedStore, MemoryStore, NatsConnect, NatsKvStore,
+    NatsLink, PgPool, PostgresStore, RecordCodec, RedisStore, SessionStore,
 };
 
 use crate::app::StartError;
@@ -107,11 +107,7 @@ pub(crate) async fn open(config: &Config) -> Result<Option<Opened>, StartError> 
                 .await
                 .map_err(|e| service("postgres.url", e))?;
             let link = nats_link(config).await?;
-            let cached = Arc::new(CachedDbStore::new(
-                Arc::new(db),
-                link,
-                prefix,
-            ));
+            let cached = Arc::new(CachedDbStore::new(Arc::new(db), link, prefix));
             Opened {
                 store: cached.clone(),
                 postgres: Some(pool),

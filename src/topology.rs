@@ -285,20 +285,15 @@ async fn session_backend(
 }
 
 /// The Postgres user store of `auth.store = "postgres"` (sharing the engine's pool if any).
-async fn postgres_users(
-    config: &Config,
-    pool: Option<PgPool>,
-) -> Result<Arc<PgUsers>, StartError> {
+async fn postgres_users(config: &Config, pool: Option<PgPool>) -> Result<Arc<PgUsers>, StartError> {
     let pool = match pool {
         Some(p) => p,
         None => engines::postgres_pool(config).await?,
     };
-    let users = PgUsers::open(pool)
-        .await
-        .map_err(|e| StartError::Service {
-            key: "postgres.url".into(),
-            message: e.to_string(),
-        })?;
+    let users = PgUsers::open(pool).await.map_err(|e| StartError::Service {
+        key: "postgres.url".into(),
+        message: e.to_string(),
+    })?;
     users.keep_fresh();
     Ok(users)
 }

@@ -131,7 +131,12 @@ async fn get(client: &reqwest::Client, url: &str) -> (u16, String) {
 }
 
 /// POSTs a form with the CSRF token of `page` (when the page has one).
-async fn post(client: &reqwest::Client, url: &str, token: Option<&str>, fields: &[(&str, &str)]) -> u16 {
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    fields: &[(&str, &str)],
+) -> u16 {
     let mut all: Vec<(&str, &str)> = fields.to_vec();
     if let Some(t) = token {
         all.push(("csrfmiddlewaretoken", t));
@@ -148,7 +153,12 @@ async fn post(client: &reqwest::Client, url: &str, token: Option<&str>, fields: 
 }
 
 /// Logs `client` in as `user` on `node`; returns a fresh CSRF token (if the site uses them).
-async fn login(client: &reqwest::Client, node: &Node, user: &str, password: &str) -> Option<String> {
+async fn login(
+    client: &reqwest::Client,
+    node: &Node,
+    user: &str,
+    password: &str,
+) -> Option<String> {
     let (_, page) = get(client, &node.url("/login")).await;
     let token = csrf_token(&page);
     let status = post(
@@ -226,7 +236,10 @@ mod checks {
         let client = common::client();
         let token = login(&client, &a, "alice", "wonderland").await;
         for _ in 0..3 {
-            assert_eq!(post(&client, &a.url("/cart/add/2"), token.as_deref(), &[]).await, 303);
+            assert_eq!(
+                post(&client, &a.url("/cart/add/2"), token.as_deref(), &[]).await,
+                303
+            );
         }
         let status = a.signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10));
         assert!(status.is_some(), "node stops on SIGTERM");
@@ -251,7 +264,10 @@ mod checks {
         // Someone else's anonymous session with a cart survives.
         let (_, page) = get(&other, &a.url("/")).await;
         let token = csrf_token(&page);
-        assert_eq!(post(&other, &a.url("/cart/add/1"), token.as_deref(), &[]).await, 303);
+        assert_eq!(
+            post(&other, &a.url("/cart/add/1"), token.as_deref(), &[]).await,
+            303
+        );
         let (code, out, err) = ns.cli(&["sessions", "revoke", "--user", "alice"], &[]);
         assert_eq!(code, 0, "{err}");
         assert_eq!(out.trim(), r#"{"revoked":2}"#, "{err}");
@@ -274,7 +290,10 @@ mod checks {
         let a = ns.node(&encrypt);
         let (client, jar) = client_with_jar();
         let token = login(&client, &a, "alice", "wonderland").await;
-        assert_eq!(post(&client, &a.url("/cart/add/3"), token.as_deref(), &[]).await, 303);
+        assert_eq!(
+            post(&client, &a.url("/cart/add/3"), token.as_deref(), &[]).await,
+            303
+        );
         assert_eq!(cart_count(&client, &a).await.as_deref(), Some("1"));
         let id = session_id(&jar, &a).expect("session cookie");
         let raw = raw_bytes(&ns, &id).await.expect("the session is stored");
@@ -291,7 +310,10 @@ mod checks {
         // Key rotation: the old key as a fallback still opens the session.
         let rotated = ns.node(&[
             ("SWITCHYARD_SESSIONS__ENCRYPT", "true"),
-            ("SWITCHYARD_SERVER__SECRET_KEY", "a-rotated-secret-key-0123456789abcdefgh"),
+            (
+                "SWITCHYARD_SERVER__SECRET_KEY",
+                "a-rotated-secret-key-0123456789abcdefgh",
+            ),
             ("SWITCHYARD_SERVER__SECRET_KEY_FALLBACKS", SECRET),
         ]);
         assert_eq!(cart_count(&client, &rotated).await.as_deref(), Some("1"));
@@ -345,9 +367,16 @@ mod checks {
     async fn memcached_get(key: &str) -> Option<Vec<u8>> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let addr = common::service_url("memcached");
-        let addr = addr.split(',').next().unwrap_or("127.0.0.1:11211").trim().to_owned();
+        let addr = addr
+            .split(',')
+            .next()
+            .unwrap_or("127.0.0.1:11211")
+            .trim()
+            .to_owned();
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        s.write_all(format!("get {key}\r\n").as_bytes()).await.expect("write");
+        s.write_all(format!("get {key}\r\n").as_bytes())
+            .await
+            .expect("write");
         let mut buf = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !buf.ends_with(b"END\r\n") && Instant::now() < deadline {
@@ -402,7 +431,9 @@ cluster_suite!(memcached, "memcached");
 /// returns the new data.
 #[actix_rt::test]
 async fn cached_db_read_your_writes_across_nodes() {
-    let Some(ns) = Ns::new("cached_db") else { return };
+    let Some(ns) = Ns::new("cached_db") else {
+        return;
+    };
     let a = ns.node(&[]);
     let b = ns.node(&[]);
     // A node caches only once every writer knows it (the warm-up, 1.5 s).
@@ -410,7 +441,10 @@ async fn cached_db_read_your_writes_across_nodes() {
     let client = common::client();
     let token = login(&client, &a, "alice", "wonderland").await;
     for i in 1..=10 {
-        assert_eq!(post(&client, &a.url("/cart/add/1"), token.as_deref(), &[]).await, 303);
+        assert_eq!(
+            post(&client, &a.url("/cart/add/1"), token.as_deref(), &[]).await,
+            303
+        );
         // B reads (and caches) after every write.
         assert_eq!(
             cart_count(&client, &b).await,
@@ -430,7 +464,11 @@ async fn cached_db_read_your_writes_across_nodes() {
         .await
         .expect("delete");
     assert_eq!(deleted, 1);
-    assert_eq!(cart_count(&client, &b).await.as_deref(), Some("10"), "served from the cache");
+    assert_eq!(
+        cart_count(&client, &b).await.as_deref(),
+        Some("10"),
+        "served from the cache"
+    );
     drop(pg);
     drop((a, b));
     ns.cleanup().await;
@@ -446,7 +484,10 @@ async fn sessions_clear_counts_expired_sessions() {
         let client = common::client();
         let (_, page) = get(&client, &a.url("/")).await;
         let token = csrf_token(&page);
-        assert_eq!(post(&client, &a.url("/cart/add/1"), token.as_deref(), &[]).await, 303);
+        assert_eq!(
+            post(&client, &a.url("/cart/add/1"), token.as_deref(), &[]).await,
+            303
+        );
         tokio::time::sleep(Duration::from_millis(2100)).await;
         let (code, out, err) = ns.cli(&["sessions", "clear"], &short);
         assert_eq!(code, 0, "{engine}: {err}");
@@ -468,13 +509,22 @@ async fn sessions_clear_counts_expired_sessions() {
 /// `users set-password` ends the user's sessions and the old password stops working.
 #[actix_rt::test]
 async fn postgres_users_create_login_and_password_change() {
-    let Some(ns) = Ns::new("postgres") else { return };
+    let Some(ns) = Ns::new("postgres") else {
+        return;
+    };
     let pg = [("SWITCHYARD_AUTH__STORE", "postgres")];
     let a = ns.node(&pg);
     let (code, _, err) = ns.cli(&["users", "create", "bob"], &pg);
     assert_eq!(code, 2, "the password comes from stdin only: {err}");
     let create = std::process::Command::new(common::binary())
-        .args(["users", "create", "bob", "--password-stdin", "--permission", "shop.view_order"])
+        .args([
+            "users",
+            "create",
+            "bob",
+            "--password-stdin",
+            "--permission",
+            "shop.view_order",
+        ])
         .envs(ns.env_with(&pg))
         .current_dir(common::root())
         .stdin(std::process::Stdio::piped())
@@ -489,8 +539,15 @@ async fn postgres_users_create_login_and_password_change() {
             child.wait_with_output()
         })
         .expect("users create");
-    assert!(create.status.success(), "{}", String::from_utf8_lossy(&create.stderr));
-    assert_eq!(String::from_utf8_lossy(&create.stdout).trim(), r#"{"created":"bob"}"#);
+    assert!(
+        create.status.success(),
+        "{}",
+        String::from_utf8_lossy(&create.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&create.stdout).trim(),
+        r#"{"created":"bob"}"#
+    );
 
     let client = common::client();
     login(&client, &a, "bob", "builder-pass").await;
@@ -523,7 +580,11 @@ async fn postgres_users_create_login_and_password_change() {
             child.wait_with_output()
         })
         .expect("users set-password");
-    assert!(change.status.success(), "{}", String::from_utf8_lossy(&change.stderr));
+    assert!(
+        change.status.success(),
+        "{}",
+        String::from_utf8_lossy(&change.stderr)
+    );
     assert_eq!(
         String::from_utf8_lossy(&change.stdout).trim(),
         r#"{"revoked":1,"updated":"bob"}"#

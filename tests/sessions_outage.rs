@@ -171,7 +171,14 @@ impl PrivateNats {
 
     fn up(&mut self) {
         let child = Command::new(NATS_SERVER)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -245,7 +252,9 @@ async fn shopper(node: &Node) -> reqwest::Client {
         .header("content-type", "application/x-www-form-urlencoded")
         .body(format!(
             "username=alice&password=wonderland{}",
-            token.map(|t| format!("&csrfmiddlewaretoken={t}")).unwrap_or_default()
+            token
+                .map(|t| format!("&csrfmiddlewaretoken={t}"))
+                .unwrap_or_default()
         ))
         .send()
         .await
@@ -281,7 +290,10 @@ fn csrf(html: &str) -> Option<String> {
 async fn assert_unavailable(client: &reqwest::Client, node: &Node) {
     let (status, page) = get(client, &node.url("/cart")).await;
     assert_eq!(status, 503, "{page}");
-    assert!(page.to_lowercase().contains("unavailable"), "a clear page: {page}");
+    assert!(
+        page.to_lowercase().contains("unavailable"),
+        "a clear page: {page}"
+    );
     let (status, body) = get(client, &node.url("/readyz")).await;
     assert_eq!(status, 503, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("readyz json");
@@ -313,7 +325,9 @@ async fn assert_recovers(client: &reqwest::Client, node: &Node) {
 
 #[actix_rt::test]
 async fn postgres_outage_gives_503_and_recovers_with_sessions_intact() {
-    let Some(pg) = PrivatePostgres::start() else { return };
+    let Some(pg) = PrivatePostgres::start() else {
+        return;
+    };
     let a = node(&[
         ("SWITCHYARD_SESSIONS__ENGINE", "postgres".into()),
         ("SWITCHYARD_POSTGRES__URL", pg.url("switchyard")),
@@ -327,7 +341,9 @@ async fn postgres_outage_gives_503_and_recovers_with_sessions_intact() {
 
 #[actix_rt::test]
 async fn nats_kv_outage_gives_503_and_recovers_with_sessions_intact() {
-    let Some(mut nats) = PrivateNats::start() else { return };
+    let Some(mut nats) = PrivateNats::start() else {
+        return;
+    };
     let a = node(&[
         ("SWITCHYARD_SESSIONS__ENGINE", "nats_kv".into()),
         ("SWITCHYARD_NATS__URL", nats.url()),
@@ -346,7 +362,9 @@ async fn cached_db_serves_without_nats() {
     if !common::service_available("postgres") {
         return;
     }
-    let Some(mut nats) = PrivateNats::start() else { return };
+    let Some(mut nats) = PrivateNats::start() else {
+        return;
+    };
     let url = common::fresh_postgres_url();
     let env = [
         ("SWITCHYARD_SESSIONS__ENGINE", "cached_db".to_owned()),
@@ -368,7 +386,11 @@ async fn cached_db_serves_without_nats() {
     let res = client
         .post(a.url("/cart/add/1"))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(token.map(|t| format!("csrfmiddlewaretoken={t}")).unwrap_or_default())
+        .body(
+            token
+                .map(|t| format!("csrfmiddlewaretoken={t}"))
+                .unwrap_or_default(),
+        )
         .send()
         .await
         .expect("add");

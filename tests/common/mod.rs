@@ -239,7 +239,8 @@ pub fn unique_name(prefix: &str) -> String {
         .unwrap_or(0);
     let mix = nanos
         ^ (u64::from(std::process::id()) << 32)
-        ^ N.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        ^ N.fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
     format!("{prefix}{mix:016x}")
 }
 

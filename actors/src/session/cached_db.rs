@@ -36,9 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::nats_kv::{NatsLink, NATS_TIMEOUT};
-use super::{
-    PostgresStore, Record, SaveItem, SaveOutcome, SessionId, SessionStore, StoreError,
-};
+use super::{PostgresStore, Record, SaveItem, SaveOutcome, SessionId, SessionStore, StoreError};
 
 const ENGINE: &str = "cached_db";
 
@@ -164,8 +162,8 @@ impl Cache {
 
     /// Starts the warm-up again (after joining or any connection change).
     fn rejoin(&self) {
-        let from = millis_since(self.epoch)
-            + i64::try_from(WARM_UP.as_millis()).unwrap_or(i64::MAX);
+        let from =
+            millis_since(self.epoch) + i64::try_from(WARM_UP.as_millis()).unwrap_or(i64::MAX);
         self.cache_from_ms.store(from, Ordering::SeqCst);
     }
 

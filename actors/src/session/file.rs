@@ -52,15 +52,14 @@ impl FileStore {
 
     async fn read(&self, id: &SessionId, path: &Path) -> Result<Option<Record>, StoreError> {
         match tokio::fs::read(path).await {
-            Ok(bytes) => {
-                self.codec
-                    .decode(id, &bytes)
-                    .map(Some)
-                    .map_err(|e| StoreError::Corrupt {
-                        engine: ENGINE,
-                        message: format!("{}: {e}", path.display()),
-                    })
-            }
+            Ok(bytes) => self
+                .codec
+                .decode(id, &bytes)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    engine: ENGINE,
+                    message: format!("{}: {e}", path.display()),
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable(format!("cannot read {}: {e}", path.display()))),
         }

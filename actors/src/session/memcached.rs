@@ -278,7 +278,10 @@ impl MemcachedStore {
 
     async fn gets(&self, key: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
         let k = key.to_owned();
-        with_conn(self.pool(key), move |c| Box::pin(async move { c.gets(&k).await })).await
+        with_conn(self.pool(key), move |c| {
+            Box::pin(async move { c.gets(&k).await })
+        })
+        .await
     }
 
     async fn store(
@@ -297,7 +300,12 @@ impl MemcachedStore {
     }
 
     /// Adds `id` to (or with `remove`, takes it from) `user`'s index.
-    async fn update_index(&self, user: &str, id: &SessionId, remove: bool) -> Result<(), StoreError> {
+    async fn update_index(
+        &self,
+        user: &str,
+        id: &SessionId,
+        remove: bool,
+    ) -> Result<(), StoreError> {
         let key = self.index_key(user);
         for _ in 0..INDEX_ATTEMPTS {
             let current = self.gets(&key).await?;
@@ -370,8 +378,14 @@ impl SessionStore for MemcachedStore {
             return Ok(SaveOutcome::Conflict);
         }
         let outcome = match &current {
-            Some((_, cas)) => self.store("cas", &key, record.expires_at, bytes, Some(*cas)).await?,
-            None => self.store("add", &key, record.expires_at, bytes, None).await?,
+            Some((_, cas)) => {
+                self.store("cas", &key, record.expires_at, bytes, Some(*cas))
+                    .await?
+            }
+            None => {
+                self.store("add", &key, record.expires_at, bytes, None)
+                    .await?
+            }
         };
         if outcome != Reply::Stored {
             return Ok(SaveOutcome::Conflict);
@@ -388,7 +402,10 @@ impl SessionStore for MemcachedStore {
     async fn delete(&self, id: &SessionId) -> Result<(), StoreError> {
         let key = self.key(id);
         let k = key.clone();
-        with_conn(self.pool(&key), move |c| Box::pin(async move { c.delete(&k).await })).await
+        with_conn(self.pool(&key), move |c| {
+            Box::pin(async move { c.delete(&k).await })
+        })
+        .await
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {

@@ -20,6 +20,7 @@ mod shard;
 mod signed;
 mod store;
 
+pub use self::redis::RedisStore;
 pub use cached_db::{CachedDbStore, WARM_UP as CACHED_DB_WARM_UP};
 pub use change::{Change, UpdateFn};
 pub use codec::RecordCodec;
@@ -30,11 +31,12 @@ pub use memcached::MemcachedStore;
 pub use memory::MemoryStore;
 pub use nats_kv::{NatsConnect, NatsKvStore, NatsLink};
 pub use postgres::{
-    connect_pool, connect_pool_with_timeout, migrate, pg_error, pool_error, PgConn, PgManager, PgPool,
-    PostgresStore,
+    connect_pool, connect_pool_with_timeout, migrate, pg_error, pool_error, PgConn, PgManager,
+    PgPool, PostgresStore,
 };
-pub use self::redis::RedisStore;
-pub use shard::{DeleteSession, MAX_BATCH, LoadSession, SaveSession, Saved, SessionShard, SessionShards};
+pub use shard::{
+    DeleteSession, LoadSession, SaveSession, Saved, SessionShard, SessionShards, MAX_BATCH,
+};
 pub use signed::{CookieSigner, SignedCookieError, SIGNED_COOKIE_MAX_BYTES};
 pub use store::{Record, SaveItem, SaveOutcome, SessionStore, StoreError};
 

@@ -94,7 +94,11 @@ impl NatsLink {
         let counter = changes.clone();
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let client = opts
-            .name(if c.name.is_empty() { "switchyard" } else { &c.name })
+            .name(if c.name.is_empty() {
+                "switchyard"
+            } else {
+                &c.name
+            })
             .connection_timeout(NATS_TIMEOUT)
             .request_timeout(Some(NATS_TIMEOUT))
             .max_reconnects(None)
@@ -214,7 +218,11 @@ async fn ensure_bucket(js: &jetstream::Context, bucket: &str) -> Result<(), Stor
 
 impl NatsKvStore {
     /// Opens (creating when missing) bucket `bucket` over `link`.
-    pub async fn open(link: NatsLink, bucket: &str, codec: RecordCodec) -> Result<Self, StoreError> {
+    pub async fn open(
+        link: NatsLink,
+        bucket: &str,
+        codec: RecordCodec,
+    ) -> Result<Self, StoreError> {
         let mut js = jetstream::new(link.client.clone());
         js.set_timeout(NATS_TIMEOUT);
         ensure_bucket(&js, bucket).await?;
@@ -284,10 +292,16 @@ impl NatsKvStore {
         self.link.require_connected(ENGINE)?;
         let result = match revision {
             Some(rev) => self.kv.update(key, value, rev).await.map_err(|e| {
-                (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())
+                (
+                    e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                    e.to_string(),
+                )
             }),
             None => self.kv.create(key, value).await.map_err(|e| {
-                (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())
+                (
+                    e.kind() == kv::CreateErrorKind::AlreadyExists,
+                    e.to_string(),
+                )
             }),
         };
         match result {
@@ -299,7 +313,12 @@ impl NatsKvStore {
         }
     }
 
-    async fn update_index(&self, user: &str, id: &SessionId, remove: bool) -> Result<(), StoreError> {
+    async fn update_index(
+        &self,
+        user: &str,
+        id: &SessionId,
+        remove: bool,
+    ) -> Result<(), StoreError> {
         let key = Self::index_key(user);
         for _ in 0..INDEX_ATTEMPTS {
             let current = self.entry(&key).await?;

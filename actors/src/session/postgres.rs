@@ -165,10 +165,7 @@ pub fn pg_error(engine: &'static str, e: tokio_postgres::Error) -> StoreError {
 }
 
 /// Maps a pool error: a timeout waiting for a connection is `Unavailable`.
-pub fn pool_error(
-    engine: &'static str,
-    e: bb8::RunError<tokio_postgres::Error>,
-) -> StoreError {
+pub fn pool_error(engine: &'static str, e: bb8::RunError<tokio_postgres::Error>) -> StoreError {
     match e {
         bb8::RunError::User(e) => pg_error(engine, e),
         bb8::RunError::TimedOut => StoreError::Unavailable {
@@ -301,9 +298,7 @@ impl PostgresStore {
         )
     }
 
-    async fn conn(
-        &self,
-    ) -> Result<bb8::PooledConnection<'_, PgManager>, StoreError> {
+    async fn conn(&self) -> Result<bb8::PooledConnection<'_, PgManager>, StoreError> {
         self.pool.get().await.map_err(|e| pool_error(ENGINE, e))
     }
 
@@ -482,7 +477,13 @@ mod tests {
     async fn fresh_store() -> Option<(PostgresStore, String)> {
         let base = std::env::var("SWITCHYARD_POSTGRES__URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/switchyard".into());
-        let host = base.split("://").nth(1)?.split('/').next()?.rsplit('@').next()?;
+        let host = base
+            .split("://")
+            .nth(1)?
+            .split('/')
+            .next()?
+            .rsplit('@')
+            .next()?;
         let reachable = std::net::TcpStream::connect(host).is_ok();
         if !reachable {
             assert_ne!(
@@ -493,8 +494,11 @@ mod tests {
             println!("SKIPPED: postgres not reachable at {base}");
             return None;
         }
-        let db = format!("sy_t_unit_{}", &SessionId::generate().as_str()[..12].to_lowercase())
-            .replace('-', "_");
+        let db = format!(
+            "sy_t_unit_{}",
+            &SessionId::generate().as_str()[..12].to_lowercase()
+        )
+        .replace('-', "_");
         let url = match base.rfind('/') {
             Some(i) if i > base.find("://")? + 2 => format!("{}/{db}", &base[..i]),
             _ => format!("{base}/{db}"),
@@ -542,7 +546,10 @@ mod tests {
         };
         let [a, b, c, d, e] = std::array::from_fn(|_| SessionId::generate());
         for id in [&b, &c, &e] {
-            assert_eq!(store.save(id, &record(0, 1), None).await?, SaveOutcome::Saved);
+            assert_eq!(
+                store.save(id, &record(0, 1), None).await?,
+                SaveOutcome::Saved
+            );
         }
         let before = store.batch_stats().0;
         let outcomes = store
@@ -596,13 +603,21 @@ mod tests {
             .collect::<Result<_, _>>()?;
         let (batches, rows) = store.batch_stats();
         assert_eq!(rows - rows0, 40);
-        assert!(batches - batches0 < 40, "{} statements for 40 saves", batches - batches0);
+        assert!(
+            batches - batches0 < 40,
+            "{} statements for 40 saves",
+            batches - batches0
+        );
         for s in &saved {
-            assert!(store.load(&s.id).await?.is_some(), "answered only once committed");
+            assert!(
+                store.load(&s.id).await?.is_some(),
+                "answered only once committed"
+            );
         }
         // 20 writers from one base version: each re-applied after losing, none lost.
         let first = &saved[0];
-        let writes = (0..20).map(|_| shards.save(msg(Some(first.id.clone()), Some(first.version), 2)));
+        let writes =
+            (0..20).map(|_| shards.save(msg(Some(first.id.clone()), Some(first.version), 2)));
         for r in futures_util::future::join_all(writes).await {
             r?;
         }

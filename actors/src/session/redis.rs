@@ -81,7 +81,11 @@ fn redis_error(e: RedisError) -> StoreError {
 
 impl RedisStore {
     /// Connects to `url`; keys start with `namespace:`.
-    pub async fn connect(url: &str, namespace: &str, codec: RecordCodec) -> Result<Self, StoreError> {
+    pub async fn connect(
+        url: &str,
+        namespace: &str,
+        codec: RecordCodec,
+    ) -> Result<Self, StoreError> {
         let client = ::redis::Client::open(url).map_err(|e| StoreError::Other {
             engine: ENGINE,
             message: format!("invalid URL: {e}"),
@@ -124,10 +128,7 @@ impl SessionStore for RedisStore {
 
     async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
         let mut conn = self.conn.clone();
-        let bytes: Option<Vec<u8>> = conn
-            .hget(self.key(id), "d")
-            .await
-            .map_err(redis_error)?;
+        let bytes: Option<Vec<u8>> = conn.hget(self.key(id), "d").await.map_err(redis_error)?;
         let Some(bytes) = bytes else {
             return Ok(None);
         };
