@@ -340,35 +340,56 @@ fn bench_cached_db(seconds: u64, runs: u64) {
         .enable_all()
         .build()
         .expect("runtime");
-    let mut results: Vec<(SessionEngine, Vec<support::LoadResult>)> = Vec::new();
-    for engine in [SessionEngine::Memory, SessionEngine::CachedDb] {
-        let node = support::start_node(shop_config(engine));
-        let cookie = rt.block_on(cart_cookie(node.addr));
-        let url = format!("http://{}/cart", node.addr);
-        let get = move |c: &reqwest::Client, u: &str| c.get(u).header("cookie", cookie.clone());
+    // Both nodes run side by side; the runs alternate so that both see the same machine.
+    let engines = [SessionEngine::Memory, SessionEngine::CachedDb];
+    let nodes: Vec<_> = engines
+        .iter()
+        .map(|e| support::start_node(shop_config(*e)))
+        .collect();
+    // cached_db caches only after its warm-up (every writer must know the node first).
+    std::thread::sleep(switchyard_actors::session::CACHED_DB_WARM_UP + Duration::from_millis(500));
+    let targets: Vec<(String, String)> = nodes
+        .iter()
+        .map(|n| {
+            (
+                format!("http://{}/cart", n.addr),
+                rt.block_on(cart_cookie(n.addr)),
+            )
+        })
+        .collect();
+    let drive = |(url, cookie): &(String, String), d: Duration| {
+        let cookie = cookie.clone();
         rt.block_on(support::drive_with(
-            &url,
+            url,
             HTTP_CONNECTIONS,
-            Duration::from_millis(500),
-            get.clone(),
-        ));
-        let mut rs = Vec::new();
-        for _ in 0..runs {
-            rs.push(rt.block_on(support::drive_with(
-                &url,
-                HTTP_CONNECTIONS,
-                Duration::from_secs(seconds),
-                get.clone(),
-            )));
+            d,
+            move |c, u| c.get(u).header("cookie", cookie.clone()),
+        ))
+    };
+    for t in &targets {
+        drive(t, Duration::from_millis(500));
+    }
+    let mut results: Vec<Vec<support::LoadResult>> = vec![Vec::new(), Vec::new()];
+    for run in 0..runs {
+        for (i, t) in targets.iter().enumerate() {
+            let r = drive(t, Duration::from_secs(seconds));
+            println!(
+                "  run {}: {:<10} {}",
+                run + 1,
+                engines[i].as_str(),
+                r.summary()
+            );
+            results[i].push(r);
         }
+    }
+    for node in nodes {
         node.stop();
-        results.push((engine, rs));
     }
     println!(
         "sessions::cached_db_get_cart  (GET /cart, {HTTP_CONNECTIONS} connections, {seconds} s, median of {runs})"
     );
     let mut rates = Vec::new();
-    for (engine, mut rs) in results {
+    for (engine, mut rs) in engines.iter().zip(results) {
         rs.sort_by(|a, b| a.rps().total_cmp(&b.rps()));
         let mid = rs.len() / 2;
         let r = rs.swap_remove(mid);
@@ -423,7 +444,8 @@ async fn kv_engine(store: &Arc<NatsKvStore>, seconds: u64) -> Run {
     merge(parts, started.elapsed())
 }
 
-async fn kv_raw(kv: &async_nats::jetstream::kv::Store, seconds: u64) -> Run {
+/// Raw get + put (`cas = false`) or get + update at the revision read (`cas = true`).
+async fn kv_raw(kv: &async_nats::jetstream::kv::Store, seconds: u64, cas: bool) -> Run {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
     let tasks: Vec<_> = (0..KV_WORKERS)
@@ -436,8 +458,14 @@ async fn kv_raw(kv: &async_nats::jetstream::kv::Store, seconds: u64) -> Run {
                 let mut lat = Vec::new();
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    let ok =
-                        kv.get(&key).await.is_ok() && kv.put(&key, value.clone()).await.is_ok();
+                    let ok = if cas {
+                        match kv.entry(&key).await {
+                            Ok(Some(e)) => kv.update(&key, value.clone(), e.revision).await.is_ok(),
+                            _ => false,
+                        }
+                    } else {
+                        kv.get(&key).await.is_ok() && kv.put(&key, value.clone()).await.is_ok()
+                    };
                     if ok {
                         lat.push(t.elapsed().as_micros() as u64);
                     }
@@ -474,23 +502,31 @@ fn bench_nats_kv(seconds: u64, runs: u64) {
                 .expect("bucket"),
         );
         let kv = store.kv().clone();
-        let (mut engine, mut raw) = (Vec::new(), Vec::new());
+        let (mut engine, mut raw, mut raw_cas) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..runs {
             let e = kv_engine(&store, seconds).await;
-            let r = kv_raw(&kv, seconds).await;
+            let r = kv_raw(&kv, seconds, false).await;
+            let c = kv_raw(&kv, seconds, true).await;
             println!(
-                "  run {}: engine {:>8.0} get+put/s   raw {:>8.0} get+put/s",
+                "  run {}: engine {:>8.0} get+put/s   raw {:>8.0} get+put/s   raw with revision check {:>8.0}/s",
                 run + 1,
                 e.rate(),
-                r.rate()
+                r.rate(),
+                c.rate()
             );
             engine.push(e);
             raw.push(r);
+            raw_cas.push(c);
         }
-        let (e, r) = (median(engine), median(raw));
+        let (e, r, c) = (median(engine), median(raw), median(raw_cas));
         println!("sessions::nats_kv_get_put  ({KV_WORKERS} workers, {VALUE_BYTES} B values, {seconds} s, median of {runs})");
         println!("  nats_kv engine  {:>8.0} get+put/s  p99 {:.2} ms", e.rate(), e.p99_ms());
         println!("  raw KV loop     {:>8.0} get+put/s  p99 {:.2} ms", r.rate(), r.p99_ms());
+        println!(
+            "  raw KV get+update at revision (what a versioned write costs)  {:>8.0}/s  p99 {:.2} ms",
+            c.rate(),
+            c.p99_ms()
+        );
         println!("  ratio engine/raw = {:.2}", e.rate() / r.rate());
     });
 }

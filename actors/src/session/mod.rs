@@ -21,7 +21,7 @@ mod signed;
 mod store;
 
 pub use self::redis::RedisStore;
-pub use cached_db::CachedDbStore;
+pub use cached_db::{CachedDbStore, WARM_UP as CACHED_DB_WARM_UP};
 pub use change::{Change, UpdateFn};
 pub use codec::RecordCodec;
 pub use file::FileStore;
