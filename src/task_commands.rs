@@ -182,7 +182,11 @@ pub(crate) async fn dead_replay(
     queue: Option<String>,
 ) -> ExitCode {
     // `dead replay --all QUEUE` parses QUEUE as the id position.
-    let (id, queue) = if all { (None, queue.or(id)) } else { (id, queue) };
+    let (id, queue) = if all {
+        (None, queue.or(id))
+    } else {
+        (id, queue)
+    };
     if id.is_none() && !all {
         return usage("dead replay needs an ID or --all");
     }
@@ -222,7 +226,9 @@ pub(crate) fn worker(config: Config, queues: Vec<String>, concurrency: Option<u3
     let mut settings = crate::tasks::settings(&config);
     for q in &queues {
         if settings.queue(q).is_none() {
-            return usage(format!("--queues: {q:?} is not a queue of [[tasks.queues]]"));
+            return usage(format!(
+                "--queues: {q:?} is not a queue of [[tasks.queues]]"
+            ));
         }
     }
     if let Some(n) = concurrency {

@@ -21,6 +21,8 @@ const ACK_WAIT_SECS: u64 = 1;
 
 struct Env {
     prefix: String,
+    /// A fresh Postgres database (orders live there under `tasks.broker = "nats"`).
+    postgres: String,
     dir: tempfile::TempDir,
     broker: Arc<NatsBroker>,
     tasks: Tasks,
@@ -52,6 +54,7 @@ impl Env {
         let tasks = Tasks::new(broker.clone(), Arc::new(Registry::new()), settings());
         Some(Env {
             prefix,
+            postgres: common::fresh_postgres_url(),
             dir: tempfile::tempdir().expect("tempdir"),
             broker,
             tasks,
@@ -72,6 +75,7 @@ impl Env {
                 "SWITCHYARD_MAIL__DIR".into(),
                 self.dir.path().display().to_string(),
             ),
+            ("SWITCHYARD_POSTGRES__URL".into(), self.postgres.clone()),
         ]
     }
 
@@ -135,6 +139,7 @@ impl Env {
         ] {
             let _ = js.delete_stream(&stream).await;
         }
+        common::drop_database(&self.postgres).await;
     }
 }
 
@@ -157,7 +162,10 @@ async fn publish_wait_prints_the_record_and_exit_codes_follow_the_state() {
         return;
     };
     env.worker("w1", &[]);
-    let (code, out, err) = env.cli(&["publish", "demo.add", r#"{"x":2,"y":3}"#, "--wait", "15"], &[]);
+    let (code, out, err) = env.cli(
+        &["publish", "demo.add", r#"{"x":2,"y":3}"#, "--wait", "15"],
+        &[],
+    );
     assert_eq!(code, 0, "stderr: {err}");
     let rec = record(&out);
     assert_eq!(rec["state"], "SUCCESS");
@@ -175,16 +183,21 @@ async fn publish_wait_prints_the_record_and_exit_codes_follow_the_state() {
     assert_eq!(record(&out)["result"], 2);
 
     // A failing task: exit 1 with the FAILURE record.
-    let (code, out, _) = env.cli(
-        &["publish", "nope.unknown", "{}", "--wait", "15"],
-        &[],
-    );
+    let (code, out, _) = env.cli(&["publish", "nope.unknown", "{}", "--wait", "15"], &[]);
     assert_eq!(code, 1);
     assert_eq!(record(&out)["state"], "FAILURE");
 
     // A timeout: exit 1 with the record as it stands.
     let (code, out, _) = env.cli(
-        &["publish", "demo.add", r#"{"x":1,"y":2}"#, "--countdown", "5", "--wait", "0.5"],
+        &[
+            "publish",
+            "demo.add",
+            r#"{"x":1,"y":2}"#,
+            "--countdown",
+            "5",
+            "--wait",
+            "0.5",
+        ],
         &[],
     );
     assert_eq!(code, 1);
@@ -192,7 +205,13 @@ async fn publish_wait_prints_the_record_and_exit_codes_follow_the_state() {
 
     // Revoke before it starts (countdown), then purge.
     let (_, out, _) = env.cli(
-        &["publish", "demo.add", r#"{"x":1,"y":2}"#, "--countdown", "3"],
+        &[
+            "publish",
+            "demo.add",
+            r#"{"x":1,"y":2}"#,
+            "--countdown",
+            "3",
+        ],
         &[],
     );
     let id = out.trim().to_owned();
@@ -204,8 +223,14 @@ async fn publish_wait_prints_the_record_and_exit_codes_follow_the_state() {
     assert!(out.trim().starts_with(r#"{"purged":"#), "{out}");
 
     // Unique: published twice, one id, one run.
-    let (_, a, _) = env.cli(&["publish", "demo.add", r#"{"x":3,"y":3}"#, "--unique", "k1"], &[]);
-    let (_, b, _) = env.cli(&["publish", "demo.add", r#"{"x":3,"y":3}"#, "--unique", "k1"], &[]);
+    let (_, a, _) = env.cli(
+        &["publish", "demo.add", r#"{"x":3,"y":3}"#, "--unique", "k1"],
+        &[],
+    );
+    let (_, b, _) = env.cli(
+        &["publish", "demo.add", r#"{"x":3,"y":3}"#, "--unique", "k1"],
+        &[],
+    );
     assert_eq!(a.trim(), b.trim());
     env.until_state(a.trim(), TaskState::Success).await;
     env.stop().await;
@@ -286,7 +311,10 @@ async fn foreign_publisher_dead_letters_and_replay() {
     );
 
     // The worker keeps serving.
-    let (code, out, _) = env.cli(&["publish", "demo.add", r#"{"x":4,"y":4}"#, "--wait", "15"], &[]);
+    let (code, out, _) = env.cli(
+        &["publish", "demo.add", r#"{"x":4,"y":4}"#, "--wait", "15"],
+        &[],
+    );
     assert_eq!(code, 0, "{out}");
     env.stop().await;
 }
@@ -385,7 +413,10 @@ async fn a_sigkilled_worker_s_task_is_redelivered_and_a_crash_loop_is_quarantine
     assert_eq!(out.trim(), h.id());
     env.until_state(h.id(), TaskState::Success).await;
     let (_, out, _) = env.cli(&["dead", "list"], &[]);
-    assert!(!out.contains(h.id()), "replayed letters leave the dead stream");
+    assert!(
+        !out.contains(h.id()),
+        "replayed letters leave the dead stream"
+    );
     env.stop().await;
 }
 
@@ -398,9 +429,13 @@ struct PrivateNats {
 
 impl PrivateNats {
     fn start() -> Option<PrivateNats> {
-        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())?;
+        let bin = [
+            "/usr/sbin/nats-server",
+            "/usr/bin/nats-server",
+            "/usr/local/bin/nats-server",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .ok()?
             .local_addr()
@@ -417,7 +452,14 @@ impl PrivateNats {
 
     fn spawn(&mut self, bin: &str) {
         let child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(self.store.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -426,7 +468,10 @@ impl PrivateNats {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "private nats-server did not start");
+            assert!(
+                Instant::now() < deadline,
+                "private nats-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -540,11 +585,71 @@ async fn a_private_server_killed_and_restarted_loses_no_task() {
                 let mut c: async_nats::jetstream::consumer::PullConsumer =
                     st.get_consumer("outage_default").await.expect("consumer");
                 let ci = c.info().await.expect("ci").clone();
-                panic!("task {i} ({id}) never completed: {rec:?}\nstream {info:?}\nconsumer {ci:?}");
+                panic!(
+                    "task {i} ({id}) never completed: {rec:?}\nstream {info:?}\nconsumer {ci:?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     let _ = worker.kill();
     let _ = worker.wait();
+}
+
+/// The demo across nodes: `serve --config config/cluster.toml` takes the order, a separate
+/// `switchyard worker` process sends the confirmation, the order page shows SUCCESS.
+#[tokio::test]
+async fn checkout_on_a_serve_node_is_handled_by_a_worker_process() {
+    if !common::service_available("postgres") {
+        return;
+    }
+    let Some(mut env) = Env::start().await else {
+        return;
+    };
+    let cluster =
+        std::fs::read_to_string(common::root().join("config/cluster.toml")).expect("cluster.toml");
+    let node = common::spawn_node(common::NodeOptions {
+        config: Some(cluster),
+        env: env.env(),
+        ..Default::default()
+    });
+    env.worker("w1", &[]);
+    let c = common::client();
+    common::login(&c, &node, "alice", "wonderland").await;
+    let res = common::post_form(&c, &node, "/", "/cart/add/1", &[]).await;
+    assert_eq!(res.status(), 303);
+    let res = common::post_form(&c, &node, "/cart", "/orders", &[]).await;
+    assert_eq!(res.status(), 303, "{}", node.stderr());
+    let order = res
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(order.starts_with("/orders/"), "{order}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let html = c
+            .get(node.url(&order))
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("body");
+        if common::marker(&html, "task-state").as_deref() == Some("SUCCESS") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "order page never showed SUCCESS:\n{html}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mails = std::fs::read_dir(env.dir.path())
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(mails, 1, "one confirmation e-mail");
+    drop(node);
+    env.stop().await;
 }

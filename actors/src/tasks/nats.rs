@@ -234,7 +234,11 @@ impl NatsBroker {
             max_ack_pending: MAX_ACK_PENDING,
             ..Default::default()
         };
-        let stream = self.js.get_stream(&self.stream).await.map_err(unavailable)?;
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(unavailable)?;
         let c = stream
             .get_or_create_consumer::<consumer::pull::Config>(&name, config)
             .await
@@ -273,7 +277,12 @@ impl NatsBroker {
     fn delivery(&self, queue: &str, msg: jetstream::Message) -> Delivery {
         let (seq, delivered) = msg
             .info()
-            .map(|i| (i.stream_sequence, i.delivered.clamp(1, u32::MAX as i64) as u32))
+            .map(|i| {
+                (
+                    i.stream_sequence,
+                    i.delivered.clamp(1, u32::MAX as i64) as u32,
+                )
+            })
             .unwrap_or((0, 1));
         let (msg, acker) = msg.split();
         Delivery::new(
@@ -472,7 +481,10 @@ impl NatsBroker {
             self.forget_result(task_id).await?;
         }
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("{id}:replay:{}", letter.seq).as_str());
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{id}:replay:{}", letter.seq).as_str(),
+        );
         self.publish_raw(
             self.names.task_subject(&letter.queue),
             m.payload.clone(),
@@ -614,7 +626,11 @@ impl Broker for NatsBroker {
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
-        let stream = self.js.get_stream(&self.stream).await.map_err(unavailable)?;
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(unavailable)?;
         let res = stream
             .purge()
             .filter(self.names.task_subject(queue))
@@ -647,12 +663,20 @@ impl Broker for NatsBroker {
     }
 
     async fn put_result(&self, record: &ResultRecord) -> Result<(), BrokerError> {
-        let bytes = serde_json::to_vec(record).map_err(unavailable)?;
-        self.kv
-            .put(&record.id, Bytes::from(bytes))
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        let bytes = Bytes::from(serde_json::to_vec(record).map_err(unavailable)?);
+        // Retried like a publish: the worker acknowledges the message after this, so a record
+        // lost here would leave the task STARTED for good.
+        let deadline = Instant::now() + PUBLISH_RETRY_FOR;
+        loop {
+            match self.kv.put(&record.id, bytes.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(unavailable(e)),
+                Err(e) => {
+                    tracing::debug!(task_id = %record.id, "result put failed, retrying: {e}");
+                    tokio::time::sleep(PUBLISH_RETRY_PAUSE).await;
+                }
+            }
+        }
     }
 
     async fn get_result(&self, id: &str) -> Result<Option<ResultRecord>, BrokerError> {
