@@ -21,6 +21,8 @@ const ACK_WAIT_SECS: u64 = 1;
 
 struct Env {
     prefix: String,
+    /// A fresh Postgres database (orders live there under `tasks.broker = "nats"`).
+    postgres: String,
     dir: tempfile::TempDir,
     broker: Arc<NatsBroker>,
     tasks: Tasks,
@@ -52,6 +54,7 @@ impl Env {
         let tasks = Tasks::new(broker.clone(), Arc::new(Registry::new()), settings());
         Some(Env {
             prefix,
+            postgres: common::fresh_postgres_url(),
             dir: tempfile::tempdir().expect("tempdir"),
             broker,
             tasks,
@@ -72,6 +75,7 @@ impl Env {
                 "SWITCHYARD_MAIL__DIR".into(),
                 self.dir.path().display().to_string(),
             ),
+            ("SWITCHYARD_POSTGRES__URL".into(), self.postgres.clone()),
         ]
     }
 
@@ -135,6 +139,7 @@ impl Env {
         ] {
             let _ = js.delete_stream(&stream).await;
         }
+        common::drop_database(&self.postgres).await;
     }
 }
 
@@ -589,4 +594,62 @@ async fn a_private_server_killed_and_restarted_loses_no_task() {
     }
     let _ = worker.kill();
     let _ = worker.wait();
+}
+
+/// The demo across nodes: `serve --config config/cluster.toml` takes the order, a separate
+/// `switchyard worker` process sends the confirmation, the order page shows SUCCESS.
+#[tokio::test]
+async fn checkout_on_a_serve_node_is_handled_by_a_worker_process() {
+    if !common::service_available("postgres") {
+        return;
+    }
+    let Some(mut env) = Env::start().await else {
+        return;
+    };
+    let cluster =
+        std::fs::read_to_string(common::root().join("config/cluster.toml")).expect("cluster.toml");
+    let node = common::spawn_node(common::NodeOptions {
+        config: Some(cluster),
+        env: env.env(),
+        ..Default::default()
+    });
+    env.worker("w1", &[]);
+    let c = common::client();
+    common::login(&c, &node, "alice", "wonderland").await;
+    let res = common::post_form(&c, &node, "/", "/cart/add/1", &[]).await;
+    assert_eq!(res.status(), 303);
+    let res = common::post_form(&c, &node, "/cart", "/orders", &[]).await;
+    assert_eq!(res.status(), 303, "{}", node.stderr());
+    let order = res
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(order.starts_with("/orders/"), "{order}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let html = c
+            .get(node.url(&order))
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("body");
+        if common::marker(&html, "task-state").as_deref() == Some("SUCCESS") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "order page never showed SUCCESS:\n{html}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mails = std::fs::read_dir(env.dir.path())
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(mails, 1, "one confirmation e-mail");
+    drop(node);
+    env.stop().await;
 }

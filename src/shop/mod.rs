@@ -20,7 +20,7 @@ use crate::http::session::Session;
 use crate::messages::{self, Level};
 use crate::tasks::{PublishOptions, TaskState, Tasks};
 use crate::{web, App, Error, Render};
-use orders::{MemoryOrderStore, NewOrder, OrderError, OrderItem, OrderStore};
+use orders::{MemoryOrderStore, NewOrder, OrderError, OrderItem, OrderStore, PgOrderStore};
 use tasks::{OrderCreated, OrderCreatedArgs, EMAILS_QUEUE};
 
 /// The session key holding the cart: product id → quantity.
@@ -435,9 +435,18 @@ async fn order_detail(
 }
 
 /// Adds the demo shop to `app`: its routes, its `cart` processor, its cart merge hook, its
-/// order store and its tasks.
+/// order store and its tasks. Orders live in Postgres when the task queues are shared through
+/// NATS (`tasks.broker = "nats"`: a worker on another node must read them), else in memory.
 pub fn install(app: App) -> App {
-    let orders: Arc<dyn OrderStore> = Arc::new(MemoryOrderStore::new());
+    let config = app.config();
+    let orders: Arc<dyn OrderStore> = if config.tasks.broker == crate::config::Broker::Nats {
+        Arc::new(PgOrderStore::new(
+            &config.postgres.url,
+            config.postgres.pool_size,
+        ))
+    } else {
+        Arc::new(MemoryOrderStore::new())
+    };
     let mailer = mail::Mailer::new(&app.config().mail);
     let orders_data = web::Data::from(orders.clone());
     app.context_processor(cart_processor())

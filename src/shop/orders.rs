@@ -1,5 +1,6 @@
-//! Orders: what checkout creates, behind the [`OrderStore`] trait (in memory now; a Postgres
-//! store lets a worker on another node read them).
+//! Orders: what checkout creates, behind the [`OrderStore`] trait: in this process's memory,
+//! or in Postgres (table `switchyard_orders`) when the task queues are shared through NATS
+//! (`tasks.broker = "nats"`), so that a worker on another node can read them.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -98,6 +99,125 @@ impl OrderStore for MemoryOrderStore {
     async fn delete(&self, id: u64) -> Result<(), OrderError> {
         let mut guard = self.orders.lock().unwrap_or_else(|e| e.into_inner());
         guard.1.remove(&id);
+        Ok(())
+    }
+}
+
+/// Orders in Postgres (`postgres.url`), table `switchyard_orders`; the pool is opened (and the
+/// table created) on first use, so installing the shop stays synchronous.
+pub struct PgOrderStore {
+    url: String,
+    pool_size: u32,
+    pool: tokio::sync::OnceCell<switchyard_actors::session::PgPool>,
+}
+
+const ORDERS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS switchyard_orders (
+    id          bigserial PRIMARY KEY,
+    owner       text      NOT NULL,
+    items       text      NOT NULL,
+    total_cents bigint    NOT NULL,
+    task_id     text,
+    created_ms  bigint    NOT NULL
+)";
+
+fn pg(e: impl std::fmt::Display) -> OrderError {
+    OrderError::Unavailable(e.to_string())
+}
+
+impl PgOrderStore {
+    /// A store on `url` with a pool of `pool_size` connections (opened on first use).
+    pub fn new(url: &str, pool_size: u32) -> Self {
+        Self {
+            url: url.to_owned(),
+            pool_size,
+            pool: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    async fn pool(&self) -> Result<&switchyard_actors::session::PgPool, OrderError> {
+        self.pool
+            .get_or_try_init(|| async {
+                let pool = switchyard_actors::session::connect_pool(&self.url, self.pool_size)
+                    .await
+                    .map_err(pg)?;
+                {
+                    let conn = pool.get().await.map_err(pg)?;
+                    conn.batch_execute(ORDERS_SCHEMA).await.map_err(pg)?;
+                }
+                Ok(pool)
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl OrderStore for PgOrderStore {
+    async fn create(&self, order: NewOrder) -> Result<Order, OrderError> {
+        let conn = self.pool().await?.get().await.map_err(pg)?;
+        let items = serde_json::to_string(&order.items).map_err(pg)?;
+        let now = Utc::now();
+        let row = conn
+            .query_one(
+                "INSERT INTO switchyard_orders (owner, items, total_cents, task_id, created_ms) \
+                 VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                &[
+                    &order.owner,
+                    &items,
+                    &(order.total_cents as i64),
+                    &order.task_id,
+                    &now.timestamp_millis(),
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        let id: i64 = row.get(0);
+        Ok(Order {
+            id: id as u64,
+            owner: order.owner,
+            items: order.items,
+            total_cents: order.total_cents,
+            task_id: order.task_id,
+            created_at: now,
+        })
+    }
+
+    async fn get(&self, id: u64) -> Result<Option<Order>, OrderError> {
+        let Ok(key) = i64::try_from(id) else {
+            return Ok(None);
+        };
+        let conn = self.pool().await?.get().await.map_err(pg)?;
+        let row = conn
+            .query_opt(
+                "SELECT owner, items, total_cents, task_id, created_ms FROM switchyard_orders \
+                 WHERE id = $1",
+                &[&key],
+            )
+            .await
+            .map_err(pg)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let items: String = row.get(1);
+        let total: i64 = row.get(2);
+        let created: i64 = row.get(4);
+        Ok(Some(Order {
+            id,
+            owner: row.get(0),
+            items: serde_json::from_str(&items).map_err(pg)?,
+            total_cents: total.max(0) as u64,
+            task_id: row.get(3),
+            created_at: DateTime::from_timestamp_millis(created).unwrap_or_default(),
+        }))
+    }
+
+    async fn delete(&self, id: u64) -> Result<(), OrderError> {
+        let Ok(key) = i64::try_from(id) else {
+            return Ok(());
+        };
+        let conn = self.pool().await?.get().await.map_err(pg)?;
+        conn.execute("DELETE FROM switchyard_orders WHERE id = $1", &[&key])
+            .await
+            .map_err(pg)?;
         Ok(())
     }
 }

@@ -663,12 +663,20 @@ impl Broker for NatsBroker {
     }
 
     async fn put_result(&self, record: &ResultRecord) -> Result<(), BrokerError> {
-        let bytes = serde_json::to_vec(record).map_err(unavailable)?;
-        self.kv
-            .put(&record.id, Bytes::from(bytes))
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        let bytes = Bytes::from(serde_json::to_vec(record).map_err(unavailable)?);
+        // Retried like a publish: the worker acknowledges the message after this, so a record
+        // lost here would leave the task STARTED for good.
+        let deadline = Instant::now() + PUBLISH_RETRY_FOR;
+        loop {
+            match self.kv.put(&record.id, bytes.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(unavailable(e)),
+                Err(e) => {
+                    tracing::debug!(task_id = %record.id, "result put failed, retrying: {e}");
+                    tokio::time::sleep(PUBLISH_RETRY_PAUSE).await;
+                }
+            }
+        }
     }
 
     async fn get_result(&self, id: &str) -> Result<Option<ResultRecord>, BrokerError> {

@@ -1,0 +1,266 @@
+//! Load harness for the NATS broker, in one run against the local server: end-to-end no-op
+//! tasks/s (publish N, wait until all complete; results and events on) against a raw
+//! async-nats publish + pull + ack loop fetching with the same batch size as the workers; then
+//! publish-to-start latency at a steady rate after a warm-up (stamped at publish, read at the
+//! first line of the task body).
+//!
+//! `cargo bench --bench tasks_nats_load` (env: `BENCH_TASKS`, default 20000; `BENCH_RATE`,
+//! default 1000/s; `BENCH_LATENCY_TASKS`, default 10000; `BENCH_WARMUP_SECONDS`, default 2;
+//! `SWITCHYARD_NATS__URL`). Streams are created under a unique prefix and deleted at the end.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use switchyard::tasks::{
+    EventKind, EventSink, QueueSpec, Registry, Task, TaskContext, TaskError, TaskEvent,
+    TaskSettings, Tasks, WorkerPool,
+};
+use switchyard_actors::tasks::NatsBroker;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The workers' concurrency, hence their fetch batch size.
+const CONCURRENCY: usize = 64;
+/// Publishes in flight at once.
+const PUBLISHERS: usize = 64;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Stamp {
+    /// Unix nanoseconds at publish (0: not measured).
+    t: u64,
+}
+
+/// A no-op task that records publish-to-start latency.
+struct Noop(Arc<Mutex<Vec<u64>>>);
+
+impl Task for Noop {
+    const NAME: &'static str = "bench.noop";
+    type Args = Stamp;
+    type Output = ();
+
+    async fn run(&self, _ctx: TaskContext, args: Stamp) -> Result<(), TaskError> {
+        if args.t > 0 {
+            let lat = now_ns().saturating_sub(args.t);
+            if let Ok(mut l) = self.0.lock() {
+                l.push(lat);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1e6
+}
+
+/// Raw JetStream: publish `n` (pipelined), pull with batch `CONCURRENCY`, ack each.
+async fn raw_baseline(client: async_nats::Client, prefix: &str, n: usize) -> f64 {
+    let js = jetstream::new(client);
+    let name = format!("{}_RAW", prefix.to_uppercase());
+    let subject = format!("{prefix}.raw.q");
+    let s = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .expect("raw stream");
+    let c: consumer::PullConsumer = s
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("raw".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await
+        .expect("raw consumer");
+    let payload = bytes::Bytes::from_static(br#"{"task":"bench.noop","args":{"t":0}}"#);
+    let start = Instant::now();
+    let publisher = {
+        let js = js.clone();
+        let subject = subject.clone();
+        tokio::spawn(async move {
+            let mut acks = Vec::with_capacity(n);
+            for _ in 0..n {
+                acks.push(
+                    js.publish(subject.clone(), payload.clone())
+                        .await
+                        .expect("publish"),
+                );
+            }
+            for a in acks {
+                a.await.expect("ack");
+            }
+        })
+    };
+    let mut done = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done < n && Instant::now() < deadline {
+        let mut batch = c
+            .batch()
+            .max_messages(CONCURRENCY)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await
+            .expect("batch");
+        while let Some(Ok(m)) = batch.next().await {
+            m.ack().await.expect("ack");
+            done += 1;
+        }
+    }
+    let _ = publisher.await;
+    let rate = done as f64 / start.elapsed().as_secs_f64();
+    let _ = js.delete_stream(&name).await;
+    rate
+}
+
+fn main() {
+    let n = env_num("BENCH_TASKS", 20_000) as usize;
+    let rate = env_num("BENCH_RATE", 1_000);
+    let lat_n = env_num("BENCH_LATENCY_TASKS", 10_000) as usize;
+    let warmup = Duration::from_secs(env_num("BENCH_WARMUP_SECONDS", 2));
+    let url = std::env::var("SWITCHYARD_NATS__URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let prefix = format!("bench{}", now_ns() % 1_000_000_000);
+    let system = actix_rt::System::new();
+    system.block_on(async move {
+        let client = async_nats::connect(&url).await.expect("nats");
+        let raw = raw_baseline(client.clone(), &prefix, n).await;
+
+        let settings = TaskSettings {
+            node_id: "bench".into(),
+            queues: vec![QueueSpec::new("default", CONCURRENCY)],
+            ..TaskSettings::default()
+        };
+        let broker = Arc::new(
+            NatsBroker::open(client.clone(), &prefix, &settings)
+                .await
+                .expect("broker"),
+        );
+        let latencies = Arc::new(Mutex::new(Vec::new()));
+        let mut registry = Registry::new();
+        registry.register(Noop(latencies.clone()));
+        let registry = Arc::new(registry);
+        let finished = Arc::new(AtomicUsize::new(0));
+        let sink: EventSink = {
+            let finished = finished.clone();
+            Arc::new(move |e: &TaskEvent| {
+                if e.kind == EventKind::TaskSucceeded {
+                    finished.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let sink = broker.event_sink(Some(sink));
+        let arbiter = actix_rt::Arbiter::new();
+        let pool = WorkerPool::start(
+            settings.clone(),
+            None,
+            broker.clone(),
+            registry.clone(),
+            Some(sink),
+            &arbiter.handle(),
+        )
+        .expect("pool");
+        let tasks = Tasks::new(broker.clone(), registry, settings);
+
+        // Throughput: N published by PUBLISHERS concurrent publishers, until all complete.
+        let start = Instant::now();
+        let per = n.div_ceil(PUBLISHERS);
+        let mut pubs = Vec::new();
+        for p in 0..PUBLISHERS {
+            let tasks = tasks.clone();
+            let count = per.min(n.saturating_sub(p * per));
+            pubs.push(tokio::spawn(async move {
+                for _ in 0..count {
+                    tasks.delay::<Noop>(Stamp { t: 0 }).await.expect("publish");
+                }
+            }));
+        }
+        for p in pubs {
+            let _ = p.await;
+        }
+        let published = start.elapsed();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while finished.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let e2e = finished.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+        println!("tasks::nats_e2e  {n} no-op tasks: {e2e:.0} tasks/s (published in {published:.2?}, results + events on)");
+        println!("tasks::raw_jetstream  publish+pull(batch {CONCURRENCY})+ack: {raw:.0} msgs/s");
+        println!("ratio e2e/raw = {:.2}", e2e / raw);
+
+        // Latency: a steady rate, warm-up first.
+        if let Ok(mut l) = latencies.lock() {
+            l.clear();
+        }
+        let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+        let warm_n = (warmup.as_secs_f64() * rate as f64) as usize;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let before = finished.load(Ordering::Relaxed);
+        for i in 0..warm_n + lat_n {
+            tick.tick().await;
+            if i == warm_n {
+                if let Ok(mut l) = latencies.lock() {
+                    l.clear();
+                }
+            }
+            let tasks = tasks.clone();
+            tokio::spawn(async move {
+                let _ = tasks.delay::<Noop>(Stamp { t: now_ns() }).await;
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while finished.load(Ordering::Relaxed) < before + warm_n + lat_n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+        lat.sort_unstable();
+        println!(
+            "tasks::publish_to_start  {} tasks at {rate}/s after {warmup:?} warm-up: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            lat.len(),
+            pct(&lat, 0.5),
+            pct(&lat, 0.9),
+            pct(&lat, 0.99),
+            pct(&lat, 1.0)
+        );
+
+        pool.cold_token().cancel();
+        pool.drain().await;
+        arbiter.stop();
+        let js = broker.jetstream();
+        let names = broker.names();
+        for s in [
+            names.tasks_stream(),
+            names.dead_stream(),
+            format!("KV_{}", names.results_bucket()),
+        ] {
+            let _ = js.delete_stream(&s).await;
+        }
+    });
+}
