@@ -145,7 +145,8 @@ fn main() {
     let rate = env_num("BENCH_RATE", 1_000);
     let lat_n = env_num("BENCH_LATENCY_TASKS", 10_000) as usize;
     let warmup = Duration::from_secs(env_num("BENCH_WARMUP_SECONDS", 2));
-    let url = std::env::var("SWITCHYARD_NATS__URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let url =
+        std::env::var("SWITCHYARD_NATS__URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let prefix = format!("bench{}", now_ns() % 1_000_000_000);
     let system = actix_rt::System::new();
     system.block_on(async move {
