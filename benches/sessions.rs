@@ -223,6 +223,13 @@ fn bench_postgres(seconds: u64, runs: u64) {
         let pool = connect_pool_with_timeout(&url, POOL, Duration::from_secs(60))
             .await
             .expect("postgres");
+        // A fresh table with the engine's current definition.
+        pool.get()
+            .await
+            .expect("conn")
+            .batch_execute("DROP TABLE IF EXISTS switchyard_sessions")
+            .await
+            .expect("drop");
         let store = Arc::new(
             PostgresStore::open(pool.clone(), RecordCodec::plain())
                 .await
@@ -244,6 +251,13 @@ fn bench_postgres(seconds: u64, runs: u64) {
         let shards = SessionShards::start(shard_count, store.clone(), &arbiter.handle());
         let (mut engine, mut naive) = (Vec::new(), Vec::new());
         for run in 0..runs {
+            // Each run starts from empty tables (no dead rows left by the previous one).
+            pool.get()
+                .await
+                .expect("conn")
+                .batch_execute("TRUNCATE bench_naive_sessions; TRUNCATE switchyard_sessions;")
+                .await
+                .expect("truncate");
             let (b0, r0) = store.batch_stats();
             let e = engine_saves(&shards, seconds).await;
             let (b1, r1) = store.batch_stats();

@@ -74,7 +74,6 @@ pub(crate) async fn nats_link(config: &Config) -> Result<NatsLink, StartError> {
 
 /// Opens the configured server-side engine; `None` for `signed_cookies`.
 pub(crate) async fn open(config: &Config) -> Result<Option<Opened>, StartError> {
-    let codec = codec(config)?;
     let prefix = &config.nats.prefix;
     let plain = |store: Arc<dyn SessionStore>| Opened {
         store,
@@ -88,11 +87,11 @@ pub(crate) async fn open(config: &Config) -> Result<Option<Opened>, StartError> 
         SessionEngine::File => plain(Arc::new(
             FileStore::open(&config.file.dir)
                 .map_err(|e| service("file.dir", e))?
-                .with_codec(codec),
+                .with_codec(codec(config)?),
         )),
         SessionEngine::Postgres => {
             let pool = postgres_pool(config).await?;
-            let store = PostgresStore::open(pool.clone(), codec)
+            let store = PostgresStore::open(pool.clone(), codec(config)?)
                 .await
                 .map_err(|e| service("postgres.url", e))?;
             Opened {
@@ -103,7 +102,7 @@ pub(crate) async fn open(config: &Config) -> Result<Option<Opened>, StartError> 
         }
         SessionEngine::CachedDb => {
             let pool = postgres_pool(config).await?;
-            let db = PostgresStore::open(pool.clone(), codec)
+            let db = PostgresStore::open(pool.clone(), codec(config)?)
                 .await
                 .map_err(|e| service("postgres.url", e))?;
             let link = nats_link(config).await?;
@@ -116,18 +115,18 @@ pub(crate) async fn open(config: &Config) -> Result<Option<Opened>, StartError> 
         }
         SessionEngine::NatsKv => {
             let link = nats_link(config).await?;
-            let store = NatsKvStore::open(link, &format!("{prefix}_sessions"), codec)
+            let store = NatsKvStore::open(link, &format!("{prefix}_sessions"), codec(config)?)
                 .await
                 .map_err(|e| service("nats.url", e))?;
             plain(Arc::new(store))
         }
         SessionEngine::Redis => plain(Arc::new(
-            RedisStore::connect(&config.redis.url, prefix, codec)
+            RedisStore::connect(&config.redis.url, prefix, codec(config)?)
                 .await
                 .map_err(|e| service("redis.url", e))?,
         )),
         SessionEngine::Memcached => plain(Arc::new(
-            MemcachedStore::connect(&config.memcached.servers, prefix, codec)
+            MemcachedStore::connect(&config.memcached.servers, prefix, codec(config)?)
                 .await
                 .map_err(|e| service("memcached.servers", e))?,
         )),

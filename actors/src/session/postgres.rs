@@ -104,6 +104,12 @@ CREATE TABLE IF NOT EXISTS switchyard_sessions (
     expires_at  bigint NOT NULL,
     version     bigint NOT NULL,
     updated_at  bigint NOT NULL
+) WITH (
+    -- Rows are rewritten often: room on each page for in-page (HOT) updates, and vacuum
+    -- early, so hot sessions do not bloat the table and its indexes.
+    fillfactor = 50,
+    autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.05
 );
 CREATE INDEX IF NOT EXISTS switchyard_sessions_expires_at_idx
     ON switchyard_sessions (expires_at);
