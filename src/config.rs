@@ -268,6 +268,12 @@ impl Config {
                 "\"none\" requires sessions.cookie_secure = true",
             ));
         }
+        if s.encrypt && self.server.secret_key.is_empty() {
+            return Err(v.fail(
+                "sessions.encrypt",
+                "true requires server.secret_key (the encryption key is derived from it)",
+            ));
+        }
         v.at_least("sessions.max_size", s.max_size, 1)
     }
 

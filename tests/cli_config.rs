@@ -65,6 +65,12 @@ fn same_site_none_requires_secure() {
 }
 
 #[test]
+fn encryption_without_a_secret_is_refused() {
+    let (code, err, path) = serve_with("[sessions]\nengine = \"file\"\nencrypt = true\n", &[]);
+    assert_usage_error(code, &err, &[&path, ":3", "sessions.encrypt"]);
+}
+
+#[test]
 fn unknown_environment_variable_is_named() {
     let (code, err, _) = serve_with("", &[("SWITCHYARD_SERVER__NO_SUCH_KEY", "1")]);
     assert_usage_error(code, &err, &["SWITCHYARD_SERVER__NO_SUCH_KEY"]);
