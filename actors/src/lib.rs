@@ -8,5 +8,6 @@
 //! - `messages`: messages that cross actor boundaries.
 
 pub mod context;
+pub mod jetstream;
 pub mod session;
 pub mod tasks;

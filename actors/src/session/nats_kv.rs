@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -189,31 +189,9 @@ struct Seen {
 
 /// Creates the bucket's stream when missing, in a form NATS 2.9 understands.
 async fn ensure_bucket(js: &jetstream::Context, bucket: &str) -> Result<(), StoreError> {
-    let name = format!("KV_{bucket}");
-    if js.get_stream(&name).await.is_ok() {
-        return Ok(());
-    }
-    let config = stream::Config {
-        name: name.clone(),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        allow_rollup: true,
-        deny_delete: true,
-        deny_purge: false,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::New,
-        storage: stream::StorageType::File,
-        num_replicas: 1,
-        ..Default::default()
-    };
-    match js.create_stream(config).await {
-        Ok(_) => Ok(()),
-        // Another node created it meanwhile.
-        Err(e) => match js.get_stream(&name).await {
-            Ok(_) => Ok(()),
-            Err(_) => Err(unavailable(format!("cannot create stream {name}: {e}"))),
-        },
-    }
+    crate::jetstream::ensure_kv_stream(js, bucket, std::time::Duration::ZERO, true)
+        .await
+        .map_err(unavailable)
 }
 
 impl NatsKvStore {

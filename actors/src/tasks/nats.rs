@@ -98,31 +98,9 @@ pub async fn ensure_bucket(
     bucket: &str,
     max_age: Duration,
 ) -> Result<(), BrokerError> {
-    let name = format!("KV_{bucket}");
-    if js.get_stream(&name).await.is_ok() {
-        return Ok(());
-    }
-    let config = stream::Config {
-        name: name.clone(),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        max_age,
-        allow_rollup: true,
-        deny_delete: false,
-        deny_purge: false,
-        allow_direct: true,
-        discard: stream::DiscardPolicy::New,
-        storage: stream::StorageType::File,
-        num_replicas: 1,
-        ..Default::default()
-    };
-    match js.create_stream(config).await {
-        Ok(_) => Ok(()),
-        Err(e) => match js.get_stream(&name).await {
-            Ok(_) => Ok(()),
-            Err(_) => Err(unavailable(format!("cannot create stream {name}: {e}"))),
-        },
-    }
+    crate::jetstream::ensure_kv_stream(js, bucket, max_age, false)
+        .await
+        .map_err(unavailable)
 }
 
 async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), BrokerError> {
