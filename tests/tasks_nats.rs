@@ -125,6 +125,32 @@ impl Env {
         }
     }
 
+    /// Waits until no pull request is waiting on `queue`'s consumer. A SIGKILLed worker's
+    /// last pull request stays at the server until it expires (the worker's fetch wait, 1 s):
+    /// a message published meanwhile is delivered into it, counted, and redelivered only after
+    /// `ack_wait`, which is a second delivery (a dead letter under `max_deliver = 1`).
+    async fn until_no_waiting_pulls(&self, queue: &str) {
+        let names = self.broker.names();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = self
+                .broker
+                .jetstream()
+                .get_consumer_from_stream(names.consumer(queue), names.tasks_stream())
+                .await
+                .expect("consumer");
+            let waiting = consumer.info().await.expect("consumer info").num_waiting;
+            if waiting == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{waiting} pull requests still waiting on {queue}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn stop(mut self) {
         for w in &mut self.workers {
             let _ = w.kill();
@@ -391,6 +417,7 @@ async fn a_sigkilled_worker_s_task_is_redelivered_and_a_crash_loop_is_quarantine
     // and a dead letter replayed runs.
     let w2 = env.workers.len() - 1;
     env.kill(w2);
+    env.until_no_waiting_pulls("default").await;
     let w3 = env.worker("w3", &[("SWITCHYARD_TASKS__MAX_DELIVER", "1")]);
     let h = env
         .tasks
