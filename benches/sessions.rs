@@ -310,7 +310,9 @@ fn shop_config(engine: SessionEngine) -> Config {
 
 /// A session with one item in its cart on `addr`: its cookie header.
 async fn cart_cookie(addr: std::net::SocketAddr) -> String {
+    // A cookie store: the CSRF token of the form must come back with its cookie.
     let client = reqwest::Client::builder()
+        .cookie_store(true)
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("client");

@@ -1,7 +1,8 @@
 //! Outages of a session engine's service, on private servers this test starts and stops (a
-//! temporary `initdb` Postgres cluster, a `nats-server` with its own store): requests that
-//! need the session get 503 and `/readyz` names the failing check; once the service is back
-//! the node serves again without a restart, with every committed session intact.
+//! temporary `initdb` Postgres cluster, a `nats-server` with its own store, a `redis-server`
+//! with an append-only file, a `memcached` frozen with SIGSTOP): requests that need the
+//! session get 503 and `/readyz` names the failing check; once the service is back the node
+//! serves again without a restart, with every committed session intact.
 
 mod common;
 
@@ -13,6 +14,8 @@ use common::{marker, spawn_node, Node, NodeOptions};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const NATS_SERVER: &str = "/usr/sbin/nats-server";
+const REDIS_SERVER: &str = "/usr/bin/redis-server";
+const MEMCACHED: &str = "/usr/bin/memcached";
 /// How long a node may take to serve again after its service came back.
 const RECOVERY: Duration = Duration::from_secs(20);
 
@@ -216,6 +219,99 @@ impl Drop for PrivateNats {
     }
 }
 
+/// A private server process on a free port (`redis-server`, `memcached`), which a test stops
+/// and starts again, or freezes (SIGSTOP: connections stay open and nothing answers).
+struct PrivateServer {
+    program: &'static str,
+    args: Vec<String>,
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateServer {
+    /// `None` (skipped, or failed under SWITCHYARD_REQUIRE_SERVICES=1) without the program.
+    /// `args` may use `{port}` and `{dir}` (a private temporary directory).
+    fn start(program: &'static str, args: &[&str]) -> Option<Self> {
+        if !Path::new(program).exists() {
+            if std::env::var("SWITCHYARD_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                panic!("{program} not found (SWITCHYARD_REQUIRE_SERVICES=1)");
+            }
+            println!("SKIPPED: {program} not found");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("server dir");
+        let port = free_port();
+        let args = args
+            .iter()
+            .map(|a| {
+                a.replace("{port}", &port.to_string())
+                    .replace("{dir}", &dir.path().display().to_string())
+            })
+            .collect();
+        let mut s = PrivateServer {
+            program,
+            args,
+            dir,
+            port,
+            child: None,
+        };
+        s.up();
+        Some(s)
+    }
+
+    fn up(&mut self) {
+        let child = Command::new(self.program)
+            .args(&self.args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn server");
+        self.child = Some(child);
+        assert!(
+            wait_port(self.port, true, Duration::from_secs(10)),
+            "{} did not listen on {}",
+            self.program,
+            self.port
+        );
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, signal);
+        }
+    }
+
+    /// SIGTERM (a clean shutdown: Redis writes its append-only file), then waits for the exit.
+    fn down(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(wait_port(self.port, false, Duration::from_secs(10)));
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn node(env: &[(&str, String)]) -> Node {
     let mut all: Vec<(String, String)> = vec![
         (
@@ -352,6 +448,69 @@ async fn nats_kv_outage_gives_503_and_recovers_with_sessions_intact() {
     nats.down();
     assert_unavailable(&client, &a).await;
     nats.up();
+    assert_recovers(&client, &a).await;
+}
+
+#[actix_rt::test]
+async fn redis_outage_gives_503_and_recovers_with_sessions_intact() {
+    // Redis as it is run when sessions must survive its restart: an append-only file,
+    // fsynced on every write.
+    let Some(mut redis) = PrivateServer::start(
+        REDIS_SERVER,
+        &[
+            "--port",
+            "{port}",
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            "{dir}",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ],
+    ) else {
+        return;
+    };
+    let a = node(&[
+        ("SWITCHYARD_SESSIONS__ENGINE", "redis".into()),
+        (
+            "SWITCHYARD_REDIS__URL",
+            format!("redis://127.0.0.1:{}/", redis.port),
+        ),
+    ]);
+    let client = shopper(&a).await;
+    redis.down();
+    assert_unavailable(&client, &a).await;
+    redis.up();
+    assert_recovers(&client, &a).await;
+}
+
+#[actix_rt::test]
+async fn memcached_that_stops_answering_gives_503_and_recovers_with_sessions_intact() {
+    // memcached keeps nothing across a restart, so its outage here is a server that stops
+    // answering (SIGSTOP) with its connections open: every operation must time out into a
+    // 503, not hang the request, and the sessions are there once it answers again.
+    let mut args = vec!["-l", "127.0.0.1", "-p", "{port}", "-m", "16"];
+    if is_root() {
+        args.extend(["-u", "nobody"]);
+    }
+    let Some(memcached) = PrivateServer::start(MEMCACHED, &args) else {
+        return;
+    };
+    let a = node(&[
+        ("SWITCHYARD_SESSIONS__ENGINE", "memcached".into()),
+        (
+            "SWITCHYARD_MEMCACHED__SERVERS",
+            format!("127.0.0.1:{}", memcached.port),
+        ),
+    ]);
+    let client = shopper(&a).await;
+    memcached.signal(nix::sys::signal::Signal::SIGSTOP);
+    assert_unavailable(&client, &a).await;
+    memcached.signal(nix::sys::signal::Signal::SIGCONT);
     assert_recovers(&client, &a).await;
 }
 

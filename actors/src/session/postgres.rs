@@ -1,19 +1,28 @@
 //! The `postgres` engine: one row per session (versioned, expiry indexed, owner indexed), over a
-//! bb8 pool. A batch of saves is one statement, so a shard's group commit is one round trip and
-//! one transaction; each row carries its own compare-and-swap result.
+//! bb8 pool. A batch of saves is one statement, so a group commit is one round trip and one
+//! transaction; each row carries its own compare-and-swap result.
+//!
+//! Group commit spans the shards: every save of the node (each shard's batch, single saves)
+//! joins one queue, and at most [`COMMIT_STATEMENTS`] statements are in flight at once, each
+//! taking everything that queued while the previous ones ran (up to [`COMMIT_MAX_ROWS`] rows,
+//! distinct ids). Under load the statements grow rather than multiply, so the server commits
+//! (and flushes its WAL) once for many sessions; when idle a save is written at once. Measured
+//! with `cargo bench --bench sessions` (64 savers, 8 shards): per-shard statements carried 4
+//! rows each (20,500 saves/s), the shared queue about 17 (41,600 saves/s).
 //!
 //! The database named in `postgres.url` is created when missing (through the `postgres`
 //! maintenance database of the same server), and the tables when missing, under an advisory
 //! lock so that nodes starting together do not race.
 
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use std::collections::HashMap;
-use std::ops::{Deref, DerefMut};
-
 use async_trait::async_trait;
+use tokio::sync::oneshot;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::{NoTls, Statement};
@@ -23,6 +32,15 @@ use super::{
 };
 
 const ENGINE: &str = "postgres";
+
+/// Group-commit statements one node has in flight at once: while one commits, the next
+/// gathers. Measured with `cargo bench --bench sessions` (64 savers, 8 shards, 5 s) on this
+/// project's 2-core machine: one at a time 36,600 saves/s at 20 rows per statement, two
+/// 41,600 at 17 rows.
+pub const COMMIT_STATEMENTS: usize = 2;
+
+/// Most rows one group-commit statement carries.
+pub const COMMIT_MAX_ROWS: usize = 256;
 
 /// How long getting a pooled connection (or a first connection) may take before the service
 /// counts as unavailable.
@@ -273,61 +291,172 @@ pub async fn migrate(pool: &PgPool, engine: &'static str, ddl: &str) -> Result<(
 
 /// Sessions in a Postgres table.
 pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+/// What the store and its group-commit drivers share.
+struct Inner {
     pool: PgPool,
     codec: RecordCodec,
     batches: AtomicU64,
     rows: AtomicU64,
+    commit: Mutex<CommitQueue>,
 }
 
-impl PostgresStore {
-    /// The engine over `pool`, creating its tables when missing.
-    pub async fn open(pool: PgPool, codec: RecordCodec) -> Result<Self, StoreError> {
-        migrate(&pool, ENGINE, SCHEMA).await?;
-        Ok(Self {
-            pool,
-            codec,
-            batches: AtomicU64::new(0),
-            rows: AtomicU64::new(0),
-        })
+/// Saves waiting for a statement, and how many statements are in flight.
+#[derive(Default)]
+struct CommitQueue {
+    waiting: VecDeque<Waiting>,
+    in_flight: usize,
+}
+
+/// One caller's saves (encoded), waiting to be written together.
+struct Waiting {
+    rows: Columns,
+    reply: oneshot::Sender<Result<Vec<SaveOutcome>, StoreError>>,
+}
+
+/// The statement's parameters, one array per column.
+#[derive(Default)]
+struct Columns {
+    ids: Vec<String>,
+    data: Vec<Vec<u8>>,
+    users: Vec<Option<String>>,
+    expires: Vec<i64>,
+    versions: Vec<i64>,
+    updated: Vec<i64>,
+    expected: Vec<Option<i64>>,
+}
+
+impl Columns {
+    fn len(&self) -> usize {
+        self.ids.len()
     }
 
-    /// The pool (shared with the Postgres auth store).
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    fn append(&mut self, other: Columns) {
+        self.ids.extend(other.ids);
+        self.data.extend(other.data);
+        self.users.extend(other.users);
+        self.expires.extend(other.expires);
+        self.versions.extend(other.versions);
+        self.updated.extend(other.updated);
+        self.expected.extend(other.expected);
     }
+}
 
-    /// Batch statements written so far and the rows they carried (group commit's effect).
-    pub fn batch_stats(&self) -> (u64, u64) {
-        (
-            self.batches.load(Ordering::Relaxed),
-            self.rows.load(Ordering::Relaxed),
-        )
-    }
+/// Gives back a driver's slot if it ends without finding the queue empty (its runtime
+/// stopped mid-statement); a driver that finds it empty gives it back under the same lock.
+struct InFlight<'a> {
+    inner: &'a Inner,
+    held: bool,
+}
 
-    async fn conn(&self) -> Result<bb8::PooledConnection<'_, PgManager>, StoreError> {
-        self.pool.get().await.map_err(|e| pool_error(ENGINE, e))
-    }
-
-    async fn write_batch(&self, items: &[SaveItem]) -> Result<Vec<SaveOutcome>, StoreError> {
-        let n = items.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut data = Vec::with_capacity(n);
-        let mut users = Vec::with_capacity(n);
-        let mut expires = Vec::with_capacity(n);
-        let mut versions = Vec::with_capacity(n);
-        let mut updated = Vec::with_capacity(n);
-        let mut expected = Vec::with_capacity(n);
-        for item in items {
-            ids.push(item.id.as_str().to_owned());
-            data.push(self.codec.encode(&item.id, &item.record)?);
-            users.push(item.record.user().map(str::to_owned));
-            expires.push(item.record.expires_at);
-            versions.push(to_i64(item.record.version));
-            updated.push(item.record.updated_at);
-            expected.push(item.expected.map(to_i64));
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            let mut q = self.inner.commit.lock().unwrap_or_else(|p| p.into_inner());
+            q.in_flight -= 1;
         }
+    }
+}
+
+impl Inner {
+    fn encode(&self, items: &[SaveItem]) -> Result<Columns, StoreError> {
+        let n = items.len();
+        let mut c = Columns {
+            ids: Vec::with_capacity(n),
+            data: Vec::with_capacity(n),
+            users: Vec::with_capacity(n),
+            expires: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            updated: Vec::with_capacity(n),
+            expected: Vec::with_capacity(n),
+        };
+        for item in items {
+            c.ids.push(item.id.as_str().to_owned());
+            c.data.push(self.codec.encode(&item.id, &item.record)?);
+            c.users.push(item.record.user().map(str::to_owned));
+            c.expires.push(item.record.expires_at);
+            c.versions.push(to_i64(item.record.version));
+            c.updated.push(item.record.updated_at);
+            c.expected.push(item.expected.map(to_i64));
+        }
+        Ok(c)
+    }
+
+    /// Takes the next statement's worth of waiting saves: whole callers, in arrival order,
+    /// distinct ids, at most [`COMMIT_MAX_ROWS`] rows (a larger caller goes alone). A caller
+    /// whose ids clash with ones already taken waits for the next statement.
+    fn take(q: &mut CommitQueue) -> Vec<Waiting> {
+        let mut taken: Vec<Waiting> = Vec::new();
+        let mut ids: HashSet<String> = HashSet::new();
+        let mut rows = 0;
+        let mut i = 0;
+        while i < q.waiting.len() {
+            let w = &q.waiting[i];
+            let n = w.rows.len();
+            if !taken.is_empty() && rows + n > COMMIT_MAX_ROWS {
+                break;
+            }
+            if w.rows.ids.iter().any(|id| ids.contains(id)) {
+                i += 1;
+                continue;
+            }
+            ids.extend(w.rows.ids.iter().cloned());
+            rows += n;
+            if let Some(w) = q.waiting.remove(i) {
+                taken.push(w);
+            }
+        }
+        taken
+    }
+
+    /// A group-commit driver: writes statements while saves wait, then gives its slot back.
+    async fn drive(self: Arc<Self>) {
+        let mut slot = InFlight {
+            inner: &self,
+            held: true,
+        };
+        loop {
+            let taken = {
+                let mut q = self.commit.lock().unwrap_or_else(|p| p.into_inner());
+                let taken = Self::take(&mut q);
+                if taken.is_empty() {
+                    // Under the lock: a save queued after this sees the slot free.
+                    q.in_flight -= 1;
+                    slot.held = false;
+                    return;
+                }
+                taken
+            };
+            let mut all = Columns::default();
+            let mut sizes = Vec::with_capacity(taken.len());
+            let mut replies = Vec::with_capacity(taken.len());
+            for w in taken {
+                sizes.push(w.rows.len());
+                replies.push(w.reply);
+                all.append(w.rows);
+            }
+            match self.write(&all).await {
+                Ok(outcomes) => {
+                    let mut outcomes = outcomes.into_iter();
+                    for (n, reply) in sizes.into_iter().zip(replies) {
+                        let _ = reply.send(Ok(outcomes.by_ref().take(n).collect()));
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One statement writing every row of `c`; the outcome of each row, in order.
+    async fn write(&self, c: &Columns) -> Result<Vec<SaveOutcome>, StoreError> {
         let now = now_unix();
-        let mut conn = self.conn().await?;
+        let mut conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
         let stmt = conn
             .prepared(
                 SAVE_BATCH,
@@ -348,25 +477,94 @@ impl PostgresStore {
             .query(
                 &stmt,
                 &[
-                    &ids, &data, &users, &expires, &versions, &updated, &expected, &now,
+                    &c.ids,
+                    &c.data,
+                    &c.users,
+                    &c.expires,
+                    &c.versions,
+                    &c.updated,
+                    &c.expected,
+                    &now,
                 ],
             )
             .await
             .map_err(|e| pg_error(ENGINE, e))?;
         self.batches.fetch_add(1, Ordering::Relaxed);
-        self.rows.fetch_add(n as u64, Ordering::Relaxed);
-        let written: std::collections::HashSet<String> =
-            rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
-        Ok(items
+        self.rows.fetch_add(c.len() as u64, Ordering::Relaxed);
+        let written: HashSet<&str> = rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+        Ok(c.ids
             .iter()
-            .map(|i| {
-                if written.contains(i.id.as_str()) {
+            .map(|id| {
+                if written.contains(id.as_str()) {
                     SaveOutcome::Saved
                 } else {
                     SaveOutcome::Conflict
                 }
             })
             .collect())
+    }
+}
+
+impl PostgresStore {
+    /// The engine over `pool`, creating its tables when missing.
+    pub async fn open(pool: PgPool, codec: RecordCodec) -> Result<Self, StoreError> {
+        migrate(&pool, ENGINE, SCHEMA).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                codec,
+                batches: AtomicU64::new(0),
+                rows: AtomicU64::new(0),
+                commit: Mutex::new(CommitQueue::default()),
+            }),
+        })
+    }
+
+    /// The pool (shared with the Postgres auth store).
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// Batch statements written so far and the rows they carried (group commit's effect).
+    pub fn batch_stats(&self) -> (u64, u64) {
+        (
+            self.inner.batches.load(Ordering::Relaxed),
+            self.inner.rows.load(Ordering::Relaxed),
+        )
+    }
+
+    async fn conn(&self) -> Result<bb8::PooledConnection<'_, PgManager>, StoreError> {
+        self.inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| pool_error(ENGINE, e))
+    }
+
+    /// Queues `items` for the next group-commit statement and waits for their outcomes,
+    /// starting a driver when fewer than [`COMMIT_STATEMENTS`] are running.
+    async fn write_batch(&self, items: &[SaveItem]) -> Result<Vec<SaveOutcome>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self.inner.encode(items)?;
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let mut q = self.inner.commit.lock().unwrap_or_else(|p| p.into_inner());
+            q.waiting.push_back(Waiting { rows, reply });
+            let start = q.in_flight < COMMIT_STATEMENTS;
+            if start {
+                q.in_flight += 1;
+            }
+            start
+        };
+        if start {
+            tokio::spawn(self.inner.clone().drive());
+        }
+        answer.await.map_err(|_| StoreError::Unavailable {
+            engine: ENGINE,
+            message: "the group-commit writer stopped before the write finished".into(),
+        })?
     }
 }
 
@@ -394,7 +592,7 @@ impl SessionStore for PostgresStore {
             return Ok(None);
         };
         let bytes: &[u8] = row.try_get(0).map_err(|e| pg_error(ENGINE, e))?;
-        match self.codec.decode(id, bytes) {
+        match self.inner.codec.decode(id, bytes) {
             Ok(r) if !r.is_expired() => Ok(Some(r)),
             Ok(_) => Ok(None),
             Err(e) => {
