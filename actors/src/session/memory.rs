@@ -31,6 +31,42 @@ impl MemoryStore {
         self.records.is_empty()
     }
 
+    /// The compare-and-swap write (atomic under the record's map entry), then the index.
+    fn write(&self, id: &SessionId, record: &Record, expected: Option<u64>) -> SaveOutcome {
+        let now = now_unix();
+        let mut old_user = None;
+        {
+            let entry = self.records.entry(id.clone());
+            match entry {
+                dashmap::Entry::Occupied(mut e) => {
+                    let live = !e.get().is_expired_at(now);
+                    let current = live.then(|| e.get().version);
+                    if current != expected {
+                        return SaveOutcome::Conflict;
+                    }
+                    old_user = e.get().user().map(str::to_owned);
+                    e.insert(record.clone());
+                }
+                dashmap::Entry::Vacant(e) => {
+                    if expected.is_some() {
+                        return SaveOutcome::Conflict;
+                    }
+                    e.insert(record.clone());
+                }
+            }
+        }
+        if old_user.as_deref() != record.user() {
+            self.unindex(id, old_user.as_deref());
+        }
+        if let Some(user) = record.user() {
+            self.by_user
+                .entry(user.to_owned())
+                .or_default()
+                .insert(id.clone());
+        }
+        SaveOutcome::Saved
+    }
+
     fn unindex(&self, id: &SessionId, user: Option<&str>) {
         if let Some(user) = user {
             if let Some(mut ids) = self.by_user.get_mut(user) {
@@ -65,38 +101,7 @@ impl SessionStore for MemoryStore {
         record: &Record,
         expected: Option<u64>,
     ) -> Result<SaveOutcome, StoreError> {
-        let now = now_unix();
-        let mut old_user = None;
-        {
-            let entry = self.records.entry(id.clone());
-            match entry {
-                dashmap::Entry::Occupied(mut e) => {
-                    let live = !e.get().is_expired_at(now);
-                    let current = live.then(|| e.get().version);
-                    if current != expected {
-                        return Ok(SaveOutcome::Conflict);
-                    }
-                    old_user = e.get().user().map(str::to_owned);
-                    e.insert(record.clone());
-                }
-                dashmap::Entry::Vacant(e) => {
-                    if expected.is_some() {
-                        return Ok(SaveOutcome::Conflict);
-                    }
-                    e.insert(record.clone());
-                }
-            }
-        }
-        if old_user.as_deref() != record.user() {
-            self.unindex(id, old_user.as_deref());
-        }
-        if let Some(user) = record.user() {
-            self.by_user
-                .entry(user.to_owned())
-                .or_default()
-                .insert(id.clone());
-        }
-        Ok(SaveOutcome::Saved)
+        Ok(self.write(id, record, expected))
     }
 
     async fn delete(&self, id: &SessionId) -> Result<(), StoreError> {
@@ -157,5 +162,18 @@ impl SessionStore for MemoryStore {
             // Expired: let the shard's `load` remove it and its index entry.
             Some(_) => None,
         }
+    }
+
+    fn saves_now(&self) -> bool {
+        true
+    }
+
+    fn save_now(
+        &self,
+        id: &SessionId,
+        record: &Record,
+        expected: Option<u64>,
+    ) -> Option<Result<SaveOutcome, StoreError>> {
+        Some(Ok(self.write(id, record, expected)))
     }
 }

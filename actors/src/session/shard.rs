@@ -397,7 +397,46 @@ impl SessionShards {
             }
         };
         msg.id = Some(id.clone());
+        if self.store.saves_now() {
+            if let Some(saved) = self.save_now(&id, &mut msg).await? {
+                return Ok(saved);
+            }
+        }
         self.shard(&id).send(msg).await.map_err(mailbox)?
+    }
+
+    /// In-process engines: the write at once, without the shard's mailbox, when its version
+    /// check passes (the engine's compare-and-swap is atomic in memory). `None`: it lost the
+    /// check, and the shard re-applies the request's changes to the fresh data.
+    async fn save_now(
+        &self,
+        id: &SessionId,
+        msg: &mut SaveSession,
+    ) -> Result<Option<Saved>, SessionError> {
+        check_size(&msg.data, msg.max_size)?;
+        let version = msg.base_version.map_or(1, |v| v + 1);
+        let record = Record {
+            data: std::mem::take(&mut msg.data),
+            expires_at: msg.expires_at,
+            version,
+            updated_at: now_unix(),
+        };
+        match self.store.save_now(id, &record, msg.base_version) {
+            Some(Ok(SaveOutcome::Saved)) => {
+                if let Some(old) = msg.delete_after.as_ref().filter(|old| *old != id) {
+                    self.store.delete(old).await?;
+                }
+                Ok(Some(Saved {
+                    id: id.clone(),
+                    version,
+                }))
+            }
+            Some(Err(e)) => Err(e.into()),
+            Some(Ok(SaveOutcome::Conflict)) | None => {
+                msg.data = record.data;
+                Ok(None)
+            }
+        }
     }
 
     /// Deletes a session.

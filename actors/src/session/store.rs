@@ -136,4 +136,22 @@ pub trait SessionStore: Send + Sync + 'static {
     fn load_now(&self, _id: &SessionId) -> Option<Result<Option<Record>, StoreError>> {
         None
     }
+
+    /// Whether [`SessionStore::save_now`] writes (in-process engines whose write is one atomic
+    /// compare-and-swap in memory). The default is `false`: every write goes through a shard.
+    fn saves_now(&self) -> bool {
+        false
+    }
+
+    /// A versioned write done without waiting, where [`SessionStore::saves_now`]: a handler
+    /// skips the shard's mailbox when its write goes through at once; a conflict still goes to
+    /// the shard, which re-applies the request's changes. The default is `None`.
+    fn save_now(
+        &self,
+        _id: &SessionId,
+        _record: &Record,
+        _expected: Option<u64>,
+    ) -> Option<Result<SaveOutcome, StoreError>> {
+        None
+    }
 }
