@@ -37,7 +37,14 @@ fn products() -> serde_json::Value {
             })
         })
         .collect();
-    json!({"title": "Products", "products": list, "static_url": "/static/", "debug": false})
+    // What the context processors give an anonymous visitor, as constants: the bare handler
+    // renders the same page (CSRF fields included), so the ratio is the cost of computing
+    // them (session, processors, middleware), not of a smaller page.
+    json!({
+        "title": "Products", "products": list, "static_url": "/static/", "debug": false,
+        "csrf_token": "Zk3vYq8W1uXo2Rb7Ns5Tc0Lm9Pa4Hd6EjQ1wB5yG7iK", "cart_count": 0, "messages": [],
+        "user": {"username": "", "is_authenticated": false}, "perms": [],
+    })
 }
 
 /// Starts the bare baseline: one actix-web handler rendering `shop/index` directly.
@@ -118,6 +125,15 @@ fn main() {
     let bare_url = format!("http://{bare_addr}/");
     let only_switchyard = std::env::var("LOAD_ONLY").as_deref() == Ok("switchyard");
     let warm = Duration::from_millis(500);
+    let bytes = |url: &str| {
+        rt.block_on(async {
+            match reqwest::get(url).await {
+                Ok(r) => r.bytes().await.map(|b| b.len()).unwrap_or(0),
+                Err(_) => 0,
+            }
+        })
+    };
+    let page_bytes = (bytes(&sy_url), bytes(&bare_url));
     rt.block_on(support::drive(&sy_url, connections, warm));
     rt.block_on(support::drive(&bare_url, connections, warm));
     let round = Duration::from_secs(1);
@@ -132,6 +148,10 @@ fn main() {
 
     println!(
         "load::get_index  ({connections} connections, {seconds} s each, {workers} http workers)"
+    );
+    println!(
+        "  page: switchyard {} bytes, bare {} bytes",
+        page_bytes.0, page_bytes.1
     );
     println!("  switchyard GET /   {}", sy.summary());
     println!("  bare actix-web     {}", base.summary());

@@ -77,6 +77,9 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 }
 
 /// Raw JetStream: publish `n` (pipelined), pull with batch `CONCURRENCY`, ack each.
+/// Unacknowledged publishes the raw baseline keeps in flight.
+const PUBLISH_WINDOW: usize = 1_000;
+
 async fn raw_baseline(client: async_nats::Client, prefix: &str, n: usize) -> f64 {
     let js = jetstream::new(client);
     let name = format!("{}_RAW", prefix.to_uppercase());
@@ -106,16 +109,25 @@ async fn raw_baseline(client: async_nats::Client, prefix: &str, n: usize) -> f64
         let js = js.clone();
         let subject = subject.clone();
         tokio::spawn(async move {
-            let mut acks = Vec::with_capacity(n);
+            // Async publishes with a window of acks awaited as they come: async-nats holds
+            // at most 5,000 unacknowledged publishes and then waits, so collecting every ack
+            // before awaiting any would stall past 5,000 tasks.
+            let mut acks = std::collections::VecDeque::with_capacity(PUBLISH_WINDOW);
             for _ in 0..n {
-                acks.push(
+                if acks.len() >= PUBLISH_WINDOW {
+                    if let Some(ack) = acks.pop_front() {
+                        let ack: jetstream::context::PublishAckFuture = ack;
+                        ack.await.expect("ack");
+                    }
+                }
+                acks.push_back(
                     js.publish(subject.clone(), payload.clone())
                         .await
                         .expect("publish"),
                 );
             }
-            for a in acks {
-                a.await.expect("ack");
+            for ack in acks {
+                ack.await.expect("ack");
             }
         })
     };

@@ -119,9 +119,10 @@ impl Renderer {
                 context.insert("error_detail".into(), Value::String(detail));
             }
         }
+        // By value: rendering from a borrowed context would copy all of it first.
         match self
             .templates
-            .render(&render.template, &Value::Object(context))
+            .render_owned(&render.template, Value::Object(context))
         {
             Ok(html) => html_response(render.status, html),
             Err(e) => {

@@ -666,6 +666,12 @@ impl Broker for NatsBroker {
     }
 
     async fn claim(&self, started: &ResultRecord) -> Result<Claim, BrokerError> {
+        // A first delivery has no record yet (publishing writes none): one create claims it
+        // in one round trip. A record that exists (a retry, a revocation, a redelivery) makes
+        // the create fail, and the read + compare-and-swap below decides.
+        if self.put_if(started, None).await? {
+            return Ok(Claim::Claimed);
+        }
         for _ in 0..CAS_ATTEMPTS {
             let raw = self.kv.entry(&started.id).await.map_err(unavailable)?;
             let revision = match raw {
