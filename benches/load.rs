@@ -123,7 +123,8 @@ fn main() {
     // does falls on both sides alike.
     let sy_url = format!("http://{}/", node.addr);
     let bare_url = format!("http://{bare_addr}/");
-    let only_switchyard = std::env::var("LOAD_ONLY").as_deref() == Ok("switchyard");
+    let only = std::env::var("LOAD_ONLY").unwrap_or_default();
+    let (run_switchyard, run_bare) = (only != "bare", only != "switchyard");
     let warm = Duration::from_millis(500);
     let bytes = |url: &str| {
         rt.block_on(async {
@@ -140,8 +141,10 @@ fn main() {
     let mut sy = support::LoadResult::empty();
     let mut base = support::LoadResult::empty();
     for _ in 0..seconds {
-        sy.merge(rt.block_on(support::drive(&sy_url, connections, round)));
-        if !only_switchyard {
+        if run_switchyard {
+            sy.merge(rt.block_on(support::drive(&sy_url, connections, round)));
+        }
+        if run_bare {
             base.merge(rt.block_on(support::drive(&bare_url, connections, round)));
         }
     }
