@@ -581,4 +581,18 @@ impl SessionStore for CachedDbStore {
         // Without NATS the engine still works (uncached); only Postgres is required.
         self.db.ping().await
     }
+
+    /// A cache hit is answered at once, without the shard's mailbox; a miss (or a cache not in
+    /// use) goes through the shard to Postgres.
+    fn load_now(&self, id: &SessionId) -> Option<Result<Option<Record>, StoreError>> {
+        if !self.cache_usable() {
+            return None;
+        }
+        let r = self.cache.entries.get(id)?;
+        if r.is_expired() {
+            return None;
+        }
+        self.cache.hits.fetch_add(1, Ordering::Relaxed);
+        Some(Ok(Some(r.clone())))
+    }
 }
