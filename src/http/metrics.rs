@@ -114,19 +114,20 @@ pub async fn metrics_middleware(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
-    let method = req.method().as_str().to_owned();
+    let method = req.method().clone();
+    let method = method.as_str();
     let res = next.call(req).await?;
     if let Some(m) = metrics {
         let route = res
             .request()
             .match_pattern()
             .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
-        let status = res.status().as_u16().to_string();
+        let status = res.status();
         m.http_requests
-            .with_label_values(&[&route, &method, &status])
+            .with_label_values(&[route.as_str(), method, status.as_str()])
             .inc();
         m.http_duration
-            .with_label_values(&[&route, &method])
+            .with_label_values(&[route.as_str(), method])
             .observe(started.elapsed().as_secs_f64());
     }
     Ok(res)

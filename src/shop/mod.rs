@@ -159,10 +159,12 @@ fn session_err(e: switchyard_actors::session::SessionError) -> Error {
 
 /// `GET /`: the product list.
 async fn index() -> Render {
-    let products: Vec<_> = PRODUCTS.iter().map(product_json).collect();
+    // The catalogue is constant: built once, copied per request.
+    static PRODUCTS_JSON: std::sync::LazyLock<Value> =
+        std::sync::LazyLock::new(|| Value::Array(PRODUCTS.iter().map(product_json).collect()));
     Render::new(
         "shop/index",
-        json!({ "title": "Products", "products": products }),
+        json!({ "title": "Products", "products": PRODUCTS_JSON.clone() }),
     )
 }
 

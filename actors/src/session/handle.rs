@@ -92,7 +92,7 @@ impl Session {
         let s = self.read();
         s.data
             .get(key)
-            .map(|v| serde_json::from_value(v.clone()).map_err(|e| value_error(key, e)))
+            .map(|v| T::deserialize(v).map_err(|e| value_error(key, e)))
             .transpose()
     }
 
