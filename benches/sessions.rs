@@ -95,6 +95,17 @@ impl Run {
     }
 }
 
+/// Waits for every worker of a run started at `started` and merges what they counted.
+async fn gather(tasks: Vec<tokio::task::JoinHandle<(u64, Vec<u64>)>>, started: Instant) -> Run {
+    let mut parts = Vec::new();
+    for t in tasks {
+        if let Ok(p) = t.await {
+            parts.push(p);
+        }
+    }
+    merge(parts, started.elapsed())
+}
+
 fn merge(parts: Vec<(u64, Vec<u64>)>, elapsed: Duration) -> Run {
     let mut latencies_us = Vec::new();
     let mut ops = 0;
@@ -152,13 +163,7 @@ async fn engine_saves(shards: &SessionShards, seconds: u64) -> Run {
             })
         })
         .collect();
-    let mut parts = Vec::new();
-    for t in tasks {
-        if let Ok(p) = t.await {
-            parts.push(p);
-        }
-    }
-    merge(parts, started.elapsed())
+    gather(tasks, started).await
 }
 
 const NAIVE_UPSERT: &str =
@@ -207,13 +212,7 @@ async fn naive_saves(pool: &switchyard_actors::session::PgPool, seconds: u64) ->
             })
         })
         .collect();
-    let mut parts = Vec::new();
-    for t in tasks {
-        if let Ok(p) = t.await {
-            parts.push(p);
-        }
-    }
-    merge(parts, started.elapsed())
+    gather(tasks, started).await
 }
 
 fn bench_postgres(seconds: u64, runs: u64) {
@@ -451,13 +450,7 @@ async fn kv_engine(store: &Arc<NatsKvStore>, seconds: u64) -> Run {
             })
         })
         .collect();
-    let mut parts = Vec::new();
-    for t in tasks {
-        if let Ok(p) = t.await {
-            parts.push(p);
-        }
-    }
-    merge(parts, started.elapsed())
+    gather(tasks, started).await
 }
 
 /// Raw get + put (`cas = false`) or get + update at the revision read (`cas = true`).
@@ -491,13 +484,7 @@ async fn kv_raw(kv: &async_nats::jetstream::kv::Store, seconds: u64, cas: bool) 
             })
         })
         .collect();
-    let mut parts = Vec::new();
-    for t in tasks {
-        if let Ok(p) = t.await {
-            parts.push(p);
-        }
-    }
-    merge(parts, started.elapsed())
+    gather(tasks, started).await
 }
 
 fn bench_nats_kv(seconds: u64, runs: u64) {

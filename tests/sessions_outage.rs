@@ -7,36 +7,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{marker, spawn_node, Node, NodeOptions};
+use common::{free_port, marker, spawn_node, wait_port, Node, NodeOptions, PrivateServer};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-const NATS_SERVER: &str = "/usr/sbin/nats-server";
 const REDIS_SERVER: &str = "/usr/bin/redis-server";
 const MEMCACHED: &str = "/usr/bin/memcached";
 /// How long a node may take to serve again after its service came back.
 const RECOVERY: Duration = Duration::from_secs(20);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn wait_port(port: u16, up: bool, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        let open = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
-        if open == up {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
 
 /// A private Postgres cluster in a temporary directory, run as the `postgres` user.
 struct PrivatePostgres {
@@ -143,175 +123,6 @@ impl Drop for PrivatePostgres {
     }
 }
 
-/// A private `nats-server -js` with its own store directory.
-struct PrivateNats {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl PrivateNats {
-    fn start() -> Option<Self> {
-        if !Path::new(NATS_SERVER).exists() {
-            if std::env::var("SWITCHYARD_REQUIRE_SERVICES").as_deref() == Ok("1") {
-                panic!("{NATS_SERVER} not found (SWITCHYARD_REQUIRE_SERVICES=1)");
-            }
-            println!("SKIPPED: {NATS_SERVER} not found");
-            return None;
-        }
-        let mut n = PrivateNats {
-            dir: tempfile::tempdir().expect("nats dir"),
-            port: free_port(),
-            child: None,
-        };
-        n.up();
-        Some(n)
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn up(&mut self) {
-        let child = Command::new(NATS_SERVER)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn nats-server");
-        self.child = Some(child);
-        assert!(wait_port(self.port, true, Duration::from_secs(10)));
-    }
-
-    fn down(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        assert!(wait_port(self.port, false, Duration::from_secs(10)));
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A private server process on a free port (`redis-server`, `memcached`), which a test stops
-/// and starts again, or freezes (SIGSTOP: connections stay open and nothing answers).
-struct PrivateServer {
-    program: &'static str,
-    args: Vec<String>,
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl PrivateServer {
-    /// `None` (skipped, or failed under SWITCHYARD_REQUIRE_SERVICES=1) without the program.
-    /// `args` may use `{port}` and `{dir}` (a private temporary directory).
-    fn start(program: &'static str, args: &[&str]) -> Option<Self> {
-        if !Path::new(program).exists() {
-            if std::env::var("SWITCHYARD_REQUIRE_SERVICES").as_deref() == Ok("1") {
-                panic!("{program} not found (SWITCHYARD_REQUIRE_SERVICES=1)");
-            }
-            println!("SKIPPED: {program} not found");
-            return None;
-        }
-        let dir = tempfile::tempdir().expect("server dir");
-        let port = free_port();
-        let args = args
-            .iter()
-            .map(|a| {
-                a.replace("{port}", &port.to_string())
-                    .replace("{dir}", &dir.path().display().to_string())
-            })
-            .collect();
-        let mut s = PrivateServer {
-            program,
-            args,
-            dir,
-            port,
-            child: None,
-        };
-        s.up();
-        Some(s)
-    }
-
-    fn up(&mut self) {
-        let child = Command::new(self.program)
-            .args(&self.args)
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn server");
-        self.child = Some(child);
-        assert!(
-            wait_port(self.port, true, Duration::from_secs(10)),
-            "{} did not listen on {}",
-            self.program,
-            self.port
-        );
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        if let Some(child) = &self.child {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, signal);
-        }
-    }
-
-    /// SIGTERM (a clean shutdown: Redis writes its append-only file), then waits for the exit.
-    fn down(&mut self) {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        if let Some(mut child) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        assert!(wait_port(self.port, false, Duration::from_secs(10)));
-    }
-}
-
-impl Drop for PrivateServer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn node(env: &[(&str, String)]) -> Node {
     let mut all: Vec<(String, String)> = vec![
         (
@@ -341,45 +152,17 @@ async fn get(client: &reqwest::Client, url: &str) -> (u16, String) {
 /// A logged-in client with 2 items in its cart; returns the client.
 async fn shopper(node: &Node) -> reqwest::Client {
     let client = common::client();
-    let (_, page) = get(&client, &node.url("/login")).await;
-    let token = csrf(&page);
-    let res = client
-        .post(node.url("/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!(
-            "username=alice&password=wonderland{}",
-            token
-                .map(|t| format!("&csrfmiddlewaretoken={t}"))
-                .unwrap_or_default()
-        ))
-        .send()
-        .await
-        .expect("login");
-    assert_eq!(res.status().as_u16(), 303);
+    common::login(&client, node, "alice", "wonderland").await;
     for _ in 0..2 {
-        let (_, page) = get(&client, &node.url("/")).await;
-        let token = csrf(&page);
-        let res = client
-            .post(node.url("/cart/add/1"))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(
-                token
-                    .map(|t| format!("csrfmiddlewaretoken={t}"))
-                    .unwrap_or_default(),
-            )
-            .send()
-            .await
-            .expect("add");
-        assert_eq!(res.status().as_u16(), 303);
+        add_to_cart(&client, node).await;
     }
     client
 }
 
-fn csrf(html: &str) -> Option<String> {
-    let key = "name=\"csrfmiddlewaretoken\" value=\"";
-    let start = html.find(key)? + key.len();
-    let end = html[start..].find('"')? + start;
-    Some(html[start..end].to_owned())
+/// `POST /cart/add/1` with the token of `/`; it must answer 303.
+async fn add_to_cart(client: &reqwest::Client, node: &Node) {
+    let res = common::post_form(client, node, "/", "/cart/add/1", &[]).await;
+    assert_eq!(res.status().as_u16(), 303);
 }
 
 /// While the service is down: the cart page is a 503 and /readyz names the sessions check.
@@ -437,12 +220,12 @@ async fn postgres_outage_gives_503_and_recovers_with_sessions_intact() {
 
 #[actix_rt::test]
 async fn nats_kv_outage_gives_503_and_recovers_with_sessions_intact() {
-    let Some(mut nats) = PrivateNats::start() else {
+    let Some(mut nats) = PrivateServer::nats() else {
         return;
     };
     let a = node(&[
         ("SWITCHYARD_SESSIONS__ENGINE", "nats_kv".into()),
-        ("SWITCHYARD_NATS__URL", nats.url()),
+        ("SWITCHYARD_NATS__URL", nats.nats_url()),
     ]);
     let client = shopper(&a).await;
     nats.down();
@@ -456,7 +239,7 @@ async fn redis_outage_gives_503_and_recovers_with_sessions_intact() {
     // Redis as it is run when sessions must survive its restart: an append-only file,
     // fsynced on every write.
     let Some(mut redis) = PrivateServer::start(
-        REDIS_SERVER,
+        &[REDIS_SERVER],
         &[
             "--port",
             "{port}",
@@ -497,7 +280,7 @@ async fn memcached_that_stops_answering_gives_503_and_recovers_with_sessions_int
     if is_root() {
         args.extend(["-u", "nobody"]);
     }
-    let Some(memcached) = PrivateServer::start(MEMCACHED, &args) else {
+    let Some(memcached) = PrivateServer::start(&[MEMCACHED], &args) else {
         return;
     };
     let a = node(&[
@@ -521,13 +304,13 @@ async fn cached_db_serves_without_nats() {
     if !common::service_available("postgres") {
         return;
     }
-    let Some(mut nats) = PrivateNats::start() else {
+    let Some(mut nats) = PrivateServer::nats() else {
         return;
     };
     let url = common::fresh_postgres_url();
     let env = [
         ("SWITCHYARD_SESSIONS__ENGINE", "cached_db".to_owned()),
-        ("SWITCHYARD_NATS__URL", nats.url()),
+        ("SWITCHYARD_NATS__URL", nats.nats_url()),
         ("SWITCHYARD_POSTGRES__URL", url.clone()),
     ];
     let a = node(&env);
@@ -540,20 +323,7 @@ async fn cached_db_serves_without_nats() {
     assert_eq!(marker(&page, "cart-count").as_deref(), Some("2"));
     nats.down();
     // Without NATS: a write on A, read on B (which must not serve its stale copy).
-    let (_, page) = get(&client, &a.url("/")).await;
-    let token = csrf(&page);
-    let res = client
-        .post(a.url("/cart/add/1"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(
-            token
-                .map(|t| format!("csrfmiddlewaretoken={t}"))
-                .unwrap_or_default(),
-        )
-        .send()
-        .await
-        .expect("add");
-    assert_eq!(res.status().as_u16(), 303);
+    add_to_cart(&client, &a).await;
     let (status, page) = get(&client, &b.url("/cart")).await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(marker(&page, "cart-count").as_deref(), Some("3"), "{page}");

@@ -447,90 +447,14 @@ async fn a_sigkilled_worker_s_task_is_redelivered_and_a_crash_loop_is_quarantine
     env.stop().await;
 }
 
-/// A private `nats-server` with JetStream on a free port, which the test may kill.
-struct PrivateNats {
-    port: u16,
-    store: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl PrivateNats {
-    fn start() -> Option<PrivateNats> {
-        let bin = [
-            "/usr/sbin/nats-server",
-            "/usr/bin/nats-server",
-            "/usr/local/bin/nats-server",
-        ]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let mut s = PrivateNats {
-            port,
-            store: tempfile::tempdir().ok()?,
-            child: None,
-        };
-        s.spawn(bin);
-        Some(s)
-    }
-
-    fn spawn(&mut self, bin: &str) {
-        let child = Command::new(bin)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "private nats-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test]
 async fn a_private_server_killed_and_restarted_loses_no_task() {
-    let Some(mut server) = PrivateNats::start() else {
-        eprintln!("SKIPPED: no nats-server binary");
+    let Some(mut server) = common::PrivateServer::nats() else {
         return;
     };
-    let bin = "/usr/sbin/nats-server";
     let client = async_nats::ConnectOptions::new()
         .max_reconnects(None)
-        .connect(server.url())
+        .connect(server.nats_url())
         .await
         .expect("nats");
     let broker = Arc::new(
@@ -545,7 +469,7 @@ async fn a_private_server_killed_and_restarted_loses_no_task() {
         .current_dir(common::root())
         .env("SWITCHYARD_TASKS__BROKER", "nats")
         .env("SWITCHYARD_NATS__PREFIX", "outage")
-        .env("SWITCHYARD_NATS__URL", server.url())
+        .env("SWITCHYARD_NATS__URL", server.nats_url())
         .env("SWITCHYARD_TASKS__ACK_WAIT", ACK_WAIT_SECS.to_string())
         .env("SWITCHYARD_MAIL__DIR", dir.path())
         .stdin(Stdio::null())
@@ -569,16 +493,10 @@ async fn a_private_server_killed_and_restarted_loses_no_task() {
             }
             server.kill();
             // The publisher retries (within its bound) while the server is down.
-            let (port, store) = (server.port, server.store.path().to_owned());
+            let mut restart = server.command();
             let restart = std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(800));
-                Command::new(bin)
-                    .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-                    .arg(&store)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("nats-server")
+                restart.spawn().expect("nats-server")
             });
             let h = tasks
                 .send("demo.add", json!({"x": i, "y": 1}), Default::default())

@@ -359,3 +359,149 @@ pub async fn delete_stream(nats_url: &str, stream: &str) {
         let _ = tokio::time::timeout(Duration::from_secs(2), js.delete_stream(stream)).await;
     }
 }
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Waits until 127.0.0.1:`port` accepts connections (`up`) or refuses them; false on timeout.
+pub fn wait_port(port: u16, up: bool, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let open = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        if open == up {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Where Debian and other installs put `nats-server`.
+const NATS_SERVER_PATHS: &[&str] = &[
+    "/usr/sbin/nats-server",
+    "/usr/bin/nats-server",
+    "/usr/local/bin/nats-server",
+];
+
+/// A private server process on a free port (`nats-server`, `redis-server`, `memcached`) with
+/// its own temporary directory, which a test stops and starts again, kills, or freezes
+/// (SIGSTOP: connections stay open and nothing answers).
+pub struct PrivateServer {
+    program: PathBuf,
+    args: Vec<String>,
+    dir: tempfile::TempDir,
+    pub port: u16,
+    pub child: Option<Child>,
+}
+
+impl PrivateServer {
+    /// The first of `programs` that exists, started with `args` (which may use `{port}` and
+    /// `{dir}`). `None` (skipped, or a failure under SWITCHYARD_REQUIRE_SERVICES=1) when none
+    /// is installed.
+    pub fn start(programs: &[&str], args: &[&str]) -> Option<Self> {
+        let Some(program) = programs.iter().find(|p| Path::new(p).exists()) else {
+            if std::env::var("SWITCHYARD_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                panic!("{programs:?} not found (SWITCHYARD_REQUIRE_SERVICES=1)");
+            }
+            println!("SKIPPED: {programs:?} not found");
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("server dir");
+        let port = free_port();
+        let args = args
+            .iter()
+            .map(|a| {
+                a.replace("{port}", &port.to_string())
+                    .replace("{dir}", &dir.path().display().to_string())
+            })
+            .collect();
+        let mut s = PrivateServer {
+            program: PathBuf::from(program),
+            args,
+            dir,
+            port,
+            child: None,
+        };
+        s.up();
+        Some(s)
+    }
+
+    /// A `nats-server -js` with its store in the server's directory.
+    pub fn nats() -> Option<Self> {
+        Self::start(
+            NATS_SERVER_PATHS,
+            &["-a", "127.0.0.1", "-p", "{port}", "-js", "-sd", "{dir}"],
+        )
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn nats_url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The command that starts the server (for a restart from another thread).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
+    }
+
+    /// Starts the server and waits until it listens.
+    pub fn up(&mut self) {
+        self.child = Some(self.command().spawn().expect("spawn server"));
+        assert!(
+            wait_port(self.port, true, Duration::from_secs(10)),
+            "{} did not listen on {}",
+            self.program.display(),
+            self.port
+        );
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, signal);
+        }
+    }
+
+    /// SIGTERM (a clean shutdown: Redis writes its append-only file), then waits for the exit
+    /// and the port to close.
+    pub fn down(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(wait_port(self.port, false, Duration::from_secs(10)));
+    }
+
+    /// SIGKILL, no clean shutdown.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -493,15 +493,10 @@ impl SessionStore for CachedDbStore {
     }
 
     async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
-        let usable = self.cache_usable();
-        if usable {
-            if let Some(r) = self.cache.entries.get(id) {
-                if !r.is_expired() {
-                    self.cache.hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Some(r.clone()));
-                }
-            }
+        if let Some(hit) = self.load_now(id) {
+            return hit;
         }
+        let usable = self.cache_usable();
         self.cache.misses.fetch_add(1, Ordering::Relaxed);
         let mark = self.cache.mark();
         let record = self.db.load(id).await?;

@@ -780,6 +780,24 @@ mod tests {
         Ok(())
     }
 
+    /// A shard save of `{"n": n}` expiring in a minute.
+    fn save_msg(
+        id: Option<SessionId>,
+        base_version: Option<u64>,
+        n: i64,
+        changes: Vec<Change>,
+    ) -> SaveSession {
+        SaveSession {
+            id,
+            base_version,
+            data: json!({ "n": n }).as_object().cloned().unwrap_or_default(),
+            changes,
+            expires_at: now_unix() + 60,
+            max_size: 1024,
+            delete_after: None,
+        }
+    }
+
     #[actix_rt::test]
     async fn saves_of_every_shard_share_statements() -> Result<(), Box<dyn std::error::Error>> {
         let Some((store, url)) = fresh_store().await else {
@@ -788,15 +806,7 @@ mod tests {
         let store = Arc::new(store);
         let arbiter = actix::Arbiter::new();
         let shards = SessionShards::start(8, store.clone(), &arbiter.handle());
-        let msg = || SaveSession {
-            id: None,
-            base_version: None,
-            data: json!({ "n": 1 }).as_object().cloned().unwrap_or_default(),
-            changes: Vec::new(),
-            expires_at: now_unix() + 60,
-            max_size: 1024,
-            delete_after: None,
-        };
+        let msg = || save_msg(None, None, 1, Vec::new());
         // 64 new sessions at once over 8 shards: a group commit per shard would need at least
         // one statement per shard; the node's queue gathers them into fewer.
         let (batches0, rows0) = store.batch_stats();
@@ -831,14 +841,8 @@ mod tests {
         let arbiter = actix::Arbiter::new();
         let shards = SessionShards::start(1, store.clone(), &arbiter.handle());
         let inc: UpdateFn = Arc::new(|v| Ok(json!(v.and_then(Value::as_i64).unwrap_or(0) + 1)));
-        let msg = |id: Option<SessionId>, base: Option<u64>, n: i64| SaveSession {
-            id,
-            base_version: base,
-            data: json!({ "n": n }).as_object().cloned().unwrap_or_default(),
-            changes: vec![Change::Update("n".into(), inc.clone())],
-            expires_at: now_unix() + 60,
-            max_size: 1024,
-            delete_after: None,
+        let msg = |id: Option<SessionId>, base: Option<u64>, n: i64| {
+            save_msg(id, base, n, vec![Change::Update("n".into(), inc.clone())])
         };
         // 40 new sessions at once on one shard: fewer statements than saves.
         let (batches0, rows0) = store.batch_stats();

@@ -131,12 +131,7 @@ impl SessionShard {
             ids.insert(p.id.clone());
             let item = SaveItem {
                 id: p.id.clone(),
-                record: Record {
-                    data: p.data.clone(),
-                    expires_at: p.expires_at,
-                    version: p.expected.map_or(1, |v| v + 1),
-                    updated_at: now,
-                },
+                record: next_record(p.data.clone(), p.expires_at, p.expected, now),
                 expected: p.expected,
             };
             batch.push((p, item));
@@ -231,6 +226,21 @@ impl Handler<DeleteSession> for SessionShard {
     fn handle(&mut self, msg: DeleteSession, _ctx: &mut Context<Self>) -> Self::Result {
         let store = self.store.clone();
         Box::pin(async move { Ok(store.delete(&msg.id).await?) })
+    }
+}
+
+/// The record a write stores: the version after `expected` (1 for a new session).
+fn next_record(
+    data: Map<String, Value>,
+    expires_at: i64,
+    expected: Option<u64>,
+    now: i64,
+) -> Record {
+    Record {
+        data,
+        expires_at,
+        version: expected.map_or(1, |v| v + 1),
+        updated_at: now,
     }
 }
 
@@ -414,13 +424,13 @@ impl SessionShards {
         msg: &mut SaveSession,
     ) -> Result<Option<Saved>, SessionError> {
         check_size(&msg.data, msg.max_size)?;
-        let version = msg.base_version.map_or(1, |v| v + 1);
-        let record = Record {
-            data: std::mem::take(&mut msg.data),
-            expires_at: msg.expires_at,
-            version,
-            updated_at: now_unix(),
-        };
+        let record = next_record(
+            std::mem::take(&mut msg.data),
+            msg.expires_at,
+            msg.base_version,
+            now_unix(),
+        );
+        let version = record.version;
         match self.store.save_now(id, &record, msg.base_version) {
             Some(Ok(SaveOutcome::Saved)) => {
                 if let Some(old) = msg.delete_after.as_ref().filter(|old| *old != id) {
