@@ -11,32 +11,15 @@ use std::sync::Arc;
 use actix_web::web;
 use serde_json::{Map, Value};
 use switchyard_actors::context::ContextProcessor;
-use switchyard_actors::tasks::{Registry, Task};
+use switchyard_actors::tasks::{Registry, Task, TaskContext, TaskError, TaskOptions};
 
 use crate::config::Config;
+pub use crate::error::StartError;
 use crate::http::auth::MergeFn;
 use crate::topology::Topology;
 
 /// A function adding routes to the HTTP app (called once per HTTP worker).
 pub(crate) type RouteFn = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
-
-/// Why a node could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The listening socket could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The templates directory could not be read.
-    #[error(transparent)]
-    Templates(#[from] crate::http::templates::TemplateError),
-    /// A service the configuration names is unreachable or unusable (the message names the key).
-    #[error("{key}: {message}")]
-    Service { key: String, message: String },
-}
 
 /// An application: configuration plus what it adds to Switchyard (routes, and in later
 /// versions context processors and tasks).
@@ -50,8 +33,10 @@ pub struct App {
 }
 
 impl App {
-    /// A new application on `config`.
+    /// A new application on `config`. Handlers and tasks already share one value: the
+    /// [`Mailer`](crate::mail::Mailer) of `[mail]`.
     pub fn new(config: Config) -> Self {
+        let mailer = crate::mail::Mailer::new(&config.mail);
         Self {
             config,
             routes: Vec::new(),
@@ -60,6 +45,23 @@ impl App {
             csrf_exempt: Default::default(),
             tasks: Registry::new(),
         }
+        .data(mailer)
+    }
+
+    /// Shares `value` with every handler (as `web::Data<T>`) and every task (as
+    /// `ctx.data::<T>()`), as actix's `App::app_data` does for handlers.
+    pub fn data<T: Send + Sync + 'static>(self, value: T) -> Self {
+        self.data_arc(Arc::new(value))
+    }
+
+    /// [`App::data`] for a value already in an `Arc`, such as a trait object
+    /// (`Arc<dyn OrderStore>`, reached as `web::Data<dyn OrderStore>`).
+    pub fn data_arc<T: ?Sized + Send + Sync + 'static>(mut self, value: Arc<T>) -> Self {
+        self.tasks.insert_data(value.clone());
+        let data = web::Data::from(value);
+        self.routes(move |cfg| {
+            cfg.app_data(data.clone());
+        })
     }
 
     /// The configuration this application runs with.
@@ -105,6 +107,20 @@ impl App {
     /// `web::Data<switchyard::tasks::Tasks>` (see `docs/tasks.md`).
     pub fn task<T: Task>(mut self, task: T) -> Self {
         self.tasks.register(task);
+        self
+    }
+
+    /// Registers the async function `f` as the task `name` (Celery's `@shared_task`): its
+    /// arguments are the message's `args` object decoded as `A`, its result `O` as JSON.
+    /// `options` sets its queue, retries and limits (`TaskOptions::new()` for the defaults).
+    pub fn task_fn<F, A, O, Fut>(mut self, name: &'static str, options: TaskOptions, f: F) -> Self
+    where
+        F: Fn(TaskContext, A) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<O, TaskError>> + Send + 'static,
+        A: serde::de::DeserializeOwned + Send + 'static,
+        O: serde::Serialize + 'static,
+    {
+        self.tasks.register_fn(name, options, f);
         self
     }
 

@@ -1,5 +1,6 @@
-//! The `switchyard` command line, as SPEC.md fixes it: stdout carries only results, logs and
-//! messages go to stderr; exit 0 success, 2 bad usage or configuration, 1 runtime failure.
+//! The command line of SPEC.md, run for *the application* whose `main` hands over its setup:
+//! stdout carries only results, logs and messages go to stderr; exit 0 success, 2 bad usage or
+//! configuration, 1 runtime failure.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{AuthStore, Broker, Config, LogFormat, SessionEngine};
 use crate::http::users::{PgUsers, UserError};
-use crate::{engines, shop, App};
+use crate::{engines, App};
 
 /// Exit code for bad usage or invalid configuration.
 const EXIT_USAGE: u8 = 2;
@@ -170,10 +171,19 @@ enum ClusterCommand {
     },
 }
 
-/// Parses the command line and runs it.
-pub fn main() -> ExitCode {
+/// Parses the command line and runs it for the application `setup` builds: the whole CLI of
+/// SPEC.md (`serve`, `worker`, `publish`, ...) for that application's routes, context
+/// processors and tasks. `setup` gets an [`App`] holding the loaded configuration
+/// (`app.config()`) and returns it with the application's parts added.
+///
+/// ```no_run
+/// fn main() -> std::process::ExitCode {
+///     switchyard::main(|app| app.routes(|cfg| { /* cfg.route(...) */ }))
+/// }
+/// ```
+pub fn main(setup: impl FnOnce(App) -> App) -> ExitCode {
     let cli = Cli::parse();
-    run(cli)
+    run(cli, setup)
 }
 
 fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
@@ -194,8 +204,8 @@ fn failure(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_FAILURE)
 }
 
-/// Runs a parsed command line.
-pub fn run(cli: Cli) -> ExitCode {
+/// Runs a parsed command line for the application `setup` builds.
+pub fn run(cli: Cli, setup: impl FnOnce(App) -> App) -> ExitCode {
     let config_path = cli.config;
     match cli.command {
         Command::Config(ConfigCommand::Check { file }) => {
@@ -221,7 +231,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 return usage_error(e);
             }
             init_tracing(&config);
-            serve(config)
+            serve(setup(App::new(config)))
         }
         Command::Worker(_)
         | Command::Beat(_)
@@ -242,7 +252,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 ),
                 Broker::Nats => {
                     init_tracing(&config);
-                    task_command(&mut config, cli.command)
+                    task_command(&mut config, cli.command, setup)
                 }
             }
         }
@@ -285,18 +295,22 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 /// The task commands with `tasks.broker = "nats"` (see `task_commands`).
-fn task_command(config: &mut Config, command: Command) -> ExitCode {
+fn task_command(config: &mut Config, command: Command, setup: impl FnOnce(App) -> App) -> ExitCode {
     use crate::task_commands::{self as tc, Simple};
     let config = std::mem::take(config);
+    // The application's tasks: what `worker` runs and `publish` knows the options of.
+    let registry = |config: &Config| setup(App::new(config.clone())).into_registry();
     match command {
         Command::Worker(args) => {
             let mut config = config;
             if let Some(id) = args.node_id {
                 config.server.node_id = id;
             }
-            tc::worker(config, args.queues, args.concurrency)
+            let registry = registry(&config);
+            tc::worker(config, registry, args.queues, args.concurrency)
         }
         Command::Publish(a) => block_on(tc::publish(
+            registry(&config),
             config,
             tc::PublishRequest {
                 task: a.task,
@@ -367,7 +381,7 @@ async fn sessions_command(config: Config, cmd: SessionsCommand) -> ExitCode {
 async fn open_for_cli(
     config: &Config,
 ) -> Result<Option<std::sync::Arc<dyn switchyard_actors::session::SessionStore>>, ExitCode> {
-    let opened = match engines::open(config).await {
+    let opened = match engines::open(&engines::Services::new(config)).await {
         Ok(Some(o)) => o,
         Ok(None) => return Ok(None),
         Err(e) => return Err(failure(e)),
@@ -401,7 +415,7 @@ fn password_from_stdin(given: bool) -> Result<String, ExitCode> {
 }
 
 async fn users_command(config: Config, cmd: UsersCommand) -> ExitCode {
-    let users = match engines::postgres_pool(&config).await {
+    let users = match engines::Services::new(&config).postgres().await {
         Ok(pool) => match PgUsers::open(pool).await {
             Ok(u) => u,
             Err(e) => return failure(format!("postgres.url: {e}")),
@@ -473,10 +487,9 @@ async fn users_command(config: Config, cmd: UsersCommand) -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(app: App) -> ExitCode {
     let system = actix_rt::System::new();
     system.block_on(async move {
-        let app = shop::install(App::new(config));
         let running = match app.start().await {
             Ok(r) => r,
             Err(e) => return failure(e),

@@ -1,5 +1,7 @@
-//! Opens the session engine `sessions.engine` names, with the pools and connections it needs
-//! (called by `topology` for `serve`, and by the CLI's `sessions` and `users` commands).
+//! The services a node connects to, each opened at most once per process ([`Services`]: one
+//! NATS connection shared by sessions, tasks and events; one Postgres pool shared by the session
+//! engine and the user store), and the session engine `sessions.engine` names on top of them
+//! (for `topology`'s `serve`, and the CLI's `sessions`, `users` and task commands).
 
 use std::sync::Arc;
 
@@ -8,29 +10,64 @@ use switchyard_actors::session::{
     NatsLink, PgPool, PostgresStore, RecordCodec, RedisStore, SessionStore,
 };
 
-use crate::app::StartError;
 use crate::config::{Config, SessionEngine};
+use crate::error::StartError;
 
-/// An opened server-side engine and what it connected to.
+/// An opened server-side engine.
 pub(crate) struct Opened {
     pub(crate) store: Arc<dyn SessionStore>,
-    /// The Postgres pool, when the engine uses Postgres (shared with `auth.store`).
-    pub(crate) postgres: Option<PgPool>,
     /// The `cached_db` engine, whose listener `serve` starts.
     pub(crate) cached: Option<Arc<CachedDbStore>>,
 }
 
-fn service(key: &str, e: impl std::fmt::Display) -> StartError {
-    StartError::Service {
-        key: key.into(),
-        message: e.to_string(),
+/// The connections of one process, opened on first use and then shared.
+pub(crate) struct Services<'a> {
+    config: &'a Config,
+    nats: tokio::sync::OnceCell<NatsLink>,
+    postgres: tokio::sync::OnceCell<PgPool>,
+}
+
+impl<'a> Services<'a> {
+    /// Nothing connected yet.
+    pub(crate) fn new(config: &'a Config) -> Self {
+        Self {
+            config,
+            nats: tokio::sync::OnceCell::new(),
+            postgres: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The configuration the services come from.
+    pub(crate) fn config(&self) -> &'a Config {
+        self.config
+    }
+
+    /// The process's NATS connection (`nats.url` and the authentication keys).
+    pub(crate) async fn nats(&self) -> Result<NatsLink, StartError> {
+        self.nats
+            .get_or_try_init(|| nats_link(self.config))
+            .await
+            .cloned()
+    }
+
+    /// The NATS connection, if one was opened.
+    pub(crate) fn nats_if_open(&self) -> Option<NatsLink> {
+        self.nats.get().cloned()
+    }
+
+    /// The process's Postgres pool (`postgres.url`), creating the database when missing.
+    pub(crate) async fn postgres(&self) -> Result<PgPool, StartError> {
+        self.postgres
+            .get_or_try_init(|| postgres_pool(self.config))
+            .await
+            .cloned()
     }
 }
 
 /// The codec server-side engines store records with (`sessions.encrypt`).
 pub(crate) fn codec(config: &Config) -> Result<RecordCodec, StartError> {
     if config.sessions.encrypt && config.server.secret_key.is_empty() {
-        return Err(service(
+        return Err(StartError::service(
             "server.secret_key",
             "sessions.encrypt = true needs a secret_key to derive the encryption key from",
         ));
@@ -49,14 +86,14 @@ pub(crate) fn codec(config: &Config) -> Result<RecordCodec, StartError> {
 }
 
 /// Connects to Postgres (`postgres.url`), creating the database when missing.
-pub(crate) async fn postgres_pool(config: &Config) -> Result<PgPool, StartError> {
+async fn postgres_pool(config: &Config) -> Result<PgPool, StartError> {
     connect_pool(&config.postgres.url, config.postgres.pool_size)
         .await
-        .map_err(|e| service("postgres.url", e))
+        .map_err(|e| StartError::service("postgres.url", e))
 }
 
 /// Connects to NATS (`nats.url` and the authentication keys).
-pub(crate) async fn nats_link(config: &Config) -> Result<NatsLink, StartError> {
+async fn nats_link(config: &Config) -> Result<NatsLink, StartError> {
     let n = &config.nats;
     NatsLink::connect(&NatsConnect {
         url: n.url.clone(),
@@ -69,15 +106,15 @@ pub(crate) async fn nats_link(config: &Config) -> Result<NatsLink, StartError> {
         name: format!("switchyard {}", config.server.node_id_or_default()),
     })
     .await
-    .map_err(|e| service("nats.url", e))
+    .map_err(|e| StartError::service("nats.url", e))
 }
 
-/// Opens the configured server-side engine; `None` for `signed_cookies`.
-pub(crate) async fn open(config: &Config) -> Result<Option<Opened>, StartError> {
+/// Opens the configured server-side engine on `services`; `None` for `signed_cookies`.
+pub(crate) async fn open(services: &Services<'_>) -> Result<Option<Opened>, StartError> {
+    let config = services.config;
     let prefix = &config.nats.prefix;
     let plain = |store: Arc<dyn SessionStore>| Opened {
         store,
-        postgres: None,
         cached: None,
     };
     let opened = match config.sessions.engine {
@@ -86,61 +123,58 @@ pub(crate) async fn open(config: &Config) -> Result<Option<Opened>, StartError> 
         SessionEngine::Memory => plain(Arc::new(MemoryStore::new())),
         SessionEngine::File => plain(Arc::new(
             FileStore::open(&config.file.dir)
-                .map_err(|e| service("file.dir", e))?
+                .map_err(|e| StartError::service("file.dir", e))?
                 .with_codec(codec(config)?),
         )),
         SessionEngine::Postgres => {
-            let pool = postgres_pool(config).await?;
-            let store = PostgresStore::open(pool.clone(), codec(config)?)
+            let pool = services.postgres().await?;
+            let store = PostgresStore::open(pool, codec(config)?)
                 .await
-                .map_err(|e| service("postgres.url", e))?;
-            Opened {
-                store: Arc::new(store),
-                postgres: Some(pool),
-                cached: None,
-            }
+                .map_err(|e| StartError::service("postgres.url", e))?;
+            plain(Arc::new(store))
         }
         SessionEngine::CachedDb => {
-            let pool = postgres_pool(config).await?;
-            let db = PostgresStore::open(pool.clone(), codec(config)?)
+            let pool = services.postgres().await?;
+            let db = PostgresStore::open(pool, codec(config)?)
                 .await
-                .map_err(|e| service("postgres.url", e))?;
-            let link = nats_link(config).await?;
+                .map_err(|e| StartError::service("postgres.url", e))?;
+            let link = services.nats().await?;
             let cached = Arc::new(CachedDbStore::new(Arc::new(db), link, prefix));
             Opened {
                 store: cached.clone(),
-                postgres: Some(pool),
                 cached: Some(cached),
             }
         }
         SessionEngine::NatsKv => {
-            let link = nats_link(config).await?;
+            let link = services.nats().await?;
             let store = NatsKvStore::open(link, &format!("{prefix}_sessions"), codec(config)?)
                 .await
-                .map_err(|e| service("nats.url", e))?;
+                .map_err(|e| StartError::service("nats.url", e))?;
             plain(Arc::new(store))
         }
         SessionEngine::Redis => plain(Arc::new(
             RedisStore::connect(&config.redis.url, prefix, codec(config)?)
                 .await
-                .map_err(|e| service("redis.url", e))?,
+                .map_err(|e| StartError::service("redis.url", e))?,
         )),
         SessionEngine::Memcached => plain(Arc::new(
             MemcachedStore::connect(&config.memcached.servers, prefix, codec(config)?)
                 .await
-                .map_err(|e| service("memcached.servers", e))?,
+                .map_err(|e| StartError::service("memcached.servers", e))?,
         )),
     };
     Ok(Some(opened))
 }
 
-/// Connects to NATS and opens the task broker under `nats.prefix` (`tasks.broker = "nats"`).
+/// Opens the task broker under `nats.prefix` on the process's NATS connection
+/// (`tasks.broker = "nats"`).
 pub(crate) async fn nats_broker(
-    config: &Config,
+    services: &Services<'_>,
     settings: &switchyard_actors::tasks::TaskSettings,
 ) -> Result<switchyard_actors::tasks::NatsBroker, StartError> {
-    let link = nats_link(config).await?;
+    let config = services.config;
+    let link = services.nats().await?;
     switchyard_actors::tasks::NatsBroker::open(link.client, &config.nats.prefix, settings)
         .await
-        .map_err(|e| service("nats.url", e))
+        .map_err(|e| StartError::service("nats.url", e))
 }

@@ -8,7 +8,8 @@
 //! - [`cli`]: the `switchyard` command line (serve, worker, config check, ...).
 //! - [`http`]: routes, middleware, templates, metrics and the one place errors become
 //!   responses.
-//! - [`shop`]: the bundled demo shop, written against the public API only.
+//! - [`mail`]: outgoing mail as `[mail]` configures it (Django's `send_mail` role).
+//! - [`db`]: the application's Postgres handle.
 //! - [`tasks`]: defining, registering and publishing tasks (the task API of the actors crate).
 //! - `topology`: the only place that assembles actors, pools and the HTTP server, and the
 //!   explicit shutdown order.
@@ -16,26 +17,26 @@
 //!   connections (for `topology` and the CLI's `sessions`/`users` commands).
 //!
 //! The actors themselves live in the `switchyard-actors` crate, which knows nothing of HTTP.
+//! The bundled demo shop is an application of this library (the workspace's `demo/` crate).
 //!
 //! # Example
 //!
-//! ```no_run
-//! use switchyard::{App, Render, config::Config, web};
+//! An application's `main` hands its setup to [`main`], which runs the whole command line
+//! (`serve`, `worker`, `publish`, ...) for it; `docs/embedding.md` has a complete one.
 //!
-//! async fn hello() -> Render {
-//!     Render::new("hello", serde_json::json!({ "name": "world" }))
+//! ```no_run
+//! use switchyard::{web, Render};
+//!
+//! async fn hello(name: web::Path<String>) -> Render {
+//!     Render::new("hello", serde_json::json!({ "name": name.into_inner() }))
 //! }
 //!
-//! #[actix_web::main]
-//! async fn main() -> anyhow::Result<()> {
-//!     let config = Config::load(Config::default_path().as_deref())?;
-//!     App::new(config)
-//!         .routes(|cfg| {
-//!             cfg.route("/hello", web::get().to(hello));
+//! fn main() -> std::process::ExitCode {
+//!     switchyard::main(|app| {
+//!         app.routes(|cfg| {
+//!             cfg.route("/hello/{name}", web::get().to(hello));
 //!         })
-//!         .serve()
-//!         .await?;
-//!     Ok(())
+//!     })
 //! }
 //! ```
 
@@ -44,19 +45,51 @@ pub mod cli;
 pub mod config;
 pub mod db;
 mod engines;
+pub mod error;
 pub mod http;
-pub mod shop;
+pub mod mail;
 mod task_commands;
 pub mod tasks;
 mod topology;
 
 pub use actix_web::web;
 pub use app::{App, Running};
+pub use cli::main;
+pub use error::StartError;
 pub use http::auth::{CurrentUser, LoginRequired, User};
 pub use http::error::Error;
 pub use http::render::Render;
 pub use http::session::Session;
 pub use switchyard_actors::context::messages;
+
+/// Context processors as an application writes them (Django's `context_processors`).
+///
+/// ```
+/// use serde_json::{json, Value};
+/// use switchyard::context::Request;
+///
+/// fn greeting(req: &Request) -> Value {
+///     json!({ "greeting": format!("Hello from {}", req.path) })
+/// }
+/// let p = switchyard::context::processor("greeting", &["greeting"], greeting);
+/// # let _ = p;
+/// ```
+pub mod context {
+    pub use crate::http::context::FnProcessor;
+    pub use switchyard_actors::context::{
+        ContextProcessor, ProcessError, ProcessResult, RequestSnapshot as Request, UserInfo,
+    };
+
+    /// A context processor named `name` (as listed in `context.processors`) providing the
+    /// template variables `provides`, computed by `f` from the request as a JSON object. With
+    /// `context.lazy`, it runs only for templates that use one of `provides`.
+    pub fn processor<F>(name: &str, provides: &'static [&'static str], f: F) -> FnProcessor<F>
+    where
+        F: Fn(&Request) -> serde_json::Value + Send + Sync + 'static,
+    {
+        FnProcessor::new(name, provides, f)
+    }
+}
 /// The session handle's types (the [`Session`] extractor dereferences to
 /// [`session::Session`]).
 pub mod session {
@@ -64,4 +97,4 @@ pub mod session {
         Expiry, Session, SessionError, SessionId, SessionStore, AUTH_USER_KEY,
     };
 }
-pub use switchyard_actors::context::{ContextProcessor, RequestSnapshot};
+pub use switchyard_actors::context::ContextProcessor;

@@ -13,7 +13,7 @@ use switchyard_actors::tasks::{
 };
 
 use crate::config::Config;
-use crate::{engines, shop, App};
+use crate::engines;
 
 /// Exit code for bad usage.
 const EXIT_USAGE: u8 = 2;
@@ -34,13 +34,8 @@ fn failure(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_FAILURE)
 }
 
-/// The tasks the bundled demo registers (and an embedding app would add).
-fn registry(config: &Config) -> Registry {
-    shop::install(App::new(config.clone())).into_registry()
-}
-
 async fn open(config: &Config, settings: &TaskSettings) -> Result<NatsBroker, ExitCode> {
-    engines::nats_broker(config, settings)
+    engines::nats_broker(&engines::Services::new(config), settings)
         .await
         .map_err(failure)
 }
@@ -57,7 +52,7 @@ pub(crate) struct PublishRequest {
 }
 
 /// `switchyard publish`: the id, or with `--wait` the final record (exit 1 unless SUCCESS).
-pub(crate) async fn publish(config: Config, req: PublishRequest) -> ExitCode {
+pub(crate) async fn publish(registry: Registry, config: Config, req: PublishRequest) -> ExitCode {
     let args: Value = match req.args.as_deref().map(serde_json::from_str).transpose() {
         Ok(v) => v.unwrap_or_else(|| Value::Object(Default::default())),
         Err(e) => return usage(format!("ARGS_JSON is not JSON: {e}")),
@@ -93,7 +88,7 @@ pub(crate) async fn publish(config: Config, req: PublishRequest) -> ExitCode {
         Ok(b) => b,
         Err(code) => return code,
     };
-    let tasks = Tasks::new(Arc::new(broker), Arc::new(registry(&config)), settings);
+    let tasks = Tasks::new(Arc::new(broker), Arc::new(registry), settings);
     let handle = match tasks.send(&req.task, args, options).await {
         Ok(h) => h,
         Err(e @ switchyard_actors::tasks::ClientError::UnknownQueue(_)) => return usage(e),
@@ -222,7 +217,12 @@ pub(crate) async fn dead_replay(
 
 /// `switchyard worker`: consumes the queues until SIGTERM/SIGINT, then drains (a second signal
 /// makes the drain cold).
-pub(crate) fn worker(config: Config, queues: Vec<String>, concurrency: Option<u32>) -> ExitCode {
+pub(crate) fn worker(
+    config: Config,
+    registry: Registry,
+    queues: Vec<String>,
+    concurrency: Option<u32>,
+) -> ExitCode {
     let mut settings = crate::tasks::settings(&config);
     for q in &queues {
         if settings.queue(q).is_none() {
@@ -236,7 +236,7 @@ pub(crate) fn worker(config: Config, queues: Vec<String>, concurrency: Option<u3
             q.concurrency = n.max(1) as usize;
         }
     }
-    let registry = Arc::new(registry(&config));
+    let registry = Arc::new(registry);
     let system = actix_rt::System::new();
     system.block_on(async move {
         let broker = match open(&config, &settings).await {

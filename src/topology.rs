@@ -22,12 +22,13 @@ use switchyard_actors::context::builtins::{
     StaticProcessor,
 };
 use switchyard_actors::context::{ContextProcessor, ContextWorkers};
-use switchyard_actors::session::{CookieSigner, PgPool, SessionShards};
+use switchyard_actors::session::{CookieSigner, SessionShards};
 use switchyard_actors::tasks::{EventSink, MemoryBroker, Registry, Tasks, WorkerPool};
 
-use crate::app::{App, RouteFn, Running, StartError};
+use crate::app::{App, RouteFn, Running};
 use crate::config::{AuthStore, Broker, Config};
 use crate::engines;
+use crate::error::StartError;
 use crate::http::auth::Auth;
 use crate::http::context::Processors;
 use crate::http::csrf::{self, CsrfPolicy};
@@ -89,8 +90,10 @@ impl Topology {
             processors: Arc::new(processors),
         });
 
+        // One NATS connection and one Postgres pool for the whole node, opened on first use.
+        let services = engines::Services::new(&config);
         let mut readiness = Readiness::default();
-        let (backend, pool) = session_backend(&config, &actor_arbiter).await?;
+        let backend = session_backend(&services, &actor_arbiter).await?;
         match &backend {
             Backend::Server(shards) => readiness.add(SessionCheck(shards.clone())),
             Backend::Signed(_) => readiness.add(AlwaysReady {
@@ -101,7 +104,7 @@ impl Topology {
         let sessions = web::Data::new(SessionLayer::new(&config.sessions, backend));
         let mut auth = Auth::new(&config.auth, config.sessions.on_login, merge);
         if config.auth.store == AuthStore::Postgres {
-            let users = postgres_users(&config, pool).await?;
+            let users = postgres_users(&services).await?;
             readiness.add(UsersCheck(users.clone()));
             auth = auth.with_postgres(users);
         }
@@ -110,12 +113,19 @@ impl Topology {
             exempt: csrf_exempt,
             check_origin: config.sessions.cookie_secure,
         });
-        readiness.add(AlwaysReady {
-            name: "broker".into(),
-            detail: format!("broker {}", config.tasks.broker.as_str()),
-        });
+        let (tasks, task_workers) = task_system(&services, task_registry, &metrics).await?;
+        match services.nats_if_open() {
+            Some(link) if config.tasks.broker == Broker::Nats => readiness.add(BrokerCheck {
+                client: link.client,
+                stream: switchyard_actors::tasks::NatsNames::new(&config.nats.prefix)
+                    .tasks_stream(),
+            }),
+            _ => readiness.add(AlwaysReady {
+                name: "broker".into(),
+                detail: format!("broker {} (in-process)", config.tasks.broker.as_str()),
+            }),
+        }
         let readiness = web::Data::new(readiness);
-        let (tasks, task_workers) = task_system(&config, task_registry, &metrics).await?;
         // Handlers reach the task client as `web::Data<Tasks>`.
         let tasks = web::Data::new(tasks);
         let mut routes = routes;
@@ -234,6 +244,9 @@ fn http_app(
         .app_data(shared.sessions.clone())
         .app_data(shared.auth.clone())
         .app_data(shared.csrf.clone())
+        // A path segment that does not parse as the handler's type (`web::Path<u32>`) is a 404
+        // page, as an unknown route is.
+        .app_data(web::PathConfig::default().error_handler(|_, _| Error::NotFound.into()))
         .wrap(from_fn(render::render_middleware))
         .wrap(from_fn(csrf::csrf_middleware))
         .wrap(from_fn(session_mw::session_middleware))
@@ -246,7 +259,8 @@ fn http_app(
     for f in routes {
         app = app.configure(|cfg| f(cfg));
     }
-    if config.server.debug {
+    // In debug, static files are served from `server.static_dir` when it exists.
+    if config.server.debug && std::path::Path::new(&config.server.static_dir).is_dir() {
         let mount = config.server.static_url.trim_end_matches('/');
         let mount = if mount.is_empty() { "/" } else { mount };
         app = app.service(actix_files::Files::new(mount, &config.server.static_dir));
@@ -284,10 +298,7 @@ fn processors(
         available,
         Duration::from_millis(config.context.timeout_ms),
     )
-    .map_err(|e| StartError::Service {
-        key: "context.processors".into(),
-        message: e.to_string(),
-    })
+    .map_err(|e| StartError::service("context.processors", e))
 }
 
 /// The signing secret: `server.secret_key`, or in debug without one a random per-process key.
@@ -305,51 +316,44 @@ pub(crate) fn secret(config: &Config) -> Vec<u8> {
     }
 }
 
-/// The session engine `sessions.engine` names, behind its shard actors, and the Postgres pool
-/// it opened (if any) for others to share.
+/// The session engine `sessions.engine` names, behind its shard actors.
 async fn session_backend(
-    config: &Config,
+    services: &engines::Services<'_>,
     arbiter: &actix_rt::Arbiter,
-) -> Result<(Backend, Option<PgPool>), StartError> {
-    let Some(opened) = engines::open(config).await? else {
+) -> Result<Backend, StartError> {
+    let config = services.config();
+    let Some(opened) = engines::open(services).await? else {
         let fallbacks: Vec<Vec<u8>> = config
             .server
             .secret_key_fallbacks
             .iter()
             .map(|k| k.as_bytes().to_vec())
             .collect();
-        return Ok((
-            Backend::Signed(CookieSigner::new(&secret(config), &fallbacks)),
-            None,
-        ));
+        return Ok(Backend::Signed(CookieSigner::new(
+            &secret(config),
+            &fallbacks,
+        )));
     };
     if let Some(cached) = &opened.cached {
         cached
             .listen(Some(&arbiter.handle()))
             .await
-            .map_err(|e| StartError::Service {
-                key: "nats.url".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| StartError::service("nats.url", e))?;
     }
     let shards = SessionShards::start(
         config.actors.session_shards as usize,
         opened.store,
         &arbiter.handle(),
     );
-    Ok((Backend::Server(shards), opened.postgres))
+    Ok(Backend::Server(shards))
 }
 
-/// The Postgres user store of `auth.store = "postgres"` (sharing the engine's pool if any).
-async fn postgres_users(config: &Config, pool: Option<PgPool>) -> Result<Arc<PgUsers>, StartError> {
-    let pool = match pool {
-        Some(p) => p,
-        None => engines::postgres_pool(config).await?,
-    };
-    let users = PgUsers::open(pool).await.map_err(|e| StartError::Service {
-        key: "postgres.url".into(),
-        message: e.to_string(),
-    })?;
+/// The Postgres user store of `auth.store = "postgres"` (on the node's one pool).
+async fn postgres_users(services: &engines::Services<'_>) -> Result<Arc<PgUsers>, StartError> {
+    let pool = services.postgres().await?;
+    let users = PgUsers::open(pool)
+        .await
+        .map_err(|e| StartError::service("postgres.url", e))?;
     users.keep_fresh();
     Ok(users)
 }
@@ -377,10 +381,11 @@ impl health::ReadinessCheck for UsersCheck {
 /// With `tasks.broker = "nats"` the client publishes to JetStream and `switchyard worker`
 /// processes run the tasks.
 async fn task_system(
-    config: &Config,
+    services: &engines::Services<'_>,
     registry: Registry,
     metrics: &web::Data<Metrics>,
 ) -> Result<(Tasks, Option<TaskWorkers>), StartError> {
+    let config = services.config();
     let settings = crate::tasks::settings(config);
     let registry = Arc::new(registry);
     if config.tasks.always_eager {
@@ -390,7 +395,7 @@ async fn task_system(
     match config.tasks.broker {
         Broker::Memory => {}
         Broker::Nats => {
-            let broker = Arc::new(engines::nats_broker(config, &settings).await?);
+            let broker = Arc::new(engines::nats_broker(services, &settings).await?);
             return Ok((Tasks::new(broker, registry, settings), None));
         }
     }
@@ -409,10 +414,7 @@ async fn task_system(
         Some(events),
         &arbiter.handle(),
     )
-    .map_err(|e| StartError::Service {
-        key: "tasks".into(),
-        message: format!("cannot start the task runtime: {e}"),
-    })?;
+    .map_err(|e| StartError::service("tasks", e))?;
     cold_on_second_signal(pool.cold_token());
     Ok((
         Tasks::new(broker, registry, settings),
@@ -444,6 +446,40 @@ fn cold_on_second_signal(cold: switchyard_actors::tasks::CancellationToken) {
             }
         }
     });
+}
+
+/// `/readyz`'s `broker` check with `tasks.broker = "nats"`: the connection is up and the task
+/// stream answers.
+struct BrokerCheck {
+    client: async_nats::Client,
+    stream: String,
+}
+
+impl health::ReadinessCheck for BrokerCheck {
+    fn name(&self) -> &str {
+        "broker"
+    }
+    fn check(&self) -> futures_util::future::BoxFuture<'static, Result<String, String>> {
+        let (client, stream) = (self.client.clone(), self.stream.clone());
+        Box::pin(async move {
+            let state = client.connection_state();
+            if state != async_nats::connection::State::Connected {
+                return Err(format!("nats {state}"));
+            }
+            let mut info = async_nats::jetstream::new(client)
+                .get_stream(&stream)
+                .await
+                .map_err(|e| format!("stream {stream}: {e}"))?;
+            let info = info
+                .info()
+                .await
+                .map_err(|e| format!("stream {stream}: {e}"))?;
+            Ok(format!(
+                "nats, stream {stream} ({} waiting)",
+                info.state.messages
+            ))
+        })
+    }
 }
 
 /// `/readyz`'s `sessions` check: the engine answers.

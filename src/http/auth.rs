@@ -17,8 +17,8 @@ use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use serde_json::{Map, Value};
 use switchyard_actors::session::AUTH_USER_KEY;
 
-use super::session::{session_error, Session, SessionLayer};
-use super::users::PgUsers;
+use super::session::{Session, SessionLayer};
+use super::users::{PgUsers, StoredUser};
 use super::Error;
 use crate::config::{AuthConfig, OnLogin};
 
@@ -42,13 +42,6 @@ impl User {
 /// (`on_login = "merge"`): `(anonymous, previous) -> merged`.
 pub type MergeFn =
     Arc<dyn Fn(&Map<String, Value>, &Map<String, Value>) -> Map<String, Value> + Send + Sync>;
-
-/// A user as the stores keep it.
-#[derive(Clone)]
-pub(crate) struct StoredUser {
-    pub(crate) password_hash: String,
-    pub(crate) permissions: Vec<String>,
-}
 
 /// The user store and login policy.
 pub struct Auth {
@@ -184,14 +177,12 @@ pub async fn login(req: &HttpRequest, user: &User) -> Result<(), Error> {
             };
             session.flush();
             for (k, v) in merged {
-                session.insert(&k, v).map_err(session_error)?;
+                session.insert(&k, v)?;
             }
         }
     }
     session.remove(CSRF_SESSION_KEY);
-    session
-        .insert(AUTH_USER_KEY, &user.username)
-        .map_err(session_error)?;
+    session.insert(AUTH_USER_KEY, &user.username)?;
     Ok(())
 }
 
@@ -208,11 +199,11 @@ async fn previous_session_data(
     };
     let current = Session::of(req).and_then(|s| s.id());
     let mut best: Option<(i64, Map<String, Value>)> = None;
-    for id in shards.sessions_of(username).await.map_err(session_error)? {
+    for id in shards.sessions_of(username).await? {
         if Some(&id) == current.as_ref() {
             continue;
         }
-        if let Some(r) = shards.load(&id).await.map_err(session_error)? {
+        if let Some(r) = shards.load(&id).await? {
             if best.as_ref().is_none_or(|(t, _)| r.updated_at > *t) {
                 best = Some((r.updated_at, r.data));
             }
@@ -241,10 +232,7 @@ pub async fn revoke_other_sessions(req: &HttpRequest, username: &str) -> Result<
         return Ok(0);
     };
     let keep = Session::of(req).and_then(|s| s.id());
-    shards
-        .revoke_user(username, keep.as_ref())
-        .await
-        .map_err(session_error)
+    Ok(shards.revoke_user(username, keep.as_ref()).await?)
 }
 
 /// Changes `username`'s password (`auth.store = "postgres"`) and ends every other session of

@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{HttpMessage, HttpRequest};
+use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 use switchyard_actors::context::{
-    ContextProcessor, ContextWorkers, ProcessorError, RequestSnapshot, UserInfo,
+    ContextProcessor, ContextWorkers, ProcessError, ProcessResult, ProcessorError, RequestSnapshot,
+    UserInfo,
 };
 
 use super::auth::current_user;
@@ -148,7 +150,7 @@ pub fn snapshot(req: &HttpRequest) -> RequestSnapshot {
     }
 }
 
-/// Helper for application processors that need no I/O: wraps a closure.
+/// A context processor made of a function that needs no I/O (see [`crate::context::processor`]).
 pub struct FnProcessor<F> {
     name: String,
     provides: &'static [&'static str],
@@ -157,9 +159,10 @@ pub struct FnProcessor<F> {
 
 impl<F> FnProcessor<F>
 where
-    F: Fn(&RequestSnapshot) -> Map<String, Value> + Send + Sync + 'static,
+    F: Fn(&RequestSnapshot) -> Value + Send + Sync + 'static,
 {
-    /// A processor named `name` providing `provides`, computed by `f`.
+    /// A processor named `name` providing `provides`, computed by `f`, which returns a JSON
+    /// object of those variables.
     pub fn new(name: impl Into<String>, provides: &'static [&'static str], f: F) -> Self {
         Self {
             name: name.into(),
@@ -171,7 +174,7 @@ where
 
 impl<F> ContextProcessor for FnProcessor<F>
 where
-    F: Fn(&RequestSnapshot) -> Map<String, Value> + Send + Sync + 'static,
+    F: Fn(&RequestSnapshot) -> Value + Send + Sync + 'static,
 {
     fn name(&self) -> &str {
         &self.name
@@ -179,11 +182,13 @@ where
     fn provides(&self) -> &[&'static str] {
         self.provides
     }
-    fn process(
-        &self,
-        req: Arc<RequestSnapshot>,
-    ) -> futures_util::future::BoxFuture<'static, Result<Map<String, Value>, String>> {
-        let map = (self.f)(&req);
-        Box::pin(async move { Ok(map) })
+    fn process(&self, req: Arc<RequestSnapshot>) -> BoxFuture<'static, ProcessResult> {
+        let result = match (self.f)(&req) {
+            Value::Object(map) => Ok(map),
+            other => Err(ProcessError::msg(format!(
+                "returned {other}, not a JSON object of variables"
+            ))),
+        };
+        Box::pin(std::future::ready(result))
     }
 }

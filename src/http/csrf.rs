@@ -130,7 +130,7 @@ pub async fn csrf_middleware(
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let Some(policy) = req.app_data::<web::Data<CsrfPolicy>>().cloned() else {
-        return Ok(next.call(req).await?.map_into_boxed_body());
+        return Ok(super::error::missing_state(req, "the CSRF policy"));
     };
     if let Err(e) = check(&mut req, &policy).await {
         tracing::info!(path = %req.path(), "{e}");
@@ -138,4 +138,22 @@ pub async fn csrf_middleware(
         return Ok(ServiceResponse::new(http_req, e.error_response()));
     }
     Ok(next.call(req).await?.map_into_boxed_body())
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::middleware::from_fn;
+    use actix_web::{test, web, App, HttpResponse};
+
+    #[actix_web::test]
+    async fn without_its_policy_the_middleware_fails_closed() {
+        let app = test::init_service(
+            App::new()
+                .wrap(from_fn(super::csrf_middleware))
+                .route("/", web::post().to(HttpResponse::Ok)),
+        )
+        .await;
+        let res = test::call_service(&app, test::TestRequest::post().uri("/").to_request()).await;
+        assert_eq!(res.status(), 500, "a POST must never pass an absent check");
+    }
 }

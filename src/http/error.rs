@@ -83,6 +83,62 @@ impl Error {
     }
 }
 
+/// A session failure in a handler: `?` maps it (503 when the engine is unreachable, 413 when
+/// the session would be too large, else 500).
+impl From<switchyard_actors::session::SessionError> for Error {
+    fn from(e: switchyard_actors::session::SessionError) -> Self {
+        use switchyard_actors::session::SessionError;
+        match e {
+            e if e.is_unavailable() => Error::Unavailable {
+                what: "session store".into(),
+                message: e.to_string(),
+            },
+            SessionError::TooLarge { .. } => Error::PayloadTooLarge(e.to_string()),
+            e => Error::internal(e),
+        }
+    }
+}
+
+/// A task-client failure in a handler: `?` maps it (503 when the broker failed, else 500).
+impl From<switchyard_actors::tasks::ClientError> for Error {
+    fn from(e: switchyard_actors::tasks::ClientError) -> Self {
+        use switchyard_actors::tasks::ClientError;
+        match e {
+            ClientError::Broker(_) | ClientError::Timeout { .. } => Error::Unavailable {
+                what: "task broker".into(),
+                message: e.to_string(),
+            },
+            e => Error::internal(e),
+        }
+    }
+}
+
+/// A query failure in a handler: `?` maps it (503 when Postgres is unreachable, else 500).
+impl From<crate::db::DbError> for Error {
+    fn from(e: crate::db::DbError) -> Self {
+        match e {
+            crate::db::DbError::Unavailable(_) => Error::Unavailable {
+                what: "database".into(),
+                message: e.to_string(),
+            },
+            e => Error::internal(e),
+        }
+    }
+}
+
+/// The answer of a middleware whose state was not installed beside it: a 500, never a
+/// pass-through (a CSRF or session check that silently did nothing would fail open).
+pub(crate) fn missing_state(
+    req: actix_web::dev::ServiceRequest,
+    what: &str,
+) -> actix_web::dev::ServiceResponse<actix_web::body::BoxBody> {
+    let e = Error::Internal(format!(
+        "{what} is not installed on this app (a start-up bug)"
+    ));
+    let (http_req, _) = req.into_parts();
+    actix_web::dev::ServiceResponse::new(http_req, e.error_response())
+}
+
 impl ResponseError for Error {
     fn status_code(&self) -> StatusCode {
         match self {

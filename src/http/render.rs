@@ -10,7 +10,7 @@ use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, StatusCode};
 use actix_web::middleware::Next;
-use actix_web::{web, HttpRequest, HttpResponse, Responder};
+use actix_web::{web, HttpRequest, HttpResponse, Responder, ResponseError};
 use serde_json::{Map, Value};
 
 use super::context::{Evaluated, Processors};
@@ -175,7 +175,11 @@ pub async fn render_middleware(
         return Ok(res.map_into_boxed_body());
     };
     let Some(renderer) = res.request().app_data::<web::Data<Renderer>>().cloned() else {
-        return Ok(res.map_into_boxed_body());
+        let (req, _) = res.into_parts();
+        let e = super::Error::Internal(
+            "the renderer is not installed on this app (a start-up bug)".into(),
+        );
+        return Ok(ServiceResponse::new(req, e.error_response()));
     };
     let (req, old) = res.into_parts();
     let mut page = renderer.page(&req, pending).await;

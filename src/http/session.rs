@@ -207,7 +207,7 @@ impl SessionLayer {
         if let Backend::Server(shards) = &self.backend {
             // A flush deletes the old session even if the response failed: logout must stick.
             for id in &to_delete {
-                shards.delete(id).await.map_err(session_error)?;
+                shards.delete(id).await?;
             }
         }
         if res.status().is_server_error() {
@@ -221,7 +221,7 @@ impl SessionLayer {
             if let Backend::Server(shards) = &self.backend {
                 let ids = session.with_state(|s| [s.id.take(), s.cycled_from.take()]);
                 for id in ids.into_iter().flatten() {
-                    shards.delete(&id).await.map_err(session_error)?;
+                    shards.delete(&id).await?;
                 }
             }
             if had_cookie {
@@ -244,7 +244,7 @@ impl SessionLayer {
                     max_size: self.max_size,
                     delete_after: s.cycled_from.clone(),
                 });
-                let saved = shards.save(msg).await.map_err(session_error)?;
+                let saved = shards.save(msg).await?;
                 session.with_state(|s| {
                     s.id = Some(saved.id.clone());
                     s.base_version = Some(saved.version);
@@ -280,25 +280,13 @@ fn add_vary_cookie(res: &mut ServiceResponse<BoxBody>) {
     }
 }
 
-/// Maps a session failure to the response it deserves.
-pub(crate) fn session_error(e: SessionError) -> Error {
-    match e {
-        e if e.is_unavailable() => Error::Unavailable {
-            what: "session store".into(),
-            message: e.to_string(),
-        },
-        SessionError::TooLarge { .. } => Error::PayloadTooLarge(e.to_string()),
-        e => Error::internal(e),
-    }
-}
-
 /// The session middleware (see the module docs).
 pub async fn session_middleware(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let Some(layer) = req.app_data::<web::Data<SessionLayer>>().cloned() else {
-        return Ok(next.call(req).await?.map_into_boxed_body());
+        return Ok(super::error::missing_state(req, "the session layer"));
     };
     if SESSIONLESS_PATHS.contains(&req.path()) {
         return Ok(next.call(req).await?.map_into_boxed_body());
@@ -307,7 +295,7 @@ pub async fn session_middleware(
     let state = match layer.load(cookie.as_deref()).await {
         Ok(s) => s,
         Err(e) => {
-            let err = session_error(e);
+            let err = Error::from(e);
             let (http_req, _) = req.into_parts();
             return Ok(ServiceResponse::new(http_req, err.error_response()));
         }
@@ -320,10 +308,4 @@ pub async fn session_middleware(
         return Ok(ServiceResponse::new(http_req, e.error_response()));
     }
     Ok(res)
-}
-
-impl From<SessionError> for Error {
-    fn from(e: SessionError) -> Self {
-        session_error(e)
-    }
 }

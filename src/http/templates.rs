@@ -38,6 +38,10 @@ pub enum TemplateError {
 }
 
 /// What one scan of the directory found.
+/// Templates built into the library, used when the application's `server.templates` has none
+/// of that name (an application's `error.hbs` replaces the plain error page).
+const BUILTIN_TEMPLATES: &[(&str, &str)] = &[("error", include_str!("builtin/error.hbs"))];
+
 struct Loaded {
     registry: Handlebars<'static>,
     /// Templates that failed to parse: name → message.
@@ -237,6 +241,11 @@ fn scan(dir: &Path) -> Result<Loaded, TemplateError> {
     registry.register_helper("csrf_input", Box::new(csrf_input_helper));
     let mut broken = BTreeMap::new();
     let mut stamps = BTreeMap::new();
+    for (name, source) in BUILTIN_TEMPLATES {
+        if let Err(e) = registry.register_template_string(name, *source) {
+            broken.insert((*name).to_owned(), e.to_string());
+        }
+    }
     for file in template_files(dir)? {
         let name = template_name(dir, &file);
         stamps.insert(

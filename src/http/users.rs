@@ -14,8 +14,6 @@ use argon2::password_hash::SaltString;
 use argon2::{Argon2, PasswordHasher};
 use switchyard_actors::session::{migrate, now_unix, pg_error, pool_error, PgPool, StoreError};
 
-use super::auth::StoredUser;
-
 const ENGINE: &str = "auth";
 
 /// How often the snapshot is reloaded.
@@ -30,6 +28,13 @@ CREATE TABLE IF NOT EXISTS switchyard_users (
     updated_at     bigint  NOT NULL
 );
 ";
+
+/// A user as the stores keep it (`[[auth.users]]` or the `switchyard_users` table).
+#[derive(Clone)]
+pub(crate) struct StoredUser {
+    pub(crate) password_hash: String,
+    pub(crate) permissions: Vec<String>,
+}
 
 /// Why a user command failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +59,16 @@ pub struct PgUsers {
     snapshot: RwLock<Arc<HashMap<String, StoredUser>>>,
 }
 
-/// Hashes `password` with argon2id (default parameters, random salt).
+/// Hashes `password` with argon2id on the blocking pool: hashing takes tens of milliseconds of
+/// CPU and must not hold an HTTP worker or an actor's thread.
+pub async fn hash_password_off_thread(password: &str) -> Result<String, UserError> {
+    let password = password.to_owned();
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| UserError::Invalid(format!("cannot hash the password: {e}")))?
+}
+
+/// Hashes `password` with argon2id (default parameters, random salt), on this thread.
 pub fn hash_password(password: &str) -> Result<String, UserError> {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
@@ -162,7 +176,7 @@ impl PgUsers {
                 "the user name and the password must not be empty".into(),
             ));
         }
-        let hash = hash_password(password)?;
+        let hash = hash_password_off_thread(password).await?;
         let conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
         let now = now_unix();
         let n = conn
@@ -184,7 +198,7 @@ impl PgUsers {
         if password.is_empty() {
             return Err(UserError::Invalid("the password must not be empty".into()));
         }
-        let hash = hash_password(password)?;
+        let hash = hash_password_off_thread(password).await?;
         let conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
         let n = conn
             .execute(

@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::{messages, ContextProcessor, RequestSnapshot};
 
-type Output = BoxFuture<'static, Result<Map<String, Value>, String>>;
+type Output = BoxFuture<'static, super::ProcessResult>;
 
 fn ready(map: Map<String, Value>) -> Output {
     Box::pin(async move { Ok(map) })

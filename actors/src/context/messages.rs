@@ -39,6 +39,26 @@ pub fn add(session: &Session, level: Level, text: impl Into<String>) -> Result<(
     Ok(())
 }
 
+/// Queues a `success` message (Django's `messages.success`).
+pub fn success(session: &Session, text: impl Into<String>) -> Result<(), SessionError> {
+    add(session, Level::Success, text)
+}
+
+/// Queues an `info` message.
+pub fn info(session: &Session, text: impl Into<String>) -> Result<(), SessionError> {
+    add(session, Level::Info, text)
+}
+
+/// Queues a `warning` message.
+pub fn warning(session: &Session, text: impl Into<String>) -> Result<(), SessionError> {
+    add(session, Level::Warning, text)
+}
+
+/// Queues an `error` message.
+pub fn error(session: &Session, text: impl Into<String>) -> Result<(), SessionError> {
+    add(session, Level::Error, text)
+}
+
 /// Takes (consumes) every pending message.
 pub fn take(session: &Session) -> Vec<Message> {
     if !session.contains(MESSAGES_KEY) {

@@ -34,7 +34,67 @@ pub struct RequestSnapshot {
     pub sql_log: Option<Arc<std::sync::Mutex<Vec<Value>>>>,
 }
 
-/// Why a processor contributed nothing.
+impl RequestSnapshot {
+    /// The session value under `key` as a `T`; `None` when there is no session, no such key,
+    /// or the value is not a `T` (a processor shows defaults rather than failing the page).
+    pub fn session_get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<T> {
+        self.session.as_ref()?.get(key).ok().flatten()
+    }
+}
+
+/// Why a processor could not compute its variables (it then contributes nothing and the page
+/// lists the failure in `context_errors`).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ProcessError {
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl ProcessError {
+    /// A failure described by `message`.
+    pub fn msg(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A failure described by `message`, caused by `source`.
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// The message with every source, as the page and the log show it.
+    pub fn chain(&self) -> String {
+        let mut out = self.message.clone();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            source = s.source();
+        }
+        out
+    }
+}
+
+impl From<crate::session::SessionError> for ProcessError {
+    fn from(e: crate::session::SessionError) -> Self {
+        Self::with_source("session", e)
+    }
+}
+
+/// What a processor computes: its variables, or why it failed.
+pub type ProcessResult = Result<Map<String, Value>, ProcessError>;
+
+/// Why a processor contributed nothing, as reported with the page.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("context processor `{processor}`: {message}")]
 pub struct ProcessorError {
@@ -49,10 +109,7 @@ pub trait ContextProcessor: Send + Sync + 'static {
     /// The top-level template variables it provides.
     fn provides(&self) -> &[&'static str];
     /// Computes the variables for one request.
-    fn process(
-        &self,
-        req: Arc<RequestSnapshot>,
-    ) -> BoxFuture<'static, Result<Map<String, Value>, String>>;
+    fn process(&self, req: Arc<RequestSnapshot>) -> BoxFuture<'static, ProcessResult>;
 }
 
 pub mod builtins;

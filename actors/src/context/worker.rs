@@ -10,10 +10,8 @@ use futures_util::future::{join_all, BoxFuture};
 use futures_util::FutureExt;
 use serde_json::{Map, Value};
 
-use super::{ContextProcessor, ProcessorError, RequestSnapshot};
-
-/// What a processor returns: its variables, or why it failed.
-pub type ProcessorResult = Result<Map<String, Value>, String>;
+pub use super::ProcessResult as ProcessorResult;
+use super::{ContextProcessor, ProcessError, ProcessorError, RequestSnapshot};
 
 /// A processor's computation for one request.
 pub type ProcessorFuture = BoxFuture<'static, ProcessorResult>;
@@ -38,10 +36,11 @@ pub struct ContextOutcome {
 }
 
 impl ContextOutcome {
-    fn push(&mut self, name: String, r: Result<Map<String, Value>, String>) {
+    fn push(&mut self, name: String, r: ProcessorResult) {
         match r {
             Ok(map) => self.values.push((name, map)),
-            Err(message) => {
+            Err(e) => {
+                let message = e.chain();
                 tracing::warn!(processor = %name, "context processor failed: {message}");
                 self.failures.push(ProcessorError {
                     processor: name,
@@ -76,7 +75,10 @@ async fn drive(msg: EvaluateContext) -> ContextOutcome {
     let runs = msg.runs.into_iter().map(|(name, fut)| async move {
         let r = match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
-            Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
+            Err(_) => Err(ProcessError::msg(format!(
+                "timed out after {} ms",
+                timeout.as_millis()
+            ))),
         };
         (name, r)
     });
@@ -144,7 +146,10 @@ impl ContextWorkers {
                     w.workers[i].send(msg).await.unwrap_or_else(|e| {
                         let mut out = ContextOutcome::default();
                         for n in names {
-                            out.push(n, Err(format!("context workers unavailable: {e}")));
+                            out.push(
+                                n,
+                                Err(ProcessError::with_source("context workers unavailable", e)),
+                            );
                         }
                         out
                     })
@@ -176,7 +181,7 @@ mod tests {
     use futures_util::future::BoxFuture;
     use serde_json::json;
 
-    struct Fixed(&'static str, Result<Value, String>, Duration);
+    struct Fixed(&'static str, Result<Value, &'static str>, Duration);
 
     impl ContextProcessor for Fixed {
         fn name(&self) -> &str {
@@ -185,16 +190,14 @@ mod tests {
         fn provides(&self) -> &[&'static str] {
             &["v"]
         }
-        fn process(
-            &self,
-            _req: Arc<RequestSnapshot>,
-        ) -> BoxFuture<'static, Result<Map<String, Value>, String>> {
+        fn process(&self, _req: Arc<RequestSnapshot>) -> BoxFuture<'static, ProcessorResult> {
             let (r, d) = (self.1.clone(), self.2);
             Box::pin(async move {
                 if !d.is_zero() {
                     tokio::time::sleep(d).await;
                 }
                 r.map(|v| Map::from_iter([("v".to_owned(), v)]))
+                    .map_err(ProcessError::msg)
             })
         }
     }

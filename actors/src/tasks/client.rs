@@ -346,6 +346,7 @@ impl Tasks {
                 eta: env.eta,
                 eager: true,
                 cancel: CancellationToken::new(),
+                data: Default::default(),
             };
             let outcome = run_attempt(entry, ctx, env.args.clone(), &plan).await;
             rec.retries = retries;

@@ -289,6 +289,7 @@ impl Runner {
             eta: env.eta,
             eager: false,
             cancel: self.cold.child_token(),
+            data: Default::default(),
         };
         let attempt = run_attempt(entry, ctx, env.args.clone(), &plan);
         let outcome = with_heartbeat(&delivery, attempt, self.settings.ack_wait / 2).await;

@@ -40,7 +40,7 @@ pub use memory::MemoryBroker;
 pub use nats::{NatsBroker, NatsNames, StoredDeadLetter, PUBLISH_RETRY_FOR};
 pub use record::{ResultRecord, TaskState};
 pub use registry::{Registry, TaskEntry};
-pub use task::{Backoff, ResultExt, Task, TaskContext, TaskError, TaskOptions};
+pub use task::{AppData, Backoff, ResultExt, Task, TaskContext, TaskError, TaskOptions};
 pub use tokio_util::sync::CancellationToken;
 pub use worker::{Drain, DrainOutcome, TaskFinished, TaskWorker, WorkerPool};
 

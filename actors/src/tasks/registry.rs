@@ -10,6 +10,7 @@ use futures_util::FutureExt;
 use serde_json::Value;
 
 use super::rate::RateLimiter;
+use super::task::AppData;
 use super::{Task, TaskContext, TaskError, TaskOptions};
 
 /// A boxed task body returning its result as JSON.
@@ -32,12 +33,35 @@ impl<T: Task> ErasedTask for Typed<T> {
     }
 }
 
+/// A task that is an async function of its context and arguments.
+struct FnTask<F, A, O> {
+    f: F,
+    types: std::marker::PhantomData<fn(A) -> O>,
+}
+
+impl<F, A, O, Fut> ErasedTask for FnTask<F, A, O>
+where
+    F: Fn(TaskContext, A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, TaskError>> + Send + 'static,
+    A: serde::de::DeserializeOwned + Send + 'static,
+    O: serde::Serialize + 'static,
+{
+    fn call(self: Arc<Self>, ctx: TaskContext, args: Value) -> TaskFuture {
+        Box::pin(async move {
+            let args: A = serde_json::from_value(args).map_err(TaskError::bad_args)?;
+            let out = (self.f)(ctx, args).await?;
+            serde_json::to_value(out).map_err(|e| TaskError::fail("bad_result", e))
+        })
+    }
+}
+
 /// One registered task.
 pub struct TaskEntry {
     name: &'static str,
     options: TaskOptions,
     task: Arc<dyn ErasedTask>,
     limiter: Option<RateLimiter>,
+    data: Arc<AppData>,
 }
 
 impl std::fmt::Debug for TaskEntry {
@@ -69,7 +93,8 @@ impl TaskEntry {
 
     /// Runs the body once; a panic in it becomes a `panic` failure instead of unwinding into
     /// the worker.
-    pub(crate) fn call(&self, ctx: TaskContext, args: Value) -> TaskFuture {
+    pub(crate) fn call(&self, mut ctx: TaskContext, args: Value) -> TaskFuture {
+        ctx.data = self.data.clone();
         let body = self.task.clone().call(ctx, args);
         Box::pin(async move {
             match AssertUnwindSafe(body).catch_unwind().await {
@@ -92,6 +117,7 @@ impl TaskEntry {
 #[derive(Default, Debug)]
 pub struct Registry {
     tasks: BTreeMap<&'static str, Arc<TaskEntry>>,
+    data: Arc<AppData>,
 }
 
 impl Registry {
@@ -102,20 +128,56 @@ impl Registry {
 
     /// Registers `task` under [`Task::NAME`]; a task registered twice keeps the last one.
     pub fn register<T: Task>(&mut self, task: T) -> &mut Self {
-        let options = T::options();
+        self.insert(T::NAME, T::options(), Arc::new(Typed(task)))
+    }
+
+    /// Registers the async function `f` as the task `name` with `options`: its arguments are
+    /// the message's `args` object decoded as `A`, its result is `O` as JSON.
+    pub fn register_fn<F, A, O, Fut>(
+        &mut self,
+        name: &'static str,
+        options: TaskOptions,
+        f: F,
+    ) -> &mut Self
+    where
+        F: Fn(TaskContext, A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, TaskError>> + Send + 'static,
+        A: serde::de::DeserializeOwned + Send + 'static,
+        O: serde::Serialize + 'static,
+    {
+        let task = FnTask {
+            f,
+            types: std::marker::PhantomData,
+        };
+        self.insert(name, options, Arc::new(task))
+    }
+
+    fn insert(
+        &mut self,
+        name: &'static str,
+        options: TaskOptions,
+        task: Arc<dyn ErasedTask>,
+    ) -> &mut Self {
         let limiter = options
             .rate_limit_per_sec
             .filter(|r| r.is_finite() && *r > 0.0)
             .map(RateLimiter::new);
         let entry = TaskEntry {
-            name: T::NAME,
+            name,
             options,
-            task: Arc::new(Typed(task)),
+            task,
             limiter,
+            data: self.data.clone(),
         };
-        if self.tasks.insert(T::NAME, Arc::new(entry)).is_some() {
-            tracing::warn!(task = T::NAME, "task registered twice; the last one wins");
+        if self.tasks.insert(name, Arc::new(entry)).is_some() {
+            tracing::warn!(task = name, "task registered twice; the last one wins");
         }
+        self
+    }
+
+    /// Shares `value` with every task of this registry as `ctx.data::<T>()`.
+    pub fn insert_data<T: ?Sized + Send + Sync + 'static>(&mut self, value: Arc<T>) -> &mut Self {
+        self.data.insert(value);
         self
     }
 

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -258,6 +259,40 @@ impl<T, E: fmt::Display> ResultExt<T> for Result<T, E> {
     }
 }
 
+/// Values an application shares with its tasks, by type (`Arc<T>` for any `T`, unsized too).
+#[derive(Default)]
+pub struct AppData {
+    values: std::sync::RwLock<
+        std::collections::HashMap<std::any::TypeId, Box<dyn std::any::Any + Send + Sync>>,
+    >,
+}
+
+impl AppData {
+    /// Shares `value` under its type `T` (a second value of one type replaces the first).
+    pub fn insert<T: ?Sized + Send + Sync + 'static>(&self, value: Arc<T>) {
+        self.values
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(std::any::TypeId::of::<T>(), Box::new(value));
+    }
+
+    /// The value shared under `T`, if any.
+    pub fn get<T: ?Sized + Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        self.values
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&std::any::TypeId::of::<T>())
+            .and_then(|v| v.downcast_ref::<Arc<T>>())
+            .cloned()
+    }
+}
+
+impl std::fmt::Debug for AppData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppData").finish_non_exhaustive()
+    }
+}
+
 /// What a running task knows about itself (Celery's `bind=True`): its id, which attempt this
 /// is, its eta, and a cancellation token that fires at the soft time limit or at a cold
 /// shutdown.
@@ -271,6 +306,8 @@ pub struct TaskContext {
     pub(crate) eta: Option<DateTime<Utc>>,
     pub(crate) eager: bool,
     pub(crate) cancel: CancellationToken,
+    /// The application's shared values (`App::data`), set by the registry entry that runs.
+    pub(crate) data: Arc<AppData>,
 }
 
 impl TaskContext {
@@ -317,6 +354,17 @@ impl TaskContext {
     /// The cancellation token itself (to hand to other futures).
     pub fn cancellation_token(&self) -> CancellationToken {
         self.cancel.clone()
+    }
+    /// The application's shared value of type `T` (registered with `App::data`, as actix's
+    /// `web::Data<T>` for handlers). A task asking for a type nobody registered fails with
+    /// `missing_data` (a programming error, not retried).
+    pub fn data<T: ?Sized + Send + Sync + 'static>(&self) -> Result<Arc<T>, TaskError> {
+        self.data.get::<T>().ok_or_else(|| {
+            TaskError::fail(
+                "missing_data",
+                format!("no {} registered (App::data)", std::any::type_name::<T>()),
+            )
+        })
     }
     /// An explicit retry after `countdown` (Celery's `self.retry(countdown=...)`); return it
     /// as the body's error. It counts against `max_retries` like any retry.

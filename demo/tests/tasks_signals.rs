@@ -56,7 +56,7 @@ async fn state(tasks: web::Data<Tasks>, id: web::Path<String>) -> String {
 async fn second_sigterm_turns_the_drain_cold() {
     let mut config = Config::default();
     config.server.bind = "127.0.0.1:0".into();
-    config.server.templates = format!("{}/templates", env!("CARGO_MANIFEST_DIR")).into();
+    config.server.templates = format!("{}/../templates", env!("CARGO_MANIFEST_DIR")).into();
     config.server.shutdown_timeout = 1;
     config.tasks.drain_timeout = 60;
     let cancelled = Arc::new(AtomicBool::new(false));

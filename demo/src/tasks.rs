@@ -2,15 +2,15 @@
 //! to call) and `shop.order_created` (the order confirmation e-mail).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::format_cents;
-use super::mail::{Email, Mailer};
-use super::orders::OrderStore;
-use crate::tasks::{ResultExt, Task, TaskContext, TaskError, TaskOptions};
+use super::orders::{Order, OrderStore};
+use switchyard::mail::{Email, Mailer};
+use switchyard::tasks::{ResultExt, Task, TaskContext, TaskError};
 
 /// The longest `demo.sleep` accepts, in seconds.
 const MAX_SLEEP_SECS: f64 = 3600.0;
@@ -115,80 +115,53 @@ impl Task for Flaky {
     }
 }
 
-/// `shop.order_created` (queue `emails`): writes the order confirmation e-mail.
-pub struct OrderCreated {
-    orders: Arc<dyn OrderStore>,
-    mailer: Mailer,
-}
-
-impl OrderCreated {
-    /// The task reading orders from `orders` and sending with `mailer`.
-    pub fn new(orders: Arc<dyn OrderStore>, mailer: Mailer) -> Self {
-        Self { orders, mailer }
-    }
-}
-
 /// Arguments of `shop.order_created`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OrderCreatedArgs {
     pub order_id: u64,
 }
 
+/// The name of the order confirmation task.
+pub const ORDER_CREATED: &str = "shop.order_created";
+
 /// The queue the confirmation e-mails go to.
 pub const EMAILS_QUEUE: &str = "emails";
 
-impl Task for OrderCreated {
-    const NAME: &'static str = "shop.order_created";
-    type Args = OrderCreatedArgs;
-    type Output = String;
+/// `shop.order_created` (queue `emails`): the order confirmation e-mail. Idempotent under
+/// redelivery: the mail is keyed by the task id, so a second run overwrites the same file.
+pub async fn order_created(ctx: TaskContext, args: OrderCreatedArgs) -> Result<String, TaskError> {
+    let order = ctx
+        .data::<dyn OrderStore>()?
+        .get(args.order_id)
+        .await
+        .or_retry("order_store")?;
+    // Another node may not see a just-created order yet: retry.
+    let order = order.ok_or_else(|| TaskError::retry("order_not_found", "no such order yet"))?;
+    let email = Email::new(
+        &order.owner,
+        format!("Order #{} confirmed", order.id),
+        receipt(&order),
+    );
+    ctx.data::<Mailer>()?.send(ctx.id(), &email).await?;
+    Ok(email.subject)
+}
 
-    fn options() -> TaskOptions {
-        TaskOptions::new().queue(EMAILS_QUEUE)
-    }
-
-    /// Idempotent under redelivery: the mail is keyed by the task id, so a second run
-    /// overwrites the first file instead of sending another mail.
-    async fn run(&self, ctx: TaskContext, args: OrderCreatedArgs) -> Result<String, TaskError> {
-        let order = self
-            .orders
-            .get(args.order_id)
-            .await
-            .or_retry("order_store")?
-            // Another node may not see a just-created order yet: retry.
-            .ok_or_else(|| {
-                TaskError::retry("order_not_found", format!("no order #{}", args.order_id))
-            })?;
-        let lines: Vec<String> = order
-            .items
-            .iter()
-            .map(|i| {
-                format!(
-                    "  {} x {} at {} = {}",
-                    i.quantity,
-                    i.name,
-                    format_cents(i.price_cents),
-                    format_cents(i.price_cents * u64::from(i.quantity))
-                )
-            })
-            .collect();
-        let email = Email {
-            to: order.owner.clone(),
-            subject: format!("Order #{} confirmed", order.id),
-            body: format!(
-                "Hello {},\n\nthank you for your order #{}:\n\n{}\n\nTotal: {}\n",
-                order.owner,
-                order.id,
-                lines.join("\n"),
-                format_cents(order.total_cents)
-            ),
-        };
-        self.mailer
-            .send(ctx.id(), &email)
-            .await
-            .map_err(|e| match e {
-                super::mail::MailError::BadKey(_) => TaskError::fail("bad_task_id", e),
-                super::mail::MailError::Io { .. } => TaskError::retry("mail", e),
-            })?;
-        Ok(email.subject)
-    }
+/// The confirmation e-mail's text.
+fn receipt(order: &Order) -> String {
+    let lines: Vec<String> = order
+        .items
+        .iter()
+        .map(|i| {
+            let subtotal = format_cents(i.price_cents * u64::from(i.quantity));
+            let price = format_cents(i.price_cents);
+            format!("  {} x {} at {price} = {subtotal}", i.quantity, i.name)
+        })
+        .collect();
+    format!(
+        "Hello {},\n\nthank you for your order #{}:\n\n{}\n\nTotal: {}\n",
+        order.owner,
+        order.id,
+        lines.join("\n"),
+        format_cents(order.total_cents)
+    )
 }

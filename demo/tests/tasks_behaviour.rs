@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use switchyard::shop::tasks::{Add, AddArgs, Flaky, FlakyArgs, Sleep, SleepArgs};
 use switchyard::tasks::{
     new_task_id, Backoff, ClientError, EventKind, EventSink, MemoryBroker, PublishOptions,
     QueueSpec, Registry, Task, TaskContext, TaskError, TaskEvent, TaskOptions, TaskSettings,
     TaskState, Tasks, WorkerPool,
 };
 use switchyard_actors::tasks::{Broker, DrainOutcome, NatsBroker, Outgoing};
+use switchyard_demo::tasks::{Add, AddArgs, Flaky, FlakyArgs, Sleep, SleepArgs};
 
 /// Generous upper bound for anything the suite waits for.
 const WAIT: Duration = Duration::from_secs(10);

@@ -49,7 +49,7 @@ async fn state(tasks: web::Data<Tasks>, id: web::Path<String>) -> String {
 fn config() -> Config {
     let mut config = Config::default();
     config.server.bind = "127.0.0.1:0".into();
-    config.server.templates = format!("{}/templates", env!("CARGO_MANIFEST_DIR")).into();
+    config.server.templates = format!("{}/../templates", env!("CARGO_MANIFEST_DIR")).into();
     config.tasks.drain_timeout = 10;
     config
 }

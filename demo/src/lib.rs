@@ -1,8 +1,8 @@
 //! The bundled demo shop: products, a session cart, login, orders and their confirmation mail.
 //!
-//! It uses only Switchyard's public API, as an application embedding Switchyard would.
+//! An application of the `switchyard` library like any other: it uses only the library's public
+//! API, and its binary hands [`install`] to [`switchyard::main`].
 
-pub mod mail;
 pub mod orders;
 pub mod tasks;
 
@@ -14,14 +14,14 @@ use actix_web::{Either, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::http::auth::{self, Auth, CurrentUser};
-use crate::http::context::FnProcessor;
-use crate::http::session::Session;
-use crate::messages::{self, Level};
-use crate::tasks::{PublishOptions, TaskState, Tasks};
-use crate::{web, App, Error, Render};
 use orders::{MemoryOrderStore, NewOrder, OrderError, OrderItem, OrderStore, PgOrderStore};
-use tasks::{OrderCreated, OrderCreatedArgs, EMAILS_QUEUE};
+use switchyard::context::{processor, Request};
+use switchyard::http::auth::{self, Auth, CurrentUser};
+use switchyard::http::session::Session;
+use switchyard::messages::{self, Level};
+use switchyard::tasks::{PublishOptions, TaskOptions, TaskState, Tasks};
+use switchyard::{web, App, Error, Render};
+use tasks::{OrderCreatedArgs, EMAILS_QUEUE, ORDER_CREATED};
 
 /// The session key holding the cart: product id → quantity.
 pub const CART_KEY: &str = "cart";
@@ -104,21 +104,9 @@ pub fn cart_totals(cart: &Cart) -> (u64, u64) {
 }
 
 /// The `cart` context processor: `cart_count` and `cart_total` for the header.
-pub fn cart_processor() -> FnProcessor<
-    impl Fn(&switchyard_actors::context::RequestSnapshot) -> Map<String, Value> + Send + Sync,
-> {
-    FnProcessor::new("cart", &["cart_count", "cart_total"], |req| {
-        let cart: Cart = req
-            .session
-            .as_ref()
-            .and_then(|s| s.get(CART_KEY).ok().flatten())
-            .unwrap_or_default();
-        let (count, total) = cart_totals(&cart);
-        let mut m = Map::new();
-        m.insert("cart_count".into(), json!(count));
-        m.insert("cart_total".into(), json!(format_cents(total)));
-        m
-    })
+pub fn cart_context(req: &Request) -> Value {
+    let (count, total) = cart_totals(&req.session_get(CART_KEY).unwrap_or_default());
+    json!({ "cart_count": count, "cart_total": format_cents(total) })
 }
 
 /// Merges two carts at login (`on_login = "merge"`): quantities add up.
@@ -153,10 +141,6 @@ fn see_other(location: &str) -> HttpResponse {
         .finish()
 }
 
-fn session_err(e: switchyard_actors::session::SessionError) -> Error {
-    crate::http::session::session_error(e)
-}
-
 /// `GET /`: the product list.
 async fn index() -> Render {
     // The catalogue is constant: built once, copied per request.
@@ -169,36 +153,23 @@ async fn index() -> Render {
 }
 
 /// `POST /cart/add/{id}`: one more of a product in the session cart.
-async fn cart_add(path: web::Path<String>, session: Session) -> Result<HttpResponse, Error> {
-    let p = path
-        .into_inner()
-        .parse::<u32>()
-        .ok()
-        .and_then(product)
-        .ok_or(Error::NotFound)?;
-    let key = p.id.to_string();
-    session
-        .update(CART_KEY, move |cart: Option<Cart>| {
-            let mut cart = cart.unwrap_or_default();
-            *cart.entry(key.clone()).or_default() += 1;
-            cart
-        })
-        .map_err(session_err)?;
-    messages::add(
-        &session,
-        Level::Success,
-        format!("{} added to your cart.", p.name),
-    )
-    .map_err(session_err)?;
+async fn cart_add(id: web::Path<u32>, session: Session) -> Result<HttpResponse, Error> {
+    let p = product(*id).ok_or(Error::NotFound)?;
+    session.update(CART_KEY, |cart: Option<Cart>| add_one(cart, p.id))?;
+    messages::success(&session, format!("{} added to your cart.", p.name))?;
     Ok(see_other("/cart"))
+}
+
+/// `cart` with one more of product `id`.
+fn add_one(cart: Option<Cart>, id: u32) -> Cart {
+    let mut cart = cart.unwrap_or_default();
+    *cart.entry(id.to_string()).or_default() += 1;
+    cart
 }
 
 /// `GET /cart`.
 async fn cart(session: Session) -> Result<Render, Error> {
-    let cart: Cart = session
-        .get(CART_KEY)
-        .map_err(session_err)?
-        .unwrap_or_default();
+    let cart: Cart = session.get(CART_KEY)?.unwrap_or_default();
     let items: Vec<Value> = cart
         .iter()
         .filter_map(|(id, qty)| {
@@ -270,8 +241,7 @@ async fn login_submit(
         }
         None => {
             if let Some(session) = Session::of(&req) {
-                messages::add(&session, Level::Error, "Wrong username or password.")
-                    .map_err(session_err)?;
+                messages::add(&session, Level::Error, "Wrong username or password.")?;
             }
             Ok(Either::Right(login_page(
                 form.next.as_deref(),
@@ -326,20 +296,17 @@ async fn order_create(
             location: auth::login_redirect(auth_store.login_url(), "/cart"),
         });
     };
-    let cart: Cart = session
-        .get(CART_KEY)
-        .map_err(session_err)?
-        .unwrap_or_default();
+    let cart: Cart = session.get(CART_KEY)?.unwrap_or_default();
     let items = order_items(&cart);
     if items.is_empty() {
-        messages::add(&session, Level::Warning, "Your cart is empty.").map_err(session_err)?;
+        messages::add(&session, Level::Warning, "Your cart is empty.")?;
         return Ok(see_other("/cart"));
     }
     let total_cents = items
         .iter()
         .map(|i| i.price_cents * u64::from(i.quantity))
         .sum();
-    let task_id = crate::tasks::new_task_id();
+    let task_id = switchyard::tasks::new_task_id();
     let order = orders
         .create(NewOrder {
             owner: user.username,
@@ -354,9 +321,9 @@ async fn order_create(
         // The built-in defaults have only the default queue; default.toml adds `emails`.
         options = options.queue(tasks.default_queue());
     }
-    let published = tasks
-        .apply_async::<OrderCreated>(OrderCreatedArgs { order_id: order.id }, options)
-        .await;
+    let args =
+        serde_json::to_value(OrderCreatedArgs { order_id: order.id }).map_err(Error::internal)?;
+    let published = tasks.send(ORDER_CREATED, args, options).await;
     if let Err(e) = published {
         if let Err(undo) = orders.delete(order.id).await {
             tracing::error!(order = order.id, "cannot undo the order: {undo}");
@@ -371,8 +338,7 @@ async fn order_create(
         &session,
         Level::Success,
         format!("Thank you! Order #{} is placed.", order.id),
-    )
-    .map_err(session_err)?;
+    )?;
     Ok(see_other(&format!("/orders/{}", order.id)))
 }
 
@@ -441,7 +407,7 @@ async fn order_detail(
 /// NATS (`tasks.broker = "nats"`: a worker on another node must read them), else in memory.
 pub fn install(app: App) -> App {
     let config = app.config();
-    let orders: Arc<dyn OrderStore> = if config.tasks.broker == crate::config::Broker::Nats {
+    let orders: Arc<dyn OrderStore> = if config.tasks.broker == switchyard::config::Broker::Nats {
         Arc::new(PgOrderStore::new(
             &config.postgres.url,
             config.postgres.pool_size,
@@ -449,25 +415,26 @@ pub fn install(app: App) -> App {
     } else {
         Arc::new(MemoryOrderStore::new())
     };
-    let mailer = mail::Mailer::new(&app.config().mail);
-    let orders_data = web::Data::from(orders.clone());
-    app.context_processor(cart_processor())
+    let emails = TaskOptions::new().queue(EMAILS_QUEUE);
+    app.data_arc(orders)
+        .context_processor(processor(
+            "cart",
+            &["cart_count", "cart_total"],
+            cart_context,
+        ))
         .on_login_merge(merge_carts)
         .task(tasks::Add)
         .task(tasks::Sleep)
         .task(tasks::Flaky::default())
-        .task(OrderCreated::new(orders, mailer))
-        .routes(move |cfg| {
-            cfg.app_data(orders_data.clone());
-            cfg.route("/orders", web::post().to(order_create))
-                .route("/orders/{id}", web::get().to(order_detail));
-        })
+        .task_fn(ORDER_CREATED, emails, tasks::order_created)
         .routes(|cfg| {
             cfg.route("/", web::get().to(index))
                 .route("/cart/add/{id}", web::post().to(cart_add))
                 .route("/cart", web::get().to(cart))
                 .route("/login", web::get().to(login_form))
                 .route("/login", web::post().to(login_submit))
-                .route("/logout", web::post().to(logout));
+                .route("/logout", web::post().to(logout))
+                .route("/orders", web::post().to(order_create))
+                .route("/orders/{id}", web::get().to(order_detail));
         })
 }

@@ -11,7 +11,7 @@ use switchyard::config::Config;
 
 fn shipped(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("config")
+        .join("../config")
         .join(name)
 }
 

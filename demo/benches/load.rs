@@ -28,7 +28,7 @@ fn env_num(name: &str, default: u64) -> u64 {
 }
 
 fn products() -> serde_json::Value {
-    let list: Vec<_> = switchyard::shop::PRODUCTS
+    let list: Vec<_> = switchyard_demo::PRODUCTS
         .iter()
         .map(|p| {
             json!({
@@ -53,8 +53,10 @@ fn start_bare(workers: usize) -> (SocketAddr, actix_web::dev::ServerHandle) {
     std::thread::spawn(move || {
         let sys = actix_rt::System::new();
         sys.block_on(async move {
-            let templates =
-                web::Data::new(Templates::load("templates", false).expect("templates load"));
+            let templates = web::Data::new(
+                Templates::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../templates"), false)
+                    .expect("templates load"),
+            );
             let ctx = web::Data::new(products());
             let server = HttpServer::new(move || {
                 actix_web::App::new()
@@ -91,8 +93,11 @@ fn start_bare(workers: usize) -> (SocketAddr, actix_web::dev::ServerHandle) {
 fn main() {
     let seconds = env_num("LOAD_SECONDS", 5);
     let connections = env_num("LOAD_CONNECTIONS", 32) as usize;
-    let mut config =
-        Config::load(Some(std::path::Path::new("config/default.toml"))).expect("config");
+    let mut config = Config::load(Some(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/default.toml"
+    ))))
+    .expect("config");
     config.server.bind = "127.0.0.1:0".into();
     config.server.debug = false;
     config.server.secret_key = "load-harness-secret-key-0123456789abcdef".into();

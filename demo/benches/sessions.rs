@@ -295,8 +295,11 @@ fn bench_postgres(seconds: u64, runs: u64) {
 }
 
 fn shop_config(engine: SessionEngine) -> Config {
-    let mut config =
-        Config::load(Some(std::path::Path::new("config/default.toml"))).expect("config");
+    let mut config = Config::load(Some(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/default.toml"
+    ))))
+    .expect("config");
     config.server.bind = "127.0.0.1:0".into();
     config.server.debug = false;
     config.server.secret_key = "sessions-bench-secret-key-0123456789abcdef".into();

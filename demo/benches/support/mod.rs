@@ -22,14 +22,17 @@ impl InProcessNode {
     }
 }
 
-/// Starts the demo shop on `config` in-process.
+/// Starts the demo shop on `config` in-process, from the workspace root (where the demo's
+/// relative `templates/` and `static/` are; cargo runs benches from `demo/`).
 pub fn start_node(config: Config) -> InProcessNode {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    std::env::set_current_dir(root).expect("the workspace root");
     let (addr_tx, addr_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let thread = std::thread::spawn(move || {
         let sys = actix_rt::System::new();
         sys.block_on(async move {
-            let app = switchyard::shop::install(switchyard::App::new(config));
+            let app = switchyard_demo::install(switchyard::App::new(config));
             let running = app.start().await.expect("node starts");
             addr_tx.send(running.addr()).expect("send addr");
             let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;

@@ -108,7 +108,7 @@ impl OrderStore for MemoryOrderStore {
 pub struct PgOrderStore {
     url: String,
     pool_size: u32,
-    pool: tokio::sync::OnceCell<switchyard_actors::session::PgPool>,
+    pool: tokio::sync::OnceCell<switchyard::db::PgPool>,
 }
 
 const ORDERS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS switchyard_orders (
@@ -134,10 +134,10 @@ impl PgOrderStore {
         }
     }
 
-    async fn pool(&self) -> Result<&switchyard_actors::session::PgPool, OrderError> {
+    async fn pool(&self) -> Result<&switchyard::db::PgPool, OrderError> {
         self.pool
             .get_or_try_init(|| async {
-                let pool = switchyard_actors::session::connect_pool(&self.url, self.pool_size)
+                let pool = switchyard::db::connect_pool(&self.url, self.pool_size)
                     .await
                     .map_err(pg)?;
                 {

@@ -14,6 +14,17 @@ pub struct Email {
     pub body: String,
 }
 
+impl Email {
+    /// An e-mail to `to` (the `From` is `mail.from`).
+    pub fn new(to: &str, subject: impl Into<String>, body: impl Into<String>) -> Self {
+        Self {
+            to: to.to_owned(),
+            subject: subject.into(),
+            body: body.into(),
+        }
+    }
+}
+
 /// Why a mail was not sent.
 #[derive(Debug, thiserror::Error)]
 pub enum MailError {
@@ -96,6 +107,17 @@ impl Mailer {
                 tokio::fs::rename(&tmp, &path).await.map_err(io(&path))?;
                 Ok(())
             }
+        }
+    }
+}
+
+/// A mail failure inside a task: a bad key fails the task, an I/O error retries it.
+impl From<MailError> for switchyard_actors::tasks::TaskError {
+    fn from(e: MailError) -> Self {
+        use switchyard_actors::tasks::TaskError;
+        match e {
+            MailError::BadKey(_) => TaskError::fail("bad_task_id", e),
+            MailError::Io { .. } => TaskError::retry("mail", e),
         }
     }
 }

@@ -9,8 +9,9 @@ mod templates {
     use switchyard::http::templates::Templates;
 
     pub fn bench(c: &mut Criterion) {
-        let t = Templates::load("templates", false).expect("templates");
-        let products: Vec<_> = switchyard::shop::PRODUCTS
+        let t = Templates::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../templates"), false)
+            .expect("templates");
+        let products: Vec<_> = switchyard_demo::PRODUCTS
             .iter()
             .map(|p| serde_json::json!({"id": p.id, "name": p.name, "description": p.description, "price": "1.00"}))
             .collect();
@@ -28,11 +29,11 @@ mod tasks {
     use std::time::{Duration, Instant};
 
     use criterion::{black_box, Throughput};
-    use switchyard::shop::tasks::{Add, AddArgs};
     use switchyard::tasks::{
         EventKind, EventSink, MemoryBroker, Registry, Task, TaskContext, TaskError, TaskEvent,
         TaskSettings, Tasks, WorkerPool,
     };
+    use switchyard_demo::tasks::{Add, AddArgs};
 
     /// Tasks per end-to-end round.
     const ROUND: u64 = 2_000;

@@ -11,8 +11,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::future::BoxFuture;
 use serde_json::{json, Map, Value};
 use switchyard::config::Config;
+use switchyard::context::{ProcessError, ProcessResult, Request as RequestSnapshot};
 use switchyard::messages::{self, Level};
-use switchyard::{App, ContextProcessor, Render, RequestSnapshot, Session};
+use switchyard::{App, ContextProcessor, Render, Session};
 
 /// A processor that counts its calls and provides fixed variables, optionally failing or slow.
 struct Probe {
@@ -44,16 +45,13 @@ impl ContextProcessor for Probe {
     fn provides(&self) -> &[&'static str] {
         self.provides
     }
-    fn process(
-        &self,
-        _req: Arc<RequestSnapshot>,
-    ) -> BoxFuture<'static, Result<Map<String, Value>, String>> {
+    fn process(&self, _req: Arc<RequestSnapshot>) -> BoxFuture<'static, ProcessResult> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let (vars, fail, delay) = (self.vars.clone(), self.fail, self.delay);
         Box::pin(async move {
             tokio::time::sleep(delay).await;
             if fail {
-                return Err("probe failed on purpose".into());
+                return Err(ProcessError::msg("probe failed on purpose"));
             }
             Ok(vars.as_object().cloned().unwrap_or_default())
         })
@@ -492,17 +490,14 @@ impl ContextProcessor for Orders {
     fn provides(&self) -> &[&'static str] {
         &["order_total"]
     }
-    fn process(
-        &self,
-        _req: Arc<RequestSnapshot>,
-    ) -> BoxFuture<'static, Result<Map<String, Value>, String>> {
+    fn process(&self, _req: Arc<RequestSnapshot>) -> BoxFuture<'static, ProcessResult> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let db = self.db.clone();
         Box::pin(async move {
             let rows = db
                 .query(None, "SELECT 41 + 1 AS total", &[])
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ProcessError::with_source("orders query", e))?;
             let total: i32 = rows.first().map(|r| r.get("total")).unwrap_or(0);
             Ok(Map::from_iter([("order_total".to_owned(), json!(total))]))
         })

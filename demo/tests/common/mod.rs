@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 /// How long a spawned node may take to print its `listening on` line.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The project root (where `templates/`, `static/` and `config/` are).
+/// The workspace root (where the demo's `templates/`, `static/` and `config/` are).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    demo.parent().map(Path::to_path_buf).unwrap_or(demo)
 }
 
 /// The path of the `switchyard` binary cargo built for these tests.

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Map};
 use switchyard::config::Config;
-use switchyard::{web, App, ContextProcessor, Render, RequestSnapshot};
+use switchyard::context::{ProcessResult, Request as RequestSnapshot};
+use switchyard::{web, App, ContextProcessor, Render};
 
 #[path = "support/mod.rs"]
 mod support;
@@ -36,10 +37,7 @@ impl ContextProcessor for Work {
     fn provides(&self) -> &[&'static str] {
         self.provides
     }
-    fn process(
-        &self,
-        req: Arc<RequestSnapshot>,
-    ) -> BoxFuture<'static, Result<Map<String, Value>, String>> {
+    fn process(&self, req: Arc<RequestSnapshot>) -> BoxFuture<'static, ProcessResult> {
         let (var, io) = (self.provides[0], self.io);
         Box::pin(async move {
             if let Some(d) = io {
