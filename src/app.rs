@@ -5,7 +5,6 @@
 //! ([`crate::shop`]) is written against exactly this API.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use actix_web::web;
@@ -16,10 +15,8 @@ use switchyard_actors::tasks::{Registry, Task, TaskContext, TaskError, TaskOptio
 use crate::config::Config;
 pub use crate::error::StartError;
 use crate::http::auth::MergeFn;
-use crate::topology::Topology;
-
-/// A function adding routes to the HTTP app (called once per HTTP worker).
-pub(crate) type RouteFn = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
+pub use crate::topology::Running;
+use crate::topology::{Parts, RouteFn, Topology};
 
 /// An application: configuration plus what it adds to Switchyard (routes, and in later
 /// versions context processors and tasks).
@@ -136,42 +133,20 @@ impl App {
 
     /// Starts the node: actors, then the HTTP server. Must run inside an actix system.
     pub async fn start(self) -> Result<Running, StartError> {
-        Topology::start(self).await
+        Topology::start(Parts {
+            config: self.config,
+            routes: self.routes,
+            processors: self.processors,
+            merge: self.merge,
+            csrf_exempt: self.csrf_exempt,
+            tasks: self.tasks,
+        })
+        .await
     }
 
     /// Starts the node and runs it until SIGINT or SIGTERM, then shuts down in order.
     pub async fn serve(self) -> Result<(), StartError> {
         self.start().await?.wait().await;
         Ok(())
-    }
-}
-
-/// A started node.
-pub struct Running {
-    pub(crate) addrs: Vec<SocketAddr>,
-    pub(crate) topology: Topology,
-}
-
-impl Running {
-    /// The address the HTTP server listens on (the real port when bound to port 0).
-    pub fn addr(&self) -> SocketAddr {
-        self.addrs[0]
-    }
-
-    /// Every address the HTTP server listens on.
-    pub fn addrs(&self) -> &[SocketAddr] {
-        &self.addrs
-    }
-
-    /// Stops the node: stop accepting, finish in-flight requests, stop the actors in order.
-    pub async fn stop(self) {
-        self.topology.stop_http().await;
-        self.topology.shutdown().await;
-    }
-
-    /// Waits until the HTTP server stops (SIGINT or SIGTERM), then stops the actors in order.
-    pub async fn wait(self) {
-        self.topology.wait_http().await;
-        self.topology.shutdown().await;
     }
 }

@@ -10,6 +10,7 @@
 //! Task workers (with `tasks.broker = "memory"` and not `always_eager`) run on an arbiter of
 //! their own, and the task bodies on the worker pool's own runtime.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,11 +26,11 @@ use switchyard_actors::context::{ContextProcessor, ContextWorkers};
 use switchyard_actors::session::{CookieSigner, SessionShards};
 use switchyard_actors::tasks::{EventSink, MemoryBroker, Registry, Tasks, WorkerPool};
 
-use crate::app::{App, RouteFn, Running};
 use crate::config::{AuthStore, Broker, Config};
 use crate::engines;
 use crate::error::StartError;
 use crate::http::auth::Auth;
+use crate::http::auth::MergeFn;
 use crate::http::context::Processors;
 use crate::http::csrf::{self, CsrfPolicy};
 use crate::http::health::{self, AlwaysReady, Readiness};
@@ -39,6 +40,49 @@ use crate::http::session::{self as session_mw, Backend, SessionLayer};
 use crate::http::templates::Templates;
 use crate::http::users::PgUsers;
 use crate::http::Error;
+
+/// A function adding routes to the HTTP app (called once per HTTP worker).
+pub(crate) type RouteFn = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
+
+/// What an application hands over to be assembled (the parts of an `App`).
+pub(crate) struct Parts {
+    pub(crate) config: Config,
+    pub(crate) routes: Vec<RouteFn>,
+    pub(crate) processors: std::collections::HashMap<String, Arc<dyn ContextProcessor>>,
+    pub(crate) merge: Option<MergeFn>,
+    pub(crate) csrf_exempt: std::collections::HashSet<String>,
+    pub(crate) tasks: Registry,
+}
+
+/// A started node (what `App::start` returns).
+pub struct Running {
+    pub(crate) addrs: Vec<SocketAddr>,
+    pub(crate) topology: Topology,
+}
+
+impl Running {
+    /// The address the HTTP server listens on (the real port when bound to port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// Every address the HTTP server listens on.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Stops the node: stop accepting, finish in-flight requests, stop the actors in order.
+    pub async fn stop(self) {
+        self.topology.stop_http().await;
+        self.topology.shutdown().await;
+    }
+
+    /// Waits until the HTTP server stops (SIGINT or SIGTERM), then stops the actors in order.
+    pub async fn wait(self) {
+        self.topology.wait_http().await;
+        self.topology.shutdown().await;
+    }
+}
 
 /// A running node's parts, in the order they stop.
 pub(crate) struct Topology {
@@ -57,15 +101,15 @@ struct TaskWorkers {
 }
 
 impl Topology {
-    pub(crate) async fn start(app: App) -> Result<Running, StartError> {
-        let App {
+    pub(crate) async fn start(parts: Parts) -> Result<Running, StartError> {
+        let Parts {
             config,
             routes,
             processors: app_processors,
             merge,
             csrf_exempt,
             tasks: task_registry,
-        } = app;
+        } = parts;
         let config = Arc::new(config);
 
         let metrics = web::Data::new(Metrics::new());

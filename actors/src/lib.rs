@@ -3,9 +3,9 @@
 //! # Layout
 //!
 //! - `session`: the session store trait, one file per engine, the sharded session actors.
-//! - `context`: context processors and the actors that evaluate them.
-//! - `tasks`: the task model, brokers, workers, the scheduler and results.
-//! - `messages`: messages that cross actor boundaries.
+//! - `context`: context processors, flash messages, and the actors that evaluate processors.
+//! - `tasks`: the task model and registry, brokers (memory, NATS), workers, the client.
+//! - `jetstream`: the JetStream helpers the NATS engine and broker share.
 
 pub mod context;
 pub mod jetstream;

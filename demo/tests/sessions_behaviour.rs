@@ -31,6 +31,7 @@ const MAX_SIZE: usize = 4096;
 
 fn base_config(engine: &Engine, dir: &std::path::Path) -> Config {
     let mut c = Config::default();
+    c.server.templates = concat!(env!("CARGO_MANIFEST_DIR"), "/../templates").into();
     c.server.bind = "127.0.0.1:0".into();
     c.server.secret_key = "suite-secret-key-0123456789abcdef-0123".into();
     c.actors.http_workers = 1;

@@ -8,7 +8,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 
-use super::render::PendingRender;
+use super::page::PendingRender;
 use super::templates::TemplateError;
 
 /// An error a handler or middleware can return.

@@ -6,6 +6,7 @@ pub mod csrf;
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod page;
 pub mod render;
 pub mod session;
 pub mod template_vars;

@@ -221,7 +221,7 @@ mod tests {
         let workers = ContextWorkers::start(2, &arbiter.handle());
         let processors: Vec<Arc<dyn ContextProcessor>> = vec![
             Arc::new(Fixed("ok", Ok(json!(1)), Duration::ZERO)),
-            Arc::new(Fixed("bad", Err("boom".into()), Duration::ZERO)),
+            Arc::new(Fixed("bad", Err("boom"), Duration::ZERO)),
             Arc::new(Fixed("slow", Ok(json!(2)), Duration::from_secs(5))),
             Arc::new(Fixed("io", Ok(json!(3)), Duration::from_millis(5))),
         ];
