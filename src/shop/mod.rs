@@ -443,7 +443,7 @@ pub fn install(app: App) -> App {
     let config = app.config();
     let orders: Arc<dyn OrderStore> = if config.tasks.broker == crate::config::Broker::Nats {
         Arc::new(PgOrderStore::new(
-            &config.postgres.url,
+            config.postgres.url.expose_secret(),
             config.postgres.pool_size,
         ))
     } else {
