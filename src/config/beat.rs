@@ -7,12 +7,12 @@ use serde::{Deserialize, Serialize};
 use super::error::Validator;
 use super::{ConfigError, TasksConfig};
 
-/// `[beat]`: periodic schedules.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BeatConfig {
-    /// `[[beat.schedule]]`: the schedules (none built in).
-    pub schedule: Vec<ScheduleEntry>,
+section! {
+    /// `[beat]`: periodic schedules.
+    pub struct BeatConfig {
+        /// `[[beat.schedule]]`: the schedules (none built in).
+        pub schedule: Vec<ScheduleEntry> = Vec::new(),
+    }
 }
 
 /// One `[[beat.schedule]]` entry: exactly one of `every` and `cron`.

@@ -262,31 +262,20 @@ impl Validator<'_> {
         }
     }
 
-    /// `value >= min`.
-    pub(super) fn at_least<T: PartialOrd + fmt::Display>(
+    /// `min <= value` (and `value <= max`, when given).
+    pub(super) fn range(
         &self,
         key: &str,
-        value: T,
-        min: T,
+        value: u64,
+        min: u64,
+        max: Option<u64>,
     ) -> Result<(), ConfigError> {
-        if value < min {
-            return Err(self.fail(key, format!("expected an integer >= {min}, got {value}")));
-        }
-        Ok(())
-    }
-
-    /// `min <= value <= max`.
-    pub(super) fn between<T: PartialOrd + fmt::Display>(
-        &self,
-        key: &str,
-        value: T,
-        (min, max): (T, T),
-    ) -> Result<(), ConfigError> {
-        if value < min || value > max {
-            let message = format!("expected an integer from {min} to {max}, got {value}");
-            return Err(self.fail(key, message));
-        }
-        Ok(())
+        let expected = match max {
+            _ if value >= min && max.is_none_or(|max| value <= max) => return Ok(()),
+            Some(max) => format!("from {min} to {max}"),
+            None => format!(">= {min}"),
+        };
+        Err(self.fail(key, format!("expected an integer {expected}, got {value}")))
     }
 
     /// No two of `names` (the `field` of the entries of the array `key`) are equal.

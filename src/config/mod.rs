@@ -23,22 +23,33 @@ use std::path::{Path, PathBuf};
 
 use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
-use serde::{Deserialize, Serialize};
 
-/// A closed set of strings: (de)serialized as its configuration spelling; anything else is
-/// "expected one of ...".
-macro_rules! string_enum {
-    (
-        $(#[$meta:meta])*
-        $name:ident default $default:ident {
-            $( $(#[$vmeta:meta])* $variant:ident => $text:literal, )+
+/// A section: the struct (`#[serde(default, deny_unknown_fields)]`) and its `impl Default`,
+/// each field's default written beside it as `field: Type = default`.
+macro_rules! section {
+    ($(#[$meta:meta])* pub struct $name:ident {
+        $($(#[$fmeta:meta])* pub $field:ident: $ty:ty = $default:expr,)*
+    }) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct $name { $($(#[$fmeta])* pub $field: $ty,)* }
+
+        impl Default for $name {
+            fn default() -> Self { Self { $($field: $default,)* } }
         }
-    ) => {
+    };
+}
+
+/// A closed set of strings, (de)serialized as their configuration spelling; anything else
+/// (an integer too) is "expected one of ...".
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident default $default:ident {
+        $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+
+    }) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-        pub enum $name {
-            $( $(#[$vmeta])* $variant, )+
-        }
+        pub enum $name { $($(#[$vmeta])* $variant,)+ }
 
         impl $name {
             /// Every value, in documentation order.
@@ -46,10 +57,12 @@ macro_rules! string_enum {
 
             /// The configuration spelling.
             pub fn as_str(self) -> &'static str {
-                match self {
-                    $( $name::$variant => $text, )+
-                }
+                match self { $($name::$variant => $text,)+ }
             }
+        }
+
+        impl Default for $name {
+            fn default() -> Self { $name::$default }
         }
 
         impl std::fmt::Display for $name {
@@ -67,15 +80,8 @@ macro_rules! string_enum {
         impl<'de> serde::Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let text = String::deserialize(d)?;
-                $name::ALL.iter().copied().find(|v| v.as_str() == text).ok_or_else(|| {
-                    serde::de::Error::unknown_variant(&text, &[$($text),+])
-                })
-            }
-        }
-
-        impl Default for $name {
-            fn default() -> Self {
-                $name::$default
+                let found = $name::ALL.iter().find(|v| v.as_str() == text);
+                found.copied().ok_or_else(|| serde::de::Error::unknown_variant(&text, &[$($text),+]))
             }
         }
     };
@@ -107,38 +113,38 @@ use error::{Origins, Validator};
 /// Where `Config::default_path` looks, relative to the working directory.
 const DEFAULT_PATH: &str = "config/default.toml";
 
-/// The whole configuration, one field per TOML section.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// `[server]`: the HTTP node.
-    pub server: ServerConfig,
-    /// `[log]`: logging.
-    pub log: LogConfig,
-    /// `[sessions]`: the session engine and the session cookie.
-    pub sessions: SessionsConfig,
-    /// `[auth]`: users and login.
-    pub auth: AuthConfig,
-    /// `[postgres]`: the database used by the `postgres`/`cached_db` engines and `auth.store`.
-    pub postgres: PostgresConfig,
-    /// `[nats]`: the NATS connection (task broker, `nats_kv` engine, events).
-    pub nats: NatsConfig,
-    /// `[redis]`: the `redis` session engine.
-    pub redis: RedisConfig,
-    /// `[memcached]`: the `memcached` session engine.
-    pub memcached: MemcachedConfig,
-    /// `[file]`: the `file` session engine.
-    pub file: FileConfig,
-    /// `[context]`: template context processors.
-    pub context: ContextConfig,
-    /// `[actors]`: how many actors of each kind a node runs.
-    pub actors: ActorsConfig,
-    /// `[tasks]`: the task system (broker, retries, queues).
-    pub tasks: TasksConfig,
-    /// `[mail]`: outgoing mail.
-    pub mail: MailConfig,
-    /// `[beat]`: periodic schedules.
-    pub beat: BeatConfig,
+section! {
+    /// The whole configuration, one field per TOML section.
+    pub struct Config {
+        /// `[server]`: the HTTP node.
+        pub server: ServerConfig = ServerConfig::default(),
+        /// `[log]`: logging.
+        pub log: LogConfig = LogConfig::default(),
+        /// `[sessions]`: the session engine and the session cookie.
+        pub sessions: SessionsConfig = SessionsConfig::default(),
+        /// `[auth]`: users and login.
+        pub auth: AuthConfig = AuthConfig::default(),
+        /// `[postgres]`: the database used by the `postgres`/`cached_db` engines and `auth.store`.
+        pub postgres: PostgresConfig = PostgresConfig::default(),
+        /// `[nats]`: the NATS connection (task broker, `nats_kv` engine, events).
+        pub nats: NatsConfig = NatsConfig::default(),
+        /// `[redis]`: the `redis` session engine.
+        pub redis: RedisConfig = RedisConfig::default(),
+        /// `[memcached]`: the `memcached` session engine.
+        pub memcached: MemcachedConfig = MemcachedConfig::default(),
+        /// `[file]`: the `file` session engine.
+        pub file: FileConfig = FileConfig::default(),
+        /// `[context]`: template context processors.
+        pub context: ContextConfig = ContextConfig::default(),
+        /// `[actors]`: how many actors of each kind a node runs.
+        pub actors: ActorsConfig = ActorsConfig::default(),
+        /// `[tasks]`: the task system (broker, retries, queues).
+        pub tasks: TasksConfig = TasksConfig::default(),
+        /// `[mail]`: outgoing mail.
+        pub mail: MailConfig = MailConfig::default(),
+        /// `[beat]`: periodic schedules.
+        pub beat: BeatConfig = BeatConfig::default(),
+}
 }
 
 impl Config {
@@ -219,7 +225,12 @@ impl Config {
         self.log.validate(&v)?;
         self.sessions.validate(&v, &self.server)?;
         self.auth.validate(&v)?;
-        v.at_least("postgres.pool_size", self.postgres.pool_size, 1)?;
+        v.range(
+            "postgres.pool_size",
+            self.postgres.pool_size.into(),
+            1,
+            None,
+        )?;
         if !is_name(&self.nats.prefix) {
             return Err(v.fail("nats.prefix", expected_name(&self.nats.prefix)));
         }

@@ -7,55 +7,35 @@ use serde::{Deserialize, Serialize};
 use super::error::Validator;
 use super::{ConfigError, ServerConfig, REDACTED};
 
-/// `[sessions]`: the session engine and the session cookie.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SessionsConfig {
-    /// Where session data lives.
-    pub engine: SessionEngine,
-    /// Name of the session cookie.
-    pub cookie_name: String,
-    /// Lifetime of a session and its cookie, in seconds (>= 1; default two weeks).
-    pub cookie_age: u64,
-    /// Make the cookie a browser-session cookie (no `Max-Age`).
-    pub expire_at_browser_close: bool,
-    /// Save the session (and refresh its expiry) on every request, not only when modified.
-    pub save_every_request: bool,
-    /// Set the cookie's `Secure` attribute.
-    pub cookie_secure: bool,
-    /// Set the cookie's `HttpOnly` attribute.
-    pub cookie_http_only: bool,
-    /// The cookie's `SameSite` attribute; `none` requires `cookie_secure = true`.
-    pub cookie_same_site: SameSite,
-    /// The cookie's `Domain` attribute; empty: host-only cookie.
-    pub cookie_domain: String,
-    /// The cookie's `Path` attribute.
-    pub cookie_path: String,
-    /// What happens to the anonymous session's data at login.
-    pub on_login: OnLogin,
-    /// Largest serialized session, in bytes (>= 1); larger writes are refused.
-    pub max_size: usize,
-    /// Encrypt session data at rest in server-side engines (key derived from `secret_key`).
-    pub encrypt: bool,
-}
-
-impl Default for SessionsConfig {
-    fn default() -> Self {
-        Self {
-            engine: SessionEngine::Memory,
-            cookie_name: "sessionid".into(),
-            cookie_age: 1_209_600,
-            expire_at_browser_close: false,
-            save_every_request: false,
-            cookie_secure: false,
-            cookie_http_only: true,
-            cookie_same_site: SameSite::Lax,
-            cookie_domain: String::new(),
-            cookie_path: "/".into(),
-            on_login: OnLogin::Preserve,
-            max_size: 65_536,
-            encrypt: false,
-        }
+section! {
+    /// `[sessions]`: the session engine and the session cookie.
+    pub struct SessionsConfig {
+        /// Where session data lives.
+        pub engine: SessionEngine = SessionEngine::Memory,
+        /// Name of the session cookie.
+        pub cookie_name: String = "sessionid".into(),
+        /// Lifetime of a session and its cookie, in seconds (>= 1; default two weeks).
+        pub cookie_age: u64 = 1_209_600,
+        /// Make the cookie a browser-session cookie (no `Max-Age`).
+        pub expire_at_browser_close: bool = false,
+        /// Save the session (and refresh its expiry) on every request, not only when modified.
+        pub save_every_request: bool = false,
+        /// Set the cookie's `Secure` attribute.
+        pub cookie_secure: bool = false,
+        /// Set the cookie's `HttpOnly` attribute.
+        pub cookie_http_only: bool = true,
+        /// The cookie's `SameSite` attribute; `none` requires `cookie_secure = true`.
+        pub cookie_same_site: SameSite = SameSite::Lax,
+        /// The cookie's `Domain` attribute; empty: host-only cookie.
+        pub cookie_domain: String = String::new(),
+        /// The cookie's `Path` attribute.
+        pub cookie_path: String = "/".into(),
+        /// What happens to the anonymous session's data at login.
+        pub on_login: OnLogin = OnLogin::Preserve,
+        /// Largest serialized session, in bytes (>= 1); larger writes are refused.
+        pub max_size: usize = 65_536,
+        /// Encrypt session data at rest in server-side engines (key derived from `secret_key`).
+        pub encrypt: bool = false,
     }
 }
 
@@ -71,7 +51,7 @@ impl SessionsConfig {
             let message = format!("expected a non-empty cookie name token, got {name:?}");
             return Err(v.fail("sessions.cookie_name", message));
         }
-        v.at_least("sessions.cookie_age", self.cookie_age, 1)?;
+        v.range("sessions.cookie_age", self.cookie_age, 1, None)?;
         if !self.cookie_path.starts_with('/') {
             let message = format!(
                 "expected a path starting with \"/\", got {:?}",
@@ -87,7 +67,7 @@ impl SessionsConfig {
             let message = "true requires server.secret_key (the encryption key is derived from it)";
             return Err(v.fail("sessions.encrypt", message));
         }
-        v.at_least("sessions.max_size", self.max_size, 1)
+        v.range("sessions.max_size", self.max_size as u64, 1, None)
     }
 }
 
@@ -137,25 +117,15 @@ string_enum! {
     }
 }
 
-/// `[auth]`: users and login.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthConfig {
-    /// Where users are looked up.
-    pub store: AuthStore,
-    /// Path anonymous visitors are redirected to when a page requires login.
-    pub login_url: String,
-    /// `[[auth.users]]`: the users of `store = "config"` (none built in).
-    pub users: Vec<UserEntry>,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        Self {
-            store: AuthStore::Config,
-            login_url: "/login".into(),
-            users: Vec::new(),
-        }
+section! {
+    /// `[auth]`: users and login.
+    pub struct AuthConfig {
+        /// Where users are looked up.
+        pub store: AuthStore = AuthStore::Config,
+        /// Path anonymous visitors are redirected to when a page requires login.
+        pub login_url: String = "/login".into(),
+        /// `[[auth.users]]`: the users of `store = "config"` (none built in).
+        pub users: Vec<UserEntry> = Vec::new(),
     }
 }
 
@@ -166,15 +136,17 @@ impl AuthConfig {
         }
         let names = self.users.iter().map(|u| u.username.as_str());
         v.unique("auth.users", ".username", "user", names)?;
-        for (i, user) in self.users.iter().enumerate() {
-            if argon2::PasswordHash::new(&user.password_hash).is_err() {
-                return Err(v.fail(
-                    format!("auth.users[{i}].password_hash"),
-                    "expected a PHC password hash such as \"$argon2id$v=19$m=19456,t=2,p=1$...\"",
-                ));
-            }
+        match self
+            .users
+            .iter()
+            .position(|u| argon2::PasswordHash::new(&u.password_hash).is_err())
+        {
+            Some(i) => Err(v.fail(
+                format!("auth.users[{i}].password_hash"),
+                "expected a PHC password hash such as \"$argon2id$v=19$m=19456,t=2,p=1$...\"",
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -211,27 +183,16 @@ string_enum! {
     }
 }
 
-/// `[context]`: template context processors.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ContextConfig {
-    /// Registered processor names, in merge order (later ones win on equal variable names).
-    pub processors: Vec<String>,
-    /// Run only the processors whose variables the template uses.
-    pub lazy: bool,
-    /// Time budget of each processor, in milliseconds (>= 1).
-    pub timeout_ms: u64,
-}
-
-impl Default for ContextConfig {
-    fn default() -> Self {
-        Self {
-            processors: ["debug", "request", "auth", "messages", "csrf", "static"]
-                .map(String::from)
-                .to_vec(),
-            lazy: true,
-            timeout_ms: 200,
-        }
+section! {
+    /// `[context]`: template context processors.
+    pub struct ContextConfig {
+        /// Registered processor names, in merge order (later ones win on equal variable names).
+        pub processors: Vec<String> =
+            ["debug", "request", "auth", "messages", "csrf", "static"].map(String::from).to_vec(),
+        /// Run only the processors whose variables the template uses.
+        pub lazy: bool = true,
+        /// Time budget of each processor, in milliseconds (>= 1).
+        pub timeout_ms: u64 = 200,
     }
 }
 
@@ -239,6 +200,6 @@ impl ContextConfig {
     pub(super) fn validate(&self, v: &Validator<'_>) -> Result<(), ConfigError> {
         let names = self.processors.iter().map(String::as_str);
         v.unique("context.processors", "", "processor", names)?;
-        v.at_least("context.timeout_ms", self.timeout_ms, 1)
+        v.range("context.timeout_ms", self.timeout_ms, 1, None)
     }
 }

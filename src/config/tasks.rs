@@ -7,59 +7,38 @@ use serde::{Deserialize, Serialize};
 use super::error::Validator;
 use super::{expected_name, is_name, ConfigError};
 
-/// `[tasks]`: the task system.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TasksConfig {
-    /// Where the queues live.
-    pub broker: Broker,
-    /// Run tasks inline on publish (for tests).
-    pub always_eager: bool,
-    /// Queue of tasks published without one; must be in `queues`.
-    pub default_queue: String,
-    /// Seconds result records are kept.
-    pub result_ttl: u64,
-    /// Retries a task gets unless it says otherwise.
-    pub default_max_retries: u32,
-    /// Retry backoff base, in seconds: attempt n waits a random time in [d/2, d],
-    /// d = min(base * 2^n, max).
-    pub retry_backoff_base: f64,
-    /// Retry backoff ceiling, in seconds.
-    pub retry_backoff_max: f64,
-    /// Seconds after which a running task's cancellation token fires; 0 = none.
-    pub soft_time_limit: u64,
-    /// Seconds after which a running task is aborted and the attempt fails; 0 = none.
-    pub time_limit: u64,
-    /// Seconds before an unacknowledged task is redelivered.
-    pub ack_wait: u64,
-    /// Deliveries (crashes included) before a task is dead-lettered (>= 1).
-    pub max_deliver: u32,
-    /// Seconds of the stream's duplicate-detection window.
-    pub dedupe_window: u64,
-    /// Seconds a stopping worker gives its in-flight tasks.
-    pub drain_timeout: u64,
-    /// `[[tasks.queues]]`: the queues (built in: `default` alone).
-    pub queues: Vec<QueueConfig>,
-}
-
-impl Default for TasksConfig {
-    fn default() -> Self {
-        Self {
-            broker: Broker::Memory,
-            always_eager: false,
-            default_queue: "default".into(),
-            result_ttl: 86_400,
-            default_max_retries: 3,
-            retry_backoff_base: 1.0,
-            retry_backoff_max: 600.0,
-            soft_time_limit: 0,
-            time_limit: 0,
-            ack_wait: 30,
-            max_deliver: 10,
-            dedupe_window: 120,
-            drain_timeout: 30,
-            queues: vec![QueueConfig::default()],
-        }
+section! {
+    /// `[tasks]`: the task system.
+    pub struct TasksConfig {
+        /// Where the queues live.
+        pub broker: Broker = Broker::Memory,
+        /// Run tasks inline on publish (for tests).
+        pub always_eager: bool = false,
+        /// Queue of tasks published without one; must be in `queues`.
+        pub default_queue: String = "default".into(),
+        /// Seconds result records are kept.
+        pub result_ttl: u64 = 86_400,
+        /// Retries a task gets unless it says otherwise.
+        pub default_max_retries: u32 = 3,
+        /// Retry backoff base, in seconds: attempt n waits a random time in [d/2, d],
+        /// d = min(base * 2^n, max).
+        pub retry_backoff_base: f64 = 1.0,
+        /// Retry backoff ceiling, in seconds.
+        pub retry_backoff_max: f64 = 600.0,
+        /// Seconds after which a running task's cancellation token fires; 0 = none.
+        pub soft_time_limit: u64 = 0,
+        /// Seconds after which a running task is aborted and the attempt fails; 0 = none.
+        pub time_limit: u64 = 0,
+        /// Seconds before an unacknowledged task is redelivered.
+        pub ack_wait: u64 = 30,
+        /// Deliveries (crashes included) before a task is dead-lettered (>= 1).
+        pub max_deliver: u32 = 10,
+        /// Seconds of the stream's duplicate-detection window.
+        pub dedupe_window: u64 = 120,
+        /// Seconds a stopping worker gives its in-flight tasks.
+        pub drain_timeout: u64 = 30,
+        /// `[[tasks.queues]]`: the queues (built in: `default` alone).
+        pub queues: Vec<QueueConfig> = vec![QueueConfig::default()],
     }
 }
 
@@ -79,7 +58,7 @@ impl TasksConfig {
                 return Err(v.fail(key, message));
             }
         }
-        v.at_least("tasks.max_deliver", self.max_deliver, 1)?;
+        v.range("tasks.max_deliver", self.max_deliver.into(), 1, None)?;
         if self.queues.is_empty() {
             return Err(v.fail("tasks.queues", "expected at least one queue"));
         }
@@ -88,7 +67,12 @@ impl TasksConfig {
             if !is_name(&queue.name) {
                 return Err(v.fail(format!("{key}.name"), expected_name(&queue.name)));
             }
-            v.at_least(&format!("{key}.concurrency"), queue.concurrency, 1)?;
+            v.range(
+                &format!("{key}.concurrency"),
+                queue.concurrency.into(),
+                1,
+                None,
+            )?;
             if parse_rate_limit(&queue.rate_limit).is_none() {
                 let message = format!(
                     "expected \"N/s\", \"N/m\", \"N/h\" (N >= 1) or \"\", got {:?}",
@@ -182,26 +166,16 @@ string_enum! {
     }
 }
 
-/// `[mail]`: outgoing mail.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MailConfig {
-    /// How mail is "sent".
-    pub backend: MailBackend,
-    /// Directory of the `file` backend (`<dir>/<task id>.eml`), relative to the working
-    /// directory.
-    pub dir: PathBuf,
-    /// Sender address.
-    pub from: String,
-}
-
-impl Default for MailConfig {
-    fn default() -> Self {
-        Self {
-            backend: MailBackend::File,
-            dir: "outbox".into(),
-            from: "shop@example.com".into(),
-        }
+section! {
+    /// `[mail]`: outgoing mail.
+    pub struct MailConfig {
+        /// How mail is "sent".
+        pub backend: MailBackend = MailBackend::File,
+        /// Directory of the `file` backend (`<dir>/<task id>.eml`), relative to the working
+        /// directory.
+        pub dir: PathBuf = "outbox".into(),
+        /// Sender address.
+        pub from: String = "shop@example.com".into(),
     }
 }
 
