@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::error::Validator;
+use super::error::Origins;
 use super::{ConfigError, TasksConfig};
 
 section! {
@@ -45,11 +45,7 @@ impl ScheduleEntry {
 }
 
 impl BeatConfig {
-    pub(super) fn validate(
-        &self,
-        v: &Validator<'_>,
-        tasks: &TasksConfig,
-    ) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self, v: &Origins, tasks: &TasksConfig) -> Result<(), ConfigError> {
         let names = self.schedule.iter().map(|s| s.name.as_str());
         v.unique("beat.schedule", ".name", "schedule", names)?;
         for (i, entry) in self.schedule.iter().enumerate() {

@@ -51,11 +51,14 @@ pub(super) fn overlay(
                 key: dotted,
             });
         };
-        if ARRAYS_OF_TABLES.contains(&dotted.as_str()) {
-            let var = var.clone();
-            return Err(ConfigError::NotSettableFromEnv { var, key: dotted });
-        }
-        let value = typed(current, raw).map_err(|message| ConfigError::Invalid {
+        let value = match ARRAYS_OF_TABLES.contains(&dotted.as_str()) {
+            true => Err(format!(
+                "`{dotted}` is an array of tables and cannot be set from the environment; set it \
+                 in the configuration file"
+            )),
+            false => typed(current, raw),
+        };
+        let value = value.map_err(|message| ConfigError::Invalid {
             origin,
             key: dotted.clone(),
             message,

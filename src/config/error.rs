@@ -79,17 +79,6 @@ pub enum ConfigError {
         /// What was expected.
         message: String,
     },
-    /// An environment variable naming an array of tables, which only the file can set.
-    #[error(
-        "{var}: `{key}` is an array of tables and cannot be set from the environment; \
-         set it in the configuration file"
-    )]
-    NotSettableFromEnv {
-        /// The variable.
-        var: String,
-        /// Dotted key.
-        key: String,
-    },
 }
 
 impl ConfigError {
@@ -101,9 +90,7 @@ impl ConfigError {
     /// The dotted key the error is about, when there is one.
     pub fn key(&self) -> Option<&str> {
         match self {
-            ConfigError::UnknownKey { key, .. }
-            | ConfigError::Invalid { key, .. }
-            | ConfigError::NotSettableFromEnv { key, .. } => Some(key),
+            ConfigError::UnknownKey { key, .. } | ConfigError::Invalid { key, .. } => Some(key),
             ConfigError::Read { .. } | ConfigError::Syntax { .. } => None,
         }
     }
@@ -152,15 +139,13 @@ impl Origins {
 
     /// A figment (serde) error, located and said in configuration terms.
     pub(super) fn deserialize_error(&self, error: figment::Error) -> ConfigError {
-        let mut key = String::new();
-        for part in &error.path {
-            if part.bytes().all(|b| b.is_ascii_digit()) {
-                key = format!("{key}[{part}]");
-            } else if key.is_empty() {
-                key.clone_from(part);
-            } else {
-                key = format!("{key}.{part}");
-            }
+        let mut key = error.path.join(".");
+        for part in error
+            .path
+            .iter()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        {
+            key = key.replacen(&format!(".{part}"), &format!("[{part}]"), 1);
         }
         let origin = self.of(&key);
         if matches!(error.kind, Kind::UnknownField(..)) {
@@ -210,15 +195,12 @@ fn describe(kind: &Kind) -> String {
 /// serde's name of what it expected, in configuration terms; integer ranges only with
 /// `with_range` (for values of the right type but out of range).
 fn expected_as(expected: &str, with_range: bool) -> String {
-    match expected.trim() {
-        "u8" | "u16" | "u32" | "u64" | "usize" if !with_range => "an integer".into(),
-        "u8" => "an integer from 0 to 255".into(),
-        "u16" => "an integer from 0 to 65535".into(),
+    match expected {
+        "u32" | "u64" | "usize" | "i64" if !with_range => "an integer".into(),
         "u32" => format!("an integer from 0 to {}", u32::MAX),
         "u64" | "usize" => "a non-negative integer".into(),
-        "i8" | "i16" | "i32" | "i64" | "isize" => "an integer".into(),
-        "f32" | "f64" => "a number".into(),
-        "a string" | "path string" | "a borrowed string" => "a string".into(),
+        "f64" => "a number".into(),
+        "a string" | "path string" => "a string".into(),
         "a sequence" => "an array".into(),
         "a map" => "a table".into(),
         other if other.starts_with("struct ") => "a table".into(),
@@ -238,25 +220,19 @@ fn actual(got: &Actual, with_type: bool) -> String {
         Actual::Map => return "a table".into(),
         other => return other.to_string(),
     };
-    if with_type {
-        format!("{kind} ({value})")
-    } else {
-        value
+    match with_type {
+        true => format!("{kind} ({value})"),
+        false => value,
     }
 }
 
-/// Builds the errors of the validation rules, located by the [`Origins`].
-pub(super) struct Validator<'a> {
-    /// Where the values came from.
-    pub(super) origins: &'a Origins,
-}
-
-impl Validator<'_> {
+/// The validation rules' helpers: errors located at their key's origin.
+impl Origins {
     /// An [`ConfigError::Invalid`] for `key`, at its origin.
     pub(super) fn fail(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         let key = key.into();
         ConfigError::Invalid {
-            origin: self.origins.of(&key),
+            origin: self.of(&key),
             key,
             message: message.into(),
         }

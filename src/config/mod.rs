@@ -108,7 +108,7 @@ pub use sessions::{
 };
 pub use tasks::{Broker, MailBackend, MailConfig, QueueConfig, TasksConfig};
 
-use error::{Origins, Validator};
+use error::Origins;
 
 /// Where `Config::default_path` looks, relative to the working directory.
 const DEFAULT_PATH: &str = "config/default.toml";
@@ -144,7 +144,7 @@ section! {
         pub mail: MailConfig = MailConfig::default(),
         /// `[beat]`: periodic schedules.
         pub beat: BeatConfig = BeatConfig::default(),
-}
+    }
 }
 
 impl Config {
@@ -219,12 +219,11 @@ impl Config {
             .unwrap_or_else(|e| format!("# the configuration cannot be shown as TOML: {e}\n"))
     }
 
-    fn validate_with(&self, origins: &Origins) -> Result<(), ConfigError> {
-        let v = Validator { origins };
-        self.server.validate(&v)?;
-        self.log.validate(&v)?;
-        self.sessions.validate(&v, &self.server)?;
-        self.auth.validate(&v)?;
+    fn validate_with(&self, v: &Origins) -> Result<(), ConfigError> {
+        self.server.validate(v)?;
+        self.log.validate(v)?;
+        self.sessions.validate(v, &self.server)?;
+        self.auth.validate(v)?;
         v.range(
             "postgres.pool_size",
             self.postgres.pool_size.into(),
@@ -234,14 +233,14 @@ impl Config {
         if !is_name(&self.nats.prefix) {
             return Err(v.fail("nats.prefix", expected_name(&self.nats.prefix)));
         }
-        self.context.validate(&v)?;
-        self.actors.validate(&v)?;
-        self.tasks.validate(&v)?;
+        self.context.validate(v)?;
+        self.actors.validate(v)?;
+        self.tasks.validate(v)?;
         if !self.mail.from.contains('@') {
             let message = format!("expected an e-mail address, got {:?}", self.mail.from);
             return Err(v.fail("mail.from", message));
         }
-        self.beat.validate(&v, &self.tasks)
+        self.beat.validate(v, &self.tasks)
     }
 }
 

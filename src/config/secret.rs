@@ -144,10 +144,9 @@ fn redact_params(params: &str, is_end: impl Fn(char) -> bool) -> String {
         if !starts_param {
             continue;
         }
-        let value_end = if rest.starts_with('\'') {
-            rest[1..].find('\'').map_or(rest.len(), |j| j + 2)
-        } else {
-            rest.find(&is_end).unwrap_or(rest.len())
+        let value_end = match rest.strip_prefix('\'') {
+            Some(quoted) => quoted.find('\'').map_or(rest.len(), |j| j + 2),
+            None => rest.find(&is_end).unwrap_or(rest.len()),
         };
         if value_end > 0 {
             out.push_str(REDACTED);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
-use super::error::Validator;
+use super::error::Origins;
 use super::{ConfigError, Origin, Secret};
 
 /// Minimum length of `server.secret_key` when `server.debug = false`.
@@ -48,7 +48,7 @@ impl ServerConfig {
         format!("{host}-{}", std::process::id())
     }
 
-    pub(super) fn validate(&self, v: &Validator<'_>) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self, v: &Origins) -> Result<(), ConfigError> {
         if self.bind.parse::<SocketAddr>().is_err() {
             let message = format!(
                 "invalid socket address {:?} (expected IP:PORT such as \"127.0.0.1:8000\")",
@@ -58,7 +58,7 @@ impl ServerConfig {
         }
         let key_bytes = self.secret_key.expose_secret().len();
         if !self.debug && key_bytes < MIN_SECRET_KEY_BYTES {
-            let because = match v.origins.of("server.debug") {
+            let because = match v.of("server.debug") {
                 origin @ (Origin::File { .. } | Origin::Env(_)) => format!(" (set at {origin})"),
                 Origin::Default | Origin::Unknown => String::new(),
             };
@@ -88,7 +88,7 @@ impl LogConfig {
     /// Parses `level` with tracing-subscriber's own parser, and also requires a non-empty filter
     /// whose every directive ends in a level: tracing reads `loud` as "target `loud`, every
     /// level" and `app=` as "target `app`", which in `log.level` are surely mistakes.
-    pub(super) fn validate(&self, v: &Validator<'_>) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self, v: &Origins) -> Result<(), ConfigError> {
         let no_level = |d: &&str| {
             let level = d.rsplit('=').next().unwrap_or_default();
             level.is_empty() || level.parse::<LevelFilter>().is_err()
@@ -134,7 +134,7 @@ section! {
 }
 
 impl ActorsConfig {
-    pub(super) fn validate(&self, v: &Validator<'_>) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self, v: &Origins) -> Result<(), ConfigError> {
         for (key, value) in [
             ("actors.session_shards", self.session_shards),
             ("actors.context_workers", self.context_workers),
@@ -149,7 +149,6 @@ impl ActorsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::error::Origins;
 
     #[test]
     fn log_level_filters() {
@@ -158,9 +157,7 @@ mod tests {
                 level: level.into(),
                 ..LogConfig::default()
             };
-            log.validate(&Validator {
-                origins: &Origins::default(),
-            })
+            log.validate(&Origins::default())
         };
         for ok in [
             "info",

@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::error::Validator;
+use super::error::Origins;
 use super::{ConfigError, ServerConfig, REDACTED};
 
 section! {
@@ -40,11 +40,7 @@ section! {
 }
 
 impl SessionsConfig {
-    pub(super) fn validate(
-        &self,
-        v: &Validator<'_>,
-        server: &ServerConfig,
-    ) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self, v: &Origins, server: &ServerConfig) -> Result<(), ConfigError> {
         let separator = |b: u8| b"()<>@,;:\\\"/[]?={}".contains(&b);
         let name = &self.cookie_name;
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && !separator(b)) {
@@ -130,7 +126,7 @@ section! {
 }
 
 impl AuthConfig {
-    pub(super) fn validate(&self, v: &Validator<'_>) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self, v: &Origins) -> Result<(), ConfigError> {
         if self.login_url.is_empty() {
             return Err(v.fail("auth.login_url", "expected a non-empty URL"));
         }
@@ -197,7 +193,7 @@ section! {
 }
 
 impl ContextConfig {
-    pub(super) fn validate(&self, v: &Validator<'_>) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self, v: &Origins) -> Result<(), ConfigError> {
         let names = self.processors.iter().map(String::as_str);
         v.unique("context.processors", "", "processor", names)?;
         v.range("context.timeout_ms", self.timeout_ms, 1, None)

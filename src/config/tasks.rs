@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::error::Validator;
+use super::error::Origins;
 use super::{expected_name, is_name, ConfigError};
 
 section! {
@@ -48,7 +48,7 @@ impl TasksConfig {
         self.queues.iter().find(|q| q.name == name)
     }
 
-    pub(super) fn validate(&self, v: &Validator<'_>) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self, v: &Origins) -> Result<(), ConfigError> {
         for (key, value) in [
             ("tasks.retry_backoff_base", self.retry_backoff_base),
             ("tasks.retry_backoff_max", self.retry_backoff_max),
