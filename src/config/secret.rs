@@ -25,35 +25,22 @@ impl Secret {
     pub fn is_empty(&self) -> bool {
         self.expose_secret().is_empty()
     }
-}
 
-impl From<&str> for Secret {
-    fn from(s: &str) -> Self {
-        Secret(s.into())
+    /// `"<redacted>"`, or `""` when unset.
+    pub fn shown(&self) -> String {
+        redact(self.expose_secret())
     }
 }
 
-impl From<String> for Secret {
-    fn from(s: String) -> Self {
-        Secret(s.into())
+impl<T: Into<SecretString>> From<T> for Secret {
+    fn from(secret: T) -> Self {
+        Secret(secret.into())
     }
 }
 
 impl PartialEq for Secret {
     fn eq(&self, other: &Self) -> bool {
         self.expose_secret() == other.expose_secret()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&redact(self.expose_secret()), f)
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&redact(self.expose_secret()))
     }
 }
 
@@ -71,7 +58,7 @@ impl SecretUrl {
     }
 
     /// The URL with its password redacted.
-    pub fn redacted(&self) -> String {
+    pub fn shown(&self) -> String {
         redact_url(self.expose_secret())
     }
 }
@@ -82,17 +69,24 @@ impl<T: Into<Secret>> From<T> for SecretUrl {
     }
 }
 
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.redacted(), f)
-    }
+/// `Debug` and `Serialize` of the secret types show their `shown()` form only.
+macro_rules! shown_redacted {
+    ($($name:ident),+) => {$(
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.shown(), f)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.shown())
+            }
+        }
+    )+};
 }
 
-impl Serialize for SecretUrl {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.redacted())
-    }
-}
+shown_redacted!(Secret, SecretUrl);
 
 /// [`REDACTED`], or `""` for an empty secret.
 pub(super) fn redact(secret: &str) -> String {
