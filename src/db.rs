@@ -60,7 +60,7 @@ pub struct Db {
 impl Db {
     /// Connects to `[postgres]` (creating the database when missing).
     pub async fn connect(config: &PostgresConfig) -> Result<Arc<Db>, DbError> {
-        let pool = connect_pool(&config.url, config.pool_size)
+        let pool = connect_pool(config.url.expose_secret(), config.pool_size)
             .await
             .map_err(|e| DbError::Unavailable(e.to_string()))?;
         Ok(Arc::new(Db::from_pool(pool)))

@@ -76,28 +76,31 @@ pub(crate) fn codec(config: &Config) -> Result<RecordCodec, StartError> {
         .server
         .secret_key_fallbacks
         .iter()
-        .map(|k| k.as_bytes().to_vec())
+        .map(|k| k.expose_secret().as_bytes().to_vec())
         .collect();
     Ok(RecordCodec::new(
         config.sessions.encrypt,
-        config.server.secret_key.as_bytes(),
+        config.server.secret_key.expose_secret().as_bytes(),
         &fallbacks,
     ))
 }
 
 /// Connects to Postgres (`postgres.url`), creating the database when missing.
 async fn postgres_pool(config: &Config) -> Result<PgPool, StartError> {
-    connect_pool(&config.postgres.url, config.postgres.pool_size)
-        .await
-        .map_err(|e| StartError::service("postgres.url", e))
+    connect_pool(
+        config.postgres.url.expose_secret(),
+        config.postgres.pool_size,
+    )
+    .await
+    .map_err(|e| StartError::service("postgres.url", e))
 }
 
 /// Connects to NATS (`nats.url` and the authentication keys).
 async fn nats_link(config: &Config) -> Result<NatsLink, StartError> {
     let n = &config.nats;
     NatsLink::connect(&NatsConnect {
-        url: n.url.clone(),
-        token: n.token.clone(),
+        url: n.url.expose_secret().to_owned(),
+        token: n.token.expose_secret().to_owned(),
         creds_file: n.creds_file.clone(),
         nkey_seed_file: n.nkey_seed_file.clone(),
         tls_ca_file: n.tls_ca_file.clone(),
@@ -153,7 +156,7 @@ pub(crate) async fn open(services: &Services<'_>) -> Result<Option<Opened>, Star
             plain(Arc::new(store))
         }
         SessionEngine::Redis => plain(Arc::new(
-            RedisStore::connect(&config.redis.url, prefix, codec(config)?)
+            RedisStore::connect(config.redis.url.expose_secret(), prefix, codec(config)?)
                 .await
                 .map_err(|e| StartError::service("redis.url", e))?,
         )),

@@ -356,7 +356,7 @@ pub(crate) fn secret(config: &Config) -> Vec<u8> {
         );
         key
     } else {
-        config.server.secret_key.as_bytes().to_vec()
+        config.server.secret_key.expose_secret().as_bytes().to_vec()
     }
 }
 
@@ -371,7 +371,7 @@ async fn session_backend(
             .server
             .secret_key_fallbacks
             .iter()
-            .map(|k| k.as_bytes().to_vec())
+            .map(|k| k.expose_secret().as_bytes().to_vec())
             .collect();
         return Ok(Backend::Signed(CookieSigner::new(
             &secret(config),

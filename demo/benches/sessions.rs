@@ -304,8 +304,8 @@ fn shop_config(engine: SessionEngine) -> Config {
     config.server.debug = false;
     config.server.secret_key = "sessions-bench-secret-key-0123456789abcdef".into();
     config.sessions.engine = engine;
-    config.postgres.url = postgres_url("switchyard_bench");
-    config.nats.url = nats_url();
+    config.postgres.url = postgres_url("switchyard_bench").into();
+    config.nats.url = nats_url().into();
     config.nats.prefix = "switchyard_bench".into();
     config
 }

@@ -409,7 +409,7 @@ pub fn install(app: App) -> App {
     let config = app.config();
     let orders: Arc<dyn OrderStore> = if config.tasks.broker == switchyard::config::Broker::Nats {
         Arc::new(PgOrderStore::new(
-            &config.postgres.url,
+            config.postgres.url.expose_secret(),
             config.postgres.pool_size,
         ))
     } else {

@@ -533,7 +533,7 @@ async fn lazy_rendering_costs_an_unused_processor_no_query() {
         return;
     }
     let mut pg = Config::default().postgres;
-    pg.url = common::service_url("postgres");
+    pg.url = common::service_url("postgres").into();
     pg.pool_size = 2;
     let db = switchyard::db::Db::connect(&pg).await.expect("postgres");
     let calls = Arc::new(AtomicUsize::new(0));

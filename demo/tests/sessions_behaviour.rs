@@ -136,11 +136,11 @@ struct Harness {
 async fn cleanup(config: &Config) {
     match config.sessions.engine {
         SessionEngine::Postgres | SessionEngine::CachedDb => {
-            common::drop_database(&config.postgres.url).await
+            common::drop_database(config.postgres.url.expose_secret()).await
         }
         SessionEngine::NatsKv => {
             common::delete_stream(
-                &config.nats.url,
+                config.nats.url.expose_secret(),
                 &format!("KV_{}_sessions", config.nats.prefix),
             )
             .await
@@ -620,24 +620,24 @@ session_suite!(
 const NETWORK_COOKIE_AGE: u64 = 3600;
 
 fn postgres_setup(c: &mut Config, _: &std::path::Path) {
-    c.postgres.url = common::fresh_postgres_url();
+    c.postgres.url = common::fresh_postgres_url().into();
     c.postgres.pool_size = 4;
 }
 
 fn cached_db_setup(c: &mut Config, dir: &std::path::Path) {
     postgres_setup(c, dir);
-    c.nats.url = common::service_url("nats");
+    c.nats.url = common::service_url("nats").into();
     c.nats.prefix = common::unique_name("t");
 }
 
 fn nats_kv_setup(c: &mut Config, _: &std::path::Path) {
-    c.nats.url = common::service_url("nats");
+    c.nats.url = common::service_url("nats").into();
     c.nats.prefix = common::unique_name("t");
     c.sessions.cookie_age = NETWORK_COOKIE_AGE;
 }
 
 fn redis_setup(c: &mut Config, _: &std::path::Path) {
-    c.redis.url = common::service_url("redis");
+    c.redis.url = common::service_url("redis").into();
     c.nats.prefix = common::unique_name("t");
     c.sessions.cookie_age = NETWORK_COOKIE_AGE;
 }

@@ -1,0 +1,815 @@
+//! The typed configuration: built-in defaults < the TOML file < `SWITCHYARD_<SECTION>__<KEY>`
+//! environment variables (command-line flags are applied on top by the CLI).
+//!
+//! [`Config::load`] is the one entry point. The layers are merged by [figment]; what figment
+//! cannot say is written here: where a value came from ([`Origin`]: file and line from
+//! `toml_edit` spans, the environment variable, or the built-in default), the environment
+//! rules of SPEC (typed values, comma-separated lists, no arrays of tables, unknown variables
+//! are errors), and the checks serde cannot express. Every error names its origin and exits 2.
+//! [`Config::to_redacted_toml`] is what `switchyard config check` prints.
+//!
+//! # Layout
+//!
+//! - `mod.rs`: [`Config`], loading, validation, the redacted TOML.
+//! - `server.rs` (`[server]`, `[log]`, `[actors]`), `sessions.rs` (`[sessions]`, `[auth]`,
+//!   `[context]`), `services.rs` (`[postgres]`, `[nats]`, `[redis]`, `[memcached]`, `[file]`),
+//!   `tasks.rs` (`[tasks]`, `[mail]`), `beat.rs` (`[beat]`): one struct per section with its
+//!   defaults and checks.
+//! - `secret.rs`: [`Secret`] and [`SecretUrl`], redacted in `Debug` and serialized output.
+//! - `source.rs`: the line of every key of the file; `env.rs`: the environment layer;
+//!   `error.rs`: [`ConfigError`], [`Origin`] and the validation helpers.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+
+/// A section: the struct (`#[serde(default, deny_unknown_fields)]`) and its `impl Default`,
+/// each field's default written beside it as `field: Type = default`.
+macro_rules! section {
+    ($(#[$meta:meta])* pub struct $name:ident {
+        $($(#[$fmeta:meta])* pub $field:ident: $ty:ty = $default:expr,)*
+    }) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct $name { $($(#[$fmeta])* pub $field: $ty,)* }
+
+        impl Default for $name {
+            fn default() -> Self { Self { $($field: $default,)* } }
+        }
+    };
+}
+
+/// A closed set of strings, (de)serialized as their configuration spelling; anything else
+/// (an integer too) is "expected one of ...".
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident default $default:ident {
+        $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+
+    }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vmeta])* $variant,)+ }
+
+        impl $name {
+            /// Every value, in documentation order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The configuration spelling.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text,)+ }
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self { $name::$default }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                let found = $name::ALL.iter().find(|v| v.as_str() == text);
+                found.copied().ok_or_else(|| serde::de::Error::unknown_variant(&text, &[$($text),+]))
+            }
+        }
+    };
+}
+
+mod beat;
+mod env;
+mod error;
+mod secret;
+mod server;
+mod services;
+mod sessions;
+mod source;
+mod tasks;
+
+pub use beat::{BeatConfig, ScheduleEntry};
+pub use error::{ConfigError, Origin};
+pub use secret::{Secret, SecretUrl, REDACTED};
+pub use server::{ActorsConfig, LogConfig, LogFormat, ServerConfig};
+pub use services::{FileConfig, MemcachedConfig, NatsConfig, PostgresConfig, RedisConfig};
+pub use sessions::{
+    AuthConfig, AuthStore, ContextConfig, OnLogin, SameSite, SessionEngine, SessionsConfig,
+    UserEntry,
+};
+pub use tasks::{Broker, MailBackend, MailConfig, QueueConfig, TasksConfig};
+
+use error::Origins;
+
+/// Where `Config::default_path` looks, relative to the working directory.
+const DEFAULT_PATH: &str = "config/default.toml";
+
+section! {
+    /// The whole configuration, one field per TOML section.
+    pub struct Config {
+        /// `[server]`: the HTTP node.
+        pub server: ServerConfig = ServerConfig::default(),
+        /// `[log]`: logging.
+        pub log: LogConfig = LogConfig::default(),
+        /// `[sessions]`: the session engine and the session cookie.
+        pub sessions: SessionsConfig = SessionsConfig::default(),
+        /// `[auth]`: users and login.
+        pub auth: AuthConfig = AuthConfig::default(),
+        /// `[postgres]`: the database used by the `postgres`/`cached_db` engines and `auth.store`.
+        pub postgres: PostgresConfig = PostgresConfig::default(),
+        /// `[nats]`: the NATS connection (task broker, `nats_kv` engine, events).
+        pub nats: NatsConfig = NatsConfig::default(),
+        /// `[redis]`: the `redis` session engine.
+        pub redis: RedisConfig = RedisConfig::default(),
+        /// `[memcached]`: the `memcached` session engine.
+        pub memcached: MemcachedConfig = MemcachedConfig::default(),
+        /// `[file]`: the `file` session engine.
+        pub file: FileConfig = FileConfig::default(),
+        /// `[context]`: template context processors.
+        pub context: ContextConfig = ContextConfig::default(),
+        /// `[actors]`: how many actors of each kind a node runs.
+        pub actors: ActorsConfig = ActorsConfig::default(),
+        /// `[tasks]`: the task system (broker, retries, queues).
+        pub tasks: TasksConfig = TasksConfig::default(),
+        /// `[mail]`: outgoing mail.
+        pub mail: MailConfig = MailConfig::default(),
+        /// `[beat]`: periodic schedules.
+        pub beat: BeatConfig = BeatConfig::default(),
+    }
+}
+
+impl Config {
+    /// Loads the configuration: built-in defaults, then the file at `path` (when given), then
+    /// the process environment; validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(name, value)| {
+                let value = value.to_string_lossy().into_owned();
+                Some((name.into_string().ok()?, value))
+            })
+            .collect();
+        Self::load_with_env(path, &env)
+    }
+
+    /// Like [`Config::load`], with the environment given explicitly (for tests and embedding).
+    /// Only variables named `SWITCHYARD_<SECTION>__<KEY>` are considered.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut origins = Origins {
+            loaded: true,
+            ..Origins::default()
+        };
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+                path: path.to_path_buf(),
+                error,
+            })?;
+            origins.file = Some((path.to_path_buf(), source::KeyLines::parse(path, &text)?));
+            figment = figment.merge(Toml::string(&text));
+            // The file alone first, so that its errors are blamed on it.
+            figment
+                .extract::<Config>()
+                .map_err(|e| origins.deserialize_error(e))?;
+        }
+        let (figment, vars) = env::overlay(figment, env)?;
+        origins.env = vars;
+        let config: Config = figment
+            .extract()
+            .map_err(|e| origins.deserialize_error(e))?;
+        config.validate_with(&origins)?;
+        Ok(config)
+    }
+
+    /// `config/default.toml` when it exists in the working directory, else `None` (built-in
+    /// defaults alone).
+    pub fn default_path() -> Option<PathBuf> {
+        let path = PathBuf::from(DEFAULT_PATH);
+        path.is_file().then_some(path)
+    }
+
+    /// Checks every validation rule (ranges, formats and cross-field rules). [`Config::load`]
+    /// calls it; call it again after changing fields by hand (command-line flags, say). Errors
+    /// from this direct call cannot know where a value came from and name only the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_with(&Origins::default())
+    }
+
+    /// The effective configuration as TOML, every section written out, with secrets (the secret
+    /// keys, the NATS token, password hashes and passwords inside URLs) replaced by
+    /// `"<redacted>"` when they are set. [`Secret`] and [`SecretUrl`] serialize redacted; the
+    /// password hashes are replaced here.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut config = self.clone();
+        for user in &mut config.auth.users {
+            user.password_hash = secret::redact(&user.password_hash);
+        }
+        toml::to_string(&config)
+            .unwrap_or_else(|e| format!("# the configuration cannot be shown as TOML: {e}\n"))
+    }
+
+    fn validate_with(&self, v: &Origins) -> Result<(), ConfigError> {
+        self.server.validate(v)?;
+        self.log.validate(v)?;
+        self.sessions.validate(v, &self.server)?;
+        self.auth.validate(v)?;
+        v.range(
+            "postgres.pool_size",
+            self.postgres.pool_size.into(),
+            1,
+            None,
+        )?;
+        if !is_name(&self.nats.prefix) {
+            return Err(v.fail("nats.prefix", expected_name(&self.nats.prefix)));
+        }
+        self.context.validate(v)?;
+        self.actors.validate(v)?;
+        self.tasks.validate(v)?;
+        if !self.mail.from.contains('@') {
+            let message = format!("expected an e-mail address, got {:?}", self.mail.from);
+            return Err(v.fail("mail.from", message));
+        }
+        self.beat.validate(v, &self.tasks)
+    }
+}
+
+/// Letters, digits, `_` and `-`, at least one.
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The message for a value that is not [`is_name`].
+fn expected_name(got: &str) -> String {
+    format!("expected a non-empty name of letters, digits, '_' and '-', got {got:?}")
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const STRONG_KEY: &str = "0123456789abcdef0123456789abcdef-strong";
+
+    /// Writes `text` to `<tmp>/<name>` and loads it with `env`.
+    fn load(name: &str, text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write config");
+        Config::load_with_env(Some(&path), &owned(env))
+    }
+
+    fn owned(env: &[(&str, &str)]) -> Vec<(String, String)> {
+        env.iter()
+            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    fn load_env(env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load_with_env(None, &owned(env))
+    }
+
+    fn message(result: Result<Config, ConfigError>) -> String {
+        match result {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => {
+                assert_eq!(e.exit_code(), 2);
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::default();
+        assert_eq!(config.validate().ok(), Some(()));
+        assert_eq!(load_env(&[]).ok(), Some(config.clone()));
+        assert_eq!(config.tasks.queues, vec![QueueConfig::default()]);
+        assert_eq!(config.server.bind, "127.0.0.1:8000");
+        assert!(config.beat.schedule.is_empty() && config.auth.users.is_empty());
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(load("empty.toml", "", &[]).ok(), Some(Config::default()));
+    }
+
+    #[test]
+    fn default_toml_round_trips() {
+        let text = toml::to_string(&Config::default()).expect("serialize");
+        assert_eq!(load("round.toml", &text, &[]).ok(), Some(Config::default()));
+    }
+
+    #[test]
+    fn missing_file_names_the_file() {
+        let msg = message(Config::load_with_env(
+            Some(Path::new("/nonexistent/switchyard.toml")),
+            &[],
+        ));
+        assert!(
+            msg.starts_with("/nonexistent/switchyard.toml: cannot read"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn toml_syntax_error_names_file_line_and_column() {
+        let msg = message(load("bad.toml", "[server]\ndebug = true\n\nbind = \n", &[]));
+        assert!(msg.contains("bad.toml:4:"), "{msg}");
+        assert!(msg.contains("TOML syntax error"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_dotted_key() {
+        let msg = message(load("bad.toml", "[server]\ndebug = true\nfoo = 1\n", &[]));
+        assert!(
+            msg.ends_with("bad.toml:3: unknown key `server.foo`"),
+            "{msg}"
+        );
+        let msg = message(load("bad.toml", "# hi\n[serverr]\nbind = \"x\"\n", &[]));
+        assert!(msg.ends_with("bad.toml:2: unknown key `serverr`"), "{msg}");
+        let text = "[[tasks.queues]]\nname = \"a\"\n[[tasks.queues]]\nname = \"b\"\nspeed = 2\n";
+        let msg = message(load("bad.toml", text, &[]));
+        assert!(
+            msg.ends_with("bad.toml:5: unknown key `tasks.queues[1].speed`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_file_line_and_key() {
+        let text = "[server]\nbind = \"127.0.0.1:1\"\n\n[actors]\nhttp_workers = \"two\"\n";
+        let msg = message(load("bad.toml", text, &[]));
+        assert!(
+            msg.contains("bad.toml:5: actors.http_workers: expected an integer"),
+            "{msg}"
+        );
+        assert!(msg.contains("got a string"), "{msg}");
+        let msg = message(load("bad.toml", "[sessions]\nengine = \"mongo\"\n", &[]));
+        assert!(
+            msg.contains("bad.toml:2: sessions.engine: expected one of"),
+            "{msg}"
+        );
+        assert!(msg.contains("\"signed_cookies\""), "{msg}");
+        let msg = message(load("bad.toml", "[tasks]\nmax_deliver = -1\n", &[]));
+        assert!(
+            msg.contains("bad.toml:2: tasks.max_deliver: expected an integer from 0"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_required_key_in_array_of_tables() {
+        let msg = message(load("bad.toml", "[[tasks.queues]]\nconcurrency = 2\n", &[]));
+        assert!(
+            msg.contains("bad.toml:1: tasks.queues[0]: missing key `name`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_says_what_was_expected() {
+        let msg = message(load("bad.toml", "[actors]\n\nsession_shards = 0\n", &[]));
+        assert_eq!(msg, format!("{}", msg)); // Display is stable
+        assert!(
+            msg.contains(
+                "bad.toml:3: actors.session_shards: expected an integer from 1 to 1024, got 0"
+            ),
+            "{msg}"
+        );
+        let msg = message(load("bad.toml", "[server]\nbind = \"nope\"\n", &[]));
+        assert!(
+            msg.contains("bad.toml:2: server.bind: invalid socket address \"nope\""),
+            "{msg}"
+        );
+        let msg = message(load_env(&[("SWITCHYARD_POSTGRES__POOL_SIZE", "0")]));
+        assert!(
+            msg.contains("SWITCHYARD_POSTGRES__POOL_SIZE: expected an integer >= 1, got 0"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn weak_secret_with_debug_false() {
+        let text = "[server]\ndebug = false\nsecret_key = \"short\"\n";
+        let msg = message(load("prod.toml", text, &[]));
+        assert!(
+            msg.contains("prod.toml:3: server.secret_key: expected at least 32 bytes"),
+            "{msg}"
+        );
+        // Not set anywhere: the built-in default is blamed, and where debug = false came from.
+        let msg = message(load("prod.toml", "[server]\ndebug = false\n", &[]));
+        assert!(
+            msg.starts_with("built-in default: server.secret_key:"),
+            "{msg}"
+        );
+        assert!(msg.contains("prod.toml:2"), "{msg}");
+        // From the environment.
+        let msg = message(load(
+            "prod.toml",
+            "[server]\ndebug = false\nsecret_key = \"short\"\n",
+            &[("SWITCHYARD_SERVER__SECRET_KEY", "still-short")],
+        ));
+        assert!(
+            msg.starts_with("SWITCHYARD_SERVER__SECRET_KEY: expected at least 32"),
+            "{msg}"
+        );
+        // A strong key passes.
+        let text = format!("[server]\ndebug = false\nsecret_key = \"{STRONG_KEY}\"\n");
+        assert!(load("prod.toml", &text, &[]).is_ok());
+    }
+
+    #[test]
+    fn same_site_none_requires_secure() {
+        let msg = message(load(
+            "s.toml",
+            "[sessions]\ncookie_same_site = \"none\"\n",
+            &[],
+        ));
+        assert!(
+            msg.contains("s.toml:2: sessions.cookie_same_site:"),
+            "{msg}"
+        );
+        assert!(msg.contains("cookie_secure = true"), "{msg}");
+        let text = "[sessions]\ncookie_same_site = \"none\"\ncookie_secure = true\n";
+        assert!(load("s.toml", text, &[]).is_ok());
+    }
+
+    #[test]
+    fn unknown_env_var_names_the_variable() {
+        let msg = message(load_env(&[("SWITCHYARD_SERVER__BINDX", "x")]));
+        assert_eq!(msg, "SWITCHYARD_SERVER__BINDX: unknown key `server.bindx`");
+        let msg = message(load_env(&[("SWITCHYARD_NOPE__BIND", "x")]));
+        assert!(msg.starts_with("SWITCHYARD_NOPE__BIND:"), "{msg}");
+        let msg = message(load_env(&[("SWITCHYARD_server__bind", "x")]));
+        assert!(msg.starts_with("SWITCHYARD_server__bind:"), "{msg}");
+        // Not configuration at all.
+        assert!(load_env(&[("SWITCHYARD_REQUIRE_SERVICES", "1"), ("HOME", "/")]).is_ok());
+    }
+
+    #[test]
+    fn arrays_of_tables_cannot_come_from_env() {
+        for var in [
+            "SWITCHYARD_TASKS__QUEUES",
+            "SWITCHYARD_BEAT__SCHEDULE",
+            "SWITCHYARD_AUTH__USERS",
+        ] {
+            let msg = message(load_env(&[(var, "x")]));
+            assert!(
+                msg.starts_with(var) && msg.contains("array of tables"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_env_values_name_the_variable() {
+        let msg = message(load_env(&[("SWITCHYARD_SERVER__DEBUG", "maybe")]));
+        assert_eq!(
+            msg,
+            "SWITCHYARD_SERVER__DEBUG: expected a boolean, got \"maybe\""
+        );
+        let msg = message(load_env(&[("SWITCHYARD_ACTORS__HTTP_WORKERS", "many")]));
+        assert!(
+            msg.starts_with("SWITCHYARD_ACTORS__HTTP_WORKERS: expected an integer"),
+            "{msg}"
+        );
+        let msg = message(load_env(&[(
+            "SWITCHYARD_SESSIONS__COOKIE_SAME_SITE",
+            "sometimes",
+        )]));
+        assert!(
+            msg.starts_with("SWITCHYARD_SESSIONS__COOKIE_SAME_SITE: expected one of"),
+            "{msg}"
+        );
+        let msg = message(load_env(&[("SWITCHYARD_TASKS__RESULT_TTL", "-5")]));
+        assert!(msg.contains("non-negative integer, got -5"), "{msg}");
+        let msg = message(load_env(&[("SWITCHYARD_TASKS__RETRY_BACKOFF_MAX", "soon")]));
+        assert!(msg.contains("expected a number"), "{msg}");
+    }
+
+    #[test]
+    fn env_values_are_typed() -> Result<(), ConfigError> {
+        let config = load_env(&[
+            ("SWITCHYARD_SERVER__DEBUG", "0"),
+            ("SWITCHYARD_SERVER__SECRET_KEY", STRONG_KEY),
+            ("SWITCHYARD_SERVER__BIND", "0.0.0.0:9000"),
+            ("SWITCHYARD_SESSIONS__ENGINE", "cached_db"),
+            ("SWITCHYARD_TASKS__RETRY_BACKOFF_BASE", "2"),
+            ("SWITCHYARD_ACTORS__HTTP_WORKERS", "16"),
+            ("SWITCHYARD_MAIL__DIR", "/tmp/outbox"),
+        ])?;
+        assert!(!config.server.debug);
+        assert_eq!(config.server.bind, "0.0.0.0:9000");
+        assert_eq!(config.sessions.engine, SessionEngine::CachedDb);
+        assert_eq!(config.tasks.retry_backoff_base, 2.0);
+        assert_eq!(config.actors.http_workers, 16);
+        assert_eq!(config.mail.dir, PathBuf::from("/tmp/outbox"));
+        Ok(())
+    }
+
+    #[test]
+    fn env_lists_are_comma_separated() -> Result<(), ConfigError> {
+        let config = load_env(&[
+            ("SWITCHYARD_MEMCACHED__SERVERS", "a:1, b:2,c:3"),
+            ("SWITCHYARD_SERVER__SECRET_KEY_FALLBACKS", ""),
+        ])?;
+        assert_eq!(config.memcached.servers, ["a:1", "b:2", "c:3"]);
+        assert!(config.server.secret_key_fallbacks.is_empty());
+        let config = load_env(&[("SWITCHYARD_CONTEXT__PROCESSORS", "")])?;
+        assert!(config.context.processors.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn env_overrides_file() -> Result<(), ConfigError> {
+        let text = "[server]\nbind = \"127.0.0.1:7000\"\n[tasks]\nbroker = \"memory\"\n";
+        let config = load(
+            "f.toml",
+            text,
+            &[
+                ("SWITCHYARD_SERVER__BIND", "127.0.0.1:7001"),
+                ("SWITCHYARD_TASKS__BROKER", "nats"),
+            ],
+        )?;
+        assert_eq!(config.server.bind, "127.0.0.1:7001");
+        assert_eq!(config.tasks.broker, Broker::Nats);
+        // A validation error on an env-set key names the variable, not the file.
+        let msg = message(load("f.toml", text, &[("SWITCHYARD_SERVER__BIND", "nope")]));
+        assert!(
+            msg.starts_with("SWITCHYARD_SERVER__BIND: invalid socket address"),
+            "{msg}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn queues_and_schedules_are_checked() {
+        let dup = "[[tasks.queues]]\nname = \"default\"\n[[tasks.queues]]\nname = \"default\"\n";
+        let msg = message(load("q.toml", dup, &[]));
+        assert!(msg.contains("q.toml:4: tasks.queues[1].name:"), "{msg}");
+        let msg = message(load("q.toml", "[[tasks.queues]]\nname = \"a b\"\n", &[]));
+        assert!(msg.contains("q.toml:2: tasks.queues[0].name:"), "{msg}");
+        let msg = message(load("q.toml", "[[tasks.queues]]\nname = \"other\"\n", &[]));
+        assert!(
+            msg.contains("built-in default: tasks.default_queue:"),
+            "{msg}"
+        );
+        let text = "[[tasks.queues]]\nname = \"default\"\nrate_limit = \"10/x\"\n";
+        let msg = message(load("q.toml", text, &[]));
+        assert!(
+            msg.contains("q.toml:3: tasks.queues[0].rate_limit:"),
+            "{msg}"
+        );
+
+        let both = "[[beat.schedule]]\nname = \"a\"\ntask = \"t\"\nevery = \"1h\"\ncron = \"0 * * * * *\"\n";
+        let msg = message(load("b.toml", both, &[]));
+        assert!(
+            msg.contains("b.toml:1: beat.schedule[0]: expected exactly one"),
+            "{msg}"
+        );
+        let cron = "[[beat.schedule]]\nname = \"a\"\ntask = \"t\"\ncron = \"* * * * *\"\n";
+        let msg = message(load("b.toml", cron, &[]));
+        assert!(
+            msg.contains("b.toml:4: beat.schedule[0].cron: expected 6 fields"),
+            "{msg}"
+        );
+        let every = "[[beat.schedule]]\nname = \"a\"\ntask = \"t\"\nevery = \"30x\"\n";
+        let msg = message(load("b.toml", every, &[]));
+        assert!(msg.contains("b.toml:4: beat.schedule[0].every:"), "{msg}");
+    }
+
+    #[test]
+    fn schedule_parses() -> Result<(), ConfigError> {
+        let text =
+            "[[beat.schedule]]\nname = \"clear-sessions\"\ntask = \"switchyard.clear_sessions\"\n\
+                    args = { limit = 10 }\nevery = \"1h30m\"\n\n[[beat.schedule]]\nname = \"c\"\n\
+                    task = \"t\"\ncron = \"0 */5 * * * *\"\nqueue = \"default\"\n";
+        let config = load("b.toml", text, &[])?;
+        let first = &config.beat.schedule[0];
+        assert_eq!(first.every_duration(), Some(Duration::from_secs(5400)));
+        assert_eq!(first.args.get("limit"), Some(&serde_json::json!(10)));
+        assert_eq!(config.beat.schedule[1].every_duration(), None);
+        Ok(())
+    }
+
+    #[test]
+    fn log_level_is_checked() {
+        let msg = message(load("l.toml", "[log]\nlevel = \"loud\"\n", &[]));
+        assert!(msg.contains("l.toml:2: log.level:"), "{msg}");
+        assert!(load("l.toml", "[log]\nlevel = \"info,switchyard=debug\"\n", &[]).is_ok());
+    }
+
+    #[test]
+    fn every_is_humantime_and_cron_is_checked() {
+        let entry = |line: &str| format!("[[beat.schedule]]\nname = \"a\"\ntask = \"t\"\n{line}\n");
+        for (every, secs) in [
+            ("30s", 30),
+            ("1d", 86_400),
+            ("1h30m", 5_400),
+            ("1h 30m", 5_400),
+        ] {
+            let config = load("b.toml", &entry(&format!("every = \"{every}\"")), &[]);
+            let every_secs = config
+                .ok()
+                .and_then(|c| c.beat.schedule[0].every_duration());
+            assert_eq!(every_secs, Some(Duration::from_secs(secs)), "{every}");
+        }
+        for bad in ["", "0s", "1x", "h", "-1s"] {
+            let msg = message(load("b.toml", &entry(&format!("every = \"{bad}\"")), &[]));
+            assert!(
+                msg.contains("b.toml:4: beat.schedule[0].every:"),
+                "{bad}: {msg}"
+            );
+        }
+        for bad in [
+            "61 * * * * *",
+            "0 0 * * * * 2030",
+            "0 0 25 * * *",
+            "x * * * * *",
+        ] {
+            let msg = message(load("b.toml", &entry(&format!("cron = \"{bad}\"")), &[]));
+            assert!(
+                msg.contains("b.toml:4: beat.schedule[0].cron:"),
+                "{bad}: {msg}"
+            );
+        }
+        assert!(load("b.toml", &entry("cron = \"0 0 9 * * MON-FRI\""), &[]).is_ok());
+    }
+
+    #[test]
+    fn conninfo_passwords_are_redacted() -> Result<(), Box<dyn std::error::Error>> {
+        let config = load_env(&[
+            (
+                "SWITCHYARD_POSTGRES__URL",
+                "host=db user=app password=pg-pass",
+            ),
+            ("SWITCHYARD_NATS__TOKEN", "nats-token"),
+        ])?;
+        assert_eq!(
+            config.postgres.url.expose_secret(),
+            "host=db user=app password=pg-pass"
+        );
+        assert_eq!(config.nats.token.expose_secret(), "nats-token");
+        let text = config.to_redacted_toml();
+        let debug = format!("{config:?}");
+        for shown in [&text, &debug] {
+            assert!(
+                !shown.contains("pg-pass") && !shown.contains("nats-token"),
+                "{shown}"
+            );
+        }
+        let value: toml::Value = toml::from_str(&text)?;
+        assert_eq!(
+            value["postgres"]["url"].as_str(),
+            Some("host=db user=app password=<redacted>")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn users_are_checked() {
+        let text = "[[auth.users]]\nusername = \"bob\"\npassword_hash = \"plain\"\n";
+        let msg = message(load("u.toml", text, &[]));
+        assert!(
+            msg.contains("u.toml:3: auth.users[0].password_hash:"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn redacted_toml_hides_secrets_and_parses_back() -> Result<(), Box<dyn std::error::Error>> {
+        let mut config = Config::default();
+        config.server.secret_key = "super-secret-key".into();
+        config.server.secret_key_fallbacks = vec!["old-secret".into(), "older-secret".into()];
+        config.nats.token = "nats-token".into();
+        config.postgres.url = "postgres://app:pg-pass@db:5432/switchyard?password=pg-pass2".into();
+        config.redis.url = "redis://:redis-pass@cache:6379/0".into();
+        config.auth.users.push(UserEntry {
+            username: "alice".into(),
+            password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2g".into(),
+            permissions: vec!["shop.view_order".into()],
+        });
+        config.beat.schedule.push(ScheduleEntry {
+            name: "clear".into(),
+            task: "switchyard.clear_sessions".into(),
+            every: Some(Duration::from_secs(3600)),
+            cron: None,
+            queue: None,
+            args: serde_json::Map::new(),
+        });
+        let text = config.to_redacted_toml();
+        for secret in [
+            "super-secret",
+            "old-secret",
+            "older-secret",
+            "nats-token",
+            "pg-pass",
+            "redis-pass",
+            "aGFzaGhhc2g",
+        ] {
+            assert!(!text.contains(secret), "{secret} leaked:\n{text}");
+        }
+        let value: toml::Value = toml::from_str(&text)?;
+        assert_eq!(value["server"]["secret_key"].as_str(), Some(REDACTED));
+        assert_eq!(
+            value["auth"]["users"][0]["password_hash"].as_str(),
+            Some(REDACTED)
+        );
+        assert_eq!(
+            value["auth"]["users"][0]["username"].as_str(),
+            Some("alice")
+        );
+        assert_eq!(
+            value["postgres"]["url"].as_str(),
+            Some("postgres://app:<redacted>@db:5432/switchyard?password=<redacted>")
+        );
+        assert_eq!(
+            value["redis"]["url"].as_str(),
+            Some("redis://:<redacted>@cache:6379/0")
+        );
+        assert_eq!(
+            value["tasks"]["queues"][0]["name"].as_str(),
+            Some("default")
+        );
+        assert_eq!(value["beat"]["schedule"][0]["every"].as_str(), Some("1h"));
+        for section in [
+            "server",
+            "log",
+            "sessions",
+            "auth",
+            "postgres",
+            "nats",
+            "redis",
+            "memcached",
+            "file",
+            "context",
+            "actors",
+            "tasks",
+            "mail",
+            "beat",
+        ] {
+            assert!(value.get(section).is_some(), "missing [{section}]");
+        }
+
+        let debug = format!("{config:?}");
+        for secret in [
+            "super-secret",
+            "old-secret",
+            "nats-token",
+            "pg-pass",
+            "redis-pass",
+            "aGFzaGhhc2g",
+        ] {
+            assert!(!debug.contains(secret), "{secret} leaked in Debug: {debug}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn empty_secrets_stay_empty_when_redacted() -> Result<(), Box<dyn std::error::Error>> {
+        let value: toml::Value = toml::from_str(&Config::default().to_redacted_toml())?;
+        assert_eq!(value["server"]["secret_key"].as_str(), Some(""));
+        assert_eq!(value["nats"]["token"].as_str(), Some(""));
+        assert_eq!(
+            value["postgres"]["url"].as_str(),
+            Some("postgres://postgres@127.0.0.1:5432/switchyard")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn enums_spell_as_configured() {
+        assert_eq!(SessionEngine::CachedDb.as_str(), "cached_db");
+        assert_eq!(SessionEngine::SignedCookies.to_string(), "signed_cookies");
+        assert_eq!(SessionEngine::ALL.len(), 8);
+        assert_eq!(SameSite::None.as_str(), "none");
+        assert_eq!(AuthStore::default(), AuthStore::Config);
+    }
+
+    #[test]
+    fn direct_validate_names_the_key() {
+        let mut config = Config::default();
+        config.actors.http_workers = 0;
+        let msg = config
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(
+            msg,
+            "actors.http_workers: expected an integer from 1 to 1024, got 0"
+        );
+    }
+}
