@@ -153,10 +153,7 @@ impl Topology {
             auth = auth.with_postgres(users);
         }
         let auth = web::Data::new(auth);
-        let csrf = web::Data::new(CsrfPolicy {
-            exempt: csrf_exempt,
-            check_origin: config.sessions.cookie_secure,
-        });
+        let csrf = web::Data::new(CsrfPolicy::new(csrf_exempt, &config.sessions));
         let (tasks, task_workers) = task_system(&services, task_registry, &metrics).await?;
         match services.nats_if_open() {
             Some(link) if config.tasks.broker == Broker::Nats => readiness.add(BrokerCheck {

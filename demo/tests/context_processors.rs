@@ -226,7 +226,7 @@ async fn builtins_provide_their_variables_and_hide_cookies() {
     assert_eq!(parts[0], "/static/");
     assert_eq!(parts[1], "", "anonymous has no username");
     assert_eq!(parts[2], "false");
-    assert_eq!(parts[3].len(), 43, "a CSRF token: {html}");
+    assert_eq!(parts[3].len(), 64, "a masked CSRF token: {html}");
     assert_eq!(parts[4], "GET /builtins 42");
     assert_eq!(parts[5], "cookie=", "the Cookie header is hidden: {html}");
     assert!(!html.contains("secret-cookie-value"));
@@ -444,13 +444,13 @@ async fn secure_cookies_check_origin_and_referer() {
         .build()
         .expect("client");
     let r = http.get(node.url("/form")).send().await.expect("GET");
-    let cookie = common::set_cookie_value(&r, "sessionid").expect("cookie");
+    let cookie = common::set_cookie_value(&r, "csrftoken").expect("cookie");
     let token = token_of(&r.text().await.expect("body"));
     let host = node.base.trim_start_matches("http://").to_owned();
     let post = |origin: Option<String>, referer: Option<String>| {
         let mut b = http
             .post(node.url("/submit"))
-            .header("cookie", format!("sessionid={cookie}"))
+            .header("cookie", format!("csrftoken={cookie}"))
             .header("X-CSRFToken", &token);
         if let Some(o) = origin {
             b = b.header("origin", o);

@@ -166,3 +166,93 @@ async fn file_engine_keeps_sessions_across_a_restart() {
     assert_eq!(marker(&html, "cart-count").as_deref(), Some("2"), "{html}");
     assert_eq!(marker(&html, "user").as_deref(), Some("alice"));
 }
+
+/// SPEC's CSRF paragraph: the secret lives in the `csrftoken` cookie, forms carry it masked
+/// afresh, and an anonymous visitor who stores nothing gets no session.
+#[tokio::test]
+async fn csrf_lives_in_its_cookie_and_anonymous_views_store_nothing() {
+    let node = spawn_node(NodeOptions::default());
+    let c = client();
+    let res = c.get(node.url("/")).send().await.expect("GET /");
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        set_cookie_value(&res, "sessionid"),
+        None,
+        "no session for a visitor"
+    );
+    let secret = set_cookie_value(&res, "csrftoken").expect("a csrftoken cookie");
+    assert_eq!(secret.len(), 32);
+    let set_cookie: Vec<String> = res
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    let csrf_cookie = set_cookie
+        .iter()
+        .find(|v| v.starts_with("csrftoken="))
+        .expect("cookie");
+    assert!(
+        !csrf_cookie.contains("HttpOnly"),
+        "readable by scripts: {csrf_cookie}"
+    );
+    assert!(csrf_cookie.contains("SameSite=Lax"), "{csrf_cookie}");
+    let first = common::csrf_token(&res.text().await.expect("body")).expect("a form token");
+    let (_, page) = get_page(&c, &node.url("/cart")).await;
+    let second = common::csrf_token(&page).expect("a form token");
+    assert_ne!(first, second, "masked afresh on every page");
+    for _ in 0..20 {
+        let (status, _) = get_page(&c, &node.url("/")).await;
+        assert_eq!(status, 200);
+    }
+
+    // Both values are accepted; a forged one is 403.
+    for token in [&first, &second] {
+        let res = c
+            .post(node.url("/cart/add/1"))
+            .form(&[("csrfmiddlewaretoken", token.as_str())])
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(res.status(), 303, "token {token}");
+    }
+    let forged = format!("{}{}", &first[..32], &second[32..]);
+    let res = c
+        .post(node.url("/cart/add/1"))
+        .form(&[("csrfmiddlewaretoken", forged.as_str())])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(res.status(), 403);
+    let (_, cart) = get_page(&c, &node.url("/cart")).await;
+    assert_eq!(marker(&cart, "cart-count").as_deref(), Some("2"));
+
+    // Three writes: the two cart additions and the cart page that showed (and so consumed)
+    // their flash messages. The 22 anonymous page views before them wrote nothing.
+    let metrics = c
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    let saved = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("switchyard_sessions_saved_total{engine=\"memory\"} "))
+        .unwrap_or("0");
+    assert_eq!(saved, "3", "{metrics}");
+
+    // Login rotates the secret.
+    let res = post_form(
+        &c,
+        &node,
+        "/login",
+        "/login",
+        &[("username", "alice"), ("password", "wonderland")],
+    )
+    .await;
+    assert_eq!(res.status(), 303);
+    let rotated = set_cookie_value(&res, "csrftoken").expect("a new secret at login");
+    assert_ne!(rotated, secret);
+}

@@ -22,8 +22,6 @@ use super::users::{PgUsers, StoredUser};
 use super::Error;
 use crate::config::{AuthConfig, OnLogin};
 
-pub use switchyard_actors::context::builtins::CSRF_SESSION_KEY;
-
 /// A user as handlers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
@@ -181,7 +179,7 @@ pub async fn login(req: &HttpRequest, user: &User) -> Result<(), Error> {
             }
         }
     }
-    session.remove(CSRF_SESSION_KEY);
+    super::csrf::rotate_token(req);
     session.insert(AUTH_USER_KEY, &user.username)?;
     Ok(())
 }

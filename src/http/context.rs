@@ -143,6 +143,10 @@ pub fn snapshot(req: &HttpRequest) -> RequestSnapshot {
         }),
         session: req.extensions().get::<Session>().map(|s| s.0.clone()),
         peer_ip: req.peer_addr().map(|a| a.ip()),
+        csrf_secret: req
+            .extensions()
+            .get::<super::csrf::CsrfSecret>()
+            .map(|s| s.value.clone()),
         sql_log: req
             .extensions()
             .get::<crate::db::QueryLog>()

@@ -165,20 +165,69 @@ impl ContextProcessor for DebugProcessor {
     }
 }
 
-/// The session key holding the CSRF token.
-pub const CSRF_SESSION_KEY: &str = "_csrf_token";
+/// Characters of CSRF secrets and masks (Django's).
+const CSRF_CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+/// Length of the CSRF secret (the `csrftoken` cookie) and of a mask; a form token is a mask
+/// followed by the masked secret, twice as long.
+pub const CSRF_SECRET_LEN: usize = 32;
 
-/// The session's CSRF token, created (and stored in the session) on first use.
-pub fn csrf_token(session: &crate::session::Session) -> Option<String> {
-    if let Ok(Some(t)) = session.get::<String>(CSRF_SESSION_KEY) {
-        return Some(t);
-    }
-    let token = crate::session::SessionId::generate().as_str().to_owned();
-    session.insert(CSRF_SESSION_KEY, &token).ok()?;
-    Some(token)
+fn csrf_index(c: u8) -> Option<usize> {
+    CSRF_CHARS.iter().position(|&x| x == c)
 }
 
-/// `csrf`: `csrf_token` (templates write the form field with the `{{csrf_input}}` helper).
+/// A new random CSRF secret.
+pub fn new_csrf_secret() -> String {
+    use rand::Rng;
+    let mut rng = rand::rngs::OsRng;
+    (0..CSRF_SECRET_LEN)
+        .map(|_| char::from(CSRF_CHARS[rng.gen_range(0..CSRF_CHARS.len())]))
+        .collect()
+}
+
+/// Whether `s` is a well-formed CSRF secret (a cookie value anything else is ignored).
+pub fn is_csrf_secret(s: &str) -> bool {
+    s.len() == CSRF_SECRET_LEN && s.bytes().all(|b| csrf_index(b).is_some())
+}
+
+/// The secret masked with a fresh random mask: every page gets a different value, so the
+/// token in a page leaks nothing through compression (BREACH), as Django does.
+pub fn mask_csrf_secret(secret: &str) -> String {
+    let mask = new_csrf_secret();
+    let n = CSRF_CHARS.len();
+    let masked: String = secret
+        .bytes()
+        .zip(mask.bytes())
+        .map(|(s, m)| {
+            let (s, m) = (csrf_index(s).unwrap_or(0), csrf_index(m).unwrap_or(0));
+            char::from(CSRF_CHARS[(s + m) % n])
+        })
+        .collect();
+    mask + &masked
+}
+
+/// The secret inside a form token: a masked token (twice the secret's length) is unmasked, a
+/// bare secret is taken as it is; anything else is `None`.
+pub fn unmask_csrf_token(token: &str) -> Option<String> {
+    if is_csrf_secret(token) {
+        return Some(token.to_owned());
+    }
+    if token.len() != 2 * CSRF_SECRET_LEN || !token.is_ascii() {
+        return None;
+    }
+    let (mask, masked) = token.split_at(CSRF_SECRET_LEN);
+    let n = CSRF_CHARS.len();
+    masked
+        .bytes()
+        .zip(mask.bytes())
+        .map(|(c, m)| {
+            Some(char::from(
+                CSRF_CHARS[(csrf_index(c)? + n - csrf_index(m)?) % n],
+            ))
+        })
+        .collect()
+}
+
+/// `csrf`: `csrf_token`, the request's CSRF secret masked afresh (templates write the form field with the `{{csrf_input}}` helper).
 pub struct CsrfProcessor;
 
 impl ContextProcessor for CsrfProcessor {
@@ -190,9 +239,34 @@ impl ContextProcessor for CsrfProcessor {
     }
     fn process(&self, req: Arc<RequestSnapshot>) -> Output {
         let mut m = Map::new();
-        if let Some(token) = req.session.as_ref().and_then(csrf_token) {
-            m.insert("csrf_token".into(), Value::String(token));
+        if let Some(secret) = &req.csrf_secret {
+            m.insert("csrf_token".into(), Value::String(mask_csrf_secret(secret)));
         }
         ready(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masked_tokens_differ_and_unmask_to_the_secret() {
+        let secret = new_csrf_secret();
+        assert!(is_csrf_secret(&secret));
+        let (a, b) = (mask_csrf_secret(&secret), mask_csrf_secret(&secret));
+        assert_ne!(a, b, "a fresh mask per page");
+        assert_eq!(unmask_csrf_token(&a).as_deref(), Some(secret.as_str()));
+        assert_eq!(unmask_csrf_token(&b).as_deref(), Some(secret.as_str()));
+        assert_eq!(unmask_csrf_token(&secret).as_deref(), Some(secret.as_str()));
+        for bad in [
+            "",
+            "short",
+            &"é".repeat(32),
+            &format!("{a}x"),
+            &"-".repeat(64),
+        ] {
+            assert_eq!(unmask_csrf_token(bad), None, "{bad:?}");
+        }
     }
 }

@@ -29,6 +29,9 @@ pub struct RequestSnapshot {
     pub session: Option<Session>,
     /// The peer's IP address, if known.
     pub peer_ip: Option<std::net::IpAddr>,
+    /// The request's CSRF secret (its `csrftoken` cookie, or a new one the response sets),
+    /// which the `csrf` processor masks into `csrf_token`.
+    pub csrf_secret: Option<String>,
     /// The SQL queries this request ran through the project's pool (`{"sql", "time_ms"}`),
     /// if any ran before rendering.
     pub sql_log: Option<Arc<std::sync::Mutex<Vec<Value>>>>,
