@@ -143,6 +143,19 @@ async fn template_error_is_a_500_with_detail_only_in_debug() {
         "debug page shows the detail: {html}"
     );
     assert_markers(&html);
+    // A client behind a proxy is not local: even in debug it sees no internals.
+    let res = client()
+        .get(debug.url("/"))
+        .header("X-Forwarded-For", "203.0.113.9")
+        .send()
+        .await
+        .expect("GET /");
+    assert_eq!(res.status(), 500);
+    let html = res.text().await.expect("body");
+    assert!(
+        !html.contains("no_such_helper"),
+        "not to a remote client: {html}"
+    );
 
     let prod = spawn_node(NodeOptions {
         env: vec![
@@ -224,4 +237,50 @@ fn sigterm_and_sigint_exit_zero_promptly() {
             started.elapsed()
         );
     }
+}
+
+/// SPEC "HTTP hardening": the security headers on every page (404 included), bounded metric
+/// labels for made-up methods, and debug details only for a local client.
+#[tokio::test]
+async fn hardening_headers_and_bounded_method_labels() {
+    let node = spawn_node(NodeOptions::default());
+    let c = client();
+    for path in ["/", "/cart", "/no/such/page", "/login"] {
+        let res = c.get(node.url(path)).send().await.expect("GET");
+        let h = res.headers();
+        assert_eq!(h["x-frame-options"], "DENY", "{path}");
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(h["referrer-policy"], "same-origin", "{path}");
+        let csp = h["content-security-policy"].to_str().expect("ascii");
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {csp}");
+        assert!(!csp.contains("unsafe-inline"), "{path}: {csp}");
+    }
+    for i in 0..25 {
+        let method = reqwest::Method::from_bytes(format!("MADEUP{i}").as_bytes()).expect("method");
+        let res = c
+            .request(method, node.url("/"))
+            .send()
+            .await
+            .expect("request");
+        assert!(res.status().is_client_error(), "{}", res.status());
+    }
+    let text = c
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(!text.contains("MADEUP"), "{text}");
+    let other: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("switchyard_http_requests_total{") && l.contains("OTHER"))
+        .collect();
+    assert_eq!(
+        other.len(),
+        1,
+        "one series for every made-up method: {other:?}"
+    );
+    assert!(other[0].ends_with(" 25"), "{other:?}");
 }

@@ -114,8 +114,7 @@ pub async fn metrics_middleware(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
-    let method = req.method().clone();
-    let method = method.as_str();
+    let method = method_label(req.method());
     let res = next.call(req).await?;
     if let Some(m) = metrics {
         let route = res
@@ -131,6 +130,27 @@ pub async fn metrics_middleware(
             .observe(started.elapsed().as_secs_f64());
     }
     Ok(res)
+}
+
+/// A method as a metrics label: the standard ones by name, anything else `OTHER`, so made-up
+/// methods cannot add series.
+fn method_label(method: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    const KNOWN: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::HEAD, "HEAD"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::PATCH, "PATCH"),
+        (Method::DELETE, "DELETE"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    KNOWN
+        .iter()
+        .find(|(m, _)| m == method)
+        .map_or("OTHER", |(_, label)| label)
 }
 
 /// `GET /metrics`.

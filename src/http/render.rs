@@ -39,7 +39,9 @@ impl Renderer {
         let Evaluated { mut vars, failures } = self.processors.evaluate(req, &needs).await;
         vars.extend(render.context);
         let mut context = vars;
-        if self.debug {
+        // Error details and processor failures: in debug, and to a loopback client only.
+        let show_details = self.debug && is_local(req);
+        if show_details {
             if !failures.is_empty() {
                 let list: Vec<Value> = failures
                     .iter()
@@ -61,7 +63,7 @@ impl Renderer {
                 tracing::error!("{e}");
                 if render.template == ERROR_TEMPLATE {
                     // The error page itself is broken: fall back to plain text.
-                    return plain_error(self.debug.then(|| e.to_string()));
+                    return plain_error(show_details.then(|| e.to_string()));
                 }
                 let status = StatusCode::INTERNAL_SERVER_ERROR;
                 let fallback = PendingRender::error(
@@ -77,6 +79,15 @@ impl Renderer {
             }
         }
     }
+}
+
+/// Whether the request comes straight from this machine: a loopback peer that forwards for
+/// nobody (a local reverse proxy would make every visitor look local).
+pub(crate) fn is_local(req: &HttpRequest) -> bool {
+    let forwarded = ["forwarded", "x-forwarded-for", "x-real-ip"]
+        .iter()
+        .any(|h| req.headers().contains_key(*h));
+    !forwarded && req.peer_addr().is_some_and(|a| a.ip().is_loopback())
 }
 
 fn html_response(status: StatusCode, html: String) -> HttpResponse {
