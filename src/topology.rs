@@ -158,9 +158,16 @@ impl Topology {
             readiness.add(UsersCheck(users.clone()));
             auth = auth.with_postgres(users);
         }
-        let auth = web::Data::new(auth);
         let csrf = web::Data::new(CsrfPolicy::new(csrf_exempt, &config.sessions));
         let (tasks, task_workers) = task_system(&services, task_registry, &metrics).await?;
+        // With NATS, the nodes count failed logins together.
+        if let Some(link) = services.nats_if_open() {
+            auth = auth
+                .with_nats(link.client, &config.nats.prefix)
+                .await
+                .map_err(|e| StartError::service("nats.url", e))?;
+        }
+        let auth = web::Data::new(auth);
         match services.nats_if_open() {
             Some(link) if config.tasks.broker == Broker::Nats => readiness.add(BrokerCheck {
                 client: link.client,

@@ -227,8 +227,8 @@ async fn login_submit(
 ) -> Result<Either<HttpResponse, Render>, Error> {
     let form = form.into_inner();
     match auth_store
-        .authenticate(&form.username, &form.password)
-        .await
+        .authenticate(&req, &form.username, &form.password)
+        .await?
     {
         Some(user) => {
             auth::login(&req, &user).await?;

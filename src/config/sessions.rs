@@ -120,6 +120,12 @@ section! {
         pub store: AuthStore = AuthStore::Config,
         /// Path anonymous visitors are redirected to when a page requires login.
         pub login_url: String = "/login".into(),
+        /// Failed logins per username or per client address within `failure_window`, then 429.
+        pub max_failures: u32 = 5,
+        /// Seconds of the failed-login window.
+        pub failure_window: u64 = 300,
+        /// Password hashes at once per node; 0 = the number of cores.
+        pub max_concurrent_hashes: u32 = 0,
         /// `[[auth.users]]`: the users of `store = "config"` (none built in).
         pub users: Vec<UserEntry> = Vec::new(),
     }
@@ -129,6 +135,12 @@ impl AuthConfig {
     pub(super) fn validate(&self, v: &Origins) -> Result<(), ConfigError> {
         if self.login_url.is_empty() {
             return Err(v.fail("auth.login_url", "expected a non-empty URL"));
+        }
+        if self.max_failures == 0 {
+            return Err(v.fail("auth.max_failures", "expected at least 1"));
+        }
+        if self.failure_window == 0 {
+            return Err(v.fail("auth.failure_window", "expected at least 1 second"));
         }
         let names = self.users.iter().map(|u| u.username.as_str());
         v.unique("auth.users", ".username", "user", names)?;

@@ -13,11 +13,12 @@ use std::sync::Arc;
 
 use actix_web::dev::Payload;
 use actix_web::{web, FromRequest, HttpRequest};
-use argon2::{Argon2, PasswordHash, PasswordVerifier};
+
 use serde_json::{Map, Value};
 use switchyard_actors::session::AUTH_USER_KEY;
 
 use super::session::{Session, SessionLayer};
+use super::throttle::LoginGuard;
 use super::users::{PgUsers, StoredUser};
 use super::Error;
 use crate::config::{AuthConfig, OnLogin};
@@ -49,6 +50,8 @@ pub struct Auth {
     login_url: String,
     on_login: OnLogin,
     merge: Option<MergeFn>,
+    /// Login throttling and the hashing limit.
+    guard: LoginGuard,
 }
 
 impl Auth {
@@ -66,13 +69,32 @@ impl Auth {
                 )
             })
             .collect();
+        let hashes = match config.max_concurrent_hashes {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        };
         Self {
             users,
             db: None,
             login_url: config.login_url.clone(),
             on_login,
             merge,
+            guard: LoginGuard::new(
+                config.max_failures,
+                std::time::Duration::from_secs(config.failure_window),
+                hashes,
+            ),
         }
+    }
+
+    /// Shares the failed-login counters of the cluster through NATS KV.
+    pub(crate) async fn with_nats(
+        mut self,
+        client: async_nats::Client,
+        prefix: &str,
+    ) -> Result<Self, String> {
+        self.guard = self.guard.with_nats(client, prefix).await?;
+        Ok(self)
     }
 
     /// Looks users up in Postgres (`auth.store = "postgres"`) instead of `[[auth.users]]`.
@@ -102,36 +124,41 @@ impl Auth {
         })
     }
 
-    /// Checks a password (argon2, on the blocking pool); `None` when wrong or unknown.
-    pub async fn authenticate(&self, username: &str, password: &str) -> Option<User> {
+    /// Checks a login attempt from `req`: `Ok(None)` when the password is wrong or the user
+    /// unknown (the same time either way), 429 when the username or the client address failed
+    /// too often (`auth.max_failures` in `auth.failure_window`), 503 when every hashing slot is
+    /// taken (`auth.max_concurrent_hashes`). Hashing runs on the blocking pool.
+    pub async fn authenticate(
+        &self,
+        req: &HttpRequest,
+        username: &str,
+        password: &str,
+    ) -> Result<Option<User>, Error> {
+        let addr = req.peer_addr().map(|a| a.ip());
+        self.guard.check(username, addr).await?;
         let stored = match &self.db {
             // Always the database's current hash: a new or changed password counts at once.
             Some(db) => match db.fetch(username).await {
                 Ok(u) => u,
                 Err(e) => {
-                    tracing::error!("cannot look up user {username:?}: {e}");
-                    None
+                    return Err(Error::Unavailable {
+                        what: "user store".into(),
+                        message: e.to_string(),
+                    })
                 }
             },
             None => self.users.get(username).cloned(),
         };
-        let hash = stored?.password_hash;
-        let password = password.to_owned();
-        let ok = web::block(move || {
-            PasswordHash::new(&hash)
-                .map(|h| {
-                    Argon2::default()
-                        .verify_password(password.as_bytes(), &h)
-                        .is_ok()
-                })
-                .unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false);
+        let ok = self
+            .guard
+            .verify(password, stored.map(|u| u.password_hash))
+            .await?;
         if ok {
-            self.user(username)
+            self.guard.succeeded(username).await;
+            Ok(self.user(username))
         } else {
-            None
+            self.guard.failed(username, addr).await;
+            Ok(None)
         }
     }
 

@@ -29,6 +29,12 @@ pub enum Error {
     /// The request or the session it would produce is too large.
     #[error("too large: {0}")]
     PayloadTooLarge(String),
+    /// Too many attempts (failed logins): 429 with `Retry-After`.
+    #[error("too many requests; retry after {retry_after} s")]
+    TooManyRequests { retry_after: u64 },
+    /// The node is at a limit it keeps (hashing slots): 503 with `Retry-After`.
+    #[error("busy; retry after {retry_after} s")]
+    Busy { retry_after: u64 },
     /// A service the request needs (session engine, broker, database) is unreachable.
     #[error("{what} unavailable: {message}")]
     Unavailable { what: String, message: String },
@@ -60,7 +66,8 @@ impl Error {
             Error::BadRequest(_) => "Bad request",
             Error::LoginRequired { .. } => "Login required",
             Error::PayloadTooLarge(_) => "Too large",
-            Error::Unavailable { .. } => "Service unavailable",
+            Error::TooManyRequests { .. } => "Too many attempts",
+            Error::Unavailable { .. } | Error::Busy { .. } => "Service unavailable",
             Error::Template(_) | Error::Internal(_) => "Server error",
         }
     }
@@ -73,6 +80,10 @@ impl Error {
             Error::BadRequest(why) => why.clone(),
             Error::LoginRequired { .. } => "Please log in.".into(),
             Error::PayloadTooLarge(why) => why.clone(),
+            Error::TooManyRequests { retry_after } => {
+                format!("Too many failed attempts. Please try again in {retry_after} seconds.")
+            }
+            Error::Busy { .. } => "The server is busy. Please try again in a moment.".into(),
             Error::Unavailable { what, .. } => {
                 format!("The {what} is unavailable right now. Please try again in a moment.")
             }
@@ -113,6 +124,18 @@ impl From<switchyard_actors::tasks::ClientError> for Error {
     }
 }
 
+/// A refused login attempt: 429 (throttled) or 503 (no hashing slot), with `Retry-After`.
+impl From<super::throttle::Refused> for Error {
+    fn from(e: super::throttle::Refused) -> Self {
+        match e {
+            super::throttle::Refused::Throttled { retry_after } => {
+                Error::TooManyRequests { retry_after }
+            }
+            super::throttle::Refused::Busy { retry_after } => Error::Busy { retry_after },
+        }
+    }
+}
+
 /// A query failure in a handler: `?` maps it (503 when Postgres is unreachable, else 500).
 impl From<crate::db::DbError> for Error {
     fn from(e: crate::db::DbError) -> Self {
@@ -147,7 +170,8 @@ impl ResponseError for Error {
             Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::LoginRequired { .. } => StatusCode::SEE_OTHER,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::Unavailable { .. } | Error::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::Template(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -162,9 +186,15 @@ impl ResponseError for Error {
         if status.is_server_error() {
             tracing::error!(status = status.as_u16(), "{self}");
         }
-        let mut res = HttpResponse::build(status)
-            .content_type("text/plain; charset=utf-8")
-            .body(format!("{}\n{}\n", self.title(), self.public_message()));
+        let mut res = HttpResponse::build(status);
+        if let Error::TooManyRequests { retry_after } | Error::Busy { retry_after } = self {
+            res.insert_header((header::RETRY_AFTER, retry_after.to_string()));
+        }
+        let mut res = res.content_type("text/plain; charset=utf-8").body(format!(
+            "{}\n{}\n",
+            self.title(),
+            self.public_message()
+        ));
         let page = PendingRender::error(
             status,
             json!({

@@ -11,6 +11,7 @@ pub mod render;
 pub mod session;
 pub mod template_vars;
 pub mod templates;
+pub mod throttle;
 pub mod users;
 
 pub use error::Error;
