@@ -27,7 +27,8 @@ fn service(key: &str, e: impl std::fmt::Display) -> StartError {
     }
 }
 
-/// The codec server-side engines store records with (`sessions.encrypt`).
+/// The codec stored engines name and seal records with: keys from `server.secret_key` (the
+/// fixed development key in debug without one) and its fallbacks, `sessions.encrypt`.
 pub(crate) fn codec(config: &Config) -> Result<RecordCodec, StartError> {
     if config.sessions.encrypt && config.server.secret_key.is_empty() {
         return Err(service(
@@ -43,7 +44,7 @@ pub(crate) fn codec(config: &Config) -> Result<RecordCodec, StartError> {
         .collect();
     Ok(RecordCodec::new(
         config.sessions.encrypt,
-        config.server.secret_key.as_bytes(),
+        &crate::topology::secret(config),
         &fallbacks,
     ))
 }

@@ -16,7 +16,6 @@ use std::time::Duration;
 use actix_web::dev::ServerHandle;
 use actix_web::middleware::from_fn;
 use actix_web::{web, HttpServer};
-use rand::RngCore;
 use switchyard_actors::context::builtins::{
     AuthProcessor, CsrfProcessor, DebugProcessor, MessagesProcessor, RequestProcessor,
     StaticProcessor,
@@ -290,16 +289,17 @@ fn processors(
     })
 }
 
-/// The signing secret: `server.secret_key`, or in debug without one a random per-process key.
+/// The signing secret: `server.secret_key`, or in debug without one the fixed development key
+/// (every node uses the same one, so nodes of a development cluster share sessions; SPEC
+/// "Trust boundaries"), logged as such.
 pub(crate) fn secret(config: &Config) -> Vec<u8> {
     if config.server.secret_key.is_empty() {
-        let mut key = vec![0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut key);
         tracing::warn!(
-            "server.secret_key is empty: using a random key for this process; signed cookies \
-             will not survive a restart (set server.secret_key)"
+            "server.secret_key is empty: using the fixed development key to sign cookies and \
+             name and authenticate stored sessions; anyone can forge sessions under it (set \
+             server.secret_key in production)"
         );
-        key
+        switchyard_actors::session::DEVELOPMENT_SECRET_KEY.to_vec()
     } else {
         config.server.secret_key.as_bytes().to_vec()
     }
