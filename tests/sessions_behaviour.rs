@@ -269,7 +269,7 @@ impl Harness {
 /// What an engine stored, read and written behind its back with the service's own client.
 enum Raw {
     Nats(async_nats::jetstream::kv::Store),
-    Redis(redis::aio::MultiplexedConnection, String),
+    Redis(::redis::aio::MultiplexedConnection, String),
     File(std::path::PathBuf),
     Postgres(tokio_postgres::Client),
 }
@@ -289,7 +289,7 @@ impl Raw {
                 Raw::Nats(kv)
             }
             SessionEngine::Redis => {
-                let client = redis::Client::open(config.redis.url.as_str()).expect("url");
+                let client = ::redis::Client::open(config.redis.url.as_str()).expect("url");
                 let conn = client
                     .get_multiplexed_async_connection()
                     .await
@@ -331,13 +331,13 @@ impl Raw {
             }
             Raw::Redis(conn, prefix) => {
                 let mut conn = conn.clone();
-                let keys: Vec<String> = redis::cmd("KEYS")
+                let keys: Vec<String> = ::redis::cmd("KEYS")
                     .arg(format!("{prefix}*"))
                     .query_async(&mut conn)
                     .await
                     .expect("keys");
                 for k in keys {
-                    let fields: Vec<Vec<u8>> = redis::cmd("HGETALL")
+                    let fields: Vec<Vec<u8>> = ::redis::cmd("HGETALL")
                         .arg(&k)
                         .query_async(&mut conn)
                         .await
@@ -376,7 +376,7 @@ impl Raw {
             Raw::Redis(conn, _) => {
                 let mut conn = conn.clone();
                 // The hash's `d` field holds the sealed record; `value` is the whole record.
-                let _: () = redis::cmd("HSET")
+                let _: () = ::redis::cmd("HSET")
                     .arg(key)
                     .arg("d")
                     .arg(value)
@@ -410,7 +410,7 @@ impl Raw {
         match self {
             Raw::Redis(conn, _) => {
                 let mut conn = conn.clone();
-                redis::cmd("HGET")
+                ::redis::cmd("HGET")
                     .arg(raw_key)
                     .arg("d")
                     .query_async(&mut conn)
