@@ -268,7 +268,7 @@ impl Harness {
 
 /// What an engine stored, read and written behind its back with the service's own client.
 enum Raw {
-    Nats(async_nats::jetstream::kv::Store),
+    Nats(Box<async_nats::jetstream::kv::Store>),
     Redis(::redis::aio::MultiplexedConnection, String),
     File(std::path::PathBuf),
     Postgres(tokio_postgres::Client),
@@ -286,7 +286,7 @@ impl Raw {
                     .get_key_value(format!("{prefix}_sessions"))
                     .await
                     .expect("bucket");
-                Raw::Nats(kv)
+                Raw::Nats(Box::new(kv))
             }
             SessionEngine::Redis => {
                 let client = ::redis::Client::open(config.redis.url.as_str()).expect("url");

@@ -506,7 +506,10 @@ async fn cached_db_read_your_writes_across_nodes() {
     tokio::spawn(conn);
     let deleted = pg
         // Session rows only (a user index's key starts with `u`, a session's is hex).
-        .execute("DELETE FROM switchyard_sessions WHERE id NOT LIKE 'u%'", &[])
+        .execute(
+            "DELETE FROM switchyard_sessions WHERE id NOT LIKE 'u%'",
+            &[],
+        )
         .await
         .expect("delete");
     assert_eq!(deleted, 1);
