@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::nats_kv::{NatsLink, NATS_TIMEOUT};
+use super::store::save_via_batch;
 use super::{
     PostgresStore, Record, SaveItem, SaveOutcome, SessionId, SessionKey, SessionStore, StoreError,
 };
@@ -540,15 +541,7 @@ impl SessionStore for CachedDbStore {
         record: &Record,
         expected: Option<u64>,
     ) -> Result<SaveOutcome, StoreError> {
-        let item = SaveItem {
-            id: id.clone(),
-            record: record.clone(),
-            expected,
-        };
-        self.save_batch(std::slice::from_ref(&item))
-            .await
-            .pop()
-            .unwrap_or(Ok(SaveOutcome::Conflict))
+        save_via_batch(self, id, record, expected).await
     }
 
     async fn save_batch(&self, items: &[SaveItem]) -> Vec<Result<SaveOutcome, StoreError>> {

@@ -17,6 +17,7 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
 use super::storage::{Entry, Put, Storage};
+use super::store::save_via_batch;
 use super::{
     now_unix, Record, RecordCodec, SaveItem, SaveOutcome, SessionId, SessionKey, SessionStore,
     StoreError,
@@ -302,15 +303,7 @@ impl<S: Storage> SessionStore for KeyedStore<S> {
         record: &Record,
         expected: Option<u64>,
     ) -> Result<SaveOutcome, StoreError> {
-        let item = SaveItem {
-            id: id.clone(),
-            record: record.clone(),
-            expected,
-        };
-        self.write(std::slice::from_ref(&item))
-            .await
-            .pop()
-            .unwrap_or(Ok(SaveOutcome::Conflict))
+        save_via_batch(self, id, record, expected).await
     }
 
     async fn save_batch(&self, items: &[SaveItem]) -> Vec<Result<SaveOutcome, StoreError>> {

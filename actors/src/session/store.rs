@@ -37,6 +37,32 @@ impl Record {
     }
 }
 
+impl SaveItem {
+    /// The write of `record` under `id` expecting `expected`.
+    pub fn new(id: &SessionId, record: &Record, expected: Option<u64>) -> Self {
+        Self {
+            id: id.clone(),
+            record: record.clone(),
+            expected,
+        }
+    }
+}
+
+/// One save through [`SessionStore::save_batch`], for stores whose batch is the write path.
+pub async fn save_via_batch<S: SessionStore + ?Sized>(
+    store: &S,
+    id: &SessionId,
+    record: &Record,
+    expected: Option<u64>,
+) -> Result<SaveOutcome, StoreError> {
+    let item = SaveItem::new(id, record, expected);
+    store
+        .save_batch(std::slice::from_ref(&item))
+        .await
+        .pop()
+        .unwrap_or(Ok(SaveOutcome::Conflict))
+}
+
 /// Where an engine keeps a session: for stored engines `hex(HMAC-SHA256(k, id))` (see
 /// [`RecordCodec`](super::RecordCodec)), for in-process ones the id itself. The user index
 /// hands out keys, never ids; the shards route by key, so a delete by key and a save by id of
