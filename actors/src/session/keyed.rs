@@ -33,6 +33,9 @@ const MAX_OWNERS: usize = 100_000;
 struct Index {
     user: String,
     keys: Vec<String>,
+    /// The latest expiry of a session it indexed: the index lives as long.
+    #[serde(default)]
+    expires_at: i64,
 }
 
 /// Sessions in a [`Storage`], named by keyed hash and authenticated.
@@ -253,12 +256,13 @@ impl<S: Storage> KeyedStore<S> {
                 ix.keys.push(key.to_owned());
             }
             ix.user = user.to_owned();
+            // The index lives as long as the longest session it has seen (two weeks at least).
+            ix.expires_at = ix.expires_at.max(expires_at).max(now_unix() + 86_400 * 14);
             let put = Put {
                 key: index.to_owned(),
                 bytes: self.codec.seal(index, &to_json(&ix)?)?,
                 version: version.map_or(1, |v| v + 1),
-                // The index lives as long as the longest session it has seen.
-                expires_at: expires_at.max(now_unix() + 86_400 * 14),
+                expires_at: ix.expires_at,
                 expected: version,
             };
             if self.storage.put(&put).await? == SaveOutcome::Saved {
