@@ -64,7 +64,24 @@ impl<'a> Services<'a> {
     }
 }
 
-/// The codec server-side engines store records with (`sessions.encrypt`).
+/// The signing secret: `server.secret_key`, or in debug without one the fixed development key
+/// (every node uses the same one, so nodes of a development cluster share sessions; SPEC
+/// "Trust boundaries"), logged as such.
+pub(crate) fn secret(config: &Config) -> Vec<u8> {
+    if config.server.secret_key.is_empty() {
+        tracing::warn!(
+            "server.secret_key is empty: using the fixed development key to sign cookies and \
+             name and authenticate stored sessions; anyone can forge sessions under it (set \
+             server.secret_key in production)"
+        );
+        switchyard_actors::session::DEVELOPMENT_SECRET_KEY.to_vec()
+    } else {
+        config.server.secret_key.expose_secret().as_bytes().to_vec()
+    }
+}
+
+/// The codec stored engines name and seal records with: keys from `server.secret_key` (the
+/// fixed development key in debug without one) and its fallbacks, `sessions.encrypt`.
 pub(crate) fn codec(config: &Config) -> Result<RecordCodec, StartError> {
     if config.sessions.encrypt && config.server.secret_key.is_empty() {
         return Err(StartError::service(
@@ -80,7 +97,7 @@ pub(crate) fn codec(config: &Config) -> Result<RecordCodec, StartError> {
         .collect();
     Ok(RecordCodec::new(
         config.sessions.encrypt,
-        config.server.secret_key.expose_secret().as_bytes(),
+        &secret(config),
         &fallbacks,
     ))
 }

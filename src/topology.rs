@@ -17,7 +17,6 @@ use std::time::Duration;
 use actix_web::dev::ServerHandle;
 use actix_web::middleware::from_fn;
 use actix_web::{web, HttpServer};
-use rand::RngCore;
 use switchyard_actors::context::builtins::{
     AuthProcessor, CsrfProcessor, DebugProcessor, MessagesProcessor, RequestProcessor,
     StaticProcessor,
@@ -364,21 +363,6 @@ fn processors(
     .map_err(|e| StartError::service("context.processors", e))
 }
 
-/// The signing secret: `server.secret_key`, or in debug without one a random per-process key.
-pub(crate) fn secret(config: &Config) -> Vec<u8> {
-    if config.server.secret_key.is_empty() {
-        let mut key = vec![0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut key);
-        tracing::warn!(
-            "server.secret_key is empty: using a random key for this process; signed cookies \
-             will not survive a restart (set server.secret_key)"
-        );
-        key
-    } else {
-        config.server.secret_key.expose_secret().as_bytes().to_vec()
-    }
-}
-
 /// The session engine `sessions.engine` names, behind its shard actors.
 async fn session_backend(
     services: &engines::Services<'_>,
@@ -393,7 +377,7 @@ async fn session_backend(
             .map(|k| k.expose_secret().as_bytes().to_vec())
             .collect();
         return Ok(Backend::Signed(CookieSigner::new(
-            &secret(config),
+            &engines::secret(config),
             &fallbacks,
         )));
     };

@@ -256,6 +256,187 @@ impl Harness {
         }
         cleanup(&self.config).await;
     }
+
+    /// Stops the node but keeps what it stored (a next node reads it): the directory is
+    /// handed back to keep alive.
+    async fn stop_keeping_data(mut self) -> tempfile::TempDir {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+        self._dir
+    }
+}
+
+/// What an engine stored, read and written behind its back with the service's own client.
+enum Raw {
+    Nats(Box<async_nats::jetstream::kv::Store>),
+    Redis(::redis::aio::MultiplexedConnection, String),
+    File(std::path::PathBuf),
+    Postgres(tokio_postgres::Client),
+}
+
+impl Raw {
+    /// The raw view of `config`'s engine (`None`: an engine without one here).
+    async fn open(config: &Config) -> Option<Raw> {
+        let prefix = &config.nats.prefix;
+        Some(match config.sessions.engine {
+            SessionEngine::NatsKv => {
+                let client = async_nats::connect(config.nats.url.expose_secret())
+                    .await
+                    .expect("nats");
+                let js = async_nats::jetstream::new(client);
+                let kv = js
+                    .get_key_value(format!("{prefix}_sessions"))
+                    .await
+                    .expect("bucket");
+                Raw::Nats(Box::new(kv))
+            }
+            SessionEngine::Redis => {
+                let client = ::redis::Client::open(config.redis.url.expose_secret()).expect("url");
+                let conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("redis");
+                Raw::Redis(conn, format!("{prefix}:"))
+            }
+            SessionEngine::File => Raw::File(config.file.dir.clone()),
+            SessionEngine::Postgres => {
+                let (client, conn) = tokio_postgres::connect(
+                    config.postgres.url.expose_secret(),
+                    tokio_postgres::NoTls,
+                )
+                .await
+                .expect("postgres");
+                tokio::spawn(conn);
+                Raw::Postgres(client)
+            }
+            _ => return None,
+        })
+    }
+
+    /// Every stored key with its whole stored value.
+    async fn entries(&self) -> Vec<(String, Vec<u8>)> {
+        use futures_util::StreamExt;
+        let mut out = Vec::new();
+        match self {
+            Raw::Nats(kv) => {
+                let keys: Vec<String> = kv
+                    .keys()
+                    .await
+                    .expect("keys")
+                    .take(10_000)
+                    .filter_map(|k| async move { k.ok() })
+                    .collect()
+                    .await;
+                for k in keys {
+                    if let Some(v) = kv.get(&k).await.expect("get") {
+                        out.push((k, v.to_vec()));
+                    }
+                }
+            }
+            Raw::Redis(conn, prefix) => {
+                let mut conn = conn.clone();
+                let keys: Vec<String> = ::redis::cmd("KEYS")
+                    .arg(format!("{prefix}*"))
+                    .query_async(&mut conn)
+                    .await
+                    .expect("keys");
+                for k in keys {
+                    let fields: Vec<Vec<u8>> = ::redis::cmd("HGETALL")
+                        .arg(&k)
+                        .query_async(&mut conn)
+                        .await
+                        .expect("hgetall");
+                    out.push((k, fields.concat()));
+                }
+            }
+            Raw::File(dir) => {
+                for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    out.push((name, std::fs::read(entry.path()).expect("read")));
+                }
+            }
+            Raw::Postgres(client) => {
+                for row in client
+                    .query("SELECT id, data, username FROM switchyard_sessions", &[])
+                    .await
+                    .expect("select")
+                {
+                    let user: Option<String> = row.get(2);
+                    let mut value: Vec<u8> = row.get(1);
+                    value.extend(user.unwrap_or_default().into_bytes());
+                    out.push((row.get(0), value));
+                }
+            }
+        }
+        out
+    }
+
+    /// The stored value under `key` (as [`Raw::entries`] names it) replaced by `value`.
+    async fn put(&self, key: &str, value: Vec<u8>) {
+        match self {
+            Raw::Nats(kv) => {
+                kv.put(key, value.into()).await.expect("put");
+            }
+            Raw::Redis(conn, _) => {
+                let mut conn = conn.clone();
+                // The hash's `d` field holds the sealed record; `value` is the whole record.
+                let _: () = ::redis::cmd("HSET")
+                    .arg(key)
+                    .arg("d")
+                    .arg(value)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("hset");
+            }
+            Raw::File(dir) => std::fs::write(dir.join(key), value).expect("write"),
+            Raw::Postgres(client) => {
+                client
+                    .execute(
+                        "UPDATE switchyard_sessions SET data = $2 WHERE id = $1",
+                        &[&key, &value],
+                    )
+                    .await
+                    .expect("update");
+            }
+        }
+    }
+
+    /// The raw key that names storage key `key`, if stored.
+    async fn find(&self, key: &str) -> Option<(String, Vec<u8>)> {
+        self.entries()
+            .await
+            .into_iter()
+            .find(|(k, _)| k.contains(key))
+    }
+
+    /// The sealed value alone (what `put` writes back): Redis keeps it in field `d`.
+    async fn sealed(&self, raw_key: &str) -> Vec<u8> {
+        match self {
+            Raw::Redis(conn, _) => {
+                let mut conn = conn.clone();
+                ::redis::cmd("HGET")
+                    .arg(raw_key)
+                    .arg("d")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("hget")
+            }
+            _ => self.find(raw_key).await.map(|(_, v)| v).unwrap_or_default(),
+        }
+    }
+}
+
+/// The storage key of session `cookie` under secret `secret`.
+fn storage_key(secret: &str, cookie: &str) -> String {
+    let id = switchyard_actors::session::SessionId::parse(cookie).expect("a session id");
+    switchyard_actors::session::RecordCodec::new(false, secret.as_bytes(), &[])
+        .session_key(&id, 0)
+        .expect("key")
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 mod suite {
@@ -484,11 +665,61 @@ mod suite {
         h.stop().await;
     }
 
+    /// SPEC "Trust boundaries": stored engines keep sessions under a keyed hash of the id,
+    /// never the cookie, with no cookie in any value (user index included), and an altered
+    /// record loads as no session.
+    pub async fn stored_records_hide_cookies_and_refuse_tampering(e: Engine) {
+        let Some(h) = Harness::start(&e).await else {
+            return;
+        };
+        let Some(raw) = Raw::open(&h.config).await else {
+            h.stop().await;
+            return;
+        };
+        let c = h.set("a", "1", None).await;
+        // An owner, so the user index is written too.
+        let c = h.set("_auth_user", "bob", Some(&c)).await;
+        let other = h.set("a", "2", None).await;
+        let entries = raw.entries().await;
+        assert!(
+            entries.len() >= 3,
+            "two sessions and an index: {}",
+            entries.len()
+        );
+        for (k, v) in &entries {
+            for cookie in [&c, &other] {
+                assert!(
+                    !k.contains(cookie.as_str()),
+                    "a stored key names a cookie: {k}"
+                );
+                assert!(
+                    !contains(v, cookie.as_bytes()),
+                    "a stored value holds a cookie"
+                );
+            }
+        }
+        let key = storage_key(h.config.server.secret_key.expose_secret(), &c);
+        let (raw_key, _) = raw.find(&key).await.expect("stored under the keyed hash");
+        let sealed = raw.sealed(&raw_key).await;
+        for i in [0, sealed.len() / 2, sealed.len() - 1] {
+            let mut altered = sealed.clone();
+            altered[i] ^= 0x01;
+            raw.put(&raw_key, altered).await;
+            assert_eq!(
+                h.value("a", Some(&c)).await,
+                Value::Null,
+                "byte {i} altered"
+            );
+            assert_eq!(h.value("_auth_user", Some(&c)).await, Value::Null);
+            raw.put(&raw_key, sealed.clone()).await;
+            assert_eq!(h.value("a", Some(&c)).await, json!("1"), "restored");
+        }
+        h.stop().await;
+    }
+
     pub async fn fallback_secret_accepted(e: Engine) {
         if e.engine != SessionEngine::SignedCookies {
-            // Server-side engines sign nothing; their use of fallbacks (encryption at rest)
-            // is covered with `sessions.encrypt`.
-            return;
+            return stored_fallback_resaves(e).await;
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let config = base_config(&e, dir.path());
@@ -519,6 +750,49 @@ mod suite {
         );
         h.stop().await;
     }
+}
+
+/// A stored session written under an old secret is read through `secret_key_fallbacks` and
+/// re-saved under the current one (then readable without the fallback).
+async fn stored_fallback_resaves(e: Engine) {
+    if e.engine == SessionEngine::Memory {
+        return; // nothing at rest
+    }
+    let Some(h) = Harness::start(&e).await else {
+        return;
+    };
+    let c = h.set("a", "1", None).await;
+    let mut config = h.config.clone();
+    let old_key = config.server.secret_key.clone();
+    let dir = h.stop_keeping_data().await;
+
+    config.server.secret_key = "a-brand-new-secret-key-0123456789abcdef".into();
+    config.server.secret_key_fallbacks = vec![old_key.clone()];
+    let h = Harness::start_with(config.clone(), dir).await;
+    assert_eq!(
+        h.value("a", Some(&c)).await,
+        json!("1"),
+        "found under the old key"
+    );
+    if let Some(raw) = Raw::open(&config).await {
+        let new_key = storage_key(config.server.secret_key.expose_secret(), &c);
+        assert!(
+            raw.find(&new_key).await.is_some(),
+            "re-saved under the new key"
+        );
+        let old = storage_key(old_key.expose_secret(), &c);
+        assert!(raw.find(&old).await.is_none(), "the old key's copy deleted");
+    }
+    let dir = h.stop_keeping_data().await;
+
+    config.server.secret_key_fallbacks = vec![];
+    let h = Harness::start_with(config, dir).await;
+    assert_eq!(
+        h.value("a", Some(&c)).await,
+        json!("1"),
+        "readable without the fallback once re-saved"
+    );
+    h.stop().await;
 }
 
 macro_rules! session_suite {
@@ -577,6 +851,10 @@ macro_rules! session_suite {
             #[actix_rt::test]
             async fn fallback_secret_accepted() {
                 suite::fallback_secret_accepted(E).await
+            }
+            #[actix_rt::test]
+            async fn stored_records_hide_cookies_and_refuse_tampering() {
+                suite::stored_records_hide_cookies_and_refuse_tampering(E).await
             }
         }
     };

@@ -298,7 +298,7 @@ mod checks {
         let id = session_id(&jar, &a).expect("session cookie");
         let raw = raw_bytes(&ns, &id).await.expect("the session is stored");
         assert!(!raw.is_empty());
-        for plain in [&b"cart"[..], b"alice", b"_auth_user"] {
+        for plain in [&b"cart"[..], b"alice", b"_auth_user", id.as_bytes()] {
             assert!(
                 !raw.windows(plain.len()).any(|w| w == plain),
                 "{} visible in stored bytes: {:?}",
@@ -321,8 +321,13 @@ mod checks {
         ns.cleanup().await;
     }
 
-    /// The stored bytes of session `id`, read straight from the engine's service.
+    /// The stored bytes of session `id`, read straight from the engine's service under its
+    /// storage key (the keyed hash of the id under [`SECRET`]).
     async fn raw_bytes(ns: &Ns, id: &str) -> Option<Vec<u8>> {
+        let sid = switchyard_actors::session::SessionId::parse(id)?;
+        let key = switchyard_actors::session::RecordCodec::new(false, SECRET.as_bytes(), &[])
+            .session_key(&sid, 0)?;
+        let id = key.as_str();
         match ns.engine {
             "postgres" | "cached_db" => {
                 let (client, conn) = tokio_postgres::connect(&ns.pg_url, tokio_postgres::NoTls)
@@ -342,7 +347,7 @@ mod checks {
                     .await
                     .expect("connect");
                 ::redis::cmd("HGET")
-                    .arg(format!("{}:session:{id}", ns.prefix))
+                    .arg(format!("{}:s:{id}", ns.prefix))
                     .arg("d")
                     .query_async(&mut conn)
                     .await
@@ -427,6 +432,46 @@ cluster_suite!(nats_kv, "nats_kv");
 cluster_suite!(redis, "redis");
 cluster_suite!(memcached, "memcached");
 
+/// Two nodes of `config/cluster.toml` without a secret key (debug) share sessions: both use
+/// the fixed development key to name and authenticate stored sessions.
+#[actix_rt::test]
+async fn cluster_toml_nodes_without_a_secret_key_share_sessions() {
+    let Some(ns) = Ns::new("postgres") else {
+        return;
+    };
+    let config =
+        std::fs::read_to_string(common::root().join("config/cluster.toml")).expect("cluster.toml");
+    assert!(
+        config.contains("secret_key = \"\""),
+        "cluster.toml has no secret key"
+    );
+    let env: Vec<(String, String)> = ns
+        .env()
+        .into_iter()
+        .filter(|(k, _)| k != "SWITCHYARD_SERVER__SECRET_KEY" && k != "SWITCHYARD_SESSIONS__ENGINE")
+        .collect();
+    let spawn = || {
+        spawn_node(NodeOptions {
+            config: Some(config.clone()),
+            env: env.clone(),
+            ..Default::default()
+        })
+    };
+    let a = spawn();
+    let b = spawn();
+    let client = common::client();
+    let token = login(&client, &a, "alice", "wonderland").await;
+    assert_eq!(
+        post(&client, &a.url("/cart/add/1"), token.as_deref(), &[]).await,
+        303
+    );
+    let (_, page) = get(&client, &b.url("/cart")).await;
+    assert_eq!(marker(&page, "cart-count").as_deref(), Some("1"), "{page}");
+    assert_eq!(marker(&page, "user").as_deref(), Some("alice"));
+    drop((a, b));
+    ns.cleanup().await;
+}
+
 /// With `cached_db`, once node A has answered a write, node B (which cached the session)
 /// returns the new data.
 #[actix_rt::test]
@@ -460,7 +505,11 @@ async fn cached_db_read_your_writes_across_nodes() {
         .expect("connect");
     tokio::spawn(conn);
     let deleted = pg
-        .execute("DELETE FROM switchyard_sessions", &[])
+        // Session rows only (a user index's key starts with `u`, a session's is hex).
+        .execute(
+            "DELETE FROM switchyard_sessions WHERE id NOT LIKE 'u%'",
+            &[],
+        )
         .await
         .expect("delete");
     assert_eq!(deleted, 1);

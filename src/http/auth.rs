@@ -222,13 +222,15 @@ async fn previous_session_data(
     else {
         return Ok(None);
     };
-    let current = Session::of(req).and_then(|s| s.id());
+    let current = Session::of(req)
+        .and_then(|s| s.id())
+        .map(|id| shards.key(&id));
     let mut best: Option<(i64, Map<String, Value>)> = None;
-    for id in shards.sessions_of(username).await? {
-        if Some(&id) == current.as_ref() {
+    for key in shards.sessions_of(username).await? {
+        if Some(&key) == current.as_ref() {
             continue;
         }
-        if let Some(r) = shards.load(&id).await? {
+        if let Some(r) = shards.load_key(&key).await? {
             if best.as_ref().is_none_or(|(t, _)| r.updated_at > *t) {
                 best = Some((r.updated_at, r.data));
             }

@@ -1,5 +1,6 @@
 //! The `cached_db` engine: the `postgres` engine with an in-process read cache, kept coherent
-//! across nodes by invalidations `{"id","version"}` on `<prefix>.sessions.invalidate`.
+//! across nodes by invalidations `{"key","version"}` on `<prefix>.sessions.invalidate`
+//! (`key`: the session's storage key, the keyed hash of its id — never the id itself).
 //!
 //! Reads hit the cache; a miss loads from Postgres and fills it. Writes go to Postgres first
 //! (group-committed like `postgres`), then the writer publishes one invalidation per written
@@ -36,7 +37,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::nats_kv::{NatsLink, NATS_TIMEOUT};
-use super::{PostgresStore, Record, SaveItem, SaveOutcome, SessionId, SessionStore, StoreError};
+use super::store::save_via_batch;
+use super::{
+    PostgresStore, Record, SaveItem, SaveOutcome, SessionId, SessionKey, SessionStore, StoreError,
+};
 
 const ENGINE: &str = "cached_db";
 
@@ -54,7 +58,7 @@ pub const DISCOVERY: Duration = Duration::from_millis(800);
 /// The invalidation message (`version` null: the session was deleted).
 #[derive(Debug, Serialize, Deserialize)]
 struct Invalidation {
-    id: String,
+    key: String,
     version: Option<u64>,
 }
 
@@ -76,7 +80,7 @@ struct Pending {
 
 /// The cache, the live nodes and the pending acknowledgements, shared with the listener.
 struct Cache {
-    entries: DashMap<SessionId, Record>,
+    entries: DashMap<SessionKey, Record>,
     /// Bumped on every whole-cache drop.
     generation: AtomicU64,
     /// Bumped on every invalidation received.
@@ -120,7 +124,7 @@ impl Cache {
     }
 
     /// Puts `record` in the cache if nothing invalidated it since `mark`.
-    fn fill(&self, id: &SessionId, record: Record, mark: Mark) {
+    fn fill(&self, id: &SessionKey, record: Record, mark: Mark) {
         if self.mark() != mark {
             self.entries.remove(id);
             return;
@@ -147,9 +151,7 @@ impl Cache {
                 return;
             }
         };
-        let Some(id) = SessionId::parse(&inv.id) else {
-            return;
-        };
+        let id = SessionKey::new(inv.key);
         match inv.version {
             Some(v) => {
                 self.entries.remove_if(&id, |_, r| r.version < v);
@@ -424,6 +426,19 @@ impl CachedDbStore {
         usable
     }
 
+    /// A live cached copy of the session under `key`, when the cache is in use.
+    fn hit(&self, key: &SessionKey) -> Option<Option<Record>> {
+        if !self.cache_usable() {
+            return None;
+        }
+        let r = self.cache.entries.get(key)?;
+        if r.is_expired() {
+            return None;
+        }
+        self.cache.hits.fetch_add(1, Ordering::Relaxed);
+        Some(Some(r.clone()))
+    }
+
     /// Publishes invalidations and waits until every live node applied them.
     async fn announce(&self, invalidations: &[Invalidation]) {
         if invalidations.is_empty() {
@@ -492,9 +507,14 @@ impl SessionStore for CachedDbStore {
         ENGINE
     }
 
+    fn key(&self, id: &SessionId) -> SessionKey {
+        self.db.key(id)
+    }
+
     async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
-        if let Some(hit) = self.load_now(id) {
-            return hit;
+        let key = self.db.key(id);
+        if let Some(hit) = self.hit(&key) {
+            return Ok(hit);
         }
         let usable = self.cache_usable();
         self.cache.misses.fetch_add(1, Ordering::Relaxed);
@@ -502,13 +522,17 @@ impl SessionStore for CachedDbStore {
         let record = self.db.load(id).await?;
         if usable {
             match &record {
-                Some(r) => self.cache.fill(id, r.clone(), mark),
+                Some(r) => self.cache.fill(&key, r.clone(), mark),
                 None => {
-                    self.cache.entries.remove(id);
+                    self.cache.entries.remove(&key);
                 }
             }
         }
         Ok(record)
+    }
+
+    async fn load_key(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
+        self.db.load_key(key).await
     }
 
     async fn save(
@@ -517,15 +541,7 @@ impl SessionStore for CachedDbStore {
         record: &Record,
         expected: Option<u64>,
     ) -> Result<SaveOutcome, StoreError> {
-        let item = SaveItem {
-            id: id.clone(),
-            record: record.clone(),
-            expected,
-        };
-        self.save_batch(std::slice::from_ref(&item))
-            .await
-            .pop()
-            .unwrap_or(Ok(SaveOutcome::Conflict))
+        save_via_batch(self, id, record, expected).await
     }
 
     async fn save_batch(&self, items: &[SaveItem]) -> Vec<Result<SaveOutcome, StoreError>> {
@@ -534,12 +550,12 @@ impl SessionStore for CachedDbStore {
         for (item, outcome) in items.iter().zip(&outcomes) {
             match outcome {
                 Ok(SaveOutcome::Saved) => invalidations.push(Invalidation {
-                    id: item.id.as_str().to_owned(),
+                    key: self.db.key(&item.id).as_str().to_owned(),
                     version: Some(item.record.version),
                 }),
                 // A conflict means our copy (if any) is stale.
                 Ok(SaveOutcome::Conflict) => {
-                    self.cache.entries.remove(&item.id);
+                    self.cache.entries.remove(&self.db.key(&item.id));
                 }
                 Err(_) => {}
             }
@@ -551,12 +567,12 @@ impl SessionStore for CachedDbStore {
         outcomes
     }
 
-    async fn delete(&self, id: &SessionId) -> Result<(), StoreError> {
-        self.db.delete(id).await?;
-        self.cache.entries.remove(id);
+    async fn delete(&self, key: &SessionKey) -> Result<(), StoreError> {
+        self.db.delete(key).await?;
+        self.cache.entries.remove(key);
         self.cache.invalidations.fetch_add(1, Ordering::SeqCst);
         self.announce(&[Invalidation {
-            id: id.as_str().to_owned(),
+            key: key.as_str().to_owned(),
             version: None,
         }])
         .await;
@@ -568,7 +584,7 @@ impl SessionStore for CachedDbStore {
         self.db.purge_expired().await
     }
 
-    async fn sessions_of(&self, user: &str) -> Result<Vec<SessionId>, StoreError> {
+    async fn sessions_of(&self, user: &str) -> Result<Vec<SessionKey>, StoreError> {
         self.db.sessions_of(user).await
     }
 
@@ -580,14 +596,6 @@ impl SessionStore for CachedDbStore {
     /// A cache hit is answered at once, without the shard's mailbox; a miss (or a cache not in
     /// use) goes through the shard to Postgres.
     fn load_now(&self, id: &SessionId) -> Option<Result<Option<Record>, StoreError>> {
-        if !self.cache_usable() {
-            return None;
-        }
-        let r = self.cache.entries.get(id)?;
-        if r.is_expired() {
-            return None;
-        }
-        self.cache.hits.fetch_add(1, Ordering::Relaxed);
-        Some(Ok(Some(r.clone())))
+        self.hit(&self.db.key(id)).map(Ok)
     }
 }

@@ -1,35 +1,113 @@
-//! How server-side engines turn a [`Record`] into stored bytes: JSON, or with
-//! `sessions.encrypt = true` an XChaCha20-Poly1305 box bound to the session id.
+//! How stored engines name and seal what they store (SPEC "Trust boundaries"):
 //!
-//! The key is derived from `server.secret_key` with HKDF-SHA256; keys derived from
-//! `server.secret_key_fallbacks` still decrypt, so a key rotation keeps every session readable
-//! (a session is re-encrypted under the current key at its next write). Decoding accepts plain
-//! JSON too, so turning encryption on does not end existing sessions.
+//! - a session is stored under `hex(HMAC-SHA256(k_key, session id))`, a user's index under
+//!   `u` + `hex(HMAC-SHA256(k_key, "user:" + name))`: whoever reads the store learns no cookie;
+//! - every stored value is authenticated with `k_auth` and bound to the storage key it is
+//!   stored under: `SYA2 | HMAC-SHA256(k_auth, key | json) | json`, or with
+//!   `sessions.encrypt = true` `SYE2 | 24-byte nonce | XChaCha20-Poly1305(k_enc, json, aad =
+//!   key)`. Anything else (an altered byte, a record copied under another key, plain JSON)
+//!   does not open, and the session loads as missing.
+//!
+//! The three keys are derived from `server.secret_key` with HKDF-SHA256 (salt `switchyard`,
+//! one info string per purpose). Keys derived from `server.secret_key_fallbacks` open records
+//! too and name the keys a session may still be stored under, so a key rotation keeps every
+//! session: it is found under its old key and re-saved under the current one.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
 use rand::rngs::OsRng;
 use rand::RngCore;
 use sha2::Sha256;
 
 use super::{Record, SessionId, StoreError};
 
-/// The first bytes of an encrypted record (format version 1).
-const MAGIC: &[u8; 4] = b"SYE1";
+/// The first bytes of an authenticated (not encrypted) value.
+const MAGIC_AUTH: &[u8; 4] = b"SYA2";
+/// The first bytes of an encrypted value.
+const MAGIC_SEALED: &[u8; 4] = b"SYE2";
 /// XChaCha20 nonce length: random nonces are safe at this size.
 const NONCE_BYTES: usize = 24;
-/// HKDF salt and info: a key for nothing but session records.
+/// HMAC-SHA256 tag length.
+const TAG_BYTES: usize = 32;
 const HKDF_SALT: &[u8] = b"switchyard";
-const HKDF_INFO: &[u8] = b"switchyard session records v1";
+const INFO_KEY: &[u8] = b"switchyard session storage keys v2";
+const INFO_AUTH: &[u8] = b"switchyard session record authentication v2";
+const INFO_ENC: &[u8] = b"switchyard session records v2";
 
-/// Encodes and decodes stored records; cheap to clone.
+/// The secret every node uses when `debug = true` and `server.secret_key` is empty: nodes of
+/// one development cluster then share sessions and signed cookies. Never for production
+/// (configuration refuses an empty key without `debug`).
+pub const DEVELOPMENT_SECRET_KEY: &[u8] =
+    b"switchyard-development-secret-key-not-for-production-use";
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The keys derived from one secret.
+#[derive(Clone)]
+struct KeySet {
+    naming: HmacSha256,
+    auth: HmacSha256,
+    enc: XChaCha20Poly1305,
+}
+
+fn hkdf(secret: &[u8], info: &[u8]) -> [u8; 32] {
+    let hk = Hkdf::<Sha256>::new(Some(HKDF_SALT), secret);
+    let mut key = [0u8; 32];
+    // 32 bytes is far below HKDF-SHA256's limit of 255 * 32, so expand cannot fail.
+    let _ = hk.expand(info, &mut key);
+    key
+}
+
+fn hmac(key: &[u8; 32]) -> HmacSha256 {
+    // HMAC takes keys of any length.
+    <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!())
+}
+
+impl KeySet {
+    fn derive(secret: &[u8]) -> Self {
+        Self {
+            naming: hmac(&hkdf(secret, INFO_KEY)),
+            auth: hmac(&hkdf(secret, INFO_AUTH)),
+            enc: XChaCha20Poly1305::new(&hkdf(secret, INFO_ENC).into()),
+        }
+    }
+
+    fn name(&self, parts: &[&[u8]]) -> String {
+        let mut mac = self.naming.clone();
+        for p in parts {
+            mac.update(p);
+        }
+        hex(&mac.finalize().into_bytes())
+    }
+
+    fn tag(&self, key: &str, json: &[u8]) -> HmacSha256 {
+        let mut mac = self.auth.clone();
+        mac.update(&(key.len() as u64).to_be_bytes());
+        mac.update(key.as_bytes());
+        mac.update(json);
+        mac
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// Names and seals stored values; cheap to clone.
 #[derive(Clone)]
 pub struct RecordCodec {
     /// Encrypt new writes (`sessions.encrypt`).
     encrypt: bool,
-    /// The current key first, then the fallbacks' keys.
-    keys: Vec<XChaCha20Poly1305>,
+    /// The current secret's keys first, then the fallbacks'.
+    keys: Vec<KeySet>,
 }
 
 impl std::fmt::Debug for RecordCodec {
@@ -41,35 +119,37 @@ impl std::fmt::Debug for RecordCodec {
     }
 }
 
-fn derive(secret: &[u8]) -> XChaCha20Poly1305 {
-    let hk = Hkdf::<Sha256>::new(Some(HKDF_SALT), secret);
-    let mut key = [0u8; 32];
-    // 32 bytes is far below HKDF-SHA256's limit of 255 * 32, so expand cannot fail.
-    let _ = hk.expand(HKDF_INFO, &mut key);
-    XChaCha20Poly1305::new(&key.into())
+fn corrupt(message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        engine: "codec",
+        message: message.into(),
+    }
 }
 
 impl RecordCodec {
-    /// Plain JSON, no keys.
+    /// Not encrypted, keyed by [`DEVELOPMENT_SECRET_KEY`] (tests and benchmarks).
     pub fn plain() -> Self {
-        Self {
-            encrypt: false,
-            keys: Vec::new(),
-        }
+        Self::new(false, DEVELOPMENT_SECRET_KEY, &[])
     }
 
-    /// A codec with keys derived from `secret` and `fallbacks`; it encrypts new writes when
-    /// `encrypt` is set (which then needs a non-empty `secret`).
+    /// Keys derived from `secret` (the current key; empty: [`DEVELOPMENT_SECRET_KEY`]) and
+    /// `fallbacks`; new writes are encrypted when `encrypt` is set.
     pub fn new(encrypt: bool, secret: &[u8], fallbacks: &[Vec<u8>]) -> Self {
-        let keys = std::iter::once(secret)
-            .chain(fallbacks.iter().map(Vec::as_slice))
-            .filter(|k| !k.is_empty())
-            .map(derive)
-            .collect::<Vec<_>>();
-        Self {
-            encrypt: encrypt && !keys.is_empty(),
-            keys,
-        }
+        let current = if secret.is_empty() {
+            DEVELOPMENT_SECRET_KEY
+        } else {
+            secret
+        };
+        let keys = std::iter::once(current)
+            .chain(
+                fallbacks
+                    .iter()
+                    .map(Vec::as_slice)
+                    .filter(|k| !k.is_empty()),
+            )
+            .map(KeySet::derive)
+            .collect();
+        Self { encrypt, keys }
     }
 
     /// Whether new writes are encrypted.
@@ -77,60 +157,107 @@ impl RecordCodec {
         self.encrypt
     }
 
-    /// The stored bytes of `record` under `id`.
-    pub fn encode(&self, id: &SessionId, record: &Record) -> Result<Vec<u8>, StoreError> {
-        let json = serde_json::to_vec(record).map_err(|e| StoreError::Other {
-            engine: "codec",
-            message: format!("cannot serialize a session: {e}"),
-        })?;
-        let Some(key) = self.keys.first().filter(|_| self.encrypt) else {
-            return Ok(json);
-        };
+    /// How many secrets name and open values (the current one and the fallbacks).
+    pub fn generations(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The storage key of session `id` under secret `generation` (0: the current one).
+    pub fn session_key(&self, id: &SessionId, generation: usize) -> Option<String> {
+        Some(self.keys.get(generation)?.name(&[id.as_str().as_bytes()]))
+    }
+
+    /// The storage key of `user`'s index under secret `generation`.
+    pub fn user_key(&self, user: &str, generation: usize) -> Option<String> {
+        let name = self
+            .keys
+            .get(generation)?
+            .name(&[b"user:", user.as_bytes()]);
+        Some(format!("u{name}"))
+    }
+
+    /// The stored bytes of `json` under storage key `key` (current secret).
+    pub fn seal(&self, key: &str, json: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let k = &self.keys[0];
+        if !self.encrypt {
+            let tag = k.tag(key, json).finalize().into_bytes();
+            let mut out = Vec::with_capacity(MAGIC_AUTH.len() + TAG_BYTES + json.len());
+            out.extend_from_slice(MAGIC_AUTH);
+            out.extend_from_slice(&tag);
+            out.extend_from_slice(json);
+            return Ok(out);
+        }
         let mut nonce = [0u8; NONCE_BYTES];
         OsRng.fill_bytes(&mut nonce);
-        let sealed = key
+        let sealed = k
+            .enc
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
-                    msg: &json,
-                    aad: id.as_str().as_bytes(),
+                    msg: json,
+                    aad: key.as_bytes(),
                 },
             )
             .map_err(|_| StoreError::Other {
                 engine: "codec",
                 message: "cannot encrypt a session".into(),
             })?;
-        let mut out = Vec::with_capacity(MAGIC.len() + NONCE_BYTES + sealed.len());
-        out.extend_from_slice(MAGIC);
+        let mut out = Vec::with_capacity(MAGIC_SEALED.len() + NONCE_BYTES + sealed.len());
+        out.extend_from_slice(MAGIC_SEALED);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
         Ok(out)
     }
 
-    /// The record stored as `bytes` under `id`: plain JSON, or a box any known key opens.
-    pub fn decode(&self, id: &SessionId, bytes: &[u8]) -> Result<Record, StoreError> {
-        let corrupt = |message: String| StoreError::Corrupt {
-            engine: "codec",
-            message,
-        };
-        let Some(rest) = bytes.strip_prefix(MAGIC.as_slice()) else {
-            return serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()));
+    /// The JSON stored as `bytes` under `key`, if a known secret authenticates it.
+    pub fn open(&self, key: &str, bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+        if let Some(rest) = bytes.strip_prefix(MAGIC_AUTH.as_slice()) {
+            if rest.len() < TAG_BYTES {
+                return Err(corrupt("authenticated record too short"));
+            }
+            let (tag, json) = rest.split_at(TAG_BYTES);
+            return self
+                .keys
+                .iter()
+                .any(|k| k.tag(key, json).verify_slice(tag).is_ok())
+                .then(|| json.to_vec())
+                .ok_or_else(|| corrupt("record not authenticated by any configured key"));
+        }
+        let Some(rest) = bytes.strip_prefix(MAGIC_SEALED.as_slice()) else {
+            return Err(corrupt("not an authenticated record"));
         };
         if rest.len() < NONCE_BYTES {
-            return Err(corrupt("encrypted record too short".into()));
+            return Err(corrupt("encrypted record too short"));
         }
         let (nonce, sealed) = rest.split_at(NONCE_BYTES);
-        let payload = || Payload {
-            msg: sealed,
-            aad: id.as_str().as_bytes(),
-        };
-        let json = self
-            .keys
+        self.keys
             .iter()
-            .find_map(|k| k.decrypt(XNonce::from_slice(nonce), payload()).ok())
-            .ok_or_else(|| {
-                corrupt("encrypted record: no configured key opens it (secret_key changed?)".into())
-            })?;
+            .find_map(|k| {
+                k.enc
+                    .decrypt(
+                        XNonce::from_slice(nonce),
+                        Payload {
+                            msg: sealed,
+                            aad: key.as_bytes(),
+                        },
+                    )
+                    .ok()
+            })
+            .ok_or_else(|| corrupt("encrypted record: no configured key opens it"))
+    }
+
+    /// The stored bytes of `record` under `key`.
+    pub fn encode(&self, key: &str, record: &Record) -> Result<Vec<u8>, StoreError> {
+        let json = serde_json::to_vec(record).map_err(|e| StoreError::Other {
+            engine: "codec",
+            message: format!("cannot serialize a session: {e}"),
+        })?;
+        self.seal(key, &json)
+    }
+
+    /// The record stored as `bytes` under `key`.
+    pub fn decode(&self, key: &str, bytes: &[u8]) -> Result<Record, StoreError> {
+        let json = self.open(key, bytes)?;
         serde_json::from_slice(&json).map_err(|e| corrupt(e.to_string()))
     }
 }
@@ -153,33 +280,61 @@ mod tests {
     }
 
     #[test]
-    fn encrypted_bytes_hide_the_data_and_round_trip() -> Result<(), StoreError> {
+    fn keys_are_keyed_hashes_of_the_id() {
         let id = SessionId::generate();
+        let a = RecordCodec::new(false, b"secret-a", &[]);
+        let b = RecordCodec::new(false, b"secret-b", &[b"secret-a".to_vec()]);
+        let key = a.session_key(&id, 0).unwrap_or_default();
+        assert_eq!(key.len(), 64);
+        assert!(!key.contains(id.as_str()));
+        assert_ne!(b.session_key(&id, 0), Some(key.clone()));
+        assert_eq!(b.session_key(&id, 1), Some(key));
+        assert_eq!(b.session_key(&id, 2), None);
+        assert!(a.user_key("bob", 0).unwrap_or_default().starts_with('u'));
+    }
+
+    #[test]
+    fn encrypted_bytes_hide_the_data_and_round_trip() -> Result<(), StoreError> {
         let codec = RecordCodec::new(true, b"current-secret", &[]);
-        let bytes = codec.encode(&id, &record())?;
-        assert!(bytes.starts_with(MAGIC));
+        let bytes = codec.encode("k1", &record())?;
         let text = String::from_utf8_lossy(&bytes);
         assert!(!text.contains("plaintext-marker") && !text.contains("cart"));
-        assert_eq!(codec.decode(&id, &bytes)?, record());
-        // Bound to the id: the same bytes under another id do not open.
-        assert!(codec.decode(&SessionId::generate(), &bytes).is_err());
+        assert_eq!(codec.decode("k1", &bytes)?, record());
+        // Bound to the key: the same bytes under another key do not open.
+        assert!(codec.decode("k2", &bytes).is_err());
         Ok(())
     }
 
     #[test]
-    fn fallback_keys_still_open_and_plain_json_is_accepted() -> Result<(), StoreError> {
-        let id = SessionId::generate();
-        let old = RecordCodec::new(true, b"old-secret", &[]);
-        let bytes = old.encode(&id, &record())?;
-        let rotated = RecordCodec::new(true, b"new-secret", &[b"old-secret".to_vec()]);
-        assert_eq!(rotated.decode(&id, &bytes)?, record());
-        let without = RecordCodec::new(true, b"new-secret", &[]);
-        assert!(matches!(
-            without.decode(&id, &bytes),
-            Err(StoreError::Corrupt { .. })
-        ));
-        let plain = RecordCodec::plain().encode(&id, &record())?;
-        assert_eq!(rotated.decode(&id, &plain)?, record());
+    fn every_altered_byte_and_plain_json_are_refused() -> Result<(), StoreError> {
+        for encrypt in [false, true] {
+            let codec = RecordCodec::new(encrypt, b"s", &[]);
+            let bytes = codec.encode("k", &record())?;
+            for i in 0..bytes.len() {
+                let mut altered = bytes.clone();
+                altered[i] ^= 0x01;
+                assert!(codec.decode("k", &altered).is_err(), "byte {i} ({encrypt})");
+            }
+            assert!(codec.decode("k", &bytes[..bytes.len() - 1]).is_err());
+        }
+        let json = serde_json::to_vec(&record()).unwrap_or_default();
+        assert!(RecordCodec::plain().decode("k", &json).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn fallback_keys_still_open() -> Result<(), StoreError> {
+        for encrypt in [false, true] {
+            let old = RecordCodec::new(encrypt, b"old-secret", &[]);
+            let bytes = old.encode("k", &record())?;
+            let rotated = RecordCodec::new(encrypt, b"new-secret", &[b"old-secret".to_vec()]);
+            assert_eq!(rotated.decode("k", &bytes)?, record());
+            let without = RecordCodec::new(encrypt, b"new-secret", &[]);
+            assert!(matches!(
+                without.decode("k", &bytes),
+                Err(StoreError::Corrupt { .. })
+            ));
+        }
         Ok(())
     }
 }

@@ -1,19 +1,24 @@
-//! The `file` engine: one JSON file per session under `[file] dir`, written atomically
-//! (temporary file, fsync, rename), so sessions survive a restart with nothing else installed.
+//! The `file` engine: a [`Storage`] of one file per value under `[file] dir` (named by the
+//! keyed hash, framed: version, expiry, sealed bytes), written atomically (temporary file,
+//! fsync, rename), behind the generic [`KeyedStore`], so sessions survive a restart with
+//! nothing else installed.
 
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::{now_unix, Record, RecordCodec, SaveOutcome, SessionId, SessionStore, StoreError};
+use super::storage::{frame, framed_entry, unframe, version_matches, Entry, Put, Storage};
+use super::{now_unix, KeyedStore, RecordCodec, SaveOutcome, SessionId, StoreError};
 
 const ENGINE: &str = "file";
 const SUFFIX: &str = ".session";
 
-/// Sessions as files in one directory.
-pub struct FileStore {
+/// Sessions as files in one directory: the generic store over [`FileStorage`].
+pub type FileStore = KeyedStore<FileStorage>;
+
+/// A file per value (`<key>.session`, framed: version, expiry, sealed bytes).
+pub struct FileStorage {
     dir: PathBuf,
-    codec: RecordCodec,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -24,62 +29,38 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl FileStore {
-    /// A store in `dir`, created when missing.
+    /// A store in `dir`, created when missing, sealing with [`RecordCodec::plain`] until
+    /// [`FileStore::with_codec`].
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)
             .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
-        Ok(Self {
-            dir,
-            codec: RecordCodec::plain(),
-        })
+        Ok(KeyedStore::new(FileStorage { dir }, RecordCodec::plain()))
     }
 
-    /// Encodes files with `codec` (`sessions.encrypt`).
-    pub fn with_codec(mut self, codec: RecordCodec) -> Self {
-        self.codec = codec;
-        self
+    /// Seals files with `codec` (`server.secret_key`, `sessions.encrypt`).
+    pub fn with_codec(self, codec: RecordCodec) -> Self {
+        KeyedStore::new(self.into_storage(), codec)
     }
 
     /// The directory sessions live in.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.storage().dir
+    }
+}
+
+impl FileStorage {
+    fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{key}{SUFFIX}"))
     }
 
-    fn path(&self, id: &SessionId) -> PathBuf {
-        self.dir.join(format!("{}{SUFFIX}", id.as_str()))
-    }
-
-    async fn read(&self, id: &SessionId, path: &Path) -> Result<Option<Record>, StoreError> {
+    /// The framed value under `path`.
+    async fn read(&self, path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
         match tokio::fs::read(path).await {
-            Ok(bytes) => self
-                .codec
-                .decode(id, &bytes)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt {
-                    engine: ENGINE,
-                    message: format!("{}: {e}", path.display()),
-                }),
+            Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable(format!("cannot read {}: {e}", path.display()))),
         }
-    }
-
-    /// Every session file with its id.
-    async fn all(&self) -> Result<Vec<(SessionId, PathBuf)>, StoreError> {
-        let mut out = Vec::new();
-        let mut rd = tokio::fs::read_dir(&self.dir)
-            .await
-            .map_err(|e| unavailable(format!("cannot list {}: {e}", self.dir.display())))?;
-        while let Some(entry) = rd.next_entry().await.map_err(unavailable)? {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let Some(id) = name.strip_suffix(SUFFIX).and_then(SessionId::parse) else {
-                continue;
-            };
-            out.push((id, entry.path()));
-        }
-        Ok(out)
     }
 }
 
@@ -113,88 +94,61 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
 }
 
 #[async_trait]
-impl SessionStore for FileStore {
+impl Storage for FileStorage {
     fn engine(&self) -> &'static str {
         ENGINE
     }
 
-    async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
-        let path = self.path(id);
-        match self.read(id, &path).await {
-            Ok(Some(r)) if r.is_expired() => {
-                let _ = tokio::fs::remove_file(&path).await;
-                Ok(None)
-            }
-            Ok(r) => Ok(r),
-            Err(StoreError::Corrupt { message, .. }) => {
-                tracing::warn!("dropping corrupt session file: {message}");
-                let _ = tokio::fs::remove_file(&path).await;
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        Ok(self
+            .read(&self.path(key))
+            .await?
+            .and_then(|value| framed_entry(&value)))
     }
 
-    async fn save(
-        &self,
-        id: &SessionId,
-        record: &Record,
-        expected: Option<u64>,
-    ) -> Result<SaveOutcome, StoreError> {
-        // The shard actor serialises writes to one id, so read-compare-write is atomic here.
-        let path = self.path(id);
-        let current = match self.read(id, &path).await {
-            Ok(Some(r)) if !r.is_expired() => Some(r.version),
-            Ok(_) | Err(StoreError::Corrupt { .. }) => None,
-            Err(e) => return Err(e),
-        };
-        if current != expected {
+    async fn put(&self, put: &Put) -> Result<SaveOutcome, StoreError> {
+        // The shard actor serialises writes to one key, so read-compare-write is atomic here.
+        let path = self.path(&put.key);
+        let current = self.read(&path).await?;
+        let stored = current.as_deref().and_then(unframe).map(|(v, e, _)| (v, e));
+        if !version_matches(stored, put.expected, now_unix()) {
             return Ok(SaveOutcome::Conflict);
         }
-        let bytes = self.codec.encode(id, record)?;
-        tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
+        let value = frame(put.version, put.expires_at, &put.bytes);
+        tokio::task::spawn_blocking(move || write_atomically(&path, &value))
             .await
             .map_err(unavailable)?
             .map_err(unavailable)?;
         Ok(SaveOutcome::Saved)
     }
 
-    async fn delete(&self, id: &SessionId) -> Result<(), StoreError> {
-        match tokio::fs::remove_file(self.path(id)).await {
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match tokio::fs::remove_file(self.path(key)).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(unavailable(e)),
         }
     }
 
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        let now = now_unix();
+    async fn purge_expired(&self, now: i64) -> Result<u64, StoreError> {
         let mut n = 0;
-        for (id, path) in self.all().await? {
-            let expired = match self.read(&id, &path).await {
-                Ok(Some(r)) => r.is_expired_at(now),
-                Ok(None) => false,
-                Err(StoreError::Corrupt { .. }) => true,
-                Err(e) => return Err(e),
+        let mut rd = tokio::fs::read_dir(&self.dir)
+            .await
+            .map_err(|e| unavailable(format!("cannot list {}: {e}", self.dir.display())))?;
+        while let Some(entry) = rd.next_entry().await.map_err(unavailable)? {
+            let name = entry.file_name();
+            if !name.to_str().is_some_and(|n| n.ends_with(SUFFIX)) {
+                continue;
+            }
+            let Some(value) = self.read(&entry.path()).await? else {
+                continue;
             };
-            if expired && tokio::fs::remove_file(&path).await.is_ok() {
+            let expired = unframe(&value).is_none_or(|(_, expires_at, _)| expires_at <= now);
+            if expired && tokio::fs::remove_file(entry.path()).await.is_ok() {
                 n += 1;
             }
         }
         Ok(n)
-    }
-
-    async fn sessions_of(&self, user: &str) -> Result<Vec<SessionId>, StoreError> {
-        let now = now_unix();
-        let mut out = Vec::new();
-        for (id, path) in self.all().await? {
-            if let Ok(Some(r)) = self.read(&id, &path).await {
-                if !r.is_expired_at(now) && r.user() == Some(user) {
-                    out.push(id);
-                }
-            }
-        }
-        Ok(out)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

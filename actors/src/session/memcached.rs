@@ -1,10 +1,11 @@
-//! The `memcached` engine: one item per session that memcached expires itself (the item's
-//! exptime is the session's expiry), written with `add` (new sessions) and `cas` (versioned
-//! updates), over a small text-protocol client with a bb8 pool per server.
+//! The `memcached` engine: a [`Storage`] of one item per value that memcached expires itself
+//! (the item's exptime is the value's expiry), written with `add` (new keys) and `gets` +
+//! `cas` (versioned updates), over a small text-protocol client with a bb8 pool per server,
+//! behind the generic [`KeyedStore`]. Why a client of our own: see docs/sessions.md.
 //!
-//! Keys: `<namespace>:s:<id>`, and `<namespace>:u:<sha256(user)>` holding the user's session
-//! ids as JSON (updated with `gets`/`cas`). Memcached is a cache: under memory pressure it may
-//! evict sessions (see docs/sessions.md).
+//! Items: `<namespace>:s:<keyed hash>`, the value framed (version, expiry, sealed bytes).
+//! Memcached is a cache: under memory pressure it may evict sessions (see
+//! docs/sessions.md).
 
 use std::time::Duration;
 
@@ -13,7 +14,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use super::{Record, RecordCodec, SaveOutcome, SessionId, SessionStore, StoreError};
+use super::storage::{frame, framed_entry, unframe, version_matches, Entry, Put, Storage};
+use super::{now_unix, KeyedStore, RecordCodec, SaveOutcome, StoreError};
 
 const ENGINE: &str = "memcached";
 
@@ -21,8 +23,6 @@ const ENGINE: &str = "memcached";
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections per server.
 const POOL_SIZE: u32 = 16;
-/// Attempts at a read-modify-write of a user's index before giving up on it.
-const INDEX_ATTEMPTS: u32 = 16;
 /// Largest item this client accepts from a server (memcached's default limit is 1 MiB).
 const MAX_ITEM_BYTES: usize = 8 << 20;
 
@@ -194,10 +194,12 @@ impl bb8::ManageConnection for McManager {
 
 type McPool = bb8::Pool<McManager>;
 
-/// Sessions in memcached.
-pub struct MemcachedStore {
+/// Sessions in memcached: the generic store over [`MemcachedStorage`].
+pub type MemcachedStore = KeyedStore<MemcachedStorage>;
+
+/// Framed values (version, expiry, sealed bytes) as memcached items, expired by memcached.
+pub struct MemcachedStorage {
     pools: Vec<McPool>,
-    codec: RecordCodec,
     namespace: String,
 }
 
@@ -230,7 +232,7 @@ where
 }
 
 impl MemcachedStore {
-    /// A store over `servers` (`host:port` each); checks that the first answers.
+    /// A store over `servers` (`host:port` each); checks that each answers.
     pub async fn connect(
         servers: &[String],
         namespace: &str,
@@ -239,46 +241,40 @@ impl MemcachedStore {
         if servers.is_empty() {
             return Err(protocol("no servers configured"));
         }
-        let mut pools = Vec::new();
-        for addr in servers {
-            let pool = bb8::Pool::builder()
-                .max_size(POOL_SIZE)
-                .connection_timeout(TIMEOUT)
-                .test_on_check_out(false)
-                .retry_connection(false)
-                .build_unchecked(McManager { addr: addr.clone() });
-            pools.push(pool);
-        }
-        let store = Self {
+        let pools = servers
+            .iter()
+            .map(|addr| {
+                bb8::Pool::builder()
+                    .max_size(POOL_SIZE)
+                    .connection_timeout(TIMEOUT)
+                    .test_on_check_out(false)
+                    .retry_connection(false)
+                    .build_unchecked(McManager { addr: addr.clone() })
+            })
+            .collect();
+        let storage = MemcachedStorage {
             pools,
-            codec,
             namespace: namespace.to_owned(),
         };
-        for pool in &store.pools {
-            with_conn(pool, |c| Box::pin(c.version())).await?;
-        }
-        Ok(store)
+        storage.ping().await?;
+        Ok(KeyedStore::new(storage, codec))
     }
+}
 
+impl MemcachedStorage {
     fn pool(&self, key: &str) -> &McPool {
         let h = Sha256::digest(key.as_bytes());
         let n = u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
         &self.pools[(n % self.pools.len() as u64) as usize]
     }
 
-    fn key(&self, id: &SessionId) -> String {
-        format!("{}:s:{}", self.namespace, id.as_str())
+    fn item(&self, key: &str) -> String {
+        format!("{}:s:{key}", self.namespace)
     }
 
-    fn index_key(&self, user: &str) -> String {
-        let h = Sha256::digest(user.as_bytes());
-        let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}:u:{hex}", self.namespace)
-    }
-
-    async fn gets(&self, key: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
-        let k = key.to_owned();
-        with_conn(self.pool(key), move |c| {
+    async fn gets(&self, item: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        let k = item.to_owned();
+        with_conn(self.pool(item), move |c| {
             Box::pin(async move { c.gets(&k).await })
         })
         .await
@@ -287,145 +283,72 @@ impl MemcachedStore {
     async fn store(
         &self,
         command: &'static str,
-        key: &str,
+        item: &str,
         exptime: i64,
         data: Vec<u8>,
         cas: Option<u64>,
     ) -> Result<Reply, StoreError> {
-        let k = key.to_owned();
-        with_conn(self.pool(key), move |c| {
+        let k = item.to_owned();
+        with_conn(self.pool(item), move |c| {
             Box::pin(async move { c.store(command, &k, exptime, &data, cas).await })
         })
         .await
     }
-
-    /// Adds `id` to (or with `remove`, takes it from) `user`'s index.
-    async fn update_index(
-        &self,
-        user: &str,
-        id: &SessionId,
-        remove: bool,
-    ) -> Result<(), StoreError> {
-        let key = self.index_key(user);
-        for _ in 0..INDEX_ATTEMPTS {
-            let current = self.gets(&key).await?;
-            let mut ids: Vec<String> = current
-                .as_ref()
-                .and_then(|(bytes, _)| serde_json::from_slice(bytes).ok())
-                .unwrap_or_default();
-            let present = ids.iter().any(|i| i == id.as_str());
-            if present != remove {
-                return Ok(());
-            }
-            if remove {
-                ids.retain(|i| i != id.as_str());
-            } else {
-                ids.push(id.as_str().to_owned());
-            }
-            let bytes = serde_json::to_vec(&ids).map_err(protocol)?;
-            let outcome = match current {
-                Some((_, cas)) => self.store("cas", &key, 0, bytes, Some(cas)).await?,
-                None => self.store("add", &key, 0, bytes, None).await?,
-            };
-            if outcome == Reply::Stored {
-                return Ok(());
-            }
-        }
-        Err(unavailable(format!(
-            "the session index of a user changed concurrently {INDEX_ATTEMPTS} times"
-        )))
-    }
-
-    fn decode(&self, id: &SessionId, bytes: &[u8]) -> Option<Record> {
-        match self.codec.decode(id, bytes) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::warn!(session = %id, "unreadable session, treated as missing: {e}");
-                None
-            }
-        }
-    }
 }
 
 #[async_trait]
-impl SessionStore for MemcachedStore {
+impl Storage for MemcachedStorage {
     fn engine(&self) -> &'static str {
         ENGINE
     }
 
-    async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         Ok(self
-            .gets(&self.key(id))
+            .gets(&self.item(key))
             .await?
-            .and_then(|(bytes, _)| self.decode(id, &bytes))
-            .filter(|r| !r.is_expired()))
+            .and_then(|(value, _)| framed_entry(&value)))
     }
 
-    async fn save(
-        &self,
-        id: &SessionId,
-        record: &Record,
-        expected: Option<u64>,
-    ) -> Result<SaveOutcome, StoreError> {
-        let key = self.key(id);
-        let bytes = self.codec.encode(id, record)?;
-        let current = self.gets(&key).await?;
-        let old = current
+    async fn put(&self, put: &Put) -> Result<SaveOutcome, StoreError> {
+        let item = self.item(&put.key);
+        let current = self.gets(&item).await?;
+        let stored = current
             .as_ref()
-            .and_then(|(b, cas)| Some((self.decode(id, b)?, *cas)));
-        let live = old.as_ref().filter(|(r, _)| !r.is_expired());
-        if live.map(|(r, _)| r.version) != expected {
+            .and_then(|(value, _)| unframe(value))
+            .map(|(v, e, _)| (v, e));
+        if !version_matches(stored, put.expected, now_unix()) {
             return Ok(SaveOutcome::Conflict);
         }
-        let outcome = match &current {
+        let value = frame(put.version, put.expires_at, &put.bytes);
+        let reply = match current {
             Some((_, cas)) => {
-                self.store("cas", &key, record.expires_at, bytes, Some(*cas))
+                self.store("cas", &item, put.expires_at, value, Some(cas))
                     .await?
             }
             None => {
-                self.store("add", &key, record.expires_at, bytes, None)
+                self.store("add", &item, put.expires_at, value, None)
                     .await?
             }
         };
-        if outcome != Reply::Stored {
-            return Ok(SaveOutcome::Conflict);
-        }
-        let old_user = live.and_then(|(r, _)| r.user().map(str::to_owned));
-        if let Some(user) = record.user() {
-            if old_user.as_deref() != Some(user) {
-                self.update_index(user, id, false).await?;
-            }
-        }
-        Ok(SaveOutcome::Saved)
+        Ok(if reply == Reply::Stored {
+            SaveOutcome::Saved
+        } else {
+            SaveOutcome::Conflict
+        })
     }
 
-    async fn delete(&self, id: &SessionId) -> Result<(), StoreError> {
-        let key = self.key(id);
-        let k = key.clone();
-        with_conn(self.pool(&key), move |c| {
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let item = self.item(key);
+        let k = item.clone();
+        with_conn(self.pool(&item), move |c| {
             Box::pin(async move { c.delete(&k).await })
         })
         .await
     }
 
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        // Memcached expires sessions itself; nothing is left to delete.
+    async fn purge_expired(&self, _now: i64) -> Result<u64, StoreError> {
+        // Memcached expires items itself; nothing is left to delete.
         Ok(0)
-    }
-
-    async fn sessions_of(&self, user: &str) -> Result<Vec<SessionId>, StoreError> {
-        let Some((bytes, _)) = self.gets(&self.index_key(user)).await? else {
-            return Ok(Vec::new());
-        };
-        let ids: Vec<String> = serde_json::from_slice(&bytes).unwrap_or_default();
-        let mut live = Vec::new();
-        for id in ids.iter().filter_map(|i| SessionId::parse(i)) {
-            match self.load(&id).await? {
-                Some(r) if r.user() == Some(user) => live.push(id),
-                _ => self.update_index(user, &id, true).await?,
-            }
-        }
-        Ok(live)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

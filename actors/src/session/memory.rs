@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use dashmap::DashMap;
 
-use super::{now_unix, Record, SaveOutcome, SessionId, SessionStore, StoreError};
+use super::{now_unix, Record, SaveOutcome, SessionId, SessionKey, SessionStore, StoreError};
 
 /// Sessions in this process's memory; lost on restart.
 #[derive(Default)]
@@ -104,9 +104,12 @@ impl SessionStore for MemoryStore {
         Ok(self.write(id, record, expected))
     }
 
-    async fn delete(&self, id: &SessionId) -> Result<(), StoreError> {
-        if let Some((_, r)) = self.records.remove(id) {
-            self.unindex(id, r.user());
+    async fn delete(&self, key: &SessionKey) -> Result<(), StoreError> {
+        let Some(id) = SessionId::parse(key.as_str()) else {
+            return Ok(());
+        };
+        if let Some((_, r)) = self.records.remove(&id) {
+            self.unindex(&id, r.user());
         }
         Ok(())
     }
@@ -133,7 +136,7 @@ impl SessionStore for MemoryStore {
         Ok(n)
     }
 
-    async fn sessions_of(&self, user: &str) -> Result<Vec<SessionId>, StoreError> {
+    async fn sessions_of(&self, user: &str) -> Result<Vec<SessionKey>, StoreError> {
         let now = now_unix();
         let ids: Vec<SessionId> = self
             .by_user
@@ -147,6 +150,7 @@ impl SessionStore for MemoryStore {
                     .get(id)
                     .is_some_and(|r| !r.is_expired_at(now) && r.user() == Some(user))
             })
+            .map(|id| self.key(&id))
             .collect())
     }
 

@@ -11,6 +11,7 @@ mod codec;
 mod file;
 mod handle;
 mod id;
+mod keyed;
 mod memcached;
 mod memory;
 mod nats_kv;
@@ -18,27 +19,30 @@ mod postgres;
 mod redis;
 mod shard;
 mod signed;
+mod storage;
 mod store;
 
-pub use self::redis::RedisStore;
+pub use self::redis::{RedisStorage, RedisStore};
 pub use cached_db::{CachedDbStore, WARM_UP as CACHED_DB_WARM_UP};
 pub use change::{Change, UpdateFn};
-pub use codec::RecordCodec;
-pub use file::FileStore;
+pub use codec::{RecordCodec, DEVELOPMENT_SECRET_KEY};
+pub use file::{FileStorage, FileStore};
 pub use handle::{Expiry, Session, SessionState, EXPIRY_KEY};
 pub use id::SessionId;
-pub use memcached::MemcachedStore;
+pub use keyed::KeyedStore;
+pub use memcached::{MemcachedStorage, MemcachedStore};
 pub use memory::MemoryStore;
-pub use nats_kv::{NatsConnect, NatsKvStore, NatsLink};
+pub use nats_kv::{NatsConnect, NatsKvStorage, NatsKvStore, NatsLink};
 pub use postgres::{
     connect_pool, connect_pool_with_timeout, migrate, pg_error, pool_error, PgConn, PgManager,
-    PgPool, PostgresStore,
+    PgPool, PostgresStorage, PostgresStore,
 };
 pub use shard::{
     DeleteSession, LoadSession, SaveSession, Saved, SessionShard, SessionShards, MAX_BATCH,
 };
 pub use signed::{CookieSigner, SignedCookieError, SIGNED_COOKIE_MAX_BYTES};
-pub use store::{Record, SaveItem, SaveOutcome, SessionStore, StoreError};
+pub use storage::{frame, framed_entry, unframe, version_matches, Entry, Put, Storage};
+pub use store::{Record, SaveItem, SaveOutcome, SessionKey, SessionStore, StoreError};
 
 /// The session key holding the logged-in user's name.
 pub const AUTH_USER_KEY: &str = "_auth_user";

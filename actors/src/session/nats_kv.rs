@@ -1,8 +1,8 @@
-//! The `nats_kv` engine: JetStream key-value bucket `<prefix>_sessions`, key = session id,
-//! value = the stored record (expiry inside it, checked on read, since a bucket's TTL is one
-//! for all keys). Writes are compare-and-swap on the key's revision (`create` for new
-//! sessions, `update` with the revision read). The user index is a key per user
-//! (`u.<sha256(user)>`, a JSON list of ids) updated the same way.
+//! The `nats_kv` engine: a [`Storage`] in JetStream key-value bucket `<prefix>_sessions`,
+//! behind the generic [`KeyedStore`] (keys are keyed hashes, never session ids). A value is
+//! framed: version and expiry (a bucket's TTL is one for all keys) in front of the sealed
+//! record. Writes are compare-and-swap on the key's revision (`update` at the revision read,
+//! 0 for a key never written); a lost check is the typed `WrongLastRevision` error.
 //!
 //! The bucket's stream is created directly (`KV_<bucket>`, subjects `$KV.<bucket>.>`, one
 //! message per subject, rollups allowed, direct get), which works on NATS 2.9 as well as on
@@ -19,9 +19,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::StreamExt;
-use sha2::{Digest, Sha256};
 
-use super::{now_unix, Record, RecordCodec, SaveOutcome, SessionId, SessionStore, StoreError};
+use super::storage::{frame, framed_entry, unframe, version_matches, Entry, Put, Storage};
+use super::{now_unix, KeyedStore, RecordCodec, SaveOutcome, StoreError};
 
 const ENGINE: &str = "nats_kv";
 
@@ -29,8 +29,6 @@ const ENGINE: &str = "nats_kv";
 pub const NATS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait between reconnect attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
-/// Attempts at a read-modify-write of a user's index before giving up on it.
-const INDEX_ATTEMPTS: u32 = 16;
 /// Most keys `purge_expired` looks at in one run.
 const PURGE_SCAN_LIMIT: usize = 1_000_000;
 
@@ -167,24 +165,26 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 /// Most remembered revisions; past it the memory starts over.
 const MAX_REVISIONS: usize = 100_000;
 
-/// Sessions in a NATS JetStream key-value bucket.
-pub struct NatsKvStore {
+/// Sessions in a NATS JetStream key-value bucket: the generic store over [`NatsKvStorage`].
+pub type NatsKvStore = KeyedStore<NatsKvStorage>;
+
+/// Framed values (version, expiry, sealed bytes) in a JetStream key-value bucket, written by
+/// compare-and-swap on the key's revision.
+pub struct NatsKvStorage {
     link: NatsLink,
     kv: kv::Store,
-    codec: RecordCodec,
-    /// The key revision each session had when this node last read or wrote it, with the
-    /// record's version and owner then: a write expecting that version goes straight to
-    /// `update` at that revision (the revision check proves nothing changed), saving a read.
-    revisions: DashMap<SessionId, Seen>,
+    /// The key revision each value had when this node last read or wrote it, with its
+    /// version and expiry then: a write expecting that version goes straight to `update` at
+    /// that revision (the revision check proves nothing changed), saving a read.
+    revisions: DashMap<String, Seen>,
 }
 
-/// What this node last saw of a session.
-#[derive(Clone)]
+/// What this node last saw of a key.
+#[derive(Clone, Copy)]
 struct Seen {
     version: u64,
     expires_at: i64,
     revision: u64,
-    user: Option<String>,
 }
 
 /// Creates the bucket's stream when missing, in a form NATS 2.9 understands.
@@ -208,200 +208,127 @@ impl NatsKvStore {
             .get_key_value(bucket)
             .await
             .map_err(|e| unavailable(format!("cannot open bucket {bucket}: {e}")))?;
-        Ok(Self {
+        let storage = NatsKvStorage {
             link,
             kv,
-            codec,
             revisions: DashMap::new(),
-        })
+        };
+        Ok(KeyedStore::new(storage, codec))
     }
 
     /// The key-value store (benchmarks compare against it).
     pub fn kv(&self) -> &kv::Store {
-        &self.kv
-    }
-
-    fn remember(&self, id: &SessionId, record: &Record, revision: u64) {
-        if self.revisions.len() >= MAX_REVISIONS {
-            self.revisions.clear();
-        }
-        self.revisions.insert(
-            id.clone(),
-            Seen {
-                version: record.version,
-                expires_at: record.expires_at,
-                revision,
-                user: record.user().map(str::to_owned),
-            },
-        );
-    }
-
-    fn index_key(user: &str) -> String {
-        let h = Sha256::digest(user.as_bytes());
-        let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
-        format!("u.{hex}")
-    }
-
-    /// The live entry under `key` (deleted and purged ones are `None`).
-    async fn entry(&self, key: &str) -> Result<Option<kv::Entry>, StoreError> {
-        self.link.require_connected(ENGINE)?;
-        let entry = self.kv.entry(key).await.map_err(unavailable)?;
-        Ok(entry.filter(|e| e.operation == kv::Operation::Put))
-    }
-
-    fn decode(&self, id: &SessionId, bytes: &[u8]) -> Option<Record> {
-        match self.codec.decode(id, bytes) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::warn!(session = %id, "unreadable session, treated as missing: {e}");
-                None
-            }
-        }
-    }
-
-    /// Writes `value` under `key` if its revision is still `revision` (`None`: if absent or
-    /// deleted): the new revision, or `None` when another writer got there first.
-    async fn put_if(
-        &self,
-        key: &str,
-        value: Bytes,
-        revision: Option<u64>,
-    ) -> Result<Option<u64>, StoreError> {
-        self.link.require_connected(ENGINE)?;
-        let result = match revision {
-            Some(rev) => self.kv.update(key, value, rev).await.map_err(|e| {
-                (
-                    e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                    e.to_string(),
-                )
-            }),
-            None => self.kv.create(key, value).await.map_err(|e| {
-                (
-                    e.kind() == kv::CreateErrorKind::AlreadyExists,
-                    e.to_string(),
-                )
-            }),
-        };
-        match result {
-            Ok(rev) => Ok(Some(rev)),
-            Err((true, _)) => Ok(None),
-            // A create racing another create can also surface as a failed revision check.
-            Err((false, m)) if m.contains("wrong last sequence") => Ok(None),
-            Err((false, m)) => Err(unavailable(m)),
-        }
-    }
-
-    async fn update_index(
-        &self,
-        user: &str,
-        id: &SessionId,
-        remove: bool,
-    ) -> Result<(), StoreError> {
-        let key = Self::index_key(user);
-        for _ in 0..INDEX_ATTEMPTS {
-            let current = self.entry(&key).await?;
-            let mut ids: Vec<String> = current
-                .as_ref()
-                .and_then(|e| serde_json::from_slice(&e.value).ok())
-                .unwrap_or_default();
-            let present = ids.iter().any(|i| i == id.as_str());
-            if present != remove {
-                return Ok(());
-            }
-            if remove {
-                ids.retain(|i| i != id.as_str());
-            } else {
-                ids.push(id.as_str().to_owned());
-            }
-            let bytes = serde_json::to_vec(&ids).map_err(unavailable)?;
-            if self
-                .put_if(&key, bytes.into(), current.map(|e| e.revision))
-                .await?
-                .is_some()
-            {
-                return Ok(());
-            }
-        }
-        Err(unavailable(format!(
-            "the session index of a user changed concurrently {INDEX_ATTEMPTS} times"
-        )))
+        &self.storage().kv
     }
 }
 
+impl NatsKvStorage {
+    fn remember(&self, key: &str, seen: Seen) {
+        if self.revisions.len() >= MAX_REVISIONS {
+            self.revisions.clear();
+        }
+        self.revisions.insert(key.to_owned(), seen);
+    }
+
+    /// The latest entry under `key`, deleted and purged ones included.
+    async fn entry(&self, key: &str) -> Result<Option<kv::Entry>, StoreError> {
+        self.link.require_connected(ENGINE)?;
+        self.kv.entry(key).await.map_err(unavailable)
+    }
+
+    /// Writes `value` under `key` if its revision is still `revision` (0: never written):
+    /// the new revision, or `None` when another writer got there first.
+    async fn update(
+        &self,
+        key: &str,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.link.require_connected(ENGINE)?;
+        match self.kv.update(key, value, revision).await {
+            Ok(rev) => Ok(Some(rev)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+}
+
+/// A live put's framed value's version and expiry.
+fn framed(entry: &kv::Entry) -> Option<(u64, i64)> {
+    if entry.operation != kv::Operation::Put {
+        return None;
+    }
+    unframe(&entry.value).map(|(v, e, _)| (v, e))
+}
+
 #[async_trait]
-impl SessionStore for NatsKvStore {
+impl Storage for NatsKvStorage {
     fn engine(&self) -> &'static str {
         ENGINE
     }
 
-    async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
-        let Some(entry) = self.entry(id.as_str()).await? else {
-            self.revisions.remove(id);
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let Some(entry) = self.entry(key).await? else {
+            self.revisions.remove(key);
             return Ok(None);
         };
-        let record = self.decode(id, &entry.value).filter(|r| !r.is_expired());
-        match &record {
-            Some(r) => self.remember(id, r, entry.revision),
+        match framed(&entry) {
+            Some((version, expires_at)) => self.remember(
+                key,
+                Seen {
+                    version,
+                    expires_at,
+                    revision: entry.revision,
+                },
+            ),
             None => {
-                self.revisions.remove(id);
+                self.revisions.remove(key);
             }
         }
-        Ok(record)
+        Ok(framed_entry(&entry.value).filter(|_| entry.operation == kv::Operation::Put))
     }
 
-    async fn save(
-        &self,
-        id: &SessionId,
-        record: &Record,
-        expected: Option<u64>,
-    ) -> Result<SaveOutcome, StoreError> {
-        let bytes = self.codec.encode(id, record)?;
-        let seen = self.revisions.get(id).map(|s| s.clone());
+    async fn put(&self, put: &Put) -> Result<SaveOutcome, StoreError> {
+        let now = now_unix();
+        let seen = self.revisions.get(&put.key).map(|s| *s);
         // The revision this node saw for the expected version: the revision check alone
         // proves the version (nothing was written since), so no read is needed.
-        let (revision, old_user) = match (expected, seen) {
-            (Some(v), Some(seen)) if seen.version == v && seen.expires_at > now_unix() => {
-                (Some(seen.revision), seen.user)
-            }
+        let revision = match (put.expected, seen) {
+            (Some(v), Some(seen)) if seen.version == v && seen.expires_at > now => seen.revision,
             _ => {
-                let current = self.entry(id.as_str()).await?;
-                let old = current
-                    .as_ref()
-                    .and_then(|e| self.decode(id, &e.value))
-                    .filter(|r| !r.is_expired());
-                if old.as_ref().map(|r| r.version) != expected {
+                let current = self.entry(&put.key).await?;
+                let stored = current.as_ref().and_then(framed);
+                if !version_matches(stored, put.expected, now) {
                     return Ok(SaveOutcome::Conflict);
                 }
-                // An expired or unreadable value is replaced at its revision; a missing one
-                // created.
-                (
-                    current.map(|e| e.revision),
-                    old.as_ref().and_then(Record::user).map(str::to_owned),
-                )
+                // An expired, deleted or unreadable value is replaced at its revision.
+                current.map_or(0, |e| e.revision)
             }
         };
-        let Some(new_revision) = self.put_if(id.as_str(), bytes.into(), revision).await? else {
-            self.revisions.remove(id);
+        let value = frame(put.version, put.expires_at, &put.bytes);
+        let Some(revision) = self.update(&put.key, value.into(), revision).await? else {
+            self.revisions.remove(&put.key);
             return Ok(SaveOutcome::Conflict);
         };
-        self.remember(id, record, new_revision);
-        if let Some(user) = record.user() {
-            if old_user.as_deref() != Some(user) {
-                self.update_index(user, id, false).await?;
-            }
-        }
+        self.remember(
+            &put.key,
+            Seen {
+                version: put.version,
+                expires_at: put.expires_at,
+                revision,
+            },
+        );
         Ok(SaveOutcome::Saved)
     }
 
-    async fn delete(&self, id: &SessionId) -> Result<(), StoreError> {
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.link.require_connected(ENGINE)?;
-        self.revisions.remove(id);
-        self.kv.delete(id.as_str()).await.map_err(unavailable)
+        self.revisions.remove(key);
+        self.kv.delete(key).await.map_err(unavailable)
     }
 
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
+    async fn purge_expired(&self, now: i64) -> Result<u64, StoreError> {
         self.link.require_connected(ENGINE)?;
-        let now = now_unix();
         let keys: Vec<String> = self
             .kv
             .keys()
@@ -413,36 +340,19 @@ impl SessionStore for NatsKvStore {
             .await;
         let mut n = 0;
         for key in keys {
-            let Some(id) = SessionId::parse(&key) else {
-                continue;
-            };
             let Some(entry) = self.entry(&key).await? else {
                 continue;
             };
-            let expired = self
-                .decode(&id, &entry.value)
-                .is_none_or(|r| r.is_expired_at(now));
-            if expired {
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            if unframe(&entry.value).is_none_or(|(_, expires_at, _)| expires_at <= now) {
                 self.kv.purge(&key).await.map_err(unavailable)?;
+                self.revisions.remove(&key);
                 n += 1;
             }
         }
         Ok(n)
-    }
-
-    async fn sessions_of(&self, user: &str) -> Result<Vec<SessionId>, StoreError> {
-        let Some(entry) = self.entry(&Self::index_key(user)).await? else {
-            return Ok(Vec::new());
-        };
-        let ids: Vec<String> = serde_json::from_slice(&entry.value).unwrap_or_default();
-        let mut live = Vec::new();
-        for id in ids.iter().filter_map(|i| SessionId::parse(i)) {
-            match self.load(&id).await? {
-                Some(r) if r.user() == Some(user) => live.push(id),
-                _ => self.update_index(user, &id, true).await?,
-            }
-        }
-        Ok(live)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -1,6 +1,8 @@
-//! The `postgres` engine: one row per session (versioned, expiry indexed, owner indexed), over a
-//! bb8 pool. A batch of saves is one statement, so a group commit is one round trip and one
-//! transaction; each row carries its own compare-and-swap result.
+//! The `postgres` engine: a [`Storage`] of one row per stored value (versioned, expiry
+//! indexed) over a bb8 pool, behind the generic [`KeyedStore`] (column `id` holds the keyed
+//! hash, never a session id; the user index is rows of the same table). A batch of saves is
+//! one statement, so a group commit is one round trip and one transaction; each row carries
+//! its own compare-and-swap result.
 //!
 //! Group commit spans the shards: every save of the node (each shard's batch, single saves)
 //! joins one queue, and at most [`COMMIT_STATEMENTS`] statements are in flight at once, each
@@ -27,9 +29,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::{NoTls, Statement};
 
-use super::{
-    now_unix, Record, RecordCodec, SaveItem, SaveOutcome, SessionId, SessionStore, StoreError,
-};
+use super::storage::{Entry, Put, Storage};
+use super::{now_unix, KeyedStore, RecordCodec, SaveOutcome, StoreError};
 
 const ENGINE: &str = "postgres";
 
@@ -140,30 +141,31 @@ CREATE INDEX IF NOT EXISTS switchyard_sessions_username_idx
 /// ids returned are the rows written.
 const SAVE_BATCH: &str = "
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::int8[], $5::int8[],
-                         $6::int8[], $7::int8[])
-        AS t(id, data, username, expires_at, version, updated_at, expected)
+    SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::int8[], $5::int8[],
+                         $6::int8[])
+        AS t(id, data, expires_at, version, updated_at, expected)
 ), upd AS (
     UPDATE switchyard_sessions s
-       SET data = i.data, username = i.username, expires_at = i.expires_at,
+       SET data = i.data, username = NULL, expires_at = i.expires_at,
            version = i.version, updated_at = i.updated_at
       FROM input i
      WHERE s.id = i.id AND i.expected IS NOT NULL AND s.version = i.expected
-       AND s.expires_at > $8
+       AND s.expires_at > $7
     RETURNING s.id
 ), ins AS (
-    INSERT INTO switchyard_sessions AS s (id, data, username, expires_at, version, updated_at)
-    SELECT id, data, username, expires_at, version, updated_at FROM input WHERE expected IS NULL
+    INSERT INTO switchyard_sessions AS s (id, data, expires_at, version, updated_at)
+    SELECT id, data, expires_at, version, updated_at FROM input WHERE expected IS NULL
     ON CONFLICT (id) DO UPDATE
-       SET data = EXCLUDED.data, username = EXCLUDED.username,
+       SET data = EXCLUDED.data, username = NULL,
            expires_at = EXCLUDED.expires_at, version = EXCLUDED.version,
            updated_at = EXCLUDED.updated_at
-     WHERE s.expires_at <= $8
+     WHERE s.expires_at <= $7
     RETURNING s.id
 )
 SELECT id FROM upd UNION ALL SELECT id FROM ins";
 
-const LOAD: &str = "SELECT data FROM switchyard_sessions WHERE id = $1 AND expires_at > $2";
+const LOAD: &str =
+    "SELECT data, version FROM switchyard_sessions WHERE id = $1 AND expires_at > $2";
 
 /// Maps a Postgres error: connection trouble is `Unavailable` (503, retry later).
 pub fn pg_error(engine: &'static str, e: tokio_postgres::Error) -> StoreError {
@@ -289,15 +291,17 @@ pub async fn migrate(pool: &PgPool, engine: &'static str, ddl: &str) -> Result<(
     tx.commit().await.map_err(|e| pg_error(engine, e))
 }
 
-/// Sessions in a Postgres table.
-pub struct PostgresStore {
+/// Sessions in a Postgres table: the generic store over [`PostgresStorage`].
+pub type PostgresStore = KeyedStore<PostgresStorage>;
+
+/// Rows of table `switchyard_sessions`, written by group commit.
+pub struct PostgresStorage {
     inner: Arc<Inner>,
 }
 
-/// What the store and its group-commit drivers share.
+/// What the storage and its group-commit drivers share.
 struct Inner {
     pool: PgPool,
-    codec: RecordCodec,
     batches: AtomicU64,
     rows: AtomicU64,
     commit: Mutex<CommitQueue>,
@@ -321,7 +325,6 @@ struct Waiting {
 struct Columns {
     ids: Vec<String>,
     data: Vec<Vec<u8>>,
-    users: Vec<Option<String>>,
     expires: Vec<i64>,
     versions: Vec<i64>,
     updated: Vec<i64>,
@@ -336,7 +339,6 @@ impl Columns {
     fn append(&mut self, other: Columns) {
         self.ids.extend(other.ids);
         self.data.extend(other.data);
-        self.users.extend(other.users);
         self.expires.extend(other.expires);
         self.versions.extend(other.versions);
         self.updated.extend(other.updated);
@@ -361,27 +363,26 @@ impl Drop for InFlight<'_> {
 }
 
 impl Inner {
-    fn encode(&self, items: &[SaveItem]) -> Result<Columns, StoreError> {
-        let n = items.len();
+    fn columns(puts: &[Put]) -> Columns {
+        let n = puts.len();
+        let now = now_unix();
         let mut c = Columns {
             ids: Vec::with_capacity(n),
             data: Vec::with_capacity(n),
-            users: Vec::with_capacity(n),
             expires: Vec::with_capacity(n),
             versions: Vec::with_capacity(n),
             updated: Vec::with_capacity(n),
             expected: Vec::with_capacity(n),
         };
-        for item in items {
-            c.ids.push(item.id.as_str().to_owned());
-            c.data.push(self.codec.encode(&item.id, &item.record)?);
-            c.users.push(item.record.user().map(str::to_owned));
-            c.expires.push(item.record.expires_at);
-            c.versions.push(to_i64(item.record.version));
-            c.updated.push(item.record.updated_at);
-            c.expected.push(item.expected.map(to_i64));
+        for put in puts {
+            c.ids.push(put.key.clone());
+            c.data.push(put.bytes.clone());
+            c.expires.push(put.expires_at);
+            c.versions.push(to_i64(put.version));
+            c.updated.push(now);
+            c.expected.push(put.expected.map(to_i64));
         }
-        Ok(c)
+        c
     }
 
     /// Takes the next statement's worth of waiting saves: whole callers, in arrival order,
@@ -463,7 +464,6 @@ impl Inner {
                 &[
                     Type::TEXT_ARRAY,
                     Type::BYTEA_ARRAY,
-                    Type::TEXT_ARRAY,
                     Type::INT8_ARRAY,
                     Type::INT8_ARRAY,
                     Type::INT8_ARRAY,
@@ -479,7 +479,6 @@ impl Inner {
                 &[
                     &c.ids,
                     &c.data,
-                    &c.users,
                     &c.expires,
                     &c.versions,
                     &c.updated,
@@ -509,30 +508,33 @@ impl PostgresStore {
     /// The engine over `pool`, creating its tables when missing.
     pub async fn open(pool: PgPool, codec: RecordCodec) -> Result<Self, StoreError> {
         migrate(&pool, ENGINE, SCHEMA).await?;
-        Ok(Self {
+        let storage = PostgresStorage {
             inner: Arc::new(Inner {
                 pool,
-                codec,
                 batches: AtomicU64::new(0),
                 rows: AtomicU64::new(0),
                 commit: Mutex::new(CommitQueue::default()),
             }),
-        })
+        };
+        Ok(KeyedStore::new(storage, codec))
     }
 
     /// The pool (shared with the Postgres auth store).
     pub fn pool(&self) -> &PgPool {
-        &self.inner.pool
+        &self.storage().inner.pool
     }
 
     /// Batch statements written so far and the rows they carried (group commit's effect).
     pub fn batch_stats(&self) -> (u64, u64) {
+        let inner = &self.storage().inner;
         (
-            self.inner.batches.load(Ordering::Relaxed),
-            self.inner.rows.load(Ordering::Relaxed),
+            inner.batches.load(Ordering::Relaxed),
+            inner.rows.load(Ordering::Relaxed),
         )
     }
+}
 
+impl PostgresStorage {
     async fn conn(&self) -> Result<bb8::PooledConnection<'_, PgManager>, StoreError> {
         self.inner
             .pool
@@ -541,13 +543,13 @@ impl PostgresStore {
             .map_err(|e| pool_error(ENGINE, e))
     }
 
-    /// Queues `items` for the next group-commit statement and waits for their outcomes,
+    /// Queues `puts` for the next group-commit statement and waits for their outcomes,
     /// starting a driver when fewer than [`COMMIT_STATEMENTS`] are running.
-    async fn write_batch(&self, items: &[SaveItem]) -> Result<Vec<SaveOutcome>, StoreError> {
-        if items.is_empty() {
+    async fn write_batch(&self, puts: &[Put]) -> Result<Vec<SaveOutcome>, StoreError> {
+        if puts.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = self.inner.encode(items)?;
+        let rows = Inner::columns(puts);
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut q = self.inner.commit.lock().unwrap_or_else(|p| p.into_inner());
@@ -573,92 +575,63 @@ fn to_i64(v: u64) -> i64 {
 }
 
 #[async_trait]
-impl SessionStore for PostgresStore {
+impl Storage for PostgresStorage {
     fn engine(&self) -> &'static str {
         ENGINE
     }
 
-    async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let mut conn = self.conn().await?;
         let stmt = conn
             .prepared(LOAD, &[Type::TEXT, Type::INT8])
             .await
             .map_err(|e| pg_error(ENGINE, e))?;
-        let row = conn
-            .query(&stmt, &[&id.as_str(), &now_unix()])
+        let rows = conn
+            .query(&stmt, &[&key, &now_unix()])
             .await
             .map_err(|e| pg_error(ENGINE, e))?;
-        let Some(row) = row.first() else {
+        let Some(row) = rows.first() else {
             return Ok(None);
         };
-        let bytes: &[u8] = row.try_get(0).map_err(|e| pg_error(ENGINE, e))?;
-        match self.inner.codec.decode(id, bytes) {
-            Ok(r) if !r.is_expired() => Ok(Some(r)),
-            Ok(_) => Ok(None),
-            Err(e) => {
-                tracing::warn!(session = %id, "unreadable session row, treated as missing: {e}");
-                Ok(None)
-            }
-        }
+        let bytes: Vec<u8> = row.try_get(0).map_err(|e| pg_error(ENGINE, e))?;
+        let version: i64 = row.try_get(1).map_err(|e| pg_error(ENGINE, e))?;
+        Ok(Some(Entry {
+            bytes,
+            version: u64::try_from(version).unwrap_or(0),
+        }))
     }
 
-    async fn save(
-        &self,
-        id: &SessionId,
-        record: &Record,
-        expected: Option<u64>,
-    ) -> Result<SaveOutcome, StoreError> {
-        let item = SaveItem {
-            id: id.clone(),
-            record: record.clone(),
-            expected,
-        };
-        let mut out = self.write_batch(std::slice::from_ref(&item)).await?;
+    async fn put(&self, put: &Put) -> Result<SaveOutcome, StoreError> {
+        let mut out = self.write_batch(std::slice::from_ref(put)).await?;
         Ok(out.pop().unwrap_or(SaveOutcome::Conflict))
     }
 
-    async fn save_batch(&self, items: &[SaveItem]) -> Vec<Result<SaveOutcome, StoreError>> {
-        match self.write_batch(items).await {
+    async fn put_batch(&self, puts: &[Put]) -> Vec<Result<SaveOutcome, StoreError>> {
+        match self.write_batch(puts).await {
             Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
-            Err(e) => items.iter().map(|_| Err(e.clone())).collect(),
+            Err(e) => puts.iter().map(|_| Err(e.clone())).collect(),
         }
     }
 
-    async fn delete(&self, id: &SessionId) -> Result<(), StoreError> {
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let conn = self.conn().await?;
         conn.query_typed(
             "DELETE FROM switchyard_sessions WHERE id = $1",
-            &[(&id.as_str(), Type::TEXT)],
+            &[(&key, Type::TEXT)],
         )
         .await
         .map_err(|e| pg_error(ENGINE, e))?;
         Ok(())
     }
 
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
+    async fn purge_expired(&self, now: i64) -> Result<u64, StoreError> {
         let conn = self.conn().await?;
         conn.execute(
             "DELETE FROM switchyard_sessions WHERE expires_at <= $1",
-            &[&now_unix()],
+            &[&now],
         )
         .await
         .map_err(|e| pg_error(ENGINE, e))
-    }
-
-    async fn sessions_of(&self, user: &str) -> Result<Vec<SessionId>, StoreError> {
-        let conn = self.conn().await?;
-        let rows = conn
-            .query_typed(
-                "SELECT id FROM switchyard_sessions WHERE username = $1 AND expires_at > $2",
-                &[(&user, Type::TEXT), (&now_unix(), Type::INT8)],
-            )
-            .await
-            .map_err(|e| pg_error(ENGINE, e))?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| r.try_get::<_, &str>(0).ok())
-            .filter_map(SessionId::parse)
-            .collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -673,7 +646,9 @@ impl SessionStore for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::{Change, SaveSession, SessionShards, UpdateFn};
+    use crate::session::{
+        Change, Record, SaveItem, SaveSession, SessionId, SessionShards, SessionStore, UpdateFn,
+    };
     use serde_json::{json, Value};
     use std::sync::Arc;
 

@@ -1,9 +1,9 @@
-//! The `redis` engine: one hash per session (`v` version, `d` stored bytes, `u` owner) that
-//! Redis expires itself (`EXPIREAT`), written by Lua scripts so the version check and the
-//! user → sessions index (`SADD` to a set per user) change atomically with the data.
+//! The `redis` engine: a [`Storage`] of one hash per value (`v` version, `d` sealed bytes)
+//! that Redis expires itself (`EXPIREAT`), written by a Lua script comparing `v` (one round
+//! trip), behind the generic [`KeyedStore`].
 //!
-//! Keys: `<namespace>:session:<id>` and `<namespace>:user:<name>`; the namespace is
-//! `nats.prefix` (see docs/sessions.md).
+//! Keys: `<namespace>:s:<keyed hash>`; the namespace is `nats.prefix` (see
+//! docs/sessions.md).
 
 use std::time::Duration;
 
@@ -11,52 +11,36 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{AsyncCommands, RedisError, Script};
 use async_trait::async_trait;
 
-use super::{Record, RecordCodec, SaveOutcome, SessionId, SessionStore, StoreError};
+use super::storage::{Entry, Put, Storage};
+use super::{KeyedStore, RecordCodec, SaveOutcome, StoreError};
 
 const ENGINE: &str = "redis";
 
 /// Connection and response timeout: past it the service counts as unavailable.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Compare-and-swap write. KEYS: session, new owner's index. ARGV: expected version ('' =
-/// none), new version, bytes, expires_at, owner ('' = none), id, index prefix.
-const SAVE: &str = r"
+/// Compare-and-swap write. KEYS: the value's key. ARGV: expected version ('' = none), new
+/// version, bytes, expires_at.
+const PUT: &str = r"
 local cur = redis.call('HGET', KEYS[1], 'v')
 if ARGV[1] == '' then
   if cur then return 0 end
 elseif cur ~= ARGV[1] then
   return 0
 end
-local old = redis.call('HGET', KEYS[1], 'u')
-if old and old ~= '' and old ~= ARGV[5] then
-  redis.call('SREM', ARGV[7] .. old, ARGV[6])
-end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3], 'u', ARGV[5])
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3])
 redis.call('EXPIREAT', KEYS[1], ARGV[4])
-if ARGV[5] ~= '' then
-  redis.call('SADD', KEYS[2], ARGV[6])
-  local left = tonumber(ARGV[4]) - tonumber(redis.call('TIME')[1])
-  if redis.call('TTL', KEYS[2]) < left then redis.call('EXPIREAT', KEYS[2], ARGV[4]) end
-end
 return 1
 ";
 
-/// Delete with its index entry. KEYS: session. ARGV: id, index prefix.
-const DELETE: &str = r"
-local old = redis.call('HGET', KEYS[1], 'u')
-redis.call('DEL', KEYS[1])
-if old and old ~= '' then redis.call('SREM', ARGV[2] .. old, ARGV[1]) end
-return 1
-";
+/// Sessions in Redis: the generic store over [`RedisStorage`].
+pub type RedisStore = KeyedStore<RedisStorage>;
 
-/// Sessions in Redis.
-pub struct RedisStore {
+/// A hash per value (`v` version, `d` sealed bytes) that Redis expires itself.
+pub struct RedisStorage {
     conn: ConnectionManager,
-    codec: RecordCodec,
-    session_prefix: String,
-    user_prefix: String,
-    save: Script,
-    delete: Script,
+    prefix: String,
+    put: Script,
 }
 
 fn redis_error(e: RedisError) -> StoreError {
@@ -80,7 +64,7 @@ fn redis_error(e: RedisError) -> StoreError {
 }
 
 impl RedisStore {
-    /// Connects to `url`; keys start with `namespace:`.
+    /// Connects to `url`; keys start with `namespace:s:`.
     pub async fn connect(
         url: &str,
         namespace: &str,
@@ -105,63 +89,50 @@ impl RedisStore {
             message: format!("no connection within {:?}", TIMEOUT * 2),
         })?
         .map_err(redis_error)?;
-        Ok(Self {
+        let storage = RedisStorage {
             conn,
-            codec,
-            session_prefix: format!("{namespace}:session:"),
-            user_prefix: format!("{namespace}:user:"),
-            save: Script::new(SAVE),
-            delete: Script::new(DELETE),
-        })
+            prefix: format!("{namespace}:s:"),
+            put: Script::new(PUT),
+        };
+        Ok(KeyedStore::new(storage, codec))
     }
+}
 
-    fn key(&self, id: &SessionId) -> String {
-        format!("{}{}", self.session_prefix, id.as_str())
+impl RedisStorage {
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
     }
 }
 
 #[async_trait]
-impl SessionStore for RedisStore {
+impl Storage for RedisStorage {
     fn engine(&self) -> &'static str {
         ENGINE
     }
 
-    async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let mut conn = self.conn.clone();
-        let bytes: Option<Vec<u8>> = conn.hget(self.key(id), "d").await.map_err(redis_error)?;
-        let Some(bytes) = bytes else {
-            return Ok(None);
-        };
-        match self.codec.decode(id, &bytes) {
-            Ok(r) if !r.is_expired() => Ok(Some(r)),
-            Ok(_) => Ok(None),
-            Err(e) => {
-                tracing::warn!(session = %id, "unreadable session, treated as missing: {e}");
-                Ok(None)
-            }
-        }
+        let (version, bytes): (Option<u64>, Option<Vec<u8>>) = ::redis::cmd("HMGET")
+            .arg(self.key(key))
+            .arg("v")
+            .arg("d")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(version
+            .zip(bytes)
+            .map(|(version, bytes)| Entry { bytes, version }))
     }
 
-    async fn save(
-        &self,
-        id: &SessionId,
-        record: &Record,
-        expected: Option<u64>,
-    ) -> Result<SaveOutcome, StoreError> {
-        let bytes = self.codec.encode(id, record)?;
-        let user = record.user().unwrap_or("");
+    async fn put(&self, put: &Put) -> Result<SaveOutcome, StoreError> {
         let mut conn = self.conn.clone();
         let written: i64 = self
-            .save
-            .key(self.key(id))
-            .key(format!("{}{user}", self.user_prefix))
-            .arg(expected.map(|v| v.to_string()).unwrap_or_default())
-            .arg(record.version.to_string())
-            .arg(bytes)
-            .arg(record.expires_at)
-            .arg(user)
-            .arg(id.as_str())
-            .arg(&self.user_prefix)
+            .put
+            .key(self.key(&put.key))
+            .arg(put.expected.map(|v| v.to_string()).unwrap_or_default())
+            .arg(put.version.to_string())
+            .arg(put.bytes.as_slice())
+            .arg(put.expires_at)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -172,50 +143,15 @@ impl SessionStore for RedisStore {
         })
     }
 
-    async fn delete(&self, id: &SessionId) -> Result<(), StoreError> {
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let _: i64 = self
-            .delete
-            .key(self.key(id))
-            .arg(id.as_str())
-            .arg(&self.user_prefix)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(redis_error)?;
+        let _: i64 = conn.del(self.key(key)).await.map_err(redis_error)?;
         Ok(())
     }
 
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        // Redis expires sessions itself; nothing is left to delete.
+    async fn purge_expired(&self, _now: i64) -> Result<u64, StoreError> {
+        // Redis expires values itself; nothing is left to delete.
         Ok(0)
-    }
-
-    async fn sessions_of(&self, user: &str) -> Result<Vec<SessionId>, StoreError> {
-        let index = format!("{}{user}", self.user_prefix);
-        let mut conn = self.conn.clone();
-        let members: Vec<String> = conn.smembers(&index).await.map_err(redis_error)?;
-        let ids: Vec<SessionId> = members.iter().filter_map(|m| SessionId::parse(m)).collect();
-        if ids.is_empty() {
-            return Ok(ids);
-        }
-        let mut pipe = ::redis::pipe();
-        for id in &ids {
-            pipe.hget(self.key(id), "u");
-        }
-        let owners: Vec<Option<String>> = pipe.query_async(&mut conn).await.map_err(redis_error)?;
-        let mut live = Vec::new();
-        let mut stale = Vec::new();
-        for (id, owner) in ids.into_iter().zip(owners) {
-            if owner.as_deref() == Some(user) {
-                live.push(id);
-            } else {
-                stale.push(id.as_str().to_owned());
-            }
-        }
-        if !stale.is_empty() {
-            let _: Result<i64, _> = conn.srem(&index, stale).await;
-        }
-        Ok(live)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -13,8 +13,8 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 use super::{
-    now_unix, Change, Record, SaveItem, SaveOutcome, SessionError, SessionId, SessionStore,
-    StoreError,
+    now_unix, Change, Record, SaveItem, SaveOutcome, SessionError, SessionId, SessionKey,
+    SessionStore, StoreError,
 };
 
 /// How many times a write is re-applied after losing a race before giving up.
@@ -65,32 +65,56 @@ pub struct Saved {
     pub version: u64,
 }
 
-/// Delete a session.
+/// Delete a session, in order with the writes to it.
 #[derive(Message)]
 #[rtype(result = "Result<(), SessionError>")]
 pub struct DeleteSession {
-    pub id: SessionId,
+    pub key: SessionKey,
 }
 
 /// One shard: a mailbox in front of the engine for the sessions that hash to it.
 ///
-/// Saves queue up while writes are in flight; the next write takes every queued save (distinct
-/// ids, at most [`MAX_BATCH`]) to the engine at once with [`SessionStore::save_batch`] — a
-/// group commit on engines that support it. Each request is answered only after its own data
-/// is stored; a save that lost its version check is re-applied to the fresh data and queued
-/// again.
+/// Saves and deletes queue up while writes are in flight; the next write takes every queued
+/// save (distinct keys, at most [`MAX_BATCH`]) to the engine at once with
+/// [`SessionStore::save_batch`] — a group commit on engines that support it — and the queued
+/// deletes of other keys beside it. Operations on one key run one at a time in arrival order,
+/// so a delete (a revoke, a logout) never overtakes or interleaves with a write of the same
+/// session. Each request is answered only after its own data is stored; a save that lost its
+/// version check is re-applied to the fresh data and queued again.
 pub struct SessionShard {
     store: Arc<dyn SessionStore>,
-    queue: VecDeque<PendingSave>,
+    queue: VecDeque<Pending>,
     /// Group writes in flight (at most [`MAX_IN_FLIGHT`]).
     in_flight: usize,
-    /// The ids those writes carry: a save of one of them waits for the next write.
-    busy: HashSet<SessionId>,
+    /// The keys those writes carry: an operation on one of them waits for the next write.
+    busy: HashSet<SessionKey>,
+}
+
+/// A queued operation.
+enum Pending {
+    Save(PendingSave),
+    Delete(PendingDelete),
+}
+
+impl Pending {
+    fn key(&self) -> &SessionKey {
+        match self {
+            Pending::Save(p) => &p.key,
+            Pending::Delete(d) => &d.key,
+        }
+    }
+}
+
+/// A delete waiting for its turn.
+struct PendingDelete {
+    key: SessionKey,
+    reply: oneshot::Sender<Result<(), SessionError>>,
 }
 
 /// A save waiting for (or in) a group write.
 struct PendingSave {
     id: SessionId,
+    key: SessionKey,
     expected: Option<u64>,
     data: Map<String, Value>,
     changes: Vec<Change>,
@@ -112,23 +136,35 @@ impl SessionShard {
         }
     }
 
-    /// Takes the next batch from the queue: distinct ids, in arrival order, at most
-    /// [`MAX_BATCH`]; sessions over `max_size` are answered at once.
-    fn next_batch(&mut self) -> Vec<(PendingSave, SaveItem)> {
+    /// Takes the next batch from the queue: distinct keys, in arrival order, at most
+    /// [`MAX_BATCH`] saves, and the deletes of other keys; sessions over `max_size` are
+    /// answered at once.
+    fn next_batch(&mut self) -> Batch {
         let mut batch = Vec::new();
-        let mut ids = HashSet::new();
+        let mut deletes = Vec::new();
+        let mut keys = HashSet::new();
         let mut rest = VecDeque::with_capacity(self.queue.len());
         let now = now_unix();
         while let Some(p) = self.queue.pop_front() {
-            if batch.len() >= MAX_BATCH || ids.contains(&p.id) || self.busy.contains(&p.id) {
+            if batch.len() >= MAX_BATCH || keys.contains(p.key()) || self.busy.contains(p.key()) {
+                // Whatever follows on this key waits too: it is in `keys` or `busy`.
+                keys.insert(p.key().clone());
                 rest.push_back(p);
                 continue;
             }
+            let p = match p {
+                Pending::Delete(d) => {
+                    keys.insert(d.key.clone());
+                    deletes.push(d);
+                    continue;
+                }
+                Pending::Save(p) => p,
+            };
             if let Err(e) = check_size(&p.data, p.max_size) {
                 let _ = p.reply.send(Err(e));
                 continue;
             }
-            ids.insert(p.id.clone());
+            keys.insert(p.key.clone());
             let item = SaveItem {
                 id: p.id.clone(),
                 record: next_record(p.data.clone(), p.expires_at, p.expected, now),
@@ -137,17 +173,25 @@ impl SessionShard {
             batch.push((p, item));
         }
         self.queue = rest;
-        batch
+        Batch {
+            saves: batch,
+            deletes,
+        }
     }
 
     /// Starts group writes while fewer than [`MAX_IN_FLIGHT`] are in flight and saves wait.
     fn flush(&mut self, ctx: &mut Context<Self>) {
         while self.in_flight < MAX_IN_FLIGHT {
             let batch = self.next_batch();
-            if batch.is_empty() {
+            if batch.saves.is_empty() && batch.deletes.is_empty() {
                 return;
             }
-            let ids: Vec<SessionId> = batch.iter().map(|(p, _)| p.id.clone()).collect();
+            let ids: Vec<SessionKey> = batch
+                .saves
+                .iter()
+                .map(|(p, _)| p.key.clone())
+                .chain(batch.deletes.iter().map(|d| d.key.clone()))
+                .collect();
             self.busy.extend(ids.iter().cloned());
             self.in_flight += 1;
             let store = self.store.clone();
@@ -160,7 +204,7 @@ impl SessionShard {
                             act.busy.remove(id);
                         }
                         for p in retry.into_iter().rev() {
-                            act.queue.push_front(p);
+                            act.queue.push_front(Pending::Save(p));
                         }
                         act.flush(ctx);
                     }),
@@ -200,8 +244,10 @@ impl Handler<SaveSession> for SessionShard {
             Some(id) => (id, msg.base_version),
             None => (SessionId::generate(), None),
         };
-        self.queue.push_back(PendingSave {
+        let key = self.store.key(&id);
+        self.queue.push_back(Pending::Save(PendingSave {
             id,
+            key,
             expected,
             data: msg.data,
             changes: msg.changes,
@@ -210,7 +256,7 @@ impl Handler<SaveSession> for SessionShard {
             delete_after: msg.delete_after,
             attempts: 0,
             reply,
-        });
+        }));
         self.flush(ctx);
         Box::pin(async move {
             answer.await.map_err(|_| {
@@ -223,9 +269,18 @@ impl Handler<SaveSession> for SessionShard {
 impl Handler<DeleteSession> for SessionShard {
     type Result = ResponseFuture<Result<(), SessionError>>;
 
-    fn handle(&mut self, msg: DeleteSession, _ctx: &mut Context<Self>) -> Self::Result {
-        let store = self.store.clone();
-        Box::pin(async move { Ok(store.delete(&msg.id).await?) })
+    fn handle(&mut self, msg: DeleteSession, ctx: &mut Context<Self>) -> Self::Result {
+        let (reply, answer) = oneshot::channel();
+        self.queue.push_back(Pending::Delete(PendingDelete {
+            key: msg.key,
+            reply,
+        }));
+        self.flush(ctx);
+        Box::pin(async move {
+            answer.await.map_err(|_| {
+                SessionError::Mailbox("the session shard stopped before the delete finished".into())
+            })?
+        })
     }
 }
 
@@ -257,15 +312,36 @@ fn check_size(data: &Map<String, Value>, max: usize) -> Result<(), SessionError>
     Ok(())
 }
 
-/// One group write: every item in one `save_batch`; then each saved request is answered (after
-/// deleting the id it cycled away from), and each that lost its version check gets the fresh
-/// data with its changes re-applied and comes back to be queued again.
-async fn write_batch(
-    store: Arc<dyn SessionStore>,
-    batch: Vec<(PendingSave, SaveItem)>,
-) -> Vec<PendingSave> {
+/// What one group write carries.
+struct Batch {
+    saves: Vec<(PendingSave, SaveItem)>,
+    deletes: Vec<PendingDelete>,
+}
+
+/// One group write: the deletes, and every save in one `save_batch`; then each saved request
+/// is answered (after deleting the id it cycled away from), and each that lost its version
+/// check gets the fresh data with its changes re-applied and comes back to be queued again.
+async fn write_batch(store: Arc<dyn SessionStore>, batch: Batch) -> Vec<PendingSave> {
+    let Batch {
+        saves: batch,
+        deletes,
+    } = batch;
     let items: Vec<SaveItem> = batch.iter().map(|(_, item)| item.clone()).collect();
-    let outcomes = store.save_batch(&items).await;
+    let deleting = futures_util::future::join_all(deletes.into_iter().map(|d| {
+        let store = store.clone();
+        async move {
+            let result = store.delete(&d.key).await.map_err(SessionError::from);
+            let _ = d.reply.send(result);
+        }
+    }));
+    let saving = async {
+        if items.is_empty() {
+            Vec::new()
+        } else {
+            store.save_batch(&items).await
+        }
+    };
+    let (outcomes, _) = futures_util::future::join(saving, deleting).await;
     let mut saved = Vec::new();
     let mut conflicts = Vec::new();
     let mut outcomes = outcomes.into_iter();
@@ -288,7 +364,10 @@ async fn write_batch(
         let store = store.clone();
         async move {
             let result = match p.delete_after.as_ref().filter(|old| **old != p.id) {
-                Some(old) => store.delete(old).await.map_err(SessionError::from),
+                Some(old) => store
+                    .delete(&store.key(old))
+                    .await
+                    .map_err(SessionError::from),
                 None => Ok(()),
             };
             let _ = p.reply.send(result.map(|()| Saved { id: p.id, version }));
@@ -369,8 +448,13 @@ impl SessionShards {
         }
     }
 
-    fn shard(&self, id: &SessionId) -> &Addr<SessionShard> {
-        &self.shards[(id.shard_hash() % self.shards.len() as u64) as usize]
+    fn shard(&self, key: &SessionKey) -> &Addr<SessionShard> {
+        &self.shards[(key.shard_hash() % self.shards.len() as u64) as usize]
+    }
+
+    /// The key the engine stores session `id` under.
+    pub fn key(&self, id: &SessionId) -> SessionKey {
+        self.store.key(id)
     }
 
     /// The engine's name.
@@ -390,7 +474,7 @@ impl SessionShards {
         if let Some(r) = self.store.load_now(id) {
             return Ok(r?);
         }
-        self.shard(id)
+        self.shard(&self.store.key(id))
             .send(LoadSession { id: id.clone() })
             .await
             .map_err(mailbox)?
@@ -412,7 +496,10 @@ impl SessionShards {
                 return Ok(saved);
             }
         }
-        self.shard(&id).send(msg).await.map_err(mailbox)?
+        self.shard(&self.store.key(&id))
+            .send(msg)
+            .await
+            .map_err(mailbox)?
     }
 
     /// In-process engines: the write at once, without the shard's mailbox, when its version
@@ -434,7 +521,7 @@ impl SessionShards {
         match self.store.save_now(id, &record, msg.base_version) {
             Some(Ok(SaveOutcome::Saved)) => {
                 if let Some(old) = msg.delete_after.as_ref().filter(|old| *old != id) {
-                    self.store.delete(old).await?;
+                    self.delete(old).await?;
                 }
                 Ok(Some(Saved {
                     id: id.clone(),
@@ -449,16 +536,27 @@ impl SessionShards {
         }
     }
 
-    /// Deletes a session.
+    /// Deletes a session, through the shard that owns it.
     pub async fn delete(&self, id: &SessionId) -> Result<(), SessionError> {
-        self.shard(id)
-            .send(DeleteSession { id: id.clone() })
+        self.delete_key(self.store.key(id)).await
+    }
+
+    /// Deletes the session stored under `key` (as the user index gives it), through the
+    /// shard that owns it.
+    pub async fn delete_key(&self, key: SessionKey) -> Result<(), SessionError> {
+        self.shard(&key)
+            .send(DeleteSession { key })
             .await
             .map_err(mailbox)?
     }
 
-    /// The live sessions of `user`.
-    pub async fn sessions_of(&self, user: &str) -> Result<Vec<SessionId>, SessionError> {
+    /// Loads the session stored under `key` (as the user index gives it).
+    pub async fn load_key(&self, key: &SessionKey) -> Result<Option<Record>, SessionError> {
+        Ok(self.store.load_key(key).await?)
+    }
+
+    /// The keys of the live sessions of `user`.
+    pub async fn sessions_of(&self, user: &str) -> Result<Vec<SessionKey>, SessionError> {
         Ok(self.store.sessions_of(user).await?)
     }
 
@@ -468,10 +566,11 @@ impl SessionShards {
         user: &str,
         keep: Option<&SessionId>,
     ) -> Result<u64, SessionError> {
+        let keep = keep.map(|id| self.store.key(id));
         let mut n = 0;
-        for id in self.store.sessions_of(user).await? {
-            if Some(&id) != keep {
-                self.delete(&id).await?;
+        for key in self.store.sessions_of(user).await? {
+            if Some(&key) != keep.as_ref() {
+                self.delete_key(key).await?;
                 n += 1;
             }
         }
@@ -568,6 +667,55 @@ mod tests {
         let rec = shards.load(&saved.id).await.expect("load").expect("exists");
         assert_eq!(rec.data["n"], json!(1));
         arbiter.stop();
+    }
+
+    /// A revoke racing a save of the same session, many times: whichever goes first, the
+    /// revoked user's data never comes back (the delete is ordered with the write by the
+    /// shard; a save after it writes only its own changes).
+    async fn revoke_races_save(store: Arc<dyn SessionStore>) {
+        let arbiter = Arbiter::new();
+        let shards = SessionShards::start(2, store, &arbiter.handle());
+        let owned = |n: i64| {
+            json!({"_auth_user": "bob", "n": n})
+                .as_object()
+                .cloned()
+                .expect("obj")
+        };
+        for round in 0..200 {
+            let first = shards
+                .save(SaveSession {
+                    changes: vec![],
+                    ..save_msg(None, None, owned(1))
+                })
+                .await
+                .expect("create");
+            let save = shards.save(SaveSession {
+                changes: vec![Change::Set("n".into(), json!(2))],
+                ..save_msg(Some(first.id.clone()), Some(first.version), owned(2))
+            });
+            let revoke = shards.revoke_user("bob", None);
+            let (saved, revoked) = futures_util::future::join(save, revoke).await;
+            saved.expect("save");
+            revoked.expect("revoke");
+            let after = shards.load(&first.id).await.expect("load");
+            assert!(
+                after.as_ref().is_none_or(|r| r.user().is_none()),
+                "round {round}: the revoked session came back: {after:?}"
+            );
+        }
+        arbiter.stop();
+    }
+
+    #[actix_rt::test]
+    async fn revoke_racing_save_never_resurrects_memory() {
+        revoke_races_save(Arc::new(MemoryStore::new())).await;
+    }
+
+    #[actix_rt::test]
+    async fn revoke_racing_save_never_resurrects_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::session::FileStore::open(dir.path()).expect("file store");
+        revoke_races_save(Arc::new(store)).await;
     }
 
     #[actix_rt::test]

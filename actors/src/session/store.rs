@@ -37,6 +37,71 @@ impl Record {
     }
 }
 
+impl SaveItem {
+    /// The write of `record` under `id` expecting `expected`.
+    pub fn new(id: &SessionId, record: &Record, expected: Option<u64>) -> Self {
+        Self {
+            id: id.clone(),
+            record: record.clone(),
+            expected,
+        }
+    }
+}
+
+/// One save through [`SessionStore::save_batch`], for stores whose batch is the write path.
+pub async fn save_via_batch<S: SessionStore + ?Sized>(
+    store: &S,
+    id: &SessionId,
+    record: &Record,
+    expected: Option<u64>,
+) -> Result<SaveOutcome, StoreError> {
+    let item = SaveItem::new(id, record, expected);
+    store
+        .save_batch(std::slice::from_ref(&item))
+        .await
+        .pop()
+        .unwrap_or(Ok(SaveOutcome::Conflict))
+}
+
+/// Where an engine keeps a session: for stored engines `hex(HMAC-SHA256(k, id))` (see
+/// [`RecordCodec`](super::RecordCodec)), for in-process ones the id itself. The user index
+/// hands out keys, never ids; the shards route by key, so a delete by key and a save by id of
+/// one session meet in one shard.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey(String);
+
+impl SessionKey {
+    /// A key as the engine spells it.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    /// The key as the engine spells it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A stable hash picking the shard that owns the session.
+    pub fn shard_hash(&self) -> u64 {
+        // FNV-1a: stable across processes and cheap.
+        self.0.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+}
+
+impl std::fmt::Display for SessionKey {
+    /// Only a prefix: enough to tell keys apart in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let end = self
+            .0
+            .char_indices()
+            .nth(8)
+            .map_or(self.0.len(), |(i, _)| i);
+        write!(f, "{}…", &self.0[..end])
+    }
+}
+
 /// The result of a versioned write.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SaveOutcome {
@@ -95,6 +160,12 @@ pub trait SessionStore: Send + Sync + 'static {
     /// The engine's name as in `sessions.engine`.
     fn engine(&self) -> &'static str;
 
+    /// The key session `id` is stored under (the default: the id itself, for in-process
+    /// engines).
+    fn key(&self, id: &SessionId) -> SessionKey {
+        SessionKey::new(id.as_str())
+    }
+
     /// The live record under `id`, or `None` when missing or expired.
     async fn load(&self, id: &SessionId) -> Result<Option<Record>, StoreError>;
 
@@ -119,14 +190,22 @@ pub trait SessionStore: Send + Sync + 'static {
         .await
     }
 
-    /// Deletes the record under `id` (no error if missing).
-    async fn delete(&self, id: &SessionId) -> Result<(), StoreError>;
+    /// The live record stored under `key` (a key the user index gave).
+    async fn load_key(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
+        match SessionId::parse(key.as_str()) {
+            Some(id) => self.load(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes the record under `key` (no error if missing).
+    async fn delete(&self, key: &SessionKey) -> Result<(), StoreError>;
 
     /// Deletes every expired record; returns how many.
     async fn purge_expired(&self) -> Result<u64, StoreError>;
 
-    /// The ids of every live session of `user`.
-    async fn sessions_of(&self, user: &str) -> Result<Vec<SessionId>, StoreError>;
+    /// The keys of every live session of `user`.
+    async fn sessions_of(&self, user: &str) -> Result<Vec<SessionKey>, StoreError>;
 
     /// Whether the engine's service answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
