@@ -18,6 +18,30 @@ pub(crate) struct Opened {
     pub(crate) store: Arc<dyn SessionStore>,
     /// The `cached_db` engine, whose listener `serve` starts.
     pub(crate) cached: Option<Arc<CachedDbStore>>,
+    /// The `memory` engine, whose evictions the metrics count.
+    pub(crate) memory: Option<Arc<MemoryStore>>,
+}
+
+/// How often the memory engine deletes its expired sessions (reads skip them meanwhile).
+const MEMORY_PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Deletes the memory engine's expired sessions every [`MEMORY_PURGE_EVERY`] for as long as
+/// the store lives (a flood of one-time visitors is not kept until each is read again).
+fn purge_on_a_timer(store: &Arc<MemoryStore>) {
+    let weak = Arc::downgrade(store);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(MEMORY_PURGE_EVERY);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(store) = weak.upgrade() else { return };
+            match store.purge_expired().await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(purged = n, "memory engine: expired sessions deleted"),
+                Err(e) => tracing::warn!("memory engine purge: {e}"),
+            }
+        }
+    });
 }
 
 /// The connections of one process, opened on first use and then shared.
@@ -136,11 +160,20 @@ pub(crate) async fn open(services: &Services<'_>) -> Result<Option<Opened>, Star
     let plain = |store: Arc<dyn SessionStore>| Opened {
         store,
         cached: None,
+        memory: None,
     };
     let opened = match config.sessions.engine {
         SessionEngine::SignedCookies => return Ok(None),
         // Memory never leaves the process: nothing is at rest to encrypt.
-        SessionEngine::Memory => plain(Arc::new(MemoryStore::new())),
+        SessionEngine::Memory => {
+            let store = Arc::new(MemoryStore::with_limit(config.sessions.memory_max_sessions));
+            purge_on_a_timer(&store);
+            Opened {
+                store: store.clone(),
+                cached: None,
+                memory: Some(store),
+            }
+        }
         SessionEngine::File => plain(Arc::new(
             FileStore::open(&config.file.dir)
                 .map_err(|e| StartError::service("file.dir", e))?
@@ -163,6 +196,7 @@ pub(crate) async fn open(services: &Services<'_>) -> Result<Option<Opened>, Star
             Opened {
                 store: cached.clone(),
                 cached: Some(cached),
+                memory: None,
             }
         }
         SessionEngine::NatsKv => {

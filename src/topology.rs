@@ -142,7 +142,7 @@ impl Topology {
         // One NATS connection and one Postgres pool for the whole node, opened on first use.
         let services = engines::Services::new(&config);
         let mut readiness = Readiness::default();
-        let backend = session_backend(&services, &actor_arbiter).await?;
+        let backend = session_backend(&services, &actor_arbiter, &metrics).await?;
         match &backend {
             Backend::Server(shards) => readiness.add(SessionCheck(shards.clone())),
             Backend::Signed(_) => readiness.add(AlwaysReady {
@@ -367,6 +367,7 @@ fn processors(
 async fn session_backend(
     services: &engines::Services<'_>,
     arbiter: &actix_rt::Arbiter,
+    metrics: &Metrics,
 ) -> Result<Backend, StartError> {
     let config = services.config();
     let Some(opened) = engines::open(services).await? else {
@@ -381,6 +382,9 @@ async fn session_backend(
             &fallbacks,
         )));
     };
+    if let Some(memory) = opened.memory.clone() {
+        metrics.count_evictions(move || memory.evicted_total());
+    }
     if let Some(cached) = &opened.cached {
         cached
             .listen(Some(&arbiter.handle()))

@@ -34,6 +34,8 @@ section! {
         pub on_login: OnLogin = OnLogin::Preserve,
         /// Largest serialized session, in bytes (>= 1); larger writes are refused.
         pub max_size: usize = 65_536,
+        /// The memory engine's cap; the soonest-expiring sessions are evicted first.
+        pub memory_max_sessions: usize = 1_000_000,
         /// Encrypt session data at rest in server-side engines (key derived from `secret_key`).
         pub encrypt: bool = false,
     }
@@ -63,6 +65,12 @@ impl SessionsConfig {
             let message = "true requires server.secret_key (the encryption key is derived from it)";
             return Err(v.fail("sessions.encrypt", message));
         }
+        v.range(
+            "sessions.memory_max_sessions",
+            self.memory_max_sessions as u64,
+            1,
+            None,
+        )?;
         v.range("sessions.max_size", self.max_size as u64, 1, None)
     }
 }

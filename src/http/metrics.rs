@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 /// The route label of requests no route matched.
-const UNMATCHED_ROUTE: &str = "<unmatched>";
+const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// Every metric Switchyard exports.
 pub struct Metrics {
@@ -19,7 +19,10 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
     sessions_saved: IntCounterVec,
+    sessions_evicted: IntCounterVec,
     tasks: IntCounterVec,
+    /// Reads the memory engine's eviction count at scrape time.
+    evictions: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
 }
 
 impl Metrics {
@@ -47,6 +50,14 @@ impl Metrics {
             &["engine"],
         )
         .expect("metric definition is valid");
+        let sessions_evicted = IntCounterVec::new(
+            Opts::new(
+                "switchyard_sessions_evicted_total",
+                "Sessions the memory engine evicted at its cap (sessions.memory_max_sessions).",
+            ),
+            &["engine"],
+        )
+        .expect("metric definition is valid");
         let tasks = IntCounterVec::new(
             Opts::new("switchyard_tasks_total", "Task state changes."),
             &["task", "state"],
@@ -56,6 +67,7 @@ impl Metrics {
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
             Box::new(sessions_saved.clone()),
+            Box::new(sessions_evicted.clone()),
             Box::new(tasks.clone()),
         ] {
             registry
@@ -67,8 +79,16 @@ impl Metrics {
             http_requests,
             http_duration,
             sessions_saved,
+            sessions_evicted,
             tasks,
+            evictions: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Counts the memory engine's evictions, read from `total` at every scrape.
+    pub(crate) fn count_evictions(&self, total: impl Fn() -> u64 + Send + Sync + 'static) {
+        self.sessions_evicted.with_label_values(&["memory"]);
+        let _ = self.evictions.set(Box::new(total));
     }
 
     /// Counts one session written by `engine`.
@@ -93,6 +113,10 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        if let Some(total) = self.evictions.get() {
+            let c = self.sessions_evicted.with_label_values(&["memory"]);
+            c.inc_by(total().saturating_sub(c.get()));
+        }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!("cannot encode metrics: {e}");

@@ -1,24 +1,91 @@
 //! The `memory` engine: a `DashMap` in this process (the embedded default). Expiry is enforced
-//! on read and by `purge_expired`; a user → sessions index is kept beside the records.
+//! on read and by `purge_expired` (which the node runs on a timer); a user → sessions index is
+//! kept beside the records. The store holds at most `sessions.memory_max_sessions` records: a
+//! write that goes past the cap evicts the soonest-expiring sessions, [`EVICT_FRACTION`] of the
+//! cap at once so that the scan this takes is paid once per many writes.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
 
 use super::{now_unix, Record, SaveOutcome, SessionId, SessionKey, SessionStore, StoreError};
 
+/// The share of the cap one eviction removes (1%: at the default cap of a million, a 10,000
+/// session batch per scan).
+pub const EVICT_FRACTION: f64 = 0.01;
+
 /// Sessions in this process's memory; lost on restart.
-#[derive(Default)]
 pub struct MemoryStore {
     records: DashMap<SessionId, Record>,
     by_user: DashMap<String, HashSet<SessionId>>,
+    max_sessions: usize,
+    evicting: std::sync::Mutex<()>,
+    evicted: AtomicU64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_limit(usize::MAX)
+    }
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store without a cap.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store holding at most `max_sessions` records.
+    pub fn with_limit(max_sessions: usize) -> Self {
+        Self {
+            records: DashMap::new(),
+            by_user: DashMap::new(),
+            max_sessions: max_sessions.max(1),
+            evicting: std::sync::Mutex::new(()),
+            evicted: AtomicU64::new(0),
+        }
+    }
+
+    /// Sessions evicted by the cap so far.
+    pub fn evicted_total(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Past the cap: removes the soonest-expiring records (expired ones first), a batch at once.
+    fn evict(&self) {
+        // One evictor at a time; writers meanwhile go on (the cap may be passed briefly).
+        let Ok(_guard) = self.evicting.try_lock() else {
+            return;
+        };
+        if self.records.len() <= self.max_sessions {
+            return;
+        }
+        let batch = ((self.max_sessions as f64 * EVICT_FRACTION) as usize).max(1);
+        let excess = self.records.len() - self.max_sessions;
+        let n = excess + batch.min(self.max_sessions);
+        let mut by_expiry: Vec<(i64, SessionId)> = self
+            .records
+            .iter()
+            .map(|r| (r.expires_at, r.key().clone()))
+            .collect();
+        let n = n.min(by_expiry.len());
+        if n == 0 {
+            return;
+        }
+        by_expiry.select_nth_unstable_by_key(n - 1, |(t, _)| *t);
+        for (_, id) in by_expiry.into_iter().take(n) {
+            if let Some((_, r)) = self.records.remove(&id) {
+                self.unindex(&id, r.user());
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        tracing::warn!(
+            evicted = n,
+            max = self.max_sessions,
+            "memory engine full (sessions.memory_max_sessions): evicted the soonest-expiring sessions"
+        );
     }
 
     /// How many records are held (expired ones included until read or purged).
@@ -54,6 +121,9 @@ impl MemoryStore {
                     e.insert(record.clone());
                 }
             }
+        }
+        if self.records.len() > self.max_sessions {
+            self.evict();
         }
         if old_user.as_deref() != record.user() {
             self.unindex(id, old_user.as_deref());
@@ -179,5 +249,66 @@ impl SessionStore for MemoryStore {
         expected: Option<u64>,
     ) -> Option<Result<SaveOutcome, StoreError>> {
         Some(Ok(self.write(id, record, expected)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Map;
+
+    fn record(expires_at: i64) -> Record {
+        Record {
+            data: Map::new(),
+            expires_at,
+            version: 1,
+            updated_at: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cap_evicts_the_soonest_expiring_first() {
+        let store = MemoryStore::with_limit(100);
+        let now = now_unix();
+        let ids: Vec<SessionId> = (0..150).map(|_| SessionId::generate()).collect();
+        // Later ids expire sooner: the last 50 written are the first to go.
+        for (i, id) in ids.iter().enumerate() {
+            store
+                .save(id, &record(now + 10_000 - i as i64), None)
+                .await
+                .expect("save");
+        }
+        assert!(store.len() <= 100, "{}", store.len());
+        assert!(store.evicted_total() >= 50);
+        for id in &ids[..90] {
+            assert!(
+                store.load(id).await.expect("load").is_some(),
+                "long-lived kept"
+            );
+        }
+        let mut late = 0;
+        for id in &ids[100..] {
+            late += usize::from(store.load(id).await.expect("load").is_some());
+        }
+        assert!(
+            late <= 1,
+            "the soonest-expiring went first ({late} of them kept)"
+        );
+    }
+
+    #[tokio::test]
+    async fn purge_removes_expired_records() {
+        let store = MemoryStore::new();
+        let now = now_unix();
+        store
+            .save(&SessionId::generate(), &record(now - 1), None)
+            .await
+            .expect("save");
+        store
+            .save(&SessionId::generate(), &record(now + 60), None)
+            .await
+            .expect("save");
+        assert_eq!(store.purge_expired().await.expect("purge"), 1);
+        assert_eq!(store.len(), 1);
     }
 }
