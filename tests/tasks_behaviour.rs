@@ -17,7 +17,7 @@ use switchyard::tasks::{
     QueueSpec, Registry, Task, TaskContext, TaskError, TaskEvent, TaskOptions, TaskSettings,
     TaskState, Tasks, WorkerPool,
 };
-use switchyard_actors::tasks::{Broker, DrainOutcome, NatsBroker, Outgoing};
+use switchyard_actors::tasks::{DrainOutcome, NatsBroker, Outgoing, TaskQueue};
 
 /// Generous upper bound for anything the suite waits for.
 const WAIT: Duration = Duration::from_secs(10);
