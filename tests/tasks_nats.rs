@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use switchyard::tasks::{QueueSpec, Registry, TaskSettings, TaskState, Tasks};
-use switchyard_actors::tasks::{Envelope, NatsBroker};
+use switchyard::tasks::{
+    BrokerError, ClientError, QueueSpec, Registry, TaskSettings, TaskState, Tasks,
+};
+use switchyard_actors::tasks::{Envelope, NatsBroker, PUBLISH_RETRY_FOR};
 
 /// Upper bound of every wait.
 const WAIT: Duration = Duration::from_secs(20);
@@ -472,6 +474,50 @@ async fn flaky_with_two_planned_failures_succeeds_every_time_across_two_workers(
             .any(|n| n.contains(&"w1".into()) && n.contains(&"w2".into())),
         "no task's attempts crossed workers: {nodes:?}"
     );
+    env.stop().await;
+}
+
+/// Broker errors are typed: a message the server will never take is refused at once (not
+/// retried for `PUBLISH_RETRY_FOR`), and a stored record that does not decode is a data error;
+/// neither is transient.
+#[tokio::test]
+async fn refused_publishes_and_undecodable_records_are_typed_errors() {
+    let Some(env) = Env::start().await else {
+        return;
+    };
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let t0 = Instant::now();
+    let err = env
+        .tasks
+        .send("demo.add", json!({ "pad": huge }), Default::default())
+        .await
+        .expect_err("over max_payload");
+    match &err {
+        ClientError::Broker(e @ BrokerError::Refused { .. }) => assert!(!e.is_transient()),
+        other => panic!("expected a refused publish, got {other:?}"),
+    }
+    assert!(
+        t0.elapsed() < PUBLISH_RETRY_FOR,
+        "retried: {:?}",
+        t0.elapsed()
+    );
+
+    let kv = env
+        .broker
+        .jetstream()
+        .get_key_value(env.broker.names().results_bucket())
+        .await
+        .expect("bucket");
+    kv.put("garbled", "{not a record".into())
+        .await
+        .expect("put");
+    match env.tasks.result("garbled").await {
+        Err(ClientError::Broker(e @ BrokerError::Data { .. })) => {
+            assert!(!e.is_transient());
+            assert!(std::error::Error::source(&e).is_some(), "{e}");
+        }
+        other => panic!("expected a data error, got {other:?}"),
+    }
     env.stop().await;
 }
 

@@ -301,3 +301,56 @@ impl<T: TaskQueue + ResultStore + ?Sized> Broker for T {}
 pub(crate) fn revocable(existing: Option<&ResultRecord>) -> bool {
     existing.is_none_or(|r| matches!(r.state, TaskState::Pending | TaskState::Retry))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn errors_keep_their_source_and_say_whether_to_retry() {
+        let io = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "broken pipe");
+        let e = BrokerError::unavailable("publish to sy.tasks.default", io);
+        assert!(e.is_transient());
+        assert_eq!(
+            e.to_string(),
+            "broker unavailable: publish to sy.tasks.default: broken pipe"
+        );
+        assert_eq!(
+            e.source().map(|s| s.to_string()).as_deref(),
+            Some("broken pipe")
+        );
+
+        let e = BrokerError::unavailable_because("ping (not connected to NATS)");
+        assert!(e.is_transient());
+        assert!(e.source().is_none());
+        assert_eq!(
+            e.to_string(),
+            "broker unavailable: ping (not connected to NATS)"
+        );
+
+        let contention = BrokerError::Contention {
+            op: "claim",
+            id: "t1".into(),
+        };
+        assert!(contention.is_transient());
+        assert_eq!(
+            contention.to_string(),
+            "claim of task t1: too much contention"
+        );
+
+        let bad = serde_json::from_slice::<ResultRecord>(b"{").expect_err("bad json");
+        let e = BrokerError::data("result t1", bad);
+        assert!(!e.is_transient());
+        assert!(e.source().is_some());
+        assert!(
+            e.to_string().starts_with("broker data of result t1: "),
+            "{e}"
+        );
+
+        let refused = BrokerError::refused("publish to x", std::io::Error::other("too large"));
+        assert!(!refused.is_transient());
+        assert!(!BrokerError::UnknownQueue("q".into()).is_transient());
+    }
+}
