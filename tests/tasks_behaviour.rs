@@ -244,7 +244,7 @@ fn registry(log: &Arc<ProbeLog>) -> Registry {
     r.register(Add)
         .register(EagerProbe)
         .register(Sleep)
-        .register(Flaky::default())
+        .register(Flaky)
         .register(Probe::<0>(log.clone()))
         .register(Probe::<1>(log.clone()))
         .register(Probe::<2>(log.clone()))

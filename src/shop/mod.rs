@@ -455,7 +455,7 @@ pub fn install(app: App) -> App {
         .on_login_merge(merge_carts)
         .task(tasks::Add)
         .task(tasks::Sleep)
-        .task(tasks::Flaky::default())
+        .task(tasks::Flaky)
         .task(OrderCreated::new(orders, mailer))
         .routes(move |cfg| {
             cfg.app_data(orders_data.clone());
