@@ -312,7 +312,13 @@ impl Runner {
             cancel: self.cold.child_token(),
         };
         let attempt = run_attempt(entry, ctx, env.args.clone(), &plan);
-        let outcome = with_heartbeat(&delivery, attempt, self.settings.ack_wait / 2).await;
+        // Eager mode's private queue has no other consumer to take the delivery over: no
+        // heartbeat (and no timer per call).
+        let outcome = if self.eager {
+            attempt.await
+        } else {
+            with_heartbeat(&delivery, attempt, self.settings.ack_wait / 2).await
+        };
 
         // Settle.
         let rec = match outcome {
