@@ -8,8 +8,8 @@ use std::time::Duration;
 pub use switchyard_actors::tasks::{
     new_task_id, AsyncResult, Backoff, Broker, BrokerError, CancellationToken, ClientError,
     DrainOutcome, EventKind, EventSink, MemoryBroker, PublishOptions, QueueSpec, Registry,
-    ResultExt, ResultRecord, Task, TaskContext, TaskError, TaskEvent, TaskOptions, TaskSettings,
-    TaskState, Tasks, WorkerPool,
+    ResultExt, ResultRecord, ResultStore, Revocation, Task, TaskContext, TaskError, TaskEvent,
+    TaskOptions, TaskQueue, TaskSettings, TaskState, Tasks, WorkerPool,
 };
 
 use crate::config::Config;

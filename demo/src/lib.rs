@@ -425,7 +425,7 @@ pub fn install(app: App) -> App {
         .on_login_merge(merge_carts)
         .task(tasks::Add)
         .task(tasks::Sleep)
-        .task(tasks::Flaky::default())
+        .task(tasks::Flaky)
         .task_fn(ORDER_CREATED, emails, tasks::order_created)
         .routes(|cfg| {
             cfg.route("/", web::get().to(index))

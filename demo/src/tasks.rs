@@ -1,8 +1,6 @@
 //! The demo's tasks: `demo.add`, `demo.sleep`, `demo.flaky` (for the CLI and foreign clients
 //! to call) and `shop.order_created` (the order confirmation e-mail).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -14,8 +12,6 @@ use switchyard::tasks::{ResultExt, Task, TaskContext, TaskError};
 
 /// The longest `demo.sleep` accepts, in seconds.
 const MAX_SLEEP_SECS: f64 = 3600.0;
-/// Task ids `demo.flaky` keeps attempt counts for (the oldest are forgotten).
-const FLAKY_KEEP: usize = 10_000;
 
 /// `demo.add`: `{"x": 2, "y": 3}` → `5`.
 pub struct Add;
@@ -74,11 +70,10 @@ impl Task for Sleep {
 }
 
 /// `demo.flaky`: `{"fail_times": 2}` fails that many attempts of one task id (retryably), then
-/// succeeds with the number of the attempt that did.
+/// succeeds with the number of the attempt that did. The attempt comes from the task context
+/// (the retries the result record counts), so it holds across worker processes.
 #[derive(Default)]
-pub struct Flaky {
-    attempts: Mutex<HashMap<String, u32>>,
-}
+pub struct Flaky;
 
 /// Arguments of `demo.flaky`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -92,19 +87,7 @@ impl Task for Flaky {
     type Output = u32;
 
     async fn run(&self, ctx: TaskContext, args: FlakyArgs) -> Result<u32, TaskError> {
-        let attempt = {
-            let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
-            if attempts.len() >= FLAKY_KEEP && !attempts.contains_key(ctx.id()) {
-                attempts.clear();
-            }
-            let n = attempts.entry(ctx.id().to_owned()).or_default();
-            *n += 1;
-            let attempt = *n;
-            if attempt > args.fail_times {
-                attempts.remove(ctx.id());
-            }
-            attempt
-        };
+        let attempt = ctx.attempt();
         if attempt <= args.fail_times {
             return Err(TaskError::retry(
                 "flaky",

@@ -16,7 +16,7 @@ use switchyard::tasks::{
     QueueSpec, Registry, Task, TaskContext, TaskError, TaskEvent, TaskOptions, TaskSettings,
     TaskState, Tasks, WorkerPool,
 };
-use switchyard_actors::tasks::{Broker, DrainOutcome, NatsBroker, Outgoing};
+use switchyard_actors::tasks::{DrainOutcome, NatsBroker, Outgoing, TaskQueue};
 use switchyard_demo::tasks::{Add, AddArgs, Flaky, FlakyArgs, Sleep, SleepArgs};
 
 /// Generous upper bound for anything the suite waits for.
@@ -223,11 +223,28 @@ impl<const K: u8> Task for Probe<K> {
     }
 }
 
+/// Returns whether its context says it runs eagerly.
+struct EagerProbe;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct EagerProbeArgs {}
+
+impl Task for EagerProbe {
+    const NAME: &'static str = "probe.eager";
+    type Args = EagerProbeArgs;
+    type Output = bool;
+
+    async fn run(&self, ctx: TaskContext, _args: EagerProbeArgs) -> Result<bool, TaskError> {
+        Ok(ctx.is_eager())
+    }
+}
+
 fn registry(log: &Arc<ProbeLog>) -> Registry {
     let mut r = Registry::new();
     r.register(Add)
+        .register(EagerProbe)
         .register(Sleep)
-        .register(Flaky::default())
+        .register(Flaky)
         .register(Probe::<0>(log.clone()))
         .register(Probe::<1>(log.clone()))
         .register(Probe::<2>(log.clone()))
@@ -680,6 +697,120 @@ async fn expired_task_is_not_run<H: Harness>() {
     h.stop().await;
 }
 
+/// REVOKED records have one shape whichever way the task runs (eager included): built by
+/// `ResultRecord::revoked`, with `"revoked"` or `"expired"`, a finish time, no start, no result.
+async fn revoked_and_expired_records_have_one_shape<H: Harness>() {
+    let (h, log) = start::<H>().await;
+    let t = h.tasks();
+    let id = new_task_id();
+    assert!(t.revoke(&id).await.expect("revoke"));
+    let revoked = t
+        .apply_async::<Probe<0>>(ProbeArgs::default(), PublishOptions::new().task_id(&id))
+        .await
+        .expect("publish");
+    assert!(revoked.get(WAIT).await.is_err());
+    let rec = t.result(&id).await.expect("result");
+    assert_eq!(
+        (
+            rec.state,
+            rec.error.as_deref(),
+            rec.task.as_deref(),
+            rec.node.as_deref()
+        ),
+        (TaskState::Revoked, Some("revoked"), None, None),
+        "{rec:?}"
+    );
+    assert_eq!(
+        (rec.retries, rec.started_at, &rec.result),
+        (0, None, &json!(null))
+    );
+    assert!(rec.finished_at.is_some(), "{rec:?}");
+
+    let expired = t
+        .apply_async::<Probe<0>>(
+            ProbeArgs::default(),
+            PublishOptions::new().expires(Utc::now() - chrono::Duration::seconds(1)),
+        )
+        .await
+        .expect("publish");
+    assert!(expired.get(WAIT).await.is_err());
+    let rec = t.result(expired.id()).await.expect("result");
+    assert_eq!(
+        (
+            rec.state,
+            rec.error.as_deref(),
+            rec.task.as_deref(),
+            rec.node.as_deref()
+        ),
+        (
+            TaskState::Revoked,
+            Some("expired"),
+            Some("probe.plain"),
+            Some("suite")
+        ),
+        "{rec:?}"
+    );
+    assert_eq!(
+        (rec.retries, rec.started_at, &rec.result),
+        (0, None, &json!(null))
+    );
+    assert!(rec.finished_at.is_some(), "{rec:?}");
+    // The handle's record (eager: the one it holds) is the stored one.
+    assert_eq!(expired.record().await.expect("record"), rec);
+    assert!(log.of(&id).is_empty() && log.of(expired.id()).is_empty());
+    h.stop().await;
+}
+
+/// A retry that comes due after the task's expiry is not run: the expiry rule applies to
+/// every delivery, the retries' too, in eager mode as on workers.
+async fn a_retry_due_after_expiry_is_revoked<H: Harness>() {
+    let (h, log) = start::<H>().await;
+    let handle = h
+        .tasks()
+        .apply_async::<Probe<0>>(
+            ProbeArgs {
+                fail: 1,
+                retry_in_ms: Some(400),
+                ..ProbeArgs::default()
+            },
+            PublishOptions::new().expires_in(Duration::from_millis(200)),
+        )
+        .await
+        .expect("publish");
+    match handle.get(WAIT).await {
+        Err(ClientError::Failed { state, error, .. }) => {
+            assert_eq!((state, error.as_str()), (TaskState::Revoked, "expired"))
+        }
+        other => panic!("expected REVOKED/expired, got {other:?}"),
+    }
+    let rec = handle.record().await.expect("record");
+    assert_eq!(
+        (rec.retries, rec.task.as_deref()),
+        (1, Some("probe.plain")),
+        "{rec:?}"
+    );
+    assert_eq!(log.of(handle.id()).len(), 1, "the expired retry ran");
+    h.stop().await;
+}
+
+/// The context says whether the body runs eagerly, and which attempt this is.
+async fn context_knows_eager_and_attempt<H: Harness>() {
+    let (h, _) = start::<H>().await;
+    let handle = h
+        .tasks()
+        .delay::<Flaky>(FlakyArgs { fail_times: 1 })
+        .await
+        .expect("publish");
+    assert_eq!(handle.get(WAIT).await.expect("result"), 2);
+    let t = h
+        .tasks()
+        .delay::<EagerProbe>(EagerProbeArgs {})
+        .await
+        .expect("publish");
+    assert_eq!(t.get(WAIT).await.expect("result"), !H::WORKERS);
+    h.stop().await;
+}
+
 async fn rate_limit_is_honoured<H: Harness>() {
     let (h, log) = start::<H>().await;
     let t = h.tasks();
@@ -988,7 +1119,10 @@ macro_rules! behaviour_suite {
                 explicit_retry_waits_its_countdown,
                 bad_arguments_fail_clearly,
                 forget_drops_the_record,
-                ignore_result_keeps_no_success_record
+                ignore_result_keeps_no_success_record,
+                revoked_and_expired_records_have_one_shape,
+                a_retry_due_after_expiry_is_revoked,
+                context_knows_eager_and_attempt
                 $(, $worker_case)*
             ]);
         }

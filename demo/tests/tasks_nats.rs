@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use switchyard::tasks::{QueueSpec, Registry, TaskSettings, TaskState, Tasks};
-use switchyard_actors::tasks::{Envelope, NatsBroker};
+use switchyard::tasks::{
+    BrokerError, ClientError, QueueSpec, Registry, TaskSettings, TaskState, Tasks,
+};
+use switchyard_actors::tasks::{Envelope, NatsBroker, PUBLISH_RETRY_FOR};
 
 /// Upper bound of every wait.
 const WAIT: Duration = Duration::from_secs(20);
@@ -393,6 +395,129 @@ async fn two_worker_processes_run_each_task_once() {
     assert_eq!(per_id.len(), N, "start events: {per_id:?}");
     assert!(per_id.values().all(|n| *n == 1), "{per_id:?}");
     assert_eq!(nodes.len(), 2, "both workers took tasks: {nodes:?}");
+    env.stop().await;
+}
+
+/// Issue 11's acceptance: with two worker processes, `publish demo.flaky '{"fail_times": 2}'
+/// --wait 60` succeeds 10 times out of 10. The attempt number comes from the task context (the
+/// retries the message carries), so an attempt that lands on the other worker still counts;
+/// a per-process count ended in FAILURE about half the time.
+#[tokio::test]
+async fn flaky_with_two_planned_failures_succeeds_every_time_across_two_workers() {
+    let Some(mut env) = Env::start().await else {
+        return;
+    };
+    let client = async_nats::connect(common::service_url("nats"))
+        .await
+        .expect("nats");
+    let mut started = client
+        .subscribe(format!("{}.events.task-started", env.prefix))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    env.worker("w1", &[]);
+    env.worker("w2", &[]);
+    const RUNS: usize = 10;
+    // The ten publishes run at once (each waits up to 60 s, as the acceptance command does).
+    let vars = env.env();
+    let runs: Vec<_> = (0..RUNS)
+        .map(|_| {
+            let vars = vars.clone();
+            tokio::task::spawn_blocking(move || {
+                let env: Vec<(&str, &str)> =
+                    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                common::run_cli(
+                    &[
+                        "publish",
+                        "demo.flaky",
+                        r#"{"fail_times": 2}"#,
+                        "--wait",
+                        "60",
+                    ],
+                    &env,
+                    None,
+                )
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for run in runs {
+        let (code, out, err) = run.await.expect("publish thread");
+        assert_eq!(code, 0, "stdout: {out} stderr: {err}");
+        let rec = record(&out);
+        assert_eq!(rec["state"], "SUCCESS", "{rec}");
+        assert_eq!(rec["result"], 3, "succeeded on the third attempt: {rec}");
+        assert_eq!(rec["retries"], 2, "{rec}");
+        ids.push(rec["id"].as_str().expect("id").to_owned());
+    }
+    // Three starts per task; the attempts of some task ran on both workers.
+    let mut nodes: HashMap<String, Vec<String>> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(300), started.next()).await {
+            Ok(Some(m)) => {
+                let e: Value = serde_json::from_slice(&m.payload).expect("event");
+                nodes
+                    .entry(e["task_id"].as_str().unwrap_or("").to_owned())
+                    .or_default()
+                    .push(e["node"].as_str().unwrap_or("").to_owned());
+            }
+            _ => break,
+        }
+    }
+    for id in &ids {
+        assert_eq!(nodes.get(id).map(Vec::len), Some(3), "{id}: {nodes:?}");
+    }
+    assert!(
+        nodes
+            .values()
+            .any(|n| n.contains(&"w1".into()) && n.contains(&"w2".into())),
+        "no task's attempts crossed workers: {nodes:?}"
+    );
+    env.stop().await;
+}
+
+/// Broker errors are typed: a message the server will never take is refused at once (not
+/// retried for `PUBLISH_RETRY_FOR`), and a stored record that does not decode is a data error;
+/// neither is transient.
+#[tokio::test]
+async fn refused_publishes_and_undecodable_records_are_typed_errors() {
+    let Some(env) = Env::start().await else {
+        return;
+    };
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let t0 = Instant::now();
+    let err = env
+        .tasks
+        .send("demo.add", json!({ "pad": huge }), Default::default())
+        .await
+        .expect_err("over max_payload");
+    match &err {
+        ClientError::Broker(e @ BrokerError::Refused { .. }) => assert!(!e.is_transient()),
+        other => panic!("expected a refused publish, got {other:?}"),
+    }
+    assert!(
+        t0.elapsed() < PUBLISH_RETRY_FOR,
+        "retried: {:?}",
+        t0.elapsed()
+    );
+
+    let kv = env
+        .broker
+        .jetstream()
+        .get_key_value(env.broker.names().results_bucket())
+        .await
+        .expect("bucket");
+    kv.put("garbled", "{not a record".into())
+        .await
+        .expect("put");
+    match env.tasks.result("garbled").await {
+        Err(ClientError::Broker(e @ BrokerError::Data { .. })) => {
+            assert!(!e.is_transient());
+            assert!(std::error::Error::source(&e).is_some(), "{e}");
+        }
+        other => panic!("expected a data error, got {other:?}"),
+    }
     env.stop().await;
 }
 

@@ -1,20 +1,27 @@
-//! The [`Broker`] trait: queues with at-least-once delivery, and the result store, as the
-//! memory broker provides them now and the NATS JetStream broker will.
+//! The broker traits: [`TaskQueue`] (queues with at-least-once delivery) and [`ResultStore`]
+//! (result records, claim and revoke). A [`Broker`] is both, as the memory and NATS brokers
+//! are; eager mode runs a private in-process queue over a shared memory result store.
 //!
 //! The contract, which `tests/tasks_behaviour.rs` checks against every implementation:
 //!
-//! - [`Broker::publish`] appends a message's bytes to its queue; a `dedupe_id` seen within
+//! - [`TaskQueue::publish`] appends a message's bytes to its queue; a `dedupe_id` seen within
 //!   `tasks.dedupe_window` is dropped ([`PublishOutcome::Duplicate`]). `not_before` is a hint:
-//!   a broker may hold the message until then; the worker also re-checks the eta.
-//! - [`Broker::fetch`] hands out one message of a queue at a time to any number of consumers
-//!   ([`Broker::fetch_batch`]: up to `max` at once, what a worker with free slots asks for).
-//!   A delivery not acknowledged within `tasks.ack_wait` (a crash, a lost worker) is delivered
-//!   again, with `delivered` counting every delivery. [`Delivery::nak`] puts it back after a
-//!   delay; [`Delivery::progress`] extends the ack deadline of a long task.
-//! - Result records live under the task id for `tasks.result_ttl`. [`Broker::claim`] and
-//!   [`Broker::revoke`] are atomic against each other: a task is either revoked before it
+//!   a queue may hold the message until then; the worker also re-checks the eta.
+//! - [`TaskQueue::fetch`] hands out one message of a queue at a time to any number of
+//!   consumers ([`TaskQueue::fetch_batch`]: up to `max` at once, what a worker with free slots
+//!   asks for). A delivery not acknowledged within `tasks.ack_wait` (a crash, a lost worker) is
+//!   delivered again, with `delivered` counting every delivery. [`Delivery::nak`] puts it back
+//!   after a delay; [`Delivery::progress`] extends the ack deadline of a long task.
+//! - Result records live under the task id for `tasks.result_ttl`. [`ResultStore::claim`] and
+//!   [`ResultStore::revoke`] are atomic against each other: a task is either revoked before it
 //!   starts, or starts and can no longer be revoked.
+//!
+//! Errors are [`BrokerError`]s; [`BrokerError::is_transient`] says whether trying again later
+//! can help (the service did not answer, a compare-and-swap lost) or not (an unknown queue,
+//! a request the service refused, stored bytes that do not decode).
 
+use std::error::Error as StdError;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,18 +29,106 @@ use chrono::{DateTime, Utc};
 
 use super::{ResultRecord, TaskState};
 
-/// Why a broker operation failed.
+/// The cause under a [`BrokerError`] (shared, so the error stays `Clone`).
+pub type ErrorSource = Arc<dyn StdError + Send + Sync + 'static>;
+
+/// Why a broker operation failed. [`BrokerError::is_transient`] tells retry from give-up.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
-    /// The broker's service is unreachable or refused the operation.
-    #[error("broker unavailable: {0}")]
-    Unavailable(String),
+    /// The service did not answer, the connection is down, or the request timed out: worth
+    /// trying again later.
+    #[error("broker unavailable: {op}{}", cause(.source))]
+    Unavailable {
+        /// What was being done, e.g. `publish to sy.tasks.default`.
+        op: String,
+        #[source]
+        source: Option<ErrorSource>,
+    },
+    /// The service answered and refused the request (a stream or consumer it will not create,
+    /// an invalid key): the same request will fail again.
+    #[error("broker refused {op}: {source}")]
+    Refused {
+        op: String,
+        #[source]
+        source: ErrorSource,
+    },
+    /// A compare-and-swap on a result record kept losing to concurrent writers.
+    #[error("{op} of task {id}: too much contention")]
+    Contention { op: &'static str, id: String },
     /// The queue is not one the broker serves.
     #[error("unknown queue {0:?}")]
     UnknownQueue(String),
-    /// A stored value could not be decoded.
-    #[error("broker data: {0}")]
-    Data(String),
+    /// Stored bytes (a result record) do not decode, or a record does not encode.
+    #[error("broker data of {what}: {source}")]
+    Data {
+        what: String,
+        #[source]
+        source: Arc<serde_json::Error>,
+    },
+}
+
+fn cause(source: &Option<ErrorSource>) -> String {
+    source
+        .as_ref()
+        .map_or_else(String::new, |e| format!(": {e}"))
+}
+
+impl BrokerError {
+    /// The service did not answer `op` because of `source`.
+    pub fn unavailable(
+        op: impl Into<String>,
+        source: impl StdError + Send + Sync + 'static,
+    ) -> Self {
+        BrokerError::Unavailable {
+            op: op.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// The service did not answer `op` because of a boxed `source` (`async_nats::Error`).
+    pub fn unavailable_boxed(
+        op: impl Into<String>,
+        source: Box<dyn StdError + Send + Sync + 'static>,
+    ) -> Self {
+        BrokerError::Unavailable {
+            op: op.into(),
+            source: Some(Arc::from(source)),
+        }
+    }
+
+    /// The service did not answer `op` (no underlying error to show: a timeout, no
+    /// connection).
+    pub fn unavailable_because(op: impl Into<String>) -> Self {
+        BrokerError::Unavailable {
+            op: op.into(),
+            source: None,
+        }
+    }
+
+    /// The service refused `op` because of `source`.
+    pub fn refused(op: impl Into<String>, source: impl StdError + Send + Sync + 'static) -> Self {
+        BrokerError::Refused {
+            op: op.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// The bytes of `what` do not decode (or encode).
+    pub fn data(what: impl Into<String>, source: serde_json::Error) -> Self {
+        BrokerError::Data {
+            what: what.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// Whether trying the same operation again later can succeed: true for
+    /// [`BrokerError::Unavailable`] and [`BrokerError::Contention`], false for the rest.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            BrokerError::Unavailable { .. } | BrokerError::Contention { .. }
+        )
+    }
 }
 
 /// A message to publish.
@@ -146,9 +241,9 @@ pub enum Claim {
     Refused(TaskState),
 }
 
-/// Where tasks wait and results are kept.
+/// Where tasks wait: queues with at-least-once delivery.
 #[async_trait]
-pub trait Broker: Send + Sync + 'static {
+pub trait TaskQueue: Send + Sync + 'static {
     /// The broker's name (`memory`, `nats`).
     fn kind(&self) -> &'static str;
     /// The stream name that, with a sequence, makes [`super::Envelope::fallback_id`].
@@ -174,6 +269,13 @@ pub trait Broker: Send + Sync + 'static {
     /// Keeps a message that failed for good.
     async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BrokerError>;
 
+    /// Whether the broker answers.
+    async fn ping(&self) -> Result<(), BrokerError>;
+}
+
+/// Where result records are kept (`tasks.result_ttl`), with the claim/revoke race decided.
+#[async_trait]
+pub trait ResultStore: Send + Sync + 'static {
     /// Writes a result record (kept `tasks.result_ttl`).
     async fn put_result(&self, record: &ResultRecord) -> Result<(), BrokerError>;
     /// The record of task `id`, if the store has one.
@@ -183,9 +285,72 @@ pub trait Broker: Send + Sync + 'static {
     /// Writes `started` (a STARTED record) unless the task is already REVOKED, SUCCESS or
     /// FAILURE (a redelivery of a finished task is not run again).
     async fn claim(&self, started: &ResultRecord) -> Result<Claim, BrokerError>;
-    /// Marks task `id` REVOKED unless it started or finished; returns whether it did.
+    /// Marks task `id` REVOKED ([`ResultRecord::revoked`]) unless it started or finished;
+    /// returns whether it did.
     async fn revoke(&self, id: &str) -> Result<bool, BrokerError>;
+}
 
-    /// Whether the broker answers.
-    async fn ping(&self) -> Result<(), BrokerError>;
+/// A queue and a result store in one service (the memory and NATS brokers); what the worker
+/// pool and the client take.
+pub trait Broker: TaskQueue + ResultStore {}
+
+impl<T: TaskQueue + ResultStore + ?Sized> Broker for T {}
+
+/// Whether task `id`, whose live record (if any) is `existing`, may still be revoked: only a
+/// task that has not started (no record, PENDING, or waiting for a retry).
+pub(crate) fn revocable(existing: Option<&ResultRecord>) -> bool {
+    existing.is_none_or(|r| matches!(r.state, TaskState::Pending | TaskState::Retry))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn errors_keep_their_source_and_say_whether_to_retry() {
+        let io = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "broken pipe");
+        let e = BrokerError::unavailable("publish to sy.tasks.default", io);
+        assert!(e.is_transient());
+        assert_eq!(
+            e.to_string(),
+            "broker unavailable: publish to sy.tasks.default: broken pipe"
+        );
+        assert_eq!(
+            e.source().map(|s| s.to_string()).as_deref(),
+            Some("broken pipe")
+        );
+
+        let e = BrokerError::unavailable_because("ping (not connected to NATS)");
+        assert!(e.is_transient());
+        assert!(e.source().is_none());
+        assert_eq!(
+            e.to_string(),
+            "broker unavailable: ping (not connected to NATS)"
+        );
+
+        let contention = BrokerError::Contention {
+            op: "claim",
+            id: "t1".into(),
+        };
+        assert!(contention.is_transient());
+        assert_eq!(
+            contention.to_string(),
+            "claim of task t1: too much contention"
+        );
+
+        let bad = serde_json::from_slice::<ResultRecord>(b"{").expect_err("bad json");
+        let e = BrokerError::data("result t1", bad);
+        assert!(!e.is_transient());
+        assert!(e.source().is_some());
+        assert!(
+            e.to_string().starts_with("broker data of result t1: "),
+            "{e}"
+        );
+
+        let refused = BrokerError::refused("publish to x", std::io::Error::other("too large"));
+        assert!(!refused.is_transient());
+        assert!(!BrokerError::UnknownQueue("q".into()).is_transient());
+    }
 }

@@ -1,15 +1,16 @@
 //! The client side: [`Tasks`] publishes tasks (`delay`, `apply_async`, by name with `send`),
 //! reads result records, revokes; [`AsyncResult`] is the handle a publish returns.
 //!
-//! In eager mode (`tasks.always_eager`) publishing runs the task inline: the message is
-//! serialized and parsed back, the body runs under its time limits, retries wait their backoff,
-//! and the result record goes through JSON too, so what passes eagerly works on real workers.
-//! Eager results stay in the handle (and a bounded in-process map for [`Tasks::result`]): no
-//! broker, no I/O, no events. Unlike on workers, an eager publish ignores `countdown`/`eta`.
+//! In eager mode (`tasks.always_eager`) publishing runs the task inline, through the same
+//! runner as the workers (decode → admit → claim → run → settle): the message goes to a private
+//! in-process queue of its own, the publisher processes its deliveries until the task is
+//! settled (retries wait their backoff there), and records go to a bounded in-process result
+//! store, so expiry, revocation, retries and limits follow the workers' rules and the record
+//! crosses JSON as from a broker. No broker, no I/O, no events. Unlike on workers, an eager
+//! publish does not wait for its `countdown`/`eta`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -18,13 +19,18 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{Broker, BrokerError, Outgoing, PublishOutcome};
-use super::execute::{after_error, run_attempt, AfterError};
-use super::{new_task_id, Envelope, PublishOptions, Registry, ResultRecord, Task, TaskContext};
+use super::broker::{Broker, BrokerError, Outgoing, PublishOutcome, ResultStore, TaskQueue};
+use super::execute::Runner;
+use super::{new_task_id, Envelope, MemoryBroker, PublishOptions, Registry, ResultRecord, Task};
 use super::{TaskOptions, TaskSettings, TaskState};
 
-/// Eager results and revocations kept for [`Tasks::result`] and [`Tasks::revoke`].
+/// Eager result records kept for [`Tasks::result`] and [`Tasks::revoke`] (oldest dropped).
 const EAGER_KEEP: usize = 10_000;
+/// The longest an eager publish waits for the next delivery of its private queue (a retry's
+/// countdown); longer waits take further passes.
+const EAGER_FETCH_WAIT: Duration = Duration::from_secs(3600);
+/// Passes over the private queue beyond `max_retries + 1` (put-backs) before giving up.
+const EAGER_EXTRA_PASSES: u32 = 16;
 /// First and longest pause between two looks at a result while waiting for it.
 const POLL_FIRST: Duration = Duration::from_millis(2);
 const POLL_MAX: Duration = Duration::from_millis(50);
@@ -63,43 +69,10 @@ pub enum ClientError {
     ResultIgnored { id: String },
 }
 
-/// Insertion-ordered, size-bounded map (oldest dropped first).
-struct Bounded<V> {
-    map: HashMap<String, V>,
-    order: VecDeque<String>,
-}
-
-impl<V> Default for Bounded<V> {
-    fn default() -> Self {
-        Self {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-        }
-    }
-}
-
-impl<V> Bounded<V> {
-    fn insert(&mut self, k: String, v: V) {
-        if self.map.insert(k.clone(), v).is_none() {
-            self.order.push_back(k);
-        }
-        while self.order.len() > EAGER_KEEP {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
-            }
-        }
-    }
-}
-
-#[derive(Default)]
-struct EagerState {
-    results: Mutex<Bounded<ResultRecord>>,
-    revoked: Mutex<(HashSet<String>, VecDeque<String>)>,
-}
-
 enum Backend {
     Broker(Arc<dyn Broker>),
-    Eager(EagerState),
+    /// Eager mode's result store (each publish brings its own queue).
+    Eager(Arc<MemoryBroker>),
 }
 
 struct Inner {
@@ -132,7 +105,8 @@ impl Tasks {
 
     /// A client running every task inline (`tasks.always_eager`).
     pub fn eager(registry: Arc<Registry>, settings: TaskSettings) -> Self {
-        Self::with(Backend::Eager(EagerState::default()), registry, settings)
+        let store = Arc::new(MemoryBroker::results_only(&settings, EAGER_KEEP));
+        Self::with(Backend::Eager(store), registry, settings)
     }
 
     fn with(backend: Backend, registry: Arc<Registry>, settings: TaskSettings) -> Self {
@@ -277,8 +251,15 @@ impl Tasks {
                     task_options.ignore_result,
                 ))
             }
-            Backend::Eager(state) => {
-                let record = self.run_eager(state, &payload).await;
+            Backend::Eager(store) => {
+                let msg = Outgoing {
+                    id: id.clone(),
+                    queue,
+                    payload,
+                    dedupe_id: id.clone(),
+                    not_before: None,
+                };
+                let record = self.run_eager(store, msg, &env).await?;
                 // The record crosses JSON as it would from a result store.
                 let record = serde_json::to_vec(&record)
                     .and_then(|b| serde_json::from_slice::<ResultRecord>(&b))
@@ -286,92 +267,62 @@ impl Tasks {
                         id: id.clone(),
                         message: e.to_string(),
                     })?;
-                if !(task_options.ignore_result && record.state == TaskState::Success) {
-                    lock(&state.results).insert(id.clone(), record.clone());
-                }
                 Ok(AsyncResult::new(id, self.clone(), Some(record), false))
             }
         }
     }
 
-    /// Runs a published message inline: revoke and expiry checks, then attempts with retries.
-    async fn run_eager(&self, state: &EagerState, payload: &[u8]) -> ResultRecord {
-        let node = &self.inner.settings.node_id;
-        let now = Utc::now();
-        let env: Envelope = match serde_json::from_slice(payload) {
-            Ok(env) => env,
-            Err(e) => {
-                let mut rec = ResultRecord::pending(new_task_id());
-                rec.state = TaskState::Failure;
-                rec.error = Some(format!("bad_message: {e}"));
-                return rec;
+    /// Runs a published message inline through the workers' runner: the message goes to a
+    /// private in-process queue, and its deliveries (the first, then each retry when its
+    /// countdown is due) are processed here until the task is settled. Returns the final
+    /// record (kept in the handle even when `ignore_result` kept it out of the store).
+    async fn run_eager(
+        &self,
+        store: &Arc<MemoryBroker>,
+        msg: Outgoing,
+        env: &Envelope,
+    ) -> Result<ResultRecord, ClientError> {
+        let settings = &self.inner.settings;
+        let id = msg.id.clone();
+        let queue_name = msg.queue.clone();
+        let queue = Arc::new(MemoryBroker::single_queue(&queue_name, settings));
+        let runner = Runner {
+            queue: queue.clone(),
+            results: store.clone(),
+            registry: self.inner.registry.clone(),
+            settings: settings.clone(),
+            events: None,
+            cold: CancellationToken::new(),
+            eager: true,
+        };
+        queue.publish(msg).await?;
+        let passes = env
+            .max_retries
+            .unwrap_or(settings.default_max_retries)
+            .saturating_add(1 + EAGER_EXTRA_PASSES);
+        let mut last = None;
+        // Each pass settles the task, queues its next attempt (a retry), or puts the message
+        // back; bounded by `passes`.
+        for _ in 0..passes {
+            if queue.depth(&queue_name) == 0 {
+                break;
             }
-        };
-        let id = env.id.clone().unwrap_or_else(new_task_id);
-        let mut rec = ResultRecord::new(&id, &env.task, TaskState::Pending, 0, node);
-        if lock(&state.revoked).0.contains(&id) {
-            rec.state = TaskState::Revoked;
-            rec.error = Some("revoked".into());
-            rec.finished_at = Some(now);
-            return rec;
-        }
-        if env.is_expired(now) {
-            rec.state = TaskState::Revoked;
-            rec.error = Some("expired".into());
-            rec.finished_at = Some(now);
-            return rec;
-        }
-        let Some(entry) = self.inner.registry.get(&env.task) else {
-            rec.state = TaskState::Failure;
-            rec.error = Some(format!(
-                "unknown_task: no task named {:?} is registered",
-                env.task
-            ));
-            rec.finished_at = Some(now);
-            return rec;
-        };
-        let plan = self.inner.settings.plan(entry.options(), env.max_retries);
-        let mut retries = env.retries;
-        // Each failed attempt either fails the task or raises `retries`, which `after_error`
-        // bounds by `max_retries`: at most max_retries + 1 attempts.
-        loop {
-            entry.rate_limit().await;
-            rec.started_at = Some(Utc::now());
-            let ctx = TaskContext {
-                id: id.clone(),
-                task: env.task.clone(),
-                queue: env.queue.clone().unwrap_or_default(),
-                retries,
-                max_retries: plan.max_retries,
-                eta: env.eta,
-                eager: true,
-                cancel: CancellationToken::new(),
-                data: Default::default(),
+            let Some(delivery) = queue.fetch(&queue_name, EAGER_FETCH_WAIT).await? else {
+                continue;
             };
-            let outcome = run_attempt(entry, ctx, env.args.clone(), &plan).await;
-            rec.retries = retries;
-            rec.finished_at = Some(Utc::now());
-            match outcome {
-                Ok(value) => {
-                    rec.state = TaskState::Success;
-                    rec.result = value;
-                    rec.error = None;
-                    return rec;
+            if let Some(rec) = runner.process(delivery).await {
+                if rec.state.is_ready() {
+                    return Ok(rec);
                 }
-                Err(err) => match after_error(&err, retries, &plan) {
-                    AfterError::Retry(wait) => {
-                        tracing::debug!(task_id = %id, retries, ?wait, "eager retry: {err}");
-                        tokio::time::sleep(wait).await;
-                        retries += 1;
-                    }
-                    AfterError::Fail => {
-                        rec.state = TaskState::Failure;
-                        rec.error = Some(err.to_string());
-                        return rec;
-                    }
-                },
+                last = Some(rec);
             }
         }
+        // Not settled by this publish (revoked or finished before it ran): what the store has.
+        Ok(store
+            .get_result(&id)
+            .await?
+            .or(last)
+            .unwrap_or_else(|| ResultRecord::pending(id)))
     }
 
     /// The result record of task `id`; PENDING with null fields when unknown or expired.
@@ -381,10 +332,9 @@ impl Tasks {
                 .get_result(id)
                 .await?
                 .unwrap_or_else(|| ResultRecord::pending(id))),
-            Backend::Eager(state) => Ok(lock(&state.results)
-                .map
-                .get(id)
-                .cloned()
+            Backend::Eager(store) => Ok(store
+                .get_result(id)
+                .await?
                 .unwrap_or_else(|| ResultRecord::pending(id))),
         }
     }
@@ -394,21 +344,7 @@ impl Tasks {
     pub async fn revoke(&self, id: &str) -> Result<bool, ClientError> {
         match &self.inner.backend {
             Backend::Broker(b) => Ok(b.revoke(id).await?),
-            Backend::Eager(state) => {
-                if lock(&state.results).map.contains_key(id) {
-                    return Ok(false);
-                }
-                let mut revoked = lock(&state.revoked);
-                if revoked.0.insert(id.to_owned()) {
-                    revoked.1.push_back(id.to_owned());
-                }
-                while revoked.1.len() > EAGER_KEEP {
-                    if let Some(old) = revoked.1.pop_front() {
-                        revoked.0.remove(&old);
-                    }
-                }
-                Ok(true)
-            }
+            Backend::Eager(store) => Ok(store.revoke(id).await?),
         }
     }
 
@@ -428,16 +364,9 @@ impl Tasks {
     async fn forget(&self, id: &str) -> Result<(), ClientError> {
         match &self.inner.backend {
             Backend::Broker(b) => Ok(b.forget_result(id).await?),
-            Backend::Eager(state) => {
-                lock(&state.results).map.remove(id);
-                Ok(())
-            }
+            Backend::Eager(store) => Ok(store.forget_result(id).await?),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn json_kind(v: &Value) -> &'static str {

@@ -1,6 +1,9 @@
-//! Running tasks: one attempt under its soft and hard time limits, the retry decision, and
-//! what a worker does with one delivery (decode, expiry, eta, revoke, run, record, retry,
-//! dead-letter, acknowledge). Eager mode uses the same attempt and retry decision.
+//! Running tasks: the one runner every mode goes through. A delivery passes the stages
+//! decode → admit (args, deliveries, expiry, eta, known task) → claim (against a revocation)
+//! → run (one attempt under its soft and hard limits) → settle (SUCCESS, RETRY with the next
+//! message published, or FAILURE; dead letters; acknowledge). Worker pools run it on their
+//! broker's deliveries; eager mode runs it inline on a private in-process queue, so a rule
+//! about retries, expiry or revocation is written here once.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,8 +13,9 @@ use chrono::Utc;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{Broker, Claim, DeadLetter, Delivery, Outgoing};
+use super::broker::{Claim, DeadLetter, Delivery, Outgoing, ResultStore, TaskQueue};
 use super::events::{EventKind, EventSink, TaskEvent};
+use super::record::Revocation;
 use super::{Backoff, Envelope, Registry, ResultRecord, TaskContext, TaskEntry, TaskError};
 use super::{TaskSettings, TaskState};
 
@@ -106,14 +110,18 @@ async fn with_heartbeat<F: Future>(delivery: &Delivery, fut: F, every: Duration)
     }
 }
 
-/// What a worker needs to process deliveries; shared by the workers of one pool.
+/// What a worker needs to process deliveries; shared by the workers of one pool (eager mode
+/// builds one per publish, over its private queue).
 pub(crate) struct Runner {
-    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) queue: Arc<dyn TaskQueue>,
+    pub(crate) results: Arc<dyn ResultStore>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) settings: Arc<TaskSettings>,
     pub(crate) events: Option<EventSink>,
     /// Fires at a cold shutdown; every task's token is a child of it.
     pub(crate) cold: CancellationToken,
+    /// Eager mode: the body's context says so, and an eta is not waited for.
+    pub(crate) eager: bool,
 }
 
 /// Who a delivery is about, once known.
@@ -139,7 +147,7 @@ impl Runner {
     }
 
     async fn put(&self, record: &ResultRecord) {
-        if let Err(e) = self.broker.put_result(record).await {
+        if let Err(e) = self.results.put_result(record).await {
             tracing::error!(task_id = %record.id, state = %record.state, "cannot store result: {e}");
         }
     }
@@ -163,15 +171,16 @@ impl Runner {
         subject: Option<&Subject<'_>>,
         reason: &str,
         error: String,
-    ) {
+    ) -> Option<ResultRecord> {
         tracing::warn!(queue = %delivery.queue, seq = delivery.seq, reason, "{error}");
+        let mut failed = None;
         if let Some(s) = subject {
-            let mut rec =
-                ResultRecord::new(s.id, s.task, TaskState::Failure, 0, &self.settings.node_id);
-            rec.error = Some(error);
-            rec.finished_at = Some(Utc::now());
+            let rec = ResultRecord::pending(s.id)
+                .about(s.task, 0, &self.settings.node_id)
+                .failed(error, Utc::now());
             self.put(&rec).await;
             self.emit(EventKind::TaskFailed, s, TaskState::Failure);
+            failed = Some(rec);
         }
         let letter = DeadLetter {
             id: subject.map(|s| s.id.to_owned()),
@@ -181,16 +190,20 @@ impl Runner {
             reason: reason.to_owned(),
             dead_at: Utc::now(),
         };
-        match self.broker.dead_letter(letter).await {
+        match self.queue.dead_letter(letter).await {
             Ok(()) => self.ack(delivery).await,
             // Keep the message rather than lose it; it comes back after ack_wait.
             Err(e) => tracing::error!(seq = delivery.seq, "cannot dead-letter: {e}"),
         }
+        failed
     }
 
     /// Processes one delivery to the end: every path acknowledges, puts back, or (when the
-    /// broker fails) leaves it for redelivery.
-    pub(crate) async fn process(&self, delivery: Delivery) {
+    /// broker fails) leaves it for redelivery. Returns the record this delivery wrote (also
+    /// when `ignore_result` kept it out of the store), or `None` when it wrote none (a message
+    /// without a readable id, put back, or already finished).
+    pub(crate) async fn process(&self, delivery: Delivery) -> Option<ResultRecord> {
+        // Decode.
         let now = Utc::now();
         let env: Envelope = match serde_json::from_slice(&delivery.payload) {
             Ok(env) => env,
@@ -202,7 +215,7 @@ impl Runner {
         let id = env
             .id
             .clone()
-            .unwrap_or_else(|| Envelope::fallback_id(self.broker.stream(), delivery.seq));
+            .unwrap_or_else(|| Envelope::fallback_id(self.queue.stream(), delivery.seq));
         let s = Subject {
             id: &id,
             task: &env.task,
@@ -211,6 +224,7 @@ impl Runner {
         if delivery.delivered == 1 && env.retries == 0 {
             self.emit(EventKind::TaskReceived, &s, TaskState::Pending);
         }
+        // Admit.
         if !env.args.is_object() {
             let error = "bad_args: args must be a JSON object".to_owned();
             return self.reject(&delivery, Some(&s), "bad args", error).await;
@@ -225,21 +239,19 @@ impl Runner {
                 .await;
         }
         if env.is_expired(now) {
-            let mut rec = ResultRecord::new(
-                &id,
-                &env.task,
-                TaskState::Revoked,
-                env.retries,
-                &self.settings.node_id,
-            );
-            rec.error = Some("expired".into());
-            rec.finished_at = Some(now);
+            let rec = ResultRecord::pending(&id)
+                .about(&env.task, env.retries, &self.settings.node_id)
+                .revoked(Revocation::Expired, now);
             self.put(&rec).await;
             self.emit(EventKind::TaskRevoked, &s, TaskState::Revoked);
-            return self.ack(&delivery).await;
+            self.ack(&delivery).await;
+            return Some(rec);
         }
-        if let Some(wait) = env.wait_for_eta(now) {
-            return self.nak(&delivery, wait).await;
+        if !self.eager {
+            if let Some(wait) = env.wait_for_eta(now) {
+                self.nak(&delivery, wait).await;
+                return None;
+            }
         }
         let Some(entry) = self.registry.get(&env.task) else {
             let error = format!(
@@ -252,27 +264,35 @@ impl Runner {
         };
         let plan = self.settings.plan(entry.options(), env.max_retries);
 
-        let started_at = Utc::now();
-        let mut started = ResultRecord::new(
+        // Claim.
+        let started = ResultRecord::started(
             &id,
             &env.task,
-            TaskState::Started,
             env.retries,
             &self.settings.node_id,
+            Utc::now(),
         );
-        started.started_at = Some(started_at);
-        match self.broker.claim(&started).await {
+        match self.results.claim(&started).await {
             Ok(Claim::Claimed) => {}
             Ok(Claim::Refused(state)) => {
                 tracing::info!(task_id = %id, %state, "not running a task that is already {state}");
                 if state == TaskState::Revoked {
                     self.emit(EventKind::TaskRevoked, &s, state);
                 }
-                return self.ack(&delivery).await;
+                self.ack(&delivery).await;
+                return None;
             }
             Err(e) => {
-                tracing::warn!(task_id = %id, "cannot claim, putting back: {e}");
-                return self.nak(&delivery, CLAIM_RETRY_DELAY).await;
+                // Unavailable or contended: later. Otherwise the store refuses this record,
+                // and the message waits for redelivery (ack_wait) rather than spin.
+                let delay = if e.is_transient() {
+                    CLAIM_RETRY_DELAY
+                } else {
+                    self.settings.ack_wait
+                };
+                tracing::warn!(task_id = %id, ?delay, "cannot claim, putting back: {e}");
+                self.nak(&delivery, delay).await;
+                return None;
             }
         }
         // After the claim: a broker round trip between the limiter and the body would make
@@ -280,6 +300,7 @@ impl Runner {
         entry.rate_limit().await;
         self.emit(EventKind::TaskStarted, &s, TaskState::Started);
 
+        // Run.
         let ctx = TaskContext {
             id: id.clone(),
             task: env.task.clone(),
@@ -287,35 +308,37 @@ impl Runner {
             retries: env.retries,
             max_retries: plan.max_retries,
             eta: env.eta,
-            eager: false,
+            eager: self.eager,
             cancel: self.cold.child_token(),
             data: Default::default(),
         };
         let attempt = run_attempt(entry, ctx, env.args.clone(), &plan);
-        let outcome = with_heartbeat(&delivery, attempt, self.settings.ack_wait / 2).await;
+        // Eager mode's private queue has no other consumer to take the delivery over: no
+        // heartbeat (and no timer per call).
+        let outcome = if self.eager {
+            attempt.await
+        } else {
+            with_heartbeat(&delivery, attempt, self.settings.ack_wait / 2).await
+        };
 
-        let mut rec = started;
-        rec.finished_at = Some(Utc::now());
-        match outcome {
+        // Settle.
+        let rec = match outcome {
             Ok(value) => {
-                rec.state = TaskState::Success;
-                rec.result = value;
+                let rec = started.succeeded(value, Utc::now());
                 if plan.ignore_result {
-                    if let Err(e) = self.broker.forget_result(&id).await {
+                    if let Err(e) = self.results.forget_result(&id).await {
                         tracing::warn!(task_id = %id, "cannot drop the result: {e}");
                     }
                 } else {
                     self.put(&rec).await;
                 }
                 self.emit(EventKind::TaskSucceeded, &s, TaskState::Success);
+                rec
             }
             Err(err) => match after_error(&err, env.retries, &plan) {
                 AfterError::Retry(countdown) => {
                     let retries = env.retries + 1;
-                    rec.state = TaskState::Retry;
-                    rec.retries = retries;
-                    rec.error = Some(err.to_string());
-                    rec.finished_at = None;
+                    let rec = started.retrying(retries, err.to_string());
                     // The RETRY record goes first, so the next attempt's STARTED follows it.
                     self.put(&rec).await;
                     let eta = Utc::now() + countdown;
@@ -328,7 +351,7 @@ impl Runner {
                     };
                     let sent = match serde_json::to_vec(&next) {
                         Ok(payload) => self
-                            .broker
+                            .queue
                             .publish(Outgoing {
                                 id: id.clone(),
                                 queue: delivery.queue.clone(),
@@ -337,25 +360,41 @@ impl Runner {
                                 not_before: Some(eta),
                             })
                             .await
-                            .map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
+                            .map_err(|e| (e.is_transient(), e.to_string())),
+                        Err(e) => Err((false, e.to_string())),
                     };
-                    if let Err(e) = sent {
-                        tracing::warn!(task_id = %id, "cannot publish the retry, putting back: {e}");
-                        return self.nak(&delivery, countdown).await;
+                    match sent {
+                        Ok(_) => {
+                            tracing::info!(task_id = %id, task = %env.task, retries, ?countdown, "retrying: {err}");
+                            self.emit(EventKind::TaskRetried, &s, TaskState::Retry);
+                            rec
+                        }
+                        Err((true, e)) => {
+                            tracing::warn!(task_id = %id, "cannot publish the retry, putting back: {e}");
+                            self.nak(&delivery, countdown).await;
+                            return Some(rec);
+                        }
+                        // The retry can never be published: the task fails now.
+                        Err((false, e)) => {
+                            let error = format!("{err} (retry not published: {e})");
+                            tracing::warn!(task_id = %id, task = %env.task, "task failed: {error}");
+                            let rec = rec.failed(error, Utc::now());
+                            self.put(&rec).await;
+                            self.emit(EventKind::TaskFailed, &s, TaskState::Failure);
+                            rec
+                        }
                     }
-                    tracing::info!(task_id = %id, task = %env.task, retries, ?countdown, "retrying: {err}");
-                    self.emit(EventKind::TaskRetried, &s, TaskState::Retry);
                 }
                 AfterError::Fail => {
-                    rec.state = TaskState::Failure;
-                    rec.error = Some(err.to_string());
+                    let rec = started.failed(err.to_string(), Utc::now());
                     tracing::warn!(task_id = %id, task = %env.task, "task failed: {err}");
                     self.put(&rec).await;
                     self.emit(EventKind::TaskFailed, &s, TaskState::Failure);
+                    rec
                 }
             },
-        }
+        };
         self.ack(&delivery).await;
+        Some(rec)
     }
 }

@@ -16,9 +16,11 @@ use chrono::Utc;
 use tokio::sync::Notify;
 
 use super::broker::{
-    Acker, Broker, BrokerError, Claim, DeadLetter, Delivery, Outgoing, PublishOutcome,
+    revocable, Acker, BrokerError, Claim, DeadLetter, Delivery, Outgoing, PublishOutcome,
+    ResultStore, TaskQueue,
 };
-use super::{ResultRecord, TaskSettings, TaskState};
+use super::record::Revocation;
+use super::{ResultRecord, TaskSettings};
 
 /// The stream name used for fallback ids of messages without one.
 const STREAM: &str = "MEMORY_TASKS";
@@ -85,6 +87,8 @@ struct StoredResult {
 struct State {
     queues: HashMap<String, QueueState>,
     results: HashMap<String, StoredResult>,
+    /// With a result limit: ids in the order their records were first written.
+    result_order: VecDeque<String>,
     /// dedupe id → (until, task id).
     dedupe: HashMap<String, (Instant, String)>,
     dead: VecDeque<DeadLetter>,
@@ -98,6 +102,8 @@ struct Inner {
     ack_wait: Duration,
     result_ttl: Duration,
     dedupe_window: Duration,
+    /// Most result records kept (the oldest are dropped first); `None`: no limit but the TTL.
+    max_results: Option<usize>,
 }
 
 impl Inner {
@@ -122,6 +128,28 @@ impl State {
         self.dedupe.retain(|_, (until, _)| *until > now);
     }
 
+    /// Stores `record` until `expires`, dropping the oldest records beyond `max`.
+    fn store_result(&mut self, record: ResultRecord, expires: Instant, max: Option<usize>) {
+        let id = record.id.clone();
+        let fresh = self
+            .results
+            .insert(id.clone(), StoredResult { record, expires })
+            .is_none();
+        let Some(max) = max else {
+            return;
+        };
+        if fresh {
+            self.result_order.push_back(id);
+        }
+        // Ids forgotten meanwhile stay in the order list: bounded by twice the limit.
+        while self.results.len() > max || self.result_order.len() > max.saturating_mul(2) {
+            let Some(old) = self.result_order.pop_front() else {
+                break;
+            };
+            self.results.remove(&old);
+        }
+    }
+
     fn live_result(&self, id: &str, now: Instant) -> Option<&ResultRecord> {
         self.results
             .get(id)
@@ -140,21 +168,40 @@ impl MemoryBroker {
     /// A broker serving the queues of `settings`, with its ack wait, result TTL and dedupe
     /// window.
     pub fn new(settings: &TaskSettings) -> Self {
-        let queues = settings
-            .queues
-            .iter()
-            .map(|q| (q.name.clone(), QueueState::default()))
+        Self::build(
+            settings.queues.iter().map(|q| q.name.as_str()),
+            settings,
+            None,
+        )
+    }
+
+    /// A result store (and a queue serving nothing) keeping at most `max_results` records,
+    /// the oldest written dropped first: eager mode's store.
+    pub fn results_only(settings: &TaskSettings, max_results: usize) -> Self {
+        Self::build(std::iter::empty(), settings, Some(max_results.max(1)))
+    }
+
+    /// A queue serving only `queue` (eager mode's private queue for one publish).
+    pub(crate) fn single_queue(queue: &str, settings: &TaskSettings) -> Self {
+        Self::build(std::iter::once(queue), settings, None)
+    }
+
+    fn build<'a>(
+        queue_names: impl Iterator<Item = &'a str> + Clone,
+        settings: &TaskSettings,
+        max_results: Option<usize>,
+    ) -> Self {
+        let queues = queue_names
+            .clone()
+            .map(|q| (q.to_owned(), QueueState::default()))
             .collect();
-        let notify = settings
-            .queues
-            .iter()
-            .map(|q| (q.name.clone(), Notify::new()))
-            .collect();
+        let notify = queue_names.map(|q| (q.to_owned(), Notify::new())).collect();
         Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
                     queues,
                     results: HashMap::new(),
+                    result_order: VecDeque::new(),
                     dedupe: HashMap::new(),
                     dead: VecDeque::new(),
                     next_seq: 1,
@@ -164,6 +211,7 @@ impl MemoryBroker {
                 ack_wait: settings.ack_wait,
                 result_ttl: settings.result_ttl,
                 dedupe_window: settings.dedupe_window,
+                max_results,
             }),
         }
     }
@@ -281,7 +329,7 @@ impl Acker for MemoryAcker {
 }
 
 #[async_trait]
-impl Broker for MemoryBroker {
+impl TaskQueue for MemoryBroker {
     fn kind(&self) -> &'static str {
         "memory"
     }
@@ -390,17 +438,19 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    async fn ping(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ResultStore for MemoryBroker {
     async fn put_result(&self, record: &ResultRecord) -> Result<(), BrokerError> {
         let now = Instant::now();
         let mut state = self.inner.lock();
         state.sweep(now);
-        state.results.insert(
-            record.id.clone(),
-            StoredResult {
-                record: record.clone(),
-                expires: now + self.inner.result_ttl,
-            },
-        );
+        let expires = now + self.inner.result_ttl;
+        state.store_result(record.clone(), expires, self.inner.max_results);
         Ok(())
     }
 
@@ -421,13 +471,8 @@ impl Broker for MemoryBroker {
                 return Ok(Claim::Refused(r.state));
             }
         }
-        state.results.insert(
-            started.id.clone(),
-            StoredResult {
-                record: started.clone(),
-                expires: now + self.inner.result_ttl,
-            },
-        );
+        let expires = now + self.inner.result_ttl;
+        state.store_result(started.clone(), expires, self.inner.max_results);
         Ok(Claim::Claimed)
     }
 
@@ -435,34 +480,23 @@ impl Broker for MemoryBroker {
         let now = Instant::now();
         let mut state = self.inner.lock();
         let existing = state.live_result(id, now);
-        if existing.is_some_and(|r| !matches!(r.state, TaskState::Pending | TaskState::Retry)) {
+        if !revocable(existing) {
             return Ok(false);
         }
-        let mut record = existing
+        let record = existing
             .cloned()
-            .unwrap_or_else(|| ResultRecord::pending(id));
-        record.state = TaskState::Revoked;
-        record.error = Some("revoked".into());
-        record.finished_at = Some(Utc::now());
-        state.results.insert(
-            id.to_owned(),
-            StoredResult {
-                record,
-                expires: now + self.inner.result_ttl,
-            },
-        );
+            .unwrap_or_else(|| ResultRecord::pending(id))
+            .revoked(Revocation::Revoked, Utc::now());
+        let expires = now + self.inner.result_ttl;
+        state.store_result(record, expires, self.inner.max_results);
         Ok(true)
-    }
-
-    async fn ping(&self) -> Result<(), BrokerError> {
-        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tasks::QueueSpec;
+    use crate::tasks::{QueueSpec, TaskState};
 
     fn broker(ack_wait_ms: u64, ttl_ms: u64) -> MemoryBroker {
         MemoryBroker::new(&TaskSettings {
@@ -586,7 +620,7 @@ mod tests {
     #[tokio::test]
     async fn results_expire_and_revoke_races_claim() {
         let b = broker(60_000, 100);
-        let started = ResultRecord::new("t", "demo.add", TaskState::Started, 0, "n");
+        let started = ResultRecord::started("t", "demo.add", 0, "n", Utc::now());
         assert_eq!(b.claim(&started).await.expect("claim"), Claim::Claimed);
         assert!(!b.revoke("t").await.expect("revoke"), "started: too late");
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -594,11 +628,24 @@ mod tests {
         assert!(b.revoke("u").await.expect("revoke"));
         let rec = b.get_result("u").await.expect("get").expect("revoked");
         assert_eq!(rec.state, TaskState::Revoked);
-        let started = ResultRecord::new("u", "demo.add", TaskState::Started, 0, "n");
+        let started = ResultRecord::started("u", "demo.add", 0, "n", Utc::now());
         assert_eq!(
             b.claim(&started).await.expect("claim"),
             Claim::Refused(TaskState::Revoked),
             "revoked first"
         );
+    }
+
+    #[tokio::test]
+    async fn a_result_limit_drops_the_oldest_records() {
+        let b = MemoryBroker::results_only(&TaskSettings::default(), 2);
+        for id in ["a", "b", "c"] {
+            b.put_result(&ResultRecord::pending(id).about("t", 0, "n"))
+                .await
+                .expect("put");
+        }
+        assert_eq!(b.get_result("a").await.expect("get"), None);
+        assert!(b.get_result("c").await.expect("get").is_some());
+        assert!(b.get_result("b").await.expect("get").is_some());
     }
 }

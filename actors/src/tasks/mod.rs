@@ -1,16 +1,17 @@
 //! Tasks (the Celery role): typed task definitions, explicit registration, the task message
-//! and result record, the [`Broker`] trait with its in-process [`MemoryBroker`], the worker
-//! actors that run tasks, and the [`Tasks`] client that publishes them (or, in eager mode,
-//! runs them inline through the same serialization, retries and limits).
+//! and result record, the [`TaskQueue`] and [`ResultStore`] traits (a [`Broker`] is both) with
+//! the in-process [`MemoryBroker`] and the JetStream [`NatsBroker`], the one runner every
+//! delivery goes through, the worker actors, and the [`Tasks`] client that publishes tasks (or,
+//! in eager mode, runs them inline through the same runner on a private in-process queue).
 //!
 //! # Layout
 //!
 //! - `task`: the [`Task`] trait, [`TaskOptions`], [`TaskContext`], [`TaskError`].
 //! - `registry`: the [`Registry`] of tasks by name (type-erased entries).
 //! - `envelope`, `record`, `events`: the task message, the result record, task events.
-//! - `broker`: the [`Broker`] trait every broker implements; `memory`: the memory broker;
-//!   `nats`: the NATS JetStream broker.
-//! - `execute`: one attempt under its limits, and what a worker does with a delivery.
+//! - `broker`: the [`TaskQueue`] and [`ResultStore`] traits ([`Broker`]: both) and the typed
+//!   [`BrokerError`]; `memory`: the memory broker; `nats`: the NATS JetStream broker.
+//! - `execute`: the runner: decode → admit → claim → run → settle, for workers and eager mode.
 //! - `worker`: the [`TaskWorker`] actors (one per queue) and the [`WorkerPool`] that owns them
 //!   and the task runtime.
 //! - `client`: [`Tasks`] (publish, results, revoke) and the [`AsyncResult`] handle.
@@ -31,14 +32,15 @@ mod worker;
 use std::time::Duration;
 
 pub use broker::{
-    Acker, Broker, BrokerError, Claim, DeadLetter, Delivery, Outgoing, PublishOutcome,
+    Acker, Broker, BrokerError, Claim, DeadLetter, Delivery, ErrorSource, Outgoing, PublishOutcome,
+    ResultStore, TaskQueue,
 };
 pub use client::{AsyncResult, ClientError, Tasks};
 pub use envelope::{new_task_id, Envelope, PublishOptions};
 pub use events::{EventKind, EventSink, TaskEvent};
 pub use memory::MemoryBroker;
 pub use nats::{NatsBroker, NatsNames, StoredDeadLetter, PUBLISH_RETRY_FOR};
-pub use record::{ResultRecord, TaskState};
+pub use record::{ResultRecord, Revocation, TaskState};
 pub use registry::{Registry, TaskEntry};
 pub use task::{AppData, Backoff, ResultExt, Task, TaskContext, TaskError, TaskOptions};
 pub use tokio_util::sync::CancellationToken;

@@ -23,9 +23,11 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use super::broker::{
-    Acker, Broker, BrokerError, Claim, DeadLetter, Delivery, Outgoing, PublishOutcome,
+    revocable, Acker, BrokerError, Claim, DeadLetter, Delivery, Outgoing, PublishOutcome,
+    ResultStore, TaskQueue,
 };
-use super::{Envelope, EventSink, ResultRecord, TaskEvent, TaskSettings, TaskState};
+use super::record::Revocation;
+use super::{Envelope, EventSink, ResultRecord, TaskEvent, TaskSettings};
 
 /// Request timeout of one JetStream API call or publish.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -46,8 +48,30 @@ pub const HEADER_FAILED_AT: &str = "Switchyard-Failed-At";
 /// Header: the subject the message was published to.
 pub const HEADER_ORIGINAL_SUBJECT: &str = "Switchyard-Original-Subject";
 
-fn unavailable(e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Unavailable(e.to_string())
+/// `map_err` for an operation the service did not answer.
+fn unavailable<E>(op: impl Into<String>) -> impl FnOnce(E) -> BrokerError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let op = op.into();
+    move |e| BrokerError::unavailable(op, e)
+}
+
+/// Whether a publish that failed this way can succeed when tried again (false: the message
+/// itself is refused, e.g. larger than the server's `max_payload`).
+fn publish_retryable(kind: &jetstream::context::PublishErrorKind) -> bool {
+    use jetstream::context::PublishErrorKind as K;
+    !matches!(
+        kind,
+        K::MaxPayloadExceeded | K::WrongLastMessageId | K::WrongLastSequence
+    )
+}
+
+/// A result record's JSON bytes.
+fn encode(record: &ResultRecord) -> Result<Bytes, BrokerError> {
+    serde_json::to_vec(record)
+        .map(Bytes::from)
+        .map_err(|e| BrokerError::data(format!("result {}", record.id), e))
 }
 
 /// The names under one `nats.prefix`.
@@ -100,7 +124,7 @@ pub async fn ensure_bucket(
 ) -> Result<(), BrokerError> {
     crate::jetstream::ensure_kv_stream(js, bucket, max_age, false)
         .await
-        .map_err(unavailable)
+        .map_err(|e| BrokerError::unavailable_because(format!("results bucket {bucket}: {e}")))
 }
 
 async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), BrokerError> {
@@ -112,7 +136,14 @@ async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Resul
         Ok(_) => Ok(()),
         Err(e) => match js.get_stream(&name).await {
             Ok(_) => Ok(()),
-            Err(_) => Err(unavailable(format!("cannot create stream {name}: {e}"))),
+            Err(_) => {
+                use jetstream::context::CreateStreamErrorKind as K;
+                let op = format!("create stream {name}");
+                Err(match e.kind() {
+                    K::TimedOut | K::JetStreamUnavailable => BrokerError::unavailable(op, e),
+                    _ => BrokerError::refused(op, e),
+                })
+            }
         },
     }
 }
@@ -170,7 +201,7 @@ impl NatsBroker {
         let kv = js
             .get_key_value(&bucket)
             .await
-            .map_err(|e| unavailable(format!("cannot open bucket {bucket}: {e}")))?;
+            .map_err(unavailable(format!("open bucket {bucket}")))?;
         let broker = Self {
             client,
             js,
@@ -216,11 +247,11 @@ impl NatsBroker {
             .js
             .get_stream(&self.stream)
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable(format!("get stream {}", self.stream)))?;
         let c = stream
             .get_or_create_consumer::<consumer::pull::Config>(&name, config)
             .await
-            .map_err(|e| unavailable(format!("consumer {name}: {e}")))?;
+            .map_err(unavailable(format!("create consumer {name}")))?;
         map.insert(queue.to_owned(), c.clone());
         Ok(c)
     }
@@ -239,7 +270,7 @@ impl NatsBroker {
             None => c.fetch().max_messages(max).messages().await,
             Some(wait) => c.batch().max_messages(max).expires(wait).messages().await,
         }
-        .map_err(unavailable)?;
+        .map_err(unavailable(format!("fetch from queue {queue}")))?;
         while let Some(m) = msgs.next().await {
             match m {
                 Ok(m) => out.push(self.delivery(queue, m)),
@@ -281,25 +312,29 @@ impl NatsBroker {
         headers: HeaderMap,
     ) -> Result<jetstream::publish::PublishAck, BrokerError> {
         let deadline = Instant::now() + PUBLISH_RETRY_FOR;
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            let sent = self
+        loop {
+            let sent = match self
                 .js
                 .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
-                .await;
-            match sent {
-                Ok(ack) => match ack.await {
-                    Ok(ack) => return Ok(ack),
-                    Err(e) => last = e.to_string(),
-                },
-                Err(e) => last = e.to_string(),
+                .await
+            {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            let e = match sent {
+                Ok(ack) => return Ok(ack),
+                Err(e) => e,
+            };
+            if !publish_retryable(&e.kind()) {
+                return Err(BrokerError::refused(format!("publish to {subject}"), e));
             }
-            tracing::debug!(%subject, "publish failed, retrying: {last}");
+            if Instant::now() >= deadline {
+                let op = format!("publish to {subject} (tried for {PUBLISH_RETRY_FOR:?})");
+                return Err(BrokerError::unavailable(op, e));
+            }
+            tracing::debug!(%subject, "publish failed, retrying: {e}");
             tokio::time::sleep(PUBLISH_RETRY_PAUSE).await;
         }
-        Err(unavailable(format!(
-            "publish to {subject} failed for {PUBLISH_RETRY_FOR:?}: {last}"
-        )))
     }
 
     fn unique_key(dedupe_id: &str) -> Option<String> {
@@ -339,15 +374,19 @@ impl NatsBroker {
 
     /// The live record under `id` with its revision.
     async fn entry(&self, id: &str) -> Result<Option<(ResultRecord, u64)>, BrokerError> {
-        let entry = self.kv.entry(id).await.map_err(unavailable)?;
+        let entry = self
+            .kv
+            .entry(id)
+            .await
+            .map_err(unavailable(format!("read result {id}")))?;
         match entry {
             Some(e) if e.operation == kv::Operation::Put => {
                 let rec = serde_json::from_slice(&e.value)
-                    .map_err(|err| BrokerError::Data(format!("result {id}: {err}")))?;
+                    .map_err(|err| BrokerError::data(format!("result {id}"), err))?;
                 Ok(Some((rec, e.revision)))
             }
-            Some(e) => Ok(Some((ResultRecord::pending(id), e.revision)).filter(|_| false)),
-            None => Ok(None),
+            // Deleted or purged: the store does not know the task.
+            Some(_) | None => Ok(None),
         }
     }
 
@@ -357,27 +396,25 @@ impl NatsBroker {
         record: &ResultRecord,
         revision: Option<u64>,
     ) -> Result<bool, BrokerError> {
-        let bytes = Bytes::from(serde_json::to_vec(record).map_err(unavailable)?);
-        let res = match revision {
-            Some(rev) => self
-                .kv
-                .update(&record.id, bytes, rev)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            None => self
-                .kv
-                .create(&record.id, bytes)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-        };
-        match res {
-            Ok(()) => Ok(true),
-            Err(m) if m.contains("wrong last sequence") || m.contains("already exists") => {
-                Ok(false)
-            }
-            Err(m) => Err(unavailable(m)),
+        let bytes = encode(record)?;
+        let op = || format!("write result {}", record.id);
+        match revision {
+            Some(rev) => match self.kv.update(&record.id, bytes, rev).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(e) if e.kind() == kv::UpdateErrorKind::InvalidKey => {
+                    Err(BrokerError::refused(op(), e))
+                }
+                Err(e) => Err(BrokerError::unavailable(op(), e)),
+            },
+            None => match self.kv.create(&record.id, bytes).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) if e.kind() == kv::CreateErrorKind::InvalidKey => {
+                    Err(BrokerError::refused(op(), e))
+                }
+                Err(e) => Err(BrokerError::unavailable(op(), e)),
+            },
         }
     }
 
@@ -414,12 +451,16 @@ impl NatsBroker {
         queue: Option<&str>,
         limit: usize,
     ) -> Result<Vec<StoredDeadLetter>, BrokerError> {
+        let name = self.names.dead_stream();
         let mut stream = self
             .js
-            .get_stream(self.names.dead_stream())
+            .get_stream(&name)
             .await
-            .map_err(unavailable)?;
-        let info = stream.info().await.map_err(unavailable)?;
+            .map_err(unavailable(format!("get stream {name}")))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(unavailable(format!("read stream {name}")))?;
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
         let mut out = Vec::new();
         if info.state.messages == 0 {
@@ -442,15 +483,16 @@ impl NatsBroker {
     /// the task's FAILURE record so it can run, and deletes the letter; returns the task id
     /// (or `seq:<n>` for a message without one).
     pub async fn replay(&self, letter: &StoredDeadLetter) -> Result<String, BrokerError> {
+        let name = self.names.dead_stream();
         let stream = self
             .js
-            .get_stream(self.names.dead_stream())
+            .get_stream(&name)
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable(format!("get stream {name}")))?;
         let m = stream
             .get_raw_message(letter.seq)
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable(format!("read dead letter {}", letter.seq)))?;
         let id = letter
             .id
             .clone()
@@ -472,7 +514,7 @@ impl NatsBroker {
         stream
             .delete_message(letter.seq)
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable(format!("delete dead letter {}", letter.seq)))?;
         Ok(id)
     }
 }
@@ -522,25 +564,28 @@ struct NatsAcker(jetstream::message::Acker);
 #[async_trait]
 impl Acker for NatsAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
-        self.0.ack().await.map_err(unavailable)
+        self.0
+            .ack()
+            .await
+            .map_err(|e| BrokerError::unavailable_boxed("ack", e))
     }
     async fn nak(&self, delay: Duration) -> Result<(), BrokerError> {
         let delay = (!delay.is_zero()).then_some(delay);
         self.0
             .ack_with(AckKind::Nak(delay))
             .await
-            .map_err(unavailable)
+            .map_err(|e| BrokerError::unavailable_boxed("nak", e))
     }
     async fn progress(&self) -> Result<(), BrokerError> {
         self.0
             .ack_with(AckKind::Progress)
             .await
-            .map_err(unavailable)
+            .map_err(|e| BrokerError::unavailable_boxed("progress", e))
     }
 }
 
 #[async_trait]
-impl Broker for NatsBroker {
+impl TaskQueue for NatsBroker {
     fn kind(&self) -> &'static str {
         "nats"
     }
@@ -589,7 +634,10 @@ impl Broker for NatsBroker {
         let ready = tokio::time::timeout(REQUEST_TIMEOUT, self.pull(&c, queue, max, None)).await;
         let out = match ready {
             Ok(r) => r?,
-            Err(_) => return Err(unavailable("fetch timed out")),
+            Err(_) => {
+                let op = format!("fetch from queue {queue} (timed out)");
+                return Err(BrokerError::unavailable_because(op));
+            }
         };
         if !out.is_empty() || wait.is_zero() {
             return Ok(out);
@@ -599,7 +647,9 @@ impl Broker for NatsBroker {
             .await
         {
             Ok(r) => r,
-            Err(_) => Err(unavailable("fetch timed out")),
+            Err(_) => Err(BrokerError::unavailable_because(format!(
+                "fetch from queue {queue} (timed out)"
+            ))),
         }
     }
 
@@ -608,12 +658,12 @@ impl Broker for NatsBroker {
             .js
             .get_stream(&self.stream)
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable(format!("get stream {}", self.stream)))?;
         let res = stream
             .purge()
             .filter(self.names.task_subject(queue))
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable(format!("purge queue {queue}")))?;
         Ok(res.purged)
     }
 
@@ -640,15 +690,43 @@ impl Broker for NatsBroker {
         .map(|_| ())
     }
 
+    async fn ping(&self) -> Result<(), BrokerError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(BrokerError::unavailable_because(
+                "ping (not connected to NATS)",
+            ));
+        }
+        self.js
+            .get_stream(&self.stream)
+            .await
+            .map(|_| ())
+            .map_err(unavailable(format!("ping (get stream {})", self.stream)))
+    }
+}
+
+#[async_trait]
+impl ResultStore for NatsBroker {
     async fn put_result(&self, record: &ResultRecord) -> Result<(), BrokerError> {
-        let bytes = Bytes::from(serde_json::to_vec(record).map_err(unavailable)?);
+        let bytes = encode(record)?;
         // Retried like a publish: the worker acknowledges the message after this, so a record
         // lost here would leave the task STARTED for good.
         let deadline = Instant::now() + PUBLISH_RETRY_FOR;
         loop {
             match self.kv.put(&record.id, bytes.clone()).await {
                 Ok(_) => return Ok(()),
-                Err(e) if Instant::now() >= deadline => return Err(unavailable(e)),
+                Err(e) if e.kind() == kv::PutErrorKind::InvalidKey => {
+                    return Err(BrokerError::refused(
+                        format!("write result {}", record.id),
+                        e,
+                    ))
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    let op = format!(
+                        "write result {} (tried for {PUBLISH_RETRY_FOR:?})",
+                        record.id
+                    );
+                    return Err(BrokerError::unavailable(op, e));
+                }
                 Err(e) => {
                     tracing::debug!(task_id = %record.id, "result put failed, retrying: {e}");
                     tokio::time::sleep(PUBLISH_RETRY_PAUSE).await;
@@ -662,7 +740,10 @@ impl Broker for NatsBroker {
     }
 
     async fn forget_result(&self, id: &str) -> Result<(), BrokerError> {
-        self.kv.purge(id).await.map_err(unavailable)
+        self.kv
+            .purge(id)
+            .await
+            .map_err(unavailable(format!("forget result {id}")))
     }
 
     async fn claim(&self, started: &ResultRecord) -> Result<Claim, BrokerError> {
@@ -673,7 +754,11 @@ impl Broker for NatsBroker {
             return Ok(Claim::Claimed);
         }
         for _ in 0..CAS_ATTEMPTS {
-            let raw = self.kv.entry(&started.id).await.map_err(unavailable)?;
+            let raw = self
+                .kv
+                .entry(&started.id)
+                .await
+                .map_err(unavailable(format!("read result {}", started.id)))?;
             let revision = match raw {
                 Some(e) if e.operation == kv::Operation::Put => {
                     if let Ok(r) = serde_json::from_slice::<ResultRecord>(&e.value) {
@@ -690,15 +775,19 @@ impl Broker for NatsBroker {
                 return Ok(Claim::Claimed);
             }
         }
-        Err(unavailable(format!(
-            "claim of {}: too much contention",
-            started.id
-        )))
+        Err(BrokerError::Contention {
+            op: "claim",
+            id: started.id.clone(),
+        })
     }
 
     async fn revoke(&self, id: &str) -> Result<bool, BrokerError> {
         for _ in 0..CAS_ATTEMPTS {
-            let raw = self.kv.entry(id).await.map_err(unavailable)?;
+            let raw = self
+                .kv
+                .entry(id)
+                .await
+                .map_err(unavailable(format!("read result {id}")))?;
             let (existing, revision) = match raw {
                 Some(e) if e.operation == kv::Operation::Put => (
                     serde_json::from_slice::<ResultRecord>(&e.value).ok(),
@@ -707,31 +796,19 @@ impl Broker for NatsBroker {
                 Some(e) => (None, Some(e.revision)),
                 None => (None, None),
             };
-            if existing
-                .as_ref()
-                .is_some_and(|r| !matches!(r.state, TaskState::Pending | TaskState::Retry))
-            {
+            if !revocable(existing.as_ref()) {
                 return Ok(false);
             }
-            let mut record = existing.unwrap_or_else(|| ResultRecord::pending(id));
-            record.state = TaskState::Revoked;
-            record.error = Some("revoked".into());
-            record.finished_at = Some(Utc::now());
+            let record = existing
+                .unwrap_or_else(|| ResultRecord::pending(id))
+                .revoked(Revocation::Revoked, Utc::now());
             if self.put_if(&record, revision).await? {
                 return Ok(true);
             }
         }
-        Err(unavailable(format!("revoke of {id}: too much contention")))
-    }
-
-    async fn ping(&self) -> Result<(), BrokerError> {
-        if self.client.connection_state() != async_nats::connection::State::Connected {
-            return Err(unavailable("not connected to NATS"));
-        }
-        self.js
-            .get_stream(&self.stream)
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        Err(BrokerError::Contention {
+            op: "revoke",
+            id: id.to_owned(),
+        })
     }
 }

@@ -174,7 +174,7 @@ impl TaskWorker {
                 return;
             }
         }
-        let broker = self.runner.broker.clone();
+        let broker = self.runner.queue.clone();
         let queue = self.queue.name.clone();
         let free = self
             .queue
@@ -344,11 +344,13 @@ impl WorkerPool {
             .collect();
         let jobs = Arc::new(Jobs::default());
         let runner = Arc::new(Runner {
-            broker,
+            queue: broker.clone(),
+            results: broker,
             registry,
             settings: Arc::new(settings),
             events,
             cold: cold.clone(),
+            eager: false,
         });
         let workers = specs
             .into_iter()
