@@ -1,26 +1,20 @@
 //! The typed configuration: built-in defaults < the TOML file < `SWITCHYARD_<SECTION>__<KEY>`
 //! environment variables (command-line flags are applied on top by the CLI).
 //!
-//! [`Config::load`] is the one entry point. The layers are merged by [figment]; what figment
-//! cannot say is written here: where a value came from ([`Origin`]: file and line from
-//! `toml_edit` spans, the environment variable, or the built-in default), the environment
-//! rules of SPEC (typed values, comma-separated lists, no arrays of tables, unknown variables
-//! are errors), and the checks serde cannot express. Every error names its origin and exits 2.
-//! [`Config::to_redacted_toml`] is what `switchyard config check` prints.
+//! [`Config::load`] is the one entry point; [figment] merges the layers. Every error names where
+//! the value came from ([`Origin`]) and exits 2. [`Config::to_redacted_toml`] is what
+//! `switchyard config check` prints.
 //!
-//! # Layout
-//!
-//! - `mod.rs`: [`Config`], loading, validation, the redacted TOML.
-//! - `server.rs` (`[server]`, `[log]`, `[actors]`), `sessions.rs` (`[sessions]`, `[auth]`,
-//!   `[context]`), `services.rs` (`[postgres]`, `[nats]`, `[redis]`, `[memcached]`, `[file]`),
-//!   `tasks.rs` (`[tasks]`, `[mail]`), `beat.rs` (`[beat]`): one struct per section with its
-//!   defaults and checks.
-//! - `secret.rs`: [`Secret`] and [`SecretUrl`], redacted in `Debug` and serialized output.
-//! - `source.rs`: the line of every key of the file; `env.rs`: the environment layer;
-//!   `error.rs`: [`ConfigError`], [`Origin`] and the validation helpers.
+//! Layout: `mod.rs` has [`Config`], loading and every validation rule; `server.rs`,
+//! `sessions.rs` and `tasks.rs` the sections; `source.rs` the file's lines and the environment
+//! layer; `secret.rs` [`Secret`]; `error.rs` [`ConfigError`] and [`Origin`].
 
+use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use croner::Cron;
 use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 
@@ -41,24 +35,18 @@ macro_rules! section {
     };
 }
 
-/// A closed set of strings, (de)serialized as their configuration spelling; anything else
-/// (an integer too) is "expected one of ...".
+/// A closed set of strings, (de)serialized as their configuration spelling.
 macro_rules! string_enum {
-    ($(#[$meta:meta])* $name:ident default $default:ident {
-        $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+
-    }) => {
+    ($(#[$meta:meta])* $name:ident default $default:ident { $($variant:ident => $text:literal,)+ }) => {
         $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-        pub enum $name { $($(#[$vmeta])* $variant,)+ }
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+        pub enum $name { $(#[doc = $text] #[serde(rename = $text)] $variant,)+ }
 
         impl $name {
             /// Every value, in documentation order.
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
             /// The configuration spelling.
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text,)+ }
-            }
+            pub fn as_str(self) -> &'static str { match self { $($name::$variant => $text,)+ } }
         }
 
         impl Default for $name {
@@ -70,48 +58,53 @@ macro_rules! string_enum {
                 f.write_str(self.as_str())
             }
         }
-
-        impl serde::Serialize for $name {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(self.as_str())
-            }
-        }
-
-        impl<'de> serde::Deserialize<'de> for $name {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let text = String::deserialize(d)?;
-                let found = $name::ALL.iter().find(|v| v.as_str() == text);
-                found.copied().ok_or_else(|| serde::de::Error::unknown_variant(&text, &[$($text),+]))
-            }
-        }
     };
 }
 
-mod beat;
-mod env;
+/// Validation rules, each `key => range(value, min, max)`, `key => unique(names, field, what)`
+/// or `key => ok, "message", args`; the first broken one returns its error at the key's origin.
+macro_rules! rules {
+    ($v:ident;) => {};
+    ($v:ident; $key:expr => range($value:expr, $min:expr, $max:expr); $($rest:tt)*) => {
+        let (value, min, max): (u64, u64, Option<u64>) = ($value.into(), $min, $max);
+        let expected = max.map_or(format!(">= {min}"), |max| format!("from {min} to {max}"));
+        rules!($v; $key => value >= min && max.is_none_or(|max| value <= max),
+            "expected an integer {expected}, got {value}"; $($rest)*);
+    };
+    ($v:ident; $key:expr => unique($names:expr, $field:expr, $what:expr); $($rest:tt)*) => {
+        let (mut seen, what) = (std::collections::HashSet::new(), $what);
+        for (i, name) in $names.enumerate() {
+            let key = format!("{}[{i}]{}", $key, $field);
+            rules!($v; key.clone() => !name.is_empty(), "expected a non-empty {what} name";
+                key => seen.insert(name), "{what} {name:?} is defined more than once";);
+        }
+        rules!($v; $($rest)*);
+    };
+    ($v:ident; $key:expr => $ok:expr, $($message:expr),+; $($rest:tt)*) => {
+        if !$ok {
+            return Err($v.fail($key, format!($($message),+)));
+        }
+        rules!($v; $($rest)*);
+    };
+}
+
 mod error;
 mod secret;
 mod server;
-mod services;
 mod sessions;
 mod source;
 mod tasks;
 
-pub use beat::{BeatConfig, ScheduleEntry};
 pub use error::{ConfigError, Origin};
-pub use secret::{Secret, SecretUrl, REDACTED};
-pub use server::{ActorsConfig, LogConfig, LogFormat, ServerConfig};
-pub use services::{FileConfig, MemcachedConfig, NatsConfig, PostgresConfig, RedisConfig};
-pub use sessions::{
-    AuthConfig, AuthStore, ContextConfig, OnLogin, SameSite, SessionEngine, SessionsConfig,
-    UserEntry,
-};
-pub use tasks::{Broker, MailBackend, MailConfig, QueueConfig, TasksConfig};
+pub use secret::{Secret, REDACTED};
+pub use server::{ActorsConfig, FileConfig, LogConfig, LogFormat, MemcachedConfig, NatsConfig};
+pub use server::{PostgresConfig, RedisConfig, ServerConfig};
+pub use sessions::{AuthConfig, AuthStore, ContextConfig, OnLogin, SameSite, SessionEngine};
+pub use sessions::{SessionsConfig, UserEntry};
+pub use tasks::TasksConfig;
+pub use tasks::{BeatConfig, Broker, MailBackend, MailConfig, QueueConfig, ScheduleEntry};
 
 use error::Origins;
-
-/// Where `Config::default_path` looks, relative to the working directory.
-const DEFAULT_PATH: &str = "config/default.toml";
 
 section! {
     /// The whole configuration, one field per TOML section.
@@ -151,13 +144,13 @@ impl Config {
     /// Loads the configuration: built-in defaults, then the file at `path` (when given), then
     /// the process environment; validates the result.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let env: Vec<(String, String)> = std::env::vars_os()
-            .filter_map(|(name, value)| {
-                let value = value.to_string_lossy().into_owned();
-                Some((name.into_string().ok()?, value))
-            })
-            .collect();
-        Self::load_with_env(path, &env)
+        let var = |(name, value): (OsString, OsString)| Some((name.into_string().ok()?, value));
+        let env = std::env::vars_os().filter_map(var);
+        Self::load_with_env(
+            path,
+            &env.map(|(k, v)| (k, v.to_string_lossy().into()))
+                .collect::<Vec<_>>(),
+        )
     }
 
     /// Like [`Config::load`], with the environment given explicitly (for tests and embedding).
@@ -166,28 +159,21 @@ impl Config {
         path: Option<&Path>,
         env: &[(String, String)],
     ) -> Result<Config, ConfigError> {
-        let mut origins = Origins {
-            loaded: true,
-            ..Origins::default()
-        };
+        let mut origins = Origins::default();
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = path {
-            let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-                path: path.to_path_buf(),
+            let (path, read) = (path.to_path_buf(), std::fs::read_to_string(path));
+            let text = read.map_err(|error| ConfigError::Read {
+                path: path.clone(),
                 error,
             })?;
-            origins.file = Some((path.to_path_buf(), source::KeyLines::parse(path, &text)?));
             figment = figment.merge(Toml::string(&text));
+            origins.file = Some((path.clone(), source::KeyLines::parse(&path, &text)?));
             // The file alone first, so that its errors are blamed on it.
-            figment
-                .extract::<Config>()
-                .map_err(|e| origins.deserialize_error(e))?;
+            origins.extract(&figment)?;
         }
-        let (figment, vars) = env::overlay(figment, env)?;
-        origins.env = vars;
-        let config: Config = figment
-            .extract()
-            .map_err(|e| origins.deserialize_error(e))?;
+        (figment, origins.env) = source::overlay(figment, env)?;
+        let config = origins.extract(&figment)?;
         config.validate_with(&origins)?;
         Ok(config)
     }
@@ -195,60 +181,145 @@ impl Config {
     /// `config/default.toml` when it exists in the working directory, else `None` (built-in
     /// defaults alone).
     pub fn default_path() -> Option<PathBuf> {
-        let path = PathBuf::from(DEFAULT_PATH);
-        path.is_file().then_some(path)
+        Some(PathBuf::from("config/default.toml")).filter(|path| path.is_file())
     }
 
-    /// Checks every validation rule (ranges, formats and cross-field rules). [`Config::load`]
-    /// calls it; call it again after changing fields by hand (command-line flags, say). Errors
-    /// from this direct call cannot know where a value came from and name only the key.
+    /// Checks every validation rule; [`Config::load`] calls it, call it again after changing
+    /// fields by hand (command-line flags, say). Its errors name only the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.validate_with(&Origins::default())
+        self.validate_with(&Origins {
+            unknown: true,
+            ..Origins::default()
+        })
     }
 
-    /// The effective configuration as TOML, every section written out, with secrets (the secret
-    /// keys, the NATS token, password hashes and passwords inside URLs) replaced by
-    /// `"<redacted>"` when they are set. [`Secret`] and [`SecretUrl`] serialize redacted; the
-    /// password hashes are replaced here.
+    /// The effective configuration as TOML, every section written out, with secrets (secret
+    /// keys, the NATS token, passwords inside URLs, password hashes) shown as `"<redacted>"`.
     pub fn to_redacted_toml(&self) -> String {
         let mut config = self.clone();
         for user in &mut config.auth.users {
-            user.password_hash = secret::redact(&user.password_hash);
+            user.password_hash = secret::redact(&user.password_hash).into();
         }
-        toml::to_string(&config)
-            .unwrap_or_else(|e| format!("# the configuration cannot be shown as TOML: {e}\n"))
+        let error = |e| format!("# the configuration cannot be shown as TOML: {e}\n");
+        toml::to_string(&config).unwrap_or_else(error)
     }
 
+    /// Every rule of docs/configuration.md ("Validation"), in the order of the sections.
     fn validate_with(&self, v: &Origins) -> Result<(), ConfigError> {
-        self.server.validate(v)?;
-        self.log.validate(v)?;
-        self.sessions.validate(v, &self.server)?;
-        self.auth.validate(v)?;
-        v.range(
-            "postgres.pool_size",
-            self.postgres.pool_size.into(),
-            1,
-            None,
-        )?;
-        if !is_name(&self.nats.prefix) {
-            return Err(v.fail("nats.prefix", expected_name(&self.nats.prefix)));
+        let (server, sessions, actors) = (&self.server, &self.sessions, &self.actors);
+        let (key_bytes, min_key_bytes) = (server.secret_key.expose_secret().len(), 32);
+        let debug_at = match v.of("server.debug") {
+            origin @ (Origin::File { .. } | Origin::Env(_)) => format!(" (set at {origin})"),
+            Origin::Default | Origin::Unknown => String::new(),
+        };
+        let level_error = server::level_error(&self.log.level);
+        let (cookie, path) = (&sessions.cookie_name, &sessions.cookie_path);
+        let token = |b: u8| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b);
+        let prefix = &self.nats.prefix;
+        rules! {v;
+            "server.bind" => server.bind.parse::<SocketAddr>().is_ok(),
+                "invalid socket address {:?} (expected IP:PORT such as \"127.0.0.1:8000\")",
+                server.bind;
+            "server.secret_key" => server.debug || key_bytes >= min_key_bytes,
+                "expected at least {min_key_bytes} bytes when server.debug = false{debug_at}, got \
+                 {key_bytes} bytes";
+            "log.level" => level_error.is_none(),
+                "expected a level (trace, debug, info, warn, error, off) or a comma-separated \
+                 list of levels and target=level directives, got {:?} ({})",
+                self.log.level, level_error.unwrap_or_default();
+            "sessions.cookie_name" => !cookie.is_empty() && cookie.bytes().all(token),
+                "expected a non-empty cookie name token, got {cookie:?}";
+            "sessions.cookie_age" => range(sessions.cookie_age, 1, None);
+            "sessions.cookie_path" => path.starts_with('/'),
+                "expected a path starting with \"/\", got {path:?}";
+            "sessions.cookie_same_site" =>
+                sessions.cookie_same_site != SameSite::None || sessions.cookie_secure,
+                "\"none\" requires sessions.cookie_secure = true";
+            "sessions.encrypt" => !sessions.encrypt || !server.secret_key.is_empty(),
+                "true requires server.secret_key (the encryption key is derived from it)";
+            "sessions.max_size" => range(sessions.max_size as u64, 1, None);
+            "auth.login_url" => !self.auth.login_url.is_empty(), "expected a non-empty URL";
+            "auth.users" =>
+                unique(self.auth.users.iter().map(|u| &u.username), ".username", "user");
         }
-        self.context.validate(v)?;
-        self.actors.validate(v)?;
-        self.tasks.validate(v)?;
-        if !self.mail.from.contains('@') {
-            let message = format!("expected an e-mail address, got {:?}", self.mail.from);
-            return Err(v.fail("mail.from", message));
+        for (i, user) in self.auth.users.iter().enumerate() {
+            rules! {v;
+                format!("auth.users[{i}].password_hash") =>
+                    argon2::PasswordHash::new(&user.password_hash).is_ok(),
+                    "expected a PHC password hash such as \"$argon2id$v=19$m=19456,t=2,p=1$...\"";
+            }
         }
-        self.beat.validate(v, &self.tasks)
+        rules! {v;
+            "postgres.pool_size" => range(self.postgres.pool_size, 1, None);
+            "nats.prefix" => is_name(prefix), "{}", expected_name(prefix);
+            "context.processors" => unique(self.context.processors.iter(), "", "processor");
+            "context.timeout_ms" => range(self.context.timeout_ms, 1, None);
+            "actors.session_shards" => range(actors.session_shards, 1, Some(1024));
+            "actors.context_workers" => range(actors.context_workers, 1, Some(1024));
+            "actors.http_workers" => range(actors.http_workers, 1, Some(1024));
+        }
+        let tasks = &self.tasks;
+        let names: Vec<_> = tasks
+            .queues
+            .iter()
+            .map(|q| format!("{:?}", q.name))
+            .collect();
+        rules! {v;
+            "tasks.retry_backoff_base" => non_negative(tasks.retry_backoff_base),
+                "expected a non-negative number of seconds, got {}", tasks.retry_backoff_base;
+            "tasks.retry_backoff_max" => non_negative(tasks.retry_backoff_max),
+                "expected a non-negative number of seconds, got {}", tasks.retry_backoff_max;
+            "tasks.max_deliver" => range(tasks.max_deliver, 1, None);
+            "tasks.queues" => !tasks.queues.is_empty(), "expected at least one queue";
+        }
+        for (i, queue) in tasks.queues.iter().enumerate() {
+            let (key, name, rate) = (format!("tasks.queues[{i}]"), &queue.name, &queue.rate_limit);
+            rules! {v;
+                format!("{key}.name") => is_name(name), "{}", expected_name(name);
+                format!("{key}.concurrency") => range(queue.concurrency, 1, None);
+                format!("{key}.rate_limit") => tasks::parse_rate_limit(rate).is_some(),
+                    "expected \"N/s\", \"N/m\", \"N/h\" (N >= 1) or \"\", got {rate:?}";
+            }
+        }
+        let (beat, from) = (&self.beat.schedule, &self.mail.from);
+        rules! {v;
+            "tasks.queues" => unique(tasks.queues.iter().map(|q| &q.name), ".name", "queue");
+            "tasks.default_queue" => tasks.queue(&tasks.default_queue).is_some(),
+                "expected one of the queues in tasks.queues ({}), got {:?}",
+                names.join(", "), tasks.default_queue;
+            "mail.from" => from.contains('@'), "expected an e-mail address, got {from:?}";
+            "beat.schedule" => unique(beat.iter().map(|s| &s.name), ".name", "schedule");
+        }
+        for (i, entry) in beat.iter().enumerate() {
+            let (key, cron) = (format!("beat.schedule[{i}]"), entry.cron.as_deref());
+            let cron_error = cron.and_then(|c| Cron::new(c).with_seconds_required().parse().err());
+            let queue = entry.queue.as_deref().unwrap_or(&tasks.default_queue);
+            rules! {v;
+                format!("{key}.task") => !entry.task.is_empty(), "expected a non-empty task name";
+                key.clone() => entry.every.is_some() != cron.is_some(),
+                    "expected exactly one of `every` and `cron`";
+                format!("{key}.every") => entry.every != Some(Duration::ZERO),
+                    "expected a positive interval such as \"30s\" or \"1h 30m\"";
+                format!("{key}.cron") => cron_error.is_none(),
+                    "expected 6 fields `sec min hour day month weekday`, got {:?} ({})",
+                    cron.unwrap_or_default(), cron_error.map(|e| e.to_string()).unwrap_or_default();
+                format!("{key}.queue") => tasks.queue(queue).is_some(),
+                    "expected one of the queues in tasks.queues, got {queue:?}";
+            }
+        }
+        Ok(())
     }
+}
+
+/// A finite number >= 0.
+fn non_negative(seconds: f64) -> bool {
+    seconds.is_finite() && seconds >= 0.0
 }
 
 /// Letters, digits, `_` and `-`, at least one.
 fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    let name_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
+    !s.is_empty() && s.bytes().all(name_byte)
 }
 
 /// The message for a value that is not [`is_name`].

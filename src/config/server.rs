@@ -1,23 +1,18 @@
-//! `[server]`, `[log]` and `[actors]`: the node itself.
+//! `[server]`, `[log]`, `[actors]`: the node; `[postgres]`, `[nats]`, `[redis]`, `[memcached]`,
+//! `[file]`: the services it uses (passwords in their URLs are redacted when shown).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
-use super::error::Origins;
-use super::{ConfigError, Origin, Secret};
-
-/// Minimum length of `server.secret_key` when `server.debug = false`.
-const MIN_SECRET_KEY_BYTES: usize = 32;
+use super::Secret;
 
 section! {
     /// `[server]`: the HTTP node.
     pub struct ServerConfig {
         /// Address to listen on, `IP:PORT` (port 0: any free port).
         pub bind: String = "127.0.0.1:8000".into(),
-        /// Development mode: detailed error pages, template reloading, static files served.
-        /// `false` requires a `secret_key` of at least 32 bytes.
+        /// Development mode; `false` requires a `secret_key` of at least 32 bytes.
         pub debug: bool = true,
         /// Signs cookies and CSRF tokens and derives the encryption key (bytes of text).
         pub secret_key: Secret = Secret::default(),
@@ -29,7 +24,7 @@ section! {
         pub static_url: String = "/static/".into(),
         /// Directory of static files (served by switchyard when `debug = true`).
         pub static_dir: PathBuf = "static".into(),
-        /// This node's id in the cluster; empty: `hostname-pid` ([`ServerConfig::node_id_or_default`]).
+        /// This node's id in the cluster; empty: [`ServerConfig::node_id_or_default`].
         pub node_id: String = String::new(),
         /// Seconds in-flight requests get to finish on SIGINT/SIGTERM.
         pub shutdown_timeout: u64 = 5,
@@ -44,81 +39,41 @@ impl ServerConfig {
         }
         let host = hostname::get().ok().and_then(|h| h.into_string().ok());
         let host = host.filter(|h| !h.is_empty());
-        let host = host.as_deref().unwrap_or("localhost");
-        format!("{host}-{}", std::process::id())
-    }
-
-    pub(super) fn validate(&self, v: &Origins) -> Result<(), ConfigError> {
-        if self.bind.parse::<SocketAddr>().is_err() {
-            let message = format!(
-                "invalid socket address {:?} (expected IP:PORT such as \"127.0.0.1:8000\")",
-                self.bind
-            );
-            return Err(v.fail("server.bind", message));
-        }
-        let key_bytes = self.secret_key.expose_secret().len();
-        if !self.debug && key_bytes < MIN_SECRET_KEY_BYTES {
-            let because = match v.of("server.debug") {
-                origin @ (Origin::File { .. } | Origin::Env(_)) => format!(" (set at {origin})"),
-                Origin::Default | Origin::Unknown => String::new(),
-            };
-            let message = format!(
-                "expected at least {MIN_SECRET_KEY_BYTES} bytes when server.debug = \
-                 false{because}, got {key_bytes} bytes"
-            );
-            return Err(v.fail("server.secret_key", message));
-        }
-        Ok(())
+        format!(
+            "{}-{}",
+            host.as_deref().unwrap_or("localhost"),
+            std::process::id()
+        )
     }
 }
 
 section! {
     /// `[log]`: logging (to stderr).
     pub struct LogConfig {
-        /// `tracing_subscriber::EnvFilter` directives: a level (`trace`, `debug`, `info`, `warn`,
-        /// `error`, `off`) or a comma-separated list of levels and `target=level` entries.
-        /// `RUST_LOG` overrides it.
+        /// `EnvFilter` directives: a level, or levels and `target=level`; `RUST_LOG` overrides it.
         pub level: String = "info".into(),
         /// Output format.
         pub format: LogFormat = LogFormat::Text,
     }
 }
 
-impl LogConfig {
-    /// Parses `level` with tracing-subscriber's own parser, and also requires a non-empty filter
-    /// whose every directive ends in a level: tracing reads `loud` as "target `loud`, every
-    /// level" and `app=` as "target `app`", which in `log.level` are surely mistakes.
-    pub(super) fn validate(&self, v: &Origins) -> Result<(), ConfigError> {
-        let no_level = |d: &&str| {
-            let level = d.rsplit('=').next().unwrap_or_default();
-            level.is_empty() || level.parse::<LevelFilter>().is_err()
-        };
-        let mut directives = self.level.split(',').filter(|d| !d.trim().is_empty());
-        let why = match EnvFilter::builder().parse(&self.level) {
-            Err(e) => e.to_string(),
-            Ok(_) if self.level.trim().is_empty() => "no directive".into(),
-            Ok(_) => match directives.find(no_level) {
-                Some(directive) => format!("{directive:?} does not end in a level"),
-                None => return Ok(()),
-            },
-        };
-        let message = format!(
-            "expected a level (trace, debug, info, warn, error, off) or a comma-separated list of \
-             levels and target=level directives, got {:?} ({why})",
-            self.level
-        );
-        Err(v.fail("log.level", message))
+/// Why `level` is not a filter: tracing-subscriber's parser must accept it, and it must be
+/// non-empty with every directive ending in a level (tracing reads `loud` as "target `loud`,
+/// every level" and `app=` as "target `app`", which in `log.level` are surely mistakes).
+pub(super) fn level_error(level: &str) -> Option<String> {
+    let is_level = |l: &str| !l.is_empty() && l.parse::<LevelFilter>().is_ok();
+    let mut directives = level.split(',').filter(|d| !d.trim().is_empty());
+    let no_level = directives.find(|d| d.rsplit('=').next().is_none_or(|l| !is_level(l)));
+    match EnvFilter::builder().parse(level) {
+        Err(e) => Some(e.to_string()),
+        Ok(_) if level.trim().is_empty() => Some("no directive".into()),
+        Ok(_) => no_level.map(|d| format!("{d:?} does not end in a level")),
     }
 }
 
 string_enum! {
-    /// Log output format.
-    LogFormat default Text {
-        /// Human-readable lines.
-        Text => "text",
-        /// One JSON object per line.
-        Json => "json",
-    }
+    /// Log output format: human-readable lines or one JSON object per line.
+    LogFormat default Text { Text => "text", Json => "json", }
 }
 
 section! {
@@ -133,16 +88,62 @@ section! {
     }
 }
 
-impl ActorsConfig {
-    pub(super) fn validate(&self, v: &Origins) -> Result<(), ConfigError> {
-        for (key, value) in [
-            ("actors.session_shards", self.session_shards),
-            ("actors.context_workers", self.context_workers),
-            ("actors.http_workers", self.http_workers),
-        ] {
-            v.range(key, value.into(), 1, Some(1024))?;
-        }
-        Ok(())
+section! {
+    /// `[postgres]`: the database.
+    pub struct PostgresConfig {
+        /// `postgres://user[:password]@host:port/database` or `key=value` conninfo.
+        #[serde(serialize_with = "super::secret::url")]
+        pub url: Secret = "postgres://postgres@127.0.0.1:5432/switchyard".into(),
+        /// Connections in the pool (>= 1).
+        pub pool_size: u32 = 16,
+    }
+}
+
+section! {
+    /// `[nats]`: the NATS connection.
+    pub struct NatsConfig {
+        /// Server URL (several comma-separated), with an optional user and password or token.
+        #[serde(serialize_with = "super::secret::url")]
+        pub url: Secret = "nats://127.0.0.1:4222".into(),
+        /// Prefix of every subject, stream (upper-cased) and KV bucket.
+        pub prefix: String = "switchyard".into(),
+        /// Path of a `.creds` file (JWT + NKey); empty: none.
+        pub creds_file: String = String::new(),
+        /// Authentication token; empty: none.
+        pub token: Secret = Secret::default(),
+        /// Path of an NKey seed file; empty: none.
+        pub nkey_seed_file: String = String::new(),
+        /// Path of a CA certificate for TLS; empty: system roots / no TLS.
+        pub tls_ca_file: String = String::new(),
+        /// Path of a client certificate for TLS; empty: none.
+        pub tls_cert_file: String = String::new(),
+        /// Path of the client certificate's key; empty: none.
+        pub tls_key_file: String = String::new(),
+    }
+}
+
+section! {
+    /// `[redis]`: the `redis` session engine.
+    pub struct RedisConfig {
+        /// `redis://[:password@]host:port[/db]`.
+        #[serde(serialize_with = "super::secret::url")]
+        pub url: Secret = "redis://127.0.0.1:6379".into(),
+    }
+}
+
+section! {
+    /// `[memcached]`: the `memcached` session engine.
+    pub struct MemcachedConfig {
+        /// Servers as `host:port`.
+        pub servers: Vec<String> = vec!["127.0.0.1:11211".into()],
+    }
+}
+
+section! {
+    /// `[file]`: the `file` session engine.
+    pub struct FileConfig {
+        /// Directory holding one file per session, relative to the working directory.
+        pub dir: PathBuf = "sessions".into(),
     }
 }
 
@@ -153,11 +154,9 @@ mod tests {
     #[test]
     fn log_level_filters() {
         let check = |level: &str| {
-            let log = LogConfig {
-                level: level.into(),
-                ..LogConfig::default()
-            };
-            log.validate(&Origins::default())
+            let mut config = super::super::Config::default();
+            config.log.level = level.into();
+            config.validate()
         };
         for ok in [
             "info",

@@ -4,8 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::error::Origins;
-use super::{ConfigError, ServerConfig, REDACTED};
+use super::REDACTED;
 
 section! {
     /// `[sessions]`: the session engine and the session cookie.
@@ -39,76 +38,22 @@ section! {
     }
 }
 
-impl SessionsConfig {
-    pub(super) fn validate(&self, v: &Origins, server: &ServerConfig) -> Result<(), ConfigError> {
-        let separator = |b: u8| b"()<>@,;:\\\"/[]?={}".contains(&b);
-        let name = &self.cookie_name;
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && !separator(b)) {
-            let message = format!("expected a non-empty cookie name token, got {name:?}");
-            return Err(v.fail("sessions.cookie_name", message));
-        }
-        v.range("sessions.cookie_age", self.cookie_age, 1, None)?;
-        if !self.cookie_path.starts_with('/') {
-            let message = format!(
-                "expected a path starting with \"/\", got {:?}",
-                self.cookie_path
-            );
-            return Err(v.fail("sessions.cookie_path", message));
-        }
-        if self.cookie_same_site == SameSite::None && !self.cookie_secure {
-            let message = "\"none\" requires sessions.cookie_secure = true";
-            return Err(v.fail("sessions.cookie_same_site", message));
-        }
-        if self.encrypt && server.secret_key.is_empty() {
-            let message = "true requires server.secret_key (the encryption key is derived from it)";
-            return Err(v.fail("sessions.encrypt", message));
-        }
-        v.range("sessions.max_size", self.max_size as u64, 1, None)
-    }
+string_enum! {
+    /// The session cookie's `SameSite` attribute (`none` requires `Secure`).
+    SameSite default Lax { Lax => "lax", Strict => "strict", None => "none", }
 }
 
 string_enum! {
-    /// The session cookie's `SameSite` attribute.
-    SameSite default Lax {
-        /// `lax`: sent on top-level navigations.
-        Lax => "lax",
-        /// `strict`: same-site requests only.
-        Strict => "strict",
-        /// `none`: always sent (requires `Secure`).
-        None => "none",
-    }
+    /// What happens to the anonymous session's data at login: kept under a new session key,
+    /// merged into the user's previous session, or dropped.
+    OnLogin default Preserve { Preserve => "preserve", Merge => "merge", Discard => "discard", }
 }
 
 string_enum! {
-    /// What happens to the anonymous session's data at login.
-    OnLogin default Preserve {
-        /// Keep it, under a new session key.
-        Preserve => "preserve",
-        /// Merge it into the user's previous session.
-        Merge => "merge",
-        /// Drop it.
-        Discard => "discard",
-    }
-}
-
-string_enum! {
-    /// Where session data lives.
+    /// Where session data lives (docs/configuration.md describes each engine).
     SessionEngine default Memory {
-        /// In the node's memory (single node only).
-        Memory => "memory",
-        /// One file per session under `file.dir`.
-        File => "file",
-        /// A Postgres table.
-        Postgres => "postgres",
-        /// Postgres, cached in memory with NATS invalidations.
-        CachedDb => "cached_db",
-        /// A NATS key-value bucket.
-        NatsKv => "nats_kv",
-        /// Redis.
-        Redis => "redis",
-        /// Memcached.
-        Memcached => "memcached",
-        /// In the (signed) cookie itself.
+        Memory => "memory", File => "file", Postgres => "postgres", CachedDb => "cached_db",
+        NatsKv => "nats_kv", Redis => "redis", Memcached => "memcached",
         SignedCookies => "signed_cookies",
     }
 }
@@ -122,27 +67,6 @@ section! {
         pub login_url: String = "/login".into(),
         /// `[[auth.users]]`: the users of `store = "config"` (none built in).
         pub users: Vec<UserEntry> = Vec::new(),
-    }
-}
-
-impl AuthConfig {
-    pub(super) fn validate(&self, v: &Origins) -> Result<(), ConfigError> {
-        if self.login_url.is_empty() {
-            return Err(v.fail("auth.login_url", "expected a non-empty URL"));
-        }
-        let names = self.users.iter().map(|u| u.username.as_str());
-        v.unique("auth.users", ".username", "user", names)?;
-        match self
-            .users
-            .iter()
-            .position(|u| argon2::PasswordHash::new(&u.password_hash).is_err())
-        {
-            Some(i) => Err(v.fail(
-                format!("auth.users[{i}].password_hash"),
-                "expected a PHC password hash such as \"$argon2id$v=19$m=19456,t=2,p=1$...\"",
-            )),
-            None => Ok(()),
-        }
     }
 }
 
@@ -170,13 +94,8 @@ impl fmt::Debug for UserEntry {
 }
 
 string_enum! {
-    /// Where users are looked up.
-    AuthStore default Config {
-        /// `[[auth.users]]` in the configuration.
-        Config => "config",
-        /// The Postgres database.
-        Postgres => "postgres",
-    }
+    /// Where users are looked up: `[[auth.users]]` in the configuration, or Postgres.
+    AuthStore default Config { Config => "config", Postgres => "postgres", }
 }
 
 section! {
@@ -189,13 +108,5 @@ section! {
         pub lazy: bool = true,
         /// Time budget of each processor, in milliseconds (>= 1).
         pub timeout_ms: u64 = 200,
-    }
-}
-
-impl ContextConfig {
-    pub(super) fn validate(&self, v: &Origins) -> Result<(), ConfigError> {
-        let names = self.processors.iter().map(String::as_str);
-        v.unique("context.processors", "", "processor", names)?;
-        v.range("context.timeout_ms", self.timeout_ms, 1, None)
     }
 }

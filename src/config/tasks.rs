@@ -1,11 +1,10 @@
-//! `[tasks]` and `[mail]`: the task system and the mail its demo tasks send.
+//! `[tasks]` and `[mail]`: the task system and the mail its demo tasks send; `[beat]`: periodic
+//! schedules (`every` read by humantime, `cron` checked by croner).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-
-use super::error::Origins;
-use super::{expected_name, is_name, ConfigError};
 
 section! {
     /// `[tasks]`: the task system.
@@ -20,8 +19,7 @@ section! {
         pub result_ttl: u64 = 86_400,
         /// Retries a task gets unless it says otherwise.
         pub default_max_retries: u32 = 3,
-        /// Retry backoff base, in seconds: attempt n waits a random time in [d/2, d],
-        /// d = min(base * 2^n, max).
+        /// Retry backoff base d, in seconds: attempt n waits in [d/2, d], d = min(base * 2^n, max).
         pub retry_backoff_base: f64 = 1.0,
         /// Retry backoff ceiling, in seconds.
         pub retry_backoff_max: f64 = 600.0,
@@ -47,57 +45,6 @@ impl TasksConfig {
     pub fn queue(&self, name: &str) -> Option<&QueueConfig> {
         self.queues.iter().find(|q| q.name == name)
     }
-
-    pub(super) fn validate(&self, v: &Origins) -> Result<(), ConfigError> {
-        for (key, value) in [
-            ("tasks.retry_backoff_base", self.retry_backoff_base),
-            ("tasks.retry_backoff_max", self.retry_backoff_max),
-        ] {
-            if !value.is_finite() || value < 0.0 {
-                let message = format!("expected a non-negative number of seconds, got {value}");
-                return Err(v.fail(key, message));
-            }
-        }
-        v.range("tasks.max_deliver", self.max_deliver.into(), 1, None)?;
-        if self.queues.is_empty() {
-            return Err(v.fail("tasks.queues", "expected at least one queue"));
-        }
-        for (i, queue) in self.queues.iter().enumerate() {
-            let key = format!("tasks.queues[{i}]");
-            if !is_name(&queue.name) {
-                return Err(v.fail(format!("{key}.name"), expected_name(&queue.name)));
-            }
-            v.range(
-                &format!("{key}.concurrency"),
-                queue.concurrency.into(),
-                1,
-                None,
-            )?;
-            if parse_rate_limit(&queue.rate_limit).is_none() {
-                let message = format!(
-                    "expected \"N/s\", \"N/m\", \"N/h\" (N >= 1) or \"\", got {:?}",
-                    queue.rate_limit
-                );
-                return Err(v.fail(format!("{key}.rate_limit"), message));
-            }
-        }
-        let names = self.queues.iter().map(|q| q.name.as_str());
-        v.unique("tasks.queues", ".name", "queue", names)?;
-        if self.queue(&self.default_queue).is_none() {
-            let names: Vec<String> = self
-                .queues
-                .iter()
-                .map(|q| format!("{:?}", q.name))
-                .collect();
-            let message = format!(
-                "expected one of the queues in tasks.queues ({}), got {:?}",
-                names.join(", "),
-                self.default_queue
-            );
-            return Err(v.fail("tasks.default_queue", message));
-        }
-        Ok(())
-    }
 }
 
 /// One `[[tasks.queues]]` entry.
@@ -120,9 +67,10 @@ fn default_concurrency() -> u32 {
 
 impl Default for QueueConfig {
     fn default() -> Self {
+        let (name, concurrency) = ("default".into(), default_concurrency());
         Self {
-            name: "default".into(),
-            concurrency: default_concurrency(),
+            name,
+            concurrency,
             rate_limit: String::new(),
         }
     }
@@ -138,32 +86,22 @@ impl QueueConfig {
 
 /// `""` → `Some(None)`; `"N/s"`, `"N/m"`, `"N/h"` with N >= 1 → `Some(Some(per second))`;
 /// anything else → `None`.
-fn parse_rate_limit(s: &str) -> Option<Option<f64>> {
-    if s.is_empty() {
-        return Some(None);
-    }
-    let (count, unit) = s.split_once('/')?;
-    if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let count: u64 = count.parse().ok().filter(|&n| n >= 1)?;
-    let seconds = match unit {
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return None,
+pub(super) fn parse_rate_limit(s: &str) -> Option<Option<f64>> {
+    let Some((count, unit)) = s.split_once('/') else {
+        return s.is_empty().then_some(None);
     };
+    let count = count
+        .parse::<u64>()
+        .ok()
+        .filter(|&n| n >= 1 && !count.starts_with('+'))?;
+    let units = [("s", 1.0), ("m", 60.0), ("h", 3600.0)];
+    let (_, seconds) = units.into_iter().find(|&(u, _)| u == unit)?;
     Some(Some(count as f64 / seconds))
 }
 
 string_enum! {
-    /// Where task queues live.
-    Broker default Memory {
-        /// Inside `switchyard serve` (single node).
-        Memory => "memory",
-        /// NATS JetStream.
-        Nats => "nats",
-    }
+    /// Where task queues live: inside `switchyard serve` (single node) or NATS JetStream.
+    Broker default Memory { Memory => "memory", Nats => "nats", }
 }
 
 section! {
@@ -171,8 +109,7 @@ section! {
     pub struct MailConfig {
         /// How mail is "sent".
         pub backend: MailBackend = MailBackend::File,
-        /// Directory of the `file` backend (`<dir>/<task id>.eml`), relative to the working
-        /// directory.
+        /// Directory of the `file` backend (`<dir>/<task id>.eml`), relative to the working dir.
         pub dir: PathBuf = "outbox".into(),
         /// Sender address.
         pub from: String = "shop@example.com".into(),
@@ -180,12 +117,44 @@ section! {
 }
 
 string_enum! {
-    /// How mail is delivered.
-    MailBackend default File {
-        /// Written to `mail.dir`.
-        File => "file",
-        /// Printed to stderr.
-        Console => "console",
+    /// How mail is delivered: written to `mail.dir` or printed to stderr.
+    MailBackend default File { File => "file", Console => "console", }
+}
+
+section! {
+    /// `[beat]`: periodic schedules.
+    pub struct BeatConfig {
+        /// `[[beat.schedule]]`: the schedules (none built in).
+        pub schedule: Vec<ScheduleEntry> = Vec::new(),
+    }
+}
+
+/// One `[[beat.schedule]]` entry: exactly one of `every` and `cron`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleEntry {
+    /// Schedule name (unique); identifies its ticks across beat nodes.
+    pub name: String,
+    /// Task to publish, e.g. `switchyard.clear_sessions`.
+    pub task: String,
+    /// Interval in humantime syntax, such as `"30s"`, `"5m"`, `"1h"`, `"1d"` or `"1h 30m"`.
+    #[serde(default, with = "humantime_serde")]
+    pub every: Option<Duration>,
+    /// Cron expression with seconds, 6 fields: `sec min hour day month weekday`.
+    #[serde(default)]
+    pub cron: Option<String>,
+    /// Queue to publish to; default: the task's own queue or `tasks.default_queue`.
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Task arguments (a TOML table, a JSON object on the wire).
+    #[serde(default)]
+    pub args: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ScheduleEntry {
+    /// The `every` interval, when set.
+    pub fn every_duration(&self) -> Option<Duration> {
+        self.every
     }
 }
 
