@@ -33,8 +33,7 @@ impl fmt::Display for Origin {
     }
 }
 
-/// An invalid or unreadable configuration. Every variant means exit code 2. Keys are dotted,
-/// such as `server.bind` or `tasks.queues[1].name`; lines and columns are 1-based.
+/// An invalid or unreadable configuration (exit code 2); keys are dotted: `tasks.queues[1].name`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
@@ -81,8 +80,7 @@ impl ConfigError {
     }
 }
 
-/// `file:line: key: message`, `VAR: message` (the variable names the key),
-/// `built-in default: key: message` or `key: message`.
+/// `file:line: key: message`, `VAR: message`, `built-in default: key: message` or `key: message`.
 fn located(origin: &Origin, key: &str, message: &str) -> String {
     match origin {
         Origin::Env(var) => format!("{var}: {message}"),
@@ -91,8 +89,7 @@ fn located(origin: &Origin, key: &str, message: &str) -> String {
     }
 }
 
-/// Where each value of a loaded configuration came from, and the helpers of the validation
-/// rules, whose errors are located at their key's origin.
+/// Where each value of a loaded configuration came from.
 #[derive(Debug, Default)]
 pub(super) struct Origins {
     /// Origins are not known ([`super::Config::validate`] on a configuration set in code).
@@ -138,15 +135,10 @@ impl Origins {
             }
         }
         let origin = self.of(&key);
-        let expected = |e: &str, range| format!("expected {}", expected_as(e, range));
         let message = match error.kind {
             Kind::UnknownField(..) => return Err(ConfigError::UnknownKey { origin, key }),
-            Kind::InvalidType(got, e) => {
-                format!("{}, got {}", expected(&e, false), actual(&got, true))
-            }
-            Kind::InvalidValue(got, e) => {
-                format!("{}, got {}", expected(&e, true), actual(&got, false))
-            }
+            Kind::InvalidType(got, expected) => describe(&expected, &got, false),
+            Kind::InvalidValue(got, expected) => describe(&expected, &got, true),
             Kind::UnknownVariant(got, variants) => {
                 let variants: Vec<String> = variants.iter().map(|v| format!("{v:?}")).collect();
                 format!("expected one of {}, got {got:?}", variants.join(", "))
@@ -171,11 +163,11 @@ fn parent(key: &str) -> Option<&str> {
     Some(&key[..key.rfind(['.', '['])?]).filter(|p| p.contains('.'))
 }
 
-/// serde's name of what it expected, in configuration terms; integer ranges only with
-/// `with_range` (for values of the right type but out of range).
-fn expected_as(expected: &str, with_range: bool) -> String {
-    match expected {
-        "u32" | "u64" | "usize" | "i64" if !with_range => "an integer".into(),
+/// `expected an integer, got a string ("two")`, or for a value of the right type but out of
+/// range, `expected an integer from 0 to 4294967295, got -1`.
+fn describe(expected: &str, got: &Actual, out_of_range: bool) -> String {
+    let expected = match expected {
+        "u32" | "u64" | "usize" | "i64" if !out_of_range => "an integer".into(),
         "u32" => format!("an integer from 0 to {}", u32::MAX),
         "u64" | "usize" => "a non-negative integer".into(),
         "f64" => "a number".into(),
@@ -184,23 +176,22 @@ fn expected_as(expected: &str, with_range: bool) -> String {
         "a map" => "a table".into(),
         other if other.starts_with("struct ") => "a table".into(),
         other => other.replace('`', "\""),
-    }
-}
-
-/// The value serde got: `a string ("two")` (with its type) or `"two"`.
-fn actual(got: &Actual, with_type: bool) -> String {
+    };
     let (kind, value) = match got {
         Actual::Bool(b) => ("a boolean", b.to_string()),
         Actual::Unsigned(n) => ("an integer", n.to_string()),
         Actual::Signed(n) => ("an integer", n.to_string()),
         Actual::Float(n) => ("a float", n.to_string()),
         Actual::Str(s) => ("a string", format!("{s:?}")),
-        Actual::Seq => return "an array".into(),
-        Actual::Map => return "a table".into(),
-        other => return other.to_string(),
+        Actual::Seq => ("an array", String::new()),
+        Actual::Map => ("a table", String::new()),
+        other => ("", other.to_string()),
     };
-    match with_type {
-        true => format!("{kind} ({value})"),
-        false => value,
-    }
+    let got = match (kind, value.as_str()) {
+        (kind, "") => kind.to_owned(),
+        ("", _) => value,
+        _ if out_of_range => value,
+        _ => format!("{kind} ({value})"),
+    };
+    format!("expected {expected}, got {got}")
 }

@@ -1,13 +1,8 @@
 //! The typed configuration: built-in defaults < the TOML file < `SWITCHYARD_<SECTION>__<KEY>`
 //! environment variables (command-line flags are applied on top by the CLI).
 //!
-//! [`Config::load`] is the one entry point; [figment] merges the layers. Every error names where
-//! the value came from ([`Origin`]) and exits 2. [`Config::to_redacted_toml`] is what
-//! `switchyard config check` prints.
-//!
-//! Layout: `mod.rs` has [`Config`], loading and every validation rule; `server.rs`,
-//! `sessions.rs` and `tasks.rs` the sections; `source.rs` the file's lines and the environment
-//! layer; `secret.rs` [`Secret`]; `error.rs` [`ConfigError`] and [`Origin`].
+//! [`Config::load`] is the one entry point; every error names where the value came from
+//! ([`Origin`]) and exits 2. docs/configuration.md describes the layout and every key.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -18,12 +13,12 @@ use croner::Cron;
 use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 
-/// A section: the struct (`#[serde(default, deny_unknown_fields)]`) and its `impl Default`,
+/// Sections: each struct (`#[serde(default, deny_unknown_fields)]`) and its `impl Default`,
 /// each field's default written beside it as `field: Type = default`.
 macro_rules! section {
-    ($(#[$meta:meta])* pub struct $name:ident {
+    ($($(#[$meta:meta])* pub struct $name:ident {
         $($(#[$fmeta:meta])* pub $field:ident: $ty:ty = $default:expr,)*
-    }) => {
+    })+) => {$(
         $(#[$meta])*
         #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
         #[serde(default, deny_unknown_fields)]
@@ -32,12 +27,12 @@ macro_rules! section {
         impl Default for $name {
             fn default() -> Self { Self { $($field: $default,)* } }
         }
-    };
+    )+};
 }
 
-/// A closed set of strings, (de)serialized as their configuration spelling.
+/// Closed sets of strings, (de)serialized as their configuration spelling.
 macro_rules! string_enum {
-    ($(#[$meta:meta])* $name:ident default $default:ident { $($variant:ident => $text:literal,)+ }) => {
+    ($($(#[$meta:meta])* $name:ident default $default:ident { $($variant:ident => $text:literal,)+ })+) => {$(
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
         pub enum $name { $(#[doc = $text] #[serde(rename = $text)] $variant,)+ }
@@ -58,7 +53,7 @@ macro_rules! string_enum {
                 f.write_str(self.as_str())
             }
         }
-    };
+    )+};
 }
 
 /// Validation rules, each `key => range(value, min, max)`, `key => unique(names, field, what)`
@@ -141,8 +136,7 @@ section! {
 }
 
 impl Config {
-    /// Loads the configuration: built-in defaults, then the file at `path` (when given), then
-    /// the process environment; validates the result.
+    /// Loads and validates defaults < the file at `path` (when given) < the process environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let var = |(name, value): (OsString, OsString)| Some((name.into_string().ok()?, value));
         let env = std::env::vars_os().filter_map(var);
@@ -154,7 +148,6 @@ impl Config {
     }
 
     /// Like [`Config::load`], with the environment given explicitly (for tests and embedding).
-    /// Only variables named `SWITCHYARD_<SECTION>__<KEY>` are considered.
     pub fn load_with_env(
         path: Option<&Path>,
         env: &[(String, String)],
@@ -178,14 +171,12 @@ impl Config {
         Ok(config)
     }
 
-    /// `config/default.toml` when it exists in the working directory, else `None` (built-in
-    /// defaults alone).
+    /// `config/default.toml` when it exists in the working directory, else `None` (defaults).
     pub fn default_path() -> Option<PathBuf> {
         Some(PathBuf::from("config/default.toml")).filter(|path| path.is_file())
     }
 
-    /// Checks every validation rule; [`Config::load`] calls it, call it again after changing
-    /// fields by hand (command-line flags, say). Its errors name only the key.
+    /// Checks every rule again after fields were changed by hand; its errors name only the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_with(&Origins {
             unknown: true,
@@ -193,8 +184,7 @@ impl Config {
         })
     }
 
-    /// The effective configuration as TOML, every section written out, with secrets (secret
-    /// keys, the NATS token, passwords inside URLs, password hashes) shown as `"<redacted>"`.
+    /// The effective configuration as TOML, every secret and password hash `"<redacted>"`.
     pub fn to_redacted_toml(&self) -> String {
         let mut config = self.clone();
         for user in &mut config.auth.users {

@@ -1,5 +1,4 @@
-//! Secrets in the configuration: kept in [`secrecy::SecretString`], shown as `"<redacted>"` by
-//! `Debug` and by serialization (so by `config check`); code reads them with `expose_secret()`.
+//! Secrets, kept in [`secrecy::SecretString`]; code reads them with `expose_secret()`.
 
 use std::fmt;
 use std::sync::LazyLock;
@@ -11,9 +10,7 @@ use serde::{Deserialize, Serialize, Serializer};
 /// The placeholder that replaces secrets in [`super::Config::to_redacted_toml`] and in `Debug`.
 pub const REDACTED: &str = "<redacted>";
 
-/// A secret string such as `server.secret_key` or `postgres.url`: `Debug` and `Serialize` give
-/// `"<redacted>"` (an empty secret stays `""`, so that "not set" remains visible); URL fields
-/// serialize with [`url`] instead.
+/// A secret: `Debug` and `Serialize` give `"<redacted>"`, or `""` when unset; URLs use [`url`].
 #[derive(Clone, Default, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(SecretString);
@@ -59,10 +56,7 @@ pub(super) fn redact(secret: &str) -> &'static str {
     [REDACTED, ""][usize::from(secret.is_empty())]
 }
 
-/// Serializes a connection URL (or Postgres `key=value` conninfo; several comma-separated) with
-/// [`REDACTED`] for the password of `scheme://user:password@host/...`, the token of
-/// `nats://TOKEN@host`, and the value of `password=` parameters (a query's, or conninfo's,
-/// where it may be `'quoted'`).
+/// Serializes URLs and conninfo with passwords, tokens and `password=` values redacted.
 pub(super) fn url<S: Serializer>(url: &Secret, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&redact_url(url.expose_secret()))
 }

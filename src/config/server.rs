@@ -29,25 +29,7 @@ section! {
         /// Seconds in-flight requests get to finish on SIGINT/SIGTERM.
         pub shutdown_timeout: u64 = 5,
     }
-}
 
-impl ServerConfig {
-    /// `node_id`, or `hostname-pid` when it is empty (the host name, else `localhost`).
-    pub fn node_id_or_default(&self) -> String {
-        if !self.node_id.is_empty() {
-            return self.node_id.clone();
-        }
-        let host = hostname::get().ok().and_then(|h| h.into_string().ok());
-        let host = host.filter(|h| !h.is_empty());
-        format!(
-            "{}-{}",
-            host.as_deref().unwrap_or("localhost"),
-            std::process::id()
-        )
-    }
-}
-
-section! {
     /// `[log]`: logging (to stderr).
     pub struct LogConfig {
         /// `EnvFilter` directives: a level, or levels and `target=level`; `RUST_LOG` overrides it.
@@ -55,28 +37,7 @@ section! {
         /// Output format.
         pub format: LogFormat = LogFormat::Text,
     }
-}
 
-/// Why `level` is not a filter: tracing-subscriber's parser must accept it, and it must be
-/// non-empty with every directive ending in a level (tracing reads `loud` as "target `loud`,
-/// every level" and `app=` as "target `app`", which in `log.level` are surely mistakes).
-pub(super) fn level_error(level: &str) -> Option<String> {
-    let is_level = |l: &str| !l.is_empty() && l.parse::<LevelFilter>().is_ok();
-    let mut directives = level.split(',').filter(|d| !d.trim().is_empty());
-    let no_level = directives.find(|d| d.rsplit('=').next().is_none_or(|l| !is_level(l)));
-    match EnvFilter::builder().parse(level) {
-        Err(e) => Some(e.to_string()),
-        Ok(_) if level.trim().is_empty() => Some("no directive".into()),
-        Ok(_) => no_level.map(|d| format!("{d:?} does not end in a level")),
-    }
-}
-
-string_enum! {
-    /// Log output format: human-readable lines or one JSON object per line.
-    LogFormat default Text { Text => "text", Json => "json", }
-}
-
-section! {
     /// `[actors]`: how many actors of each kind a node runs (each in 1..=1024).
     pub struct ActorsConfig {
         /// Session actors, keyed by session id.
@@ -86,9 +47,7 @@ section! {
         /// actix-web worker threads.
         pub http_workers: u32 = 2,
     }
-}
 
-section! {
     /// `[postgres]`: the database.
     pub struct PostgresConfig {
         /// `postgres://user[:password]@host:port/database` or `key=value` conninfo.
@@ -97,9 +56,7 @@ section! {
         /// Connections in the pool (>= 1).
         pub pool_size: u32 = 16,
     }
-}
 
-section! {
     /// `[nats]`: the NATS connection.
     pub struct NatsConfig {
         /// Server URL (several comma-separated), with an optional user and password or token.
@@ -120,31 +77,58 @@ section! {
         /// Path of the client certificate's key; empty: none.
         pub tls_key_file: String = String::new(),
     }
-}
 
-section! {
     /// `[redis]`: the `redis` session engine.
     pub struct RedisConfig {
         /// `redis://[:password@]host:port[/db]`.
         #[serde(serialize_with = "super::secret::url")]
         pub url: Secret = "redis://127.0.0.1:6379".into(),
     }
-}
 
-section! {
     /// `[memcached]`: the `memcached` session engine.
     pub struct MemcachedConfig {
         /// Servers as `host:port`.
         pub servers: Vec<String> = vec!["127.0.0.1:11211".into()],
     }
-}
 
-section! {
     /// `[file]`: the `file` session engine.
     pub struct FileConfig {
         /// Directory holding one file per session, relative to the working directory.
         pub dir: PathBuf = "sessions".into(),
     }
+}
+
+impl ServerConfig {
+    /// `node_id`, or `hostname-pid` when it is empty (the host name, else `localhost`).
+    pub fn node_id_or_default(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let host = hostname::get().ok().and_then(|h| h.into_string().ok());
+        let host = host.filter(|h| !h.is_empty());
+        format!(
+            "{}-{}",
+            host.as_deref().unwrap_or("localhost"),
+            std::process::id()
+        )
+    }
+}
+
+/// Why `level` is no filter: tracing's parser refuses it, or a directive (`loud`, `app=`) has no level.
+pub(super) fn level_error(level: &str) -> Option<String> {
+    let is_level = |l: &str| !l.is_empty() && l.parse::<LevelFilter>().is_ok();
+    let mut directives = level.split(',').filter(|d| !d.trim().is_empty());
+    let no_level = directives.find(|d| d.rsplit('=').next().is_none_or(|l| !is_level(l)));
+    match EnvFilter::builder().parse(level) {
+        Err(e) => Some(e.to_string()),
+        Ok(_) if level.trim().is_empty() => Some("no directive".into()),
+        Ok(_) => no_level.map(|d| format!("{d:?} does not end in a level")),
+    }
+}
+
+string_enum! {
+    /// Log output format: human-readable lines or one JSON object per line.
+    LogFormat default Text { Text => "text", Json => "json", }
 }
 
 #[cfg(test)]

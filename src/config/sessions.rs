@@ -36,29 +36,7 @@ section! {
         /// Encrypt session data at rest in server-side engines (key derived from `secret_key`).
         pub encrypt: bool = false,
     }
-}
 
-string_enum! {
-    /// The session cookie's `SameSite` attribute (`none` requires `Secure`).
-    SameSite default Lax { Lax => "lax", Strict => "strict", None => "none", }
-}
-
-string_enum! {
-    /// What happens to the anonymous session's data at login: kept under a new session key,
-    /// merged into the user's previous session, or dropped.
-    OnLogin default Preserve { Preserve => "preserve", Merge => "merge", Discard => "discard", }
-}
-
-string_enum! {
-    /// Where session data lives (docs/configuration.md describes each engine).
-    SessionEngine default Memory {
-        Memory => "memory", File => "file", Postgres => "postgres", CachedDb => "cached_db",
-        NatsKv => "nats_kv", Redis => "redis", Memcached => "memcached",
-        SignedCookies => "signed_cookies",
-    }
-}
-
-section! {
     /// `[auth]`: users and login.
     pub struct AuthConfig {
         /// Where users are looked up.
@@ -68,6 +46,35 @@ section! {
         /// `[[auth.users]]`: the users of `store = "config"` (none built in).
         pub users: Vec<UserEntry> = Vec::new(),
     }
+
+    /// `[context]`: template context processors.
+    pub struct ContextConfig {
+        /// Registered processor names, in merge order (later ones win on equal variable names).
+        pub processors: Vec<String> =
+            ["debug", "request", "auth", "messages", "csrf", "static"].map(String::from).to_vec(),
+        /// Run only the processors whose variables the template uses.
+        pub lazy: bool = true,
+        /// Time budget of each processor, in milliseconds (>= 1).
+        pub timeout_ms: u64 = 200,
+    }
+}
+
+string_enum! {
+    /// The session cookie's `SameSite` attribute (`none` requires `Secure`).
+    SameSite default Lax { Lax => "lax", Strict => "strict", None => "none", }
+
+    /// What happens to the anonymous session's data at login (kept, merged or dropped).
+    OnLogin default Preserve { Preserve => "preserve", Merge => "merge", Discard => "discard", }
+
+    /// Where session data lives (docs/configuration.md describes each engine).
+    SessionEngine default Memory {
+        Memory => "memory", File => "file", Postgres => "postgres", CachedDb => "cached_db",
+        NatsKv => "nats_kv", Redis => "redis", Memcached => "memcached",
+        SignedCookies => "signed_cookies",
+    }
+
+    /// Where users are looked up: `[[auth.users]]` in the configuration, or Postgres.
+    AuthStore default Config { Config => "config", Postgres => "postgres", }
 }
 
 /// One `[[auth.users]]` entry. `Debug` and [`super::Config::to_redacted_toml`] hide the hash.
@@ -90,23 +97,5 @@ impl fmt::Debug for UserEntry {
             .field("password_hash", &REDACTED)
             .field("permissions", &self.permissions)
             .finish()
-    }
-}
-
-string_enum! {
-    /// Where users are looked up: `[[auth.users]]` in the configuration, or Postgres.
-    AuthStore default Config { Config => "config", Postgres => "postgres", }
-}
-
-section! {
-    /// `[context]`: template context processors.
-    pub struct ContextConfig {
-        /// Registered processor names, in merge order (later ones win on equal variable names).
-        pub processors: Vec<String> =
-            ["debug", "request", "auth", "messages", "csrf", "static"].map(String::from).to_vec(),
-        /// Run only the processors whose variables the template uses.
-        pub lazy: bool = true,
-        /// Time budget of each processor, in milliseconds (>= 1).
-        pub timeout_ms: u64 = 200,
     }
 }

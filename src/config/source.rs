@@ -1,6 +1,4 @@
-//! The two sources: the file, whose keys' lines `toml_edit`'s spans give, and the environment,
-//! each variable typed like the key it sets (figment's `Env` provider guesses types, lower-cases
-//! names, reads lists as `[a, b]` and ignores unknown names).
+//! The file, with the line of each key from `toml_edit`'s spans, and the environment layer.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,28 +31,21 @@ impl KeyLines {
         Ok(KeyLines(document))
     }
 
-    /// The 1-based line where `key` is set, if it is: a dotted path with array indices, such as
-    /// `tasks.queues[1].name` (an `[[tasks.queues]]` header is `tasks.queues[1]`).
+    /// The 1-based line where `key` (such as `tasks.queues[1].name`) is set, if it is.
     pub(super) fn line_of(&self, key: &str) -> Option<usize> {
         let (mut table, mut span): (Option<&dyn TableLike>, _) = (Some(self.0.as_table()), None);
         for part in key.split('.') {
             let (name, index) = part.split_once('[').unwrap_or((part, ""));
             let (key, item) = table?.get_key_value(name)?;
-            span = key.span();
-            table = match (item, index.strip_suffix(']')) {
-                (Item::Table(inner), None) => {
-                    span = inner.span().or(span);
-                    Some(inner)
-                }
+            let (inner, inner_span) = match (item, index.strip_suffix(']')) {
                 (Item::ArrayOfTables(array), Some(i)) => {
                     let inner = array.get(i.parse().ok()?)?;
-                    span = inner.span();
-                    Some(inner)
+                    (Some(inner as &dyn TableLike), inner.span())
                 }
-                (Item::Value(toml_edit::Value::InlineTable(inner)), None) => Some(inner),
-                (_, None) => None,
                 (_, Some(_)) => return None,
+                (item, None) => (item.as_table_like(), item.as_table().and_then(|t| t.span())),
             };
+            (table, span) = (inner, inner_span.or(key.span()));
         }
         Some(line_col(self.0.raw(), span?.start).0)
     }
@@ -71,8 +62,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// Keys holding arrays of tables, which only the file can set.
 const ARRAYS_OF_TABLES: &[&str] = &["auth.users", "tasks.queues", "beat.schedule"];
 
-/// Merges every `SWITCHYARD_<SECTION>__<KEY>` variable of `env` into `figment` (in name order;
-/// for repeated names the last wins). Returns the figment and, per dotted key, its variable.
+/// Merges `SWITCHYARD_<SECTION>__<KEY>` variables, typed like their key, into `figment`.
 pub(super) fn overlay<'a>(
     mut figment: Figment,
     env: &'a [(String, String)],

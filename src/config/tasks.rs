@@ -1,5 +1,4 @@
-//! `[tasks]` and `[mail]`: the task system and the mail its demo tasks send; `[beat]`: periodic
-//! schedules (`every` read by humantime, `cron` checked by croner).
+//! `[tasks]`, `[mail]` and `[beat]`: the task system, its demo mail and periodic schedules.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,6 +36,22 @@ section! {
         pub drain_timeout: u64 = 30,
         /// `[[tasks.queues]]`: the queues (built in: `default` alone).
         pub queues: Vec<QueueConfig> = vec![QueueConfig::default()],
+    }
+
+    /// `[mail]`: outgoing mail.
+    pub struct MailConfig {
+        /// How mail is "sent".
+        pub backend: MailBackend = MailBackend::File,
+        /// Directory of the `file` backend (`<dir>/<task id>.eml`), relative to the working dir.
+        pub dir: PathBuf = "outbox".into(),
+        /// Sender address.
+        pub from: String = "shop@example.com".into(),
+    }
+
+    /// `[beat]`: periodic schedules.
+    pub struct BeatConfig {
+        /// `[[beat.schedule]]`: the schedules (none built in).
+        pub schedule: Vec<ScheduleEntry> = Vec::new(),
     }
 }
 
@@ -77,15 +92,13 @@ impl Default for QueueConfig {
 }
 
 impl QueueConfig {
-    /// The rate limit in tasks per second; `None` when there is none (or it is malformed,
-    /// which validation rejects).
+    /// The rate limit in tasks per second, if there is one.
     pub fn rate_limit_per_sec(&self) -> Option<f64> {
         parse_rate_limit(&self.rate_limit).flatten()
     }
 }
 
-/// `""` → `Some(None)`; `"N/s"`, `"N/m"`, `"N/h"` with N >= 1 → `Some(Some(per second))`;
-/// anything else → `None`.
+/// `""` → `Some(None)`; `"N/s"`, `"N/m"`, `"N/h"` (N >= 1) → `Some(Some(per second))`; else `None`.
 pub(super) fn parse_rate_limit(s: &str) -> Option<Option<f64>> {
     let Some((count, unit)) = s.split_once('/') else {
         return s.is_empty().then_some(None);
@@ -102,52 +115,27 @@ pub(super) fn parse_rate_limit(s: &str) -> Option<Option<f64>> {
 string_enum! {
     /// Where task queues live: inside `switchyard serve` (single node) or NATS JetStream.
     Broker default Memory { Memory => "memory", Nats => "nats", }
-}
 
-section! {
-    /// `[mail]`: outgoing mail.
-    pub struct MailConfig {
-        /// How mail is "sent".
-        pub backend: MailBackend = MailBackend::File,
-        /// Directory of the `file` backend (`<dir>/<task id>.eml`), relative to the working dir.
-        pub dir: PathBuf = "outbox".into(),
-        /// Sender address.
-        pub from: String = "shop@example.com".into(),
-    }
-}
-
-string_enum! {
     /// How mail is delivered: written to `mail.dir` or printed to stderr.
     MailBackend default File { File => "file", Console => "console", }
 }
 
-section! {
-    /// `[beat]`: periodic schedules.
-    pub struct BeatConfig {
-        /// `[[beat.schedule]]`: the schedules (none built in).
-        pub schedule: Vec<ScheduleEntry> = Vec::new(),
-    }
-}
-
 /// One `[[beat.schedule]]` entry: exactly one of `every` and `cron`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ScheduleEntry {
     /// Schedule name (unique); identifies its ticks across beat nodes.
     pub name: String,
     /// Task to publish, e.g. `switchyard.clear_sessions`.
     pub task: String,
     /// Interval in humantime syntax, such as `"30s"`, `"5m"`, `"1h"`, `"1d"` or `"1h 30m"`.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub every: Option<Duration>,
     /// Cron expression with seconds, 6 fields: `sec min hour day month weekday`.
-    #[serde(default)]
     pub cron: Option<String>,
     /// Queue to publish to; default: the task's own queue or `tasks.default_queue`.
-    #[serde(default)]
     pub queue: Option<String>,
     /// Task arguments (a TOML table, a JSON object on the wire).
-    #[serde(default)]
     pub args: serde_json::Map<String, serde_json::Value>,
 }
 
