@@ -37,43 +37,21 @@ impl fmt::Display for Origin {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The configuration file could not be read.
-    #[error("{}: cannot read the configuration file: {error}", path.display())]
-    Read {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    /// The file is not valid TOML (the column counts characters).
-    #[error("{}:{line}:{column}: TOML syntax error: {message}", path.display())]
-    Syntax {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    /// The configuration file (its path) could not be read.
+    #[error("{path}: cannot read the configuration file: {1}", path = .0.display())]
+    Read(PathBuf, std::io::Error),
+    /// The file (path, line, column in characters, parser message) is not valid TOML.
+    #[error("{path}:{1}:{2}: TOML syntax error: {3}", path = .0.display())]
+    Syntax(PathBuf, usize, usize, String),
     /// A key (or section) that does not exist, in the file or named by an environment variable.
-    #[error("{origin}: unknown key `{key}`")]
-    UnknownKey { origin: Origin, key: String },
-    /// A value of the wrong type, out of range or inconsistent with another key.
-    #[error("{}", located(.origin, .key, .message))]
-    Invalid {
-        origin: Origin,
-        key: String,
-        message: String,
-    },
+    #[error("{0}: unknown key `{1}`")]
+    UnknownKey(Origin, String),
+    /// A value (origin, key, what was expected) of the wrong type, out of range or inconsistent.
+    #[error("{text}", text = located(.0, .1, .2))]
+    Invalid(Origin, String, String),
 }
 
 impl ConfigError {
-    /// A [`ConfigError::Invalid`].
-    pub(super) fn invalid(origin: Origin, key: &str, message: impl Into<String>) -> Self {
-        let (key, message) = (key.to_owned(), message.into());
-        ConfigError::Invalid {
-            origin,
-            key,
-            message,
-        }
-    }
-
     /// The process exit code for this error: always 2 (invalid configuration).
     pub fn exit_code(&self) -> i32 {
         2
@@ -136,7 +114,7 @@ impl Origins {
         }
         let origin = self.of(&key);
         let message = match error.kind {
-            Kind::UnknownField(..) => return Err(ConfigError::UnknownKey { origin, key }),
+            Kind::UnknownField(..) => return Err(ConfigError::UnknownKey(origin, key)),
             Kind::InvalidType(got, expected) => describe(&expected, &got, false),
             Kind::InvalidValue(got, expected) => describe(&expected, &got, true),
             Kind::UnknownVariant(got, variants) => {
@@ -149,12 +127,13 @@ impl Origins {
         if key.is_empty() {
             key = "(top level)".into();
         }
-        Err(ConfigError::invalid(origin, &key, message))
+        Err(ConfigError::Invalid(origin, key, message))
     }
 
     /// A [`ConfigError::Invalid`] for `key`, at its origin.
-    pub(super) fn fail(&self, key: impl AsRef<str>, message: impl Into<String>) -> ConfigError {
-        ConfigError::invalid(self.of(key.as_ref()), key.as_ref(), message)
+    pub(super) fn fail(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        let key = key.into();
+        ConfigError::Invalid(self.of(&key), key, message.into())
     }
 }
 

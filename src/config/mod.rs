@@ -138,12 +138,12 @@ section! {
 impl Config {
     /// Loads and validates defaults < the file at `path` (when given) < the process environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let var = |(name, value): (OsString, OsString)| Some((name.into_string().ok()?, value));
-        let env = std::env::vars_os().filter_map(var);
+        let var = |(name, value): (OsString, OsString)| {
+            Some((name.into_string().ok()?, value.to_string_lossy().into()))
+        };
         Self::load_with_env(
             path,
-            &env.map(|(k, v)| (k, v.to_string_lossy().into()))
-                .collect::<Vec<_>>(),
+            &std::env::vars_os().filter_map(var).collect::<Vec<_>>(),
         )
     }
 
@@ -155,13 +155,10 @@ impl Config {
         let mut origins = Origins::default();
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = path {
-            let (path, read) = (path.to_path_buf(), std::fs::read_to_string(path));
-            let text = read.map_err(|error| ConfigError::Read {
-                path: path.clone(),
-                error,
-            })?;
+            let read = std::fs::read_to_string(path);
+            let text = read.map_err(|error| ConfigError::Read(path.to_path_buf(), error))?;
             figment = figment.merge(Toml::string(&text));
-            origins.file = Some((path.clone(), source::KeyLines::parse(&path, &text)?));
+            origins.file = Some((path.to_path_buf(), source::KeyLines::parse(path, &text)?));
             // The file alone first, so that its errors are blamed on it.
             origins.extract(&figment)?;
         }

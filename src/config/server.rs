@@ -105,16 +105,14 @@ impl ServerConfig {
             return self.node_id.clone();
         }
         let host = hostname::get().ok().and_then(|h| h.into_string().ok());
-        let host = host.filter(|h| !h.is_empty());
-        format!(
-            "{}-{}",
-            host.as_deref().unwrap_or("localhost"),
-            std::process::id()
-        )
+        let host = host
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        format!("{host}-{}", std::process::id())
     }
 }
 
-/// Why `level` is no filter: tracing's parser refuses it, or a directive (`loud`, `app=`) has no level.
+/// Why `level` is no filter: tracing refuses it, or a directive (`loud`, `app=`) has no level.
 pub(super) fn level_error(level: &str) -> Option<String> {
     let is_level = |l: &str| !l.is_empty() && l.parse::<LevelFilter>().is_ok();
     let mut directives = level.split(',').filter(|d| !d.trim().is_empty());

@@ -20,13 +20,7 @@ impl KeyLines {
         let document = ImDocument::parse(text.to_owned()).map_err(|e| {
             let (line, column) = line_col(text, e.span().map_or(0, |span| span.start));
             let message = e.message().lines().collect::<Vec<_>>().join("; ");
-            let path = path.to_path_buf();
-            ConfigError::Syntax {
-                path,
-                line,
-                column,
-                message,
-            }
+            ConfigError::Syntax(path.to_path_buf(), line, column, message)
         })?;
         Ok(KeyLines(document))
     }
@@ -82,10 +76,10 @@ pub(super) fn overlay<'a>(
         let origin = Origin::Env(var.clone());
         let current = schema.find_ref(&key).filter(|v| v.as_dict().is_none());
         let Some(current) = current.filter(|_| var.bytes().all(upper)) else {
-            return Err(ConfigError::UnknownKey { origin, key });
+            return Err(ConfigError::UnknownKey(origin, key));
         };
         let value = typed(&key, current, raw);
-        let value = value.map_err(|message| ConfigError::invalid(origin, &key, message))?;
+        let value = value.map_err(|message| ConfigError::Invalid(origin, key.clone(), message))?;
         figment = figment.merge(Serialized::default(&key, value));
         keys.insert(key, var.clone());
     }
