@@ -32,7 +32,9 @@ macro_rules! section {
 
 /// Closed sets of strings, (de)serialized as their configuration spelling.
 macro_rules! string_enum {
-    ($($(#[$meta:meta])* $name:ident default $default:ident { $($variant:ident => $text:literal,)+ })+) => {$(
+    ($($(#[$meta:meta])* $name:ident default $default:ident {
+        $($variant:ident => $text:literal,)+
+    })+) => {$(
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
         pub enum $name { $(#[doc = $text] #[serde(rename = $text)] $variant,)+ }
@@ -56,8 +58,9 @@ macro_rules! string_enum {
     )+};
 }
 
-/// Validation rules, each `key => range(value, min, max)`, `key => unique(names, field, what)`
-/// or `key => ok, "message", args`; the first broken one returns its error at the key's origin.
+/// Validation rules, each `key => range(value, min, max)`, `key => name(text)` (letters, digits,
+/// `_`, `-`), `key => unique(names, field, what)` or `key => ok, "message", args`; the first
+/// broken one returns its error at the key's origin.
 macro_rules! rules {
     ($v:ident;) => {};
     ($v:ident; $key:expr => range($value:expr, $min:expr, $max:expr); $($rest:tt)*) => {
@@ -65,6 +68,12 @@ macro_rules! rules {
         let expected = max.map_or(format!(">= {min}"), |max| format!("from {min} to {max}"));
         rules!($v; $key => value >= min && max.is_none_or(|max| value <= max),
             "expected an integer {expected}, got {value}"; $($rest)*);
+    };
+    ($v:ident; $key:expr => name($name:expr); $($rest:tt)*) => {
+        let name: &str = $name;
+        let ok = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
+        rules!($v; $key => ok && !name.is_empty(),
+            "expected a non-empty name of letters, digits, '_' and '-', got {name:?}"; $($rest)*);
     };
     ($v:ident; $key:expr => unique($names:expr, $field:expr, $what:expr); $($rest:tt)*) => {
         let (mut seen, what) = (std::collections::HashSet::new(), $what);
@@ -199,10 +208,8 @@ impl Config {
             origin @ (Origin::File { .. } | Origin::Env(_)) => format!(" (set at {origin})"),
             Origin::Default | Origin::Unknown => String::new(),
         };
-        let level_error = server::level_error(&self.log.level);
-        let (cookie, path) = (&sessions.cookie_name, &sessions.cookie_path);
+        let (level_error, cookie) = (server::level_error(&self.log.level), &sessions.cookie_name);
         let token = |b: u8| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b);
-        let prefix = &self.nats.prefix;
         rules! {v;
             "server.bind" => server.bind.parse::<SocketAddr>().is_ok(),
                 "invalid socket address {:?} (expected IP:PORT such as \"127.0.0.1:8000\")",
@@ -217,8 +224,8 @@ impl Config {
             "sessions.cookie_name" => !cookie.is_empty() && cookie.bytes().all(token),
                 "expected a non-empty cookie name token, got {cookie:?}";
             "sessions.cookie_age" => range(sessions.cookie_age, 1, None);
-            "sessions.cookie_path" => path.starts_with('/'),
-                "expected a path starting with \"/\", got {path:?}";
+            "sessions.cookie_path" => sessions.cookie_path.starts_with('/'),
+                "expected a path starting with \"/\", got {:?}", sessions.cookie_path;
             "sessions.cookie_same_site" =>
                 sessions.cookie_same_site != SameSite::None || sessions.cookie_secure,
                 "\"none\" requires sessions.cookie_secure = true";
@@ -238,7 +245,7 @@ impl Config {
         }
         rules! {v;
             "postgres.pool_size" => range(self.postgres.pool_size, 1, None);
-            "nats.prefix" => is_name(prefix), "{}", expected_name(prefix);
+            "nats.prefix" => name(&self.nats.prefix);
             "context.processors" => unique(self.context.processors.iter(), "", "processor");
             "context.timeout_ms" => range(self.context.timeout_ms, 1, None);
             "actors.session_shards" => range(actors.session_shards, 1, Some(1024));
@@ -246,23 +253,19 @@ impl Config {
             "actors.http_workers" => range(actors.http_workers, 1, Some(1024));
         }
         let tasks = &self.tasks;
-        let names: Vec<_> = tasks
-            .queues
-            .iter()
-            .map(|q| format!("{:?}", q.name))
-            .collect();
+        let (base, max) = (tasks.retry_backoff_base, tasks.retry_backoff_max);
         rules! {v;
-            "tasks.retry_backoff_base" => non_negative(tasks.retry_backoff_base),
-                "expected a non-negative number of seconds, got {}", tasks.retry_backoff_base;
-            "tasks.retry_backoff_max" => non_negative(tasks.retry_backoff_max),
-                "expected a non-negative number of seconds, got {}", tasks.retry_backoff_max;
+            "tasks.retry_backoff_base" => base.is_finite() && base >= 0.0,
+                "expected a non-negative number of seconds, got {base}";
+            "tasks.retry_backoff_max" => max.is_finite() && max >= 0.0,
+                "expected a non-negative number of seconds, got {max}";
             "tasks.max_deliver" => range(tasks.max_deliver, 1, None);
             "tasks.queues" => !tasks.queues.is_empty(), "expected at least one queue";
         }
         for (i, queue) in tasks.queues.iter().enumerate() {
-            let (key, name, rate) = (format!("tasks.queues[{i}]"), &queue.name, &queue.rate_limit);
+            let (key, rate) = (format!("tasks.queues[{i}]"), &queue.rate_limit);
             rules! {v;
-                format!("{key}.name") => is_name(name), "{}", expected_name(name);
+                format!("{key}.name") => name(&queue.name);
                 format!("{key}.concurrency") => range(queue.concurrency, 1, None);
                 format!("{key}.rate_limit") => tasks::parse_rate_limit(rate).is_some(),
                     "expected \"N/s\", \"N/m\", \"N/h\" (N >= 1) or \"\", got {rate:?}";
@@ -273,7 +276,8 @@ impl Config {
             "tasks.queues" => unique(tasks.queues.iter().map(|q| &q.name), ".name", "queue");
             "tasks.default_queue" => tasks.queue(&tasks.default_queue).is_some(),
                 "expected one of the queues in tasks.queues ({}), got {:?}",
-                names.join(", "), tasks.default_queue;
+                tasks.queues.iter().map(|q| format!("{:?}", q.name)).collect::<Vec<_>>().join(", "),
+                tasks.default_queue;
             "mail.from" => from.contains('@'), "expected an e-mail address, got {from:?}";
             "beat.schedule" => unique(beat.iter().map(|s| &s.name), ".name", "schedule");
         }
@@ -298,21 +302,6 @@ impl Config {
     }
 }
 
-/// A finite number >= 0.
-fn non_negative(seconds: f64) -> bool {
-    seconds.is_finite() && seconds >= 0.0
-}
-
-/// Letters, digits, `_` and `-`, at least one.
-fn is_name(s: &str) -> bool {
-    let name_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
-    !s.is_empty() && s.bytes().all(name_byte)
-}
-
-/// The message for a value that is not [`is_name`].
-fn expected_name(got: &str) -> String {
-    format!("expected a non-empty name of letters, digits, '_' and '-', got {got:?}")
-}
 #[cfg(test)]
 mod tests {
     use super::*;
