@@ -101,14 +101,39 @@ mod tasks;
 
 pub use error::{ConfigError, Origin};
 pub use secret::{Secret, REDACTED};
-pub use server::{ActorsConfig, FileConfig, LogConfig, LogFormat, MemcachedConfig, NatsConfig};
+pub use server::{ActorsConfig, FileConfig, LogConfig, MemcachedConfig, NatsConfig};
 pub use server::{PostgresConfig, RedisConfig, ServerConfig};
-pub use sessions::{AuthConfig, AuthStore, ContextConfig, OnLogin, SameSite, SessionEngine};
-pub use sessions::{SessionsConfig, UserEntry};
-pub use tasks::TasksConfig;
-pub use tasks::{BeatConfig, Broker, MailBackend, MailConfig, QueueConfig, ScheduleEntry};
+pub use sessions::{AuthConfig, ContextConfig, SessionsConfig, UserEntry};
+pub use tasks::{BeatConfig, MailConfig, QueueConfig, ScheduleEntry, TasksConfig};
 
 use error::Origins;
+
+string_enum! {
+    /// Log output format: human-readable lines or one JSON object per line.
+    LogFormat default Text { Text => "text", Json => "json", }
+
+    /// The session cookie's `SameSite` attribute (`none` requires `Secure`).
+    SameSite default Lax { Lax => "lax", Strict => "strict", None => "none", }
+
+    /// What happens to the anonymous session's data at login (kept, merged or dropped).
+    OnLogin default Preserve { Preserve => "preserve", Merge => "merge", Discard => "discard", }
+
+    /// Where session data lives (docs/configuration.md describes each engine).
+    SessionEngine default Memory {
+        Memory => "memory", File => "file", Postgres => "postgres", CachedDb => "cached_db",
+        NatsKv => "nats_kv", Redis => "redis", Memcached => "memcached",
+        SignedCookies => "signed_cookies",
+    }
+
+    /// Where users are looked up: `[[auth.users]]` in the configuration, or Postgres.
+    AuthStore default Config { Config => "config", Postgres => "postgres", }
+
+    /// Where task queues live: inside `switchyard serve` (single node) or NATS JetStream.
+    Broker default Memory { Memory => "memory", Nats => "nats", }
+
+    /// How mail is delivered: written to `mail.dir` or printed to stderr.
+    MailBackend default File { File => "file", Console => "console", }
+}
 
 section! {
     /// The whole configuration, one field per TOML section.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
-use super::Secret;
+use super::{LogFormat, Secret};
 
 section! {
     /// `[server]`: the HTTP node.
@@ -122,11 +122,6 @@ pub(super) fn level_error(level: &str) -> Option<String> {
         Ok(_) if level.trim().is_empty() => Some("no directive".into()),
         Ok(_) => no_level.map(|d| format!("{d:?} does not end in a level")),
     }
-}
-
-string_enum! {
-    /// Log output format: human-readable lines or one JSON object per line.
-    LogFormat default Text { Text => "text", Json => "json", }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::REDACTED;
+use super::{AuthStore, OnLogin, SameSite, SessionEngine, REDACTED};
 
 section! {
     /// `[sessions]`: the session engine and the session cookie.
@@ -57,24 +57,6 @@ section! {
         /// Time budget of each processor, in milliseconds (>= 1).
         pub timeout_ms: u64 = 200,
     }
-}
-
-string_enum! {
-    /// The session cookie's `SameSite` attribute (`none` requires `Secure`).
-    SameSite default Lax { Lax => "lax", Strict => "strict", None => "none", }
-
-    /// What happens to the anonymous session's data at login (kept, merged or dropped).
-    OnLogin default Preserve { Preserve => "preserve", Merge => "merge", Discard => "discard", }
-
-    /// Where session data lives (docs/configuration.md describes each engine).
-    SessionEngine default Memory {
-        Memory => "memory", File => "file", Postgres => "postgres", CachedDb => "cached_db",
-        NatsKv => "nats_kv", Redis => "redis", Memcached => "memcached",
-        SignedCookies => "signed_cookies",
-    }
-
-    /// Where users are looked up: `[[auth.users]]` in the configuration, or Postgres.
-    AuthStore default Config { Config => "config", Postgres => "postgres", }
 }
 
 /// One `[[auth.users]]` entry. `Debug` and [`super::Config::to_redacted_toml`] hide the hash.

@@ -17,12 +17,13 @@ pub(super) struct KeyLines(ImDocument<String>);
 impl KeyLines {
     /// Parses `text` (the file at `path`); a syntax error names the file, line and column.
     pub(super) fn parse(path: &Path, text: &str) -> Result<KeyLines, ConfigError> {
-        let document = ImDocument::parse(text.to_owned()).map_err(|e| {
-            let (line, column) = line_col(text, e.span().map_or(0, |span| span.start));
-            let message = e.message().lines().collect::<Vec<_>>().join("; ");
-            ConfigError::Syntax(path.to_path_buf(), line, column, message)
-        })?;
-        Ok(KeyLines(document))
+        ImDocument::parse(text.to_owned())
+            .map(KeyLines)
+            .map_err(|e| {
+                let (line, column) = line_col(text, e.span().map_or(0, |span| span.start));
+                let message = e.message().lines().collect::<Vec<_>>().join("; ");
+                ConfigError::Syntax(path.to_path_buf(), line, column, message)
+            })
     }
 
     /// The 1-based line where `key` (such as `tasks.queues[1].name`) is set, if it is.
@@ -55,6 +56,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// Keys holding arrays of tables, which only the file can set.
 const ARRAYS_OF_TABLES: &[&str] = &["auth.users", "tasks.queues", "beat.schedule"];
+const FILE_ONLY: &str = "an array of tables: set it in the configuration file, not the environment";
 
 /// Merges `SWITCHYARD_<SECTION>__<KEY>` variables, typed like their key, into `figment`.
 pub(super) fn overlay<'a>(
@@ -68,10 +70,8 @@ pub(super) fn overlay<'a>(
     };
     let mut vars: Vec<_> = env.iter().filter_map(split).collect();
     vars.sort_by_key(|&(var, ..)| var);
-    let (mut keys, upper) = (
-        HashMap::new(),
-        |b: u8| matches!(b, b'A'..=b'Z' | b'0'..=b'9' | b'_'),
-    );
+    let upper = |b: u8| matches!(b, b'A'..=b'Z' | b'0'..=b'9' | b'_');
+    let mut keys = HashMap::new();
     for (var, key, raw) in vars {
         let origin = Origin::Env(var.clone());
         let current = schema.find_ref(&key).filter(|v| v.as_dict().is_none());
@@ -91,16 +91,13 @@ fn typed(key: &str, current: &Value, raw: &str) -> Result<Value, String> {
     let trimmed = raw.trim();
     let parsed = |value: Option<Value>, what| value.ok_or(format!("expected {what}, got {raw:?}"));
     match current {
-        _ if ARRAYS_OF_TABLES.contains(&key) => Err(format!(
-            "`{key}` is an array of tables and cannot be set from the environment; set it in the \
-             configuration file"
-        )),
+        _ if ARRAYS_OF_TABLES.contains(&key) => Err(format!("`{key}` is {FILE_ONLY}")),
         Value::Bool(..) => match trimmed.to_ascii_lowercase().as_str() {
             "true" | "1" => Ok(true.into()),
             "false" | "0" => Ok(false.into()),
             _ => parsed(None, "a boolean"),
         },
-        Value::Num(_, Num::F32(_) | Num::F64(_)) => {
+        Value::Num(_, Num::F64(_)) => {
             parsed(trimmed.parse::<f64>().ok().map(Value::from), "a number")
         }
         Value::Num(..) => parsed(trimmed.parse::<i64>().ok().map(Value::from), "an integer"),

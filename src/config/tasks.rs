@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::{Broker, MailBackend};
+
 section! {
     /// `[tasks]`: the task system.
     pub struct TasksConfig {
@@ -103,21 +105,11 @@ pub(super) fn parse_rate_limit(s: &str) -> Option<Option<f64>> {
     let Some((count, unit)) = s.split_once('/') else {
         return s.is_empty().then_some(None);
     };
-    let count = count
-        .parse::<u64>()
-        .ok()
-        .filter(|&n| n >= 1 && !count.starts_with('+'))?;
+    let signed = count.starts_with('+');
+    let count: u64 = count.parse().ok().filter(|&n| n >= 1 && !signed)?;
     let units = [("s", 1.0), ("m", 60.0), ("h", 3600.0)];
     let (_, seconds) = units.into_iter().find(|&(u, _)| u == unit)?;
     Some(Some(count as f64 / seconds))
-}
-
-string_enum! {
-    /// Where task queues live: inside `switchyard serve` (single node) or NATS JetStream.
-    Broker default Memory { Memory => "memory", Nats => "nats", }
-
-    /// How mail is delivered: written to `mail.dir` or printed to stderr.
-    MailBackend default File { File => "file", Console => "console", }
 }
 
 /// One `[[beat.schedule]]` entry: exactly one of `every` and `cron`.
