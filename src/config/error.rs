@@ -104,14 +104,16 @@ impl Origins {
             Ok(config) => return Ok(config),
             Err(error) => error,
         };
-        let mut key = String::new();
-        for part in &error.path {
-            match part.parse::<usize>() {
-                Ok(_) => key += &format!("[{part}]"),
-                Err(_) if key.is_empty() => key += part,
-                Err(_) => key += &format!(".{part}"),
-            }
-        }
+        let part = |p: &String| match p.parse::<usize>() {
+            Ok(_) => format!("[{p}]"),
+            Err(_) => format!(".{p}"),
+        };
+        let mut key = error
+            .path
+            .iter()
+            .map(part)
+            .collect::<String>()
+            .split_off(1.min(error.path.len()));
         let origin = self.of(&key);
         let message = match error.kind {
             Kind::UnknownField(..) => return Err(ConfigError::UnknownKey(origin, key)),

@@ -13,8 +13,7 @@ use croner::Cron;
 use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 
-/// Sections: each struct (`#[serde(default, deny_unknown_fields)]`) and its `impl Default`,
-/// each field's default written beside it as `field: Type = default`.
+/// Sections: `#[serde(default, deny_unknown_fields)]` structs, each default beside its field.
 macro_rules! section {
     ($($(#[$meta:meta])* pub struct $name:ident {
         $($(#[$fmeta:meta])* pub $field:ident: $ty:ty = $default:expr,)*
@@ -32,22 +31,19 @@ macro_rules! section {
 
 /// Closed sets of strings, (de)serialized as their configuration spelling.
 macro_rules! string_enum {
-    ($($(#[$meta:meta])* $name:ident default $default:ident {
-        $($variant:ident => $text:literal,)+
+    ($($(#[$meta:meta])* $name:ident {
+        $($(#[$default:meta])? $variant:ident => $text:literal,)+
     })+) => {$(
         $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-        pub enum $name { $(#[doc = $text] #[serde(rename = $text)] $variant,)+ }
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        #[derive(serde::Serialize, serde::Deserialize)]
+        pub enum $name { $($(#[$default])? #[doc = $text] #[serde(rename = $text)] $variant,)+ }
 
         impl $name {
             /// Every value, in documentation order.
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
             /// The configuration spelling.
             pub fn as_str(self) -> &'static str { match self { $($name::$variant => $text,)+ } }
-        }
-
-        impl Default for $name {
-            fn default() -> Self { $name::$default }
         }
 
         impl std::fmt::Display for $name {
@@ -110,29 +106,29 @@ use error::Origins;
 
 string_enum! {
     /// Log output format: human-readable lines or one JSON object per line.
-    LogFormat default Text { Text => "text", Json => "json", }
+    LogFormat { #[default] Text => "text", Json => "json", }
 
     /// The session cookie's `SameSite` attribute (`none` requires `Secure`).
-    SameSite default Lax { Lax => "lax", Strict => "strict", None => "none", }
+    SameSite { #[default] Lax => "lax", Strict => "strict", None => "none", }
 
     /// What happens to the anonymous session's data at login (kept, merged or dropped).
-    OnLogin default Preserve { Preserve => "preserve", Merge => "merge", Discard => "discard", }
+    OnLogin { #[default] Preserve => "preserve", Merge => "merge", Discard => "discard", }
 
     /// Where session data lives (docs/configuration.md describes each engine).
-    SessionEngine default Memory {
-        Memory => "memory", File => "file", Postgres => "postgres", CachedDb => "cached_db",
-        NatsKv => "nats_kv", Redis => "redis", Memcached => "memcached",
+    SessionEngine {
+        #[default] Memory => "memory", File => "file", Postgres => "postgres",
+        CachedDb => "cached_db", NatsKv => "nats_kv", Redis => "redis", Memcached => "memcached",
         SignedCookies => "signed_cookies",
     }
 
     /// Where users are looked up: `[[auth.users]]` in the configuration, or Postgres.
-    AuthStore default Config { Config => "config", Postgres => "postgres", }
+    AuthStore { #[default] Config => "config", Postgres => "postgres", }
 
     /// Where task queues live: inside `switchyard serve` (single node) or NATS JetStream.
-    Broker default Memory { Memory => "memory", Nats => "nats", }
+    Broker { #[default] Memory => "memory", Nats => "nats", }
 
     /// How mail is delivered: written to `mail.dir` or printed to stderr.
-    MailBackend default File { File => "file", Console => "console", }
+    MailBackend { #[default] File => "file", Console => "console", }
 }
 
 section! {
