@@ -90,17 +90,15 @@ macro_rules! rules {
 
 mod error;
 mod secret;
-mod server;
-mod sessions;
+mod sections;
 mod source;
-mod tasks;
 
 pub use error::{ConfigError, Origin};
 pub use secret::{Secret, REDACTED};
-pub use server::{ActorsConfig, FileConfig, LogConfig, MemcachedConfig, NatsConfig};
-pub use server::{PostgresConfig, RedisConfig, ServerConfig};
-pub use sessions::{AuthConfig, ContextConfig, SessionsConfig, UserEntry};
-pub use tasks::{BeatConfig, MailConfig, QueueConfig, ScheduleEntry, TasksConfig};
+pub use sections::UserEntry;
+pub use sections::{ActorsConfig, AuthConfig, BeatConfig, ContextConfig, FileConfig, LogConfig};
+pub use sections::{MailConfig, MemcachedConfig, NatsConfig, PostgresConfig, QueueConfig};
+pub use sections::{RedisConfig, ScheduleEntry, ServerConfig, SessionsConfig, TasksConfig};
 
 use error::Origins;
 
@@ -229,7 +227,10 @@ impl Config {
             origin @ (Origin::File { .. } | Origin::Env(_)) => format!(" (set at {origin})"),
             Origin::Default | Origin::Unknown => String::new(),
         };
-        let (level_error, cookie) = (server::level_error(&self.log.level), &sessions.cookie_name);
+        let (level_error, cookie) = (
+            sections::level_error(&self.log.level),
+            &sessions.cookie_name,
+        );
         let token = |b: u8| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b);
         rules! {v;
             "server.bind" => server.bind.parse::<SocketAddr>().is_ok(),
@@ -288,7 +289,7 @@ impl Config {
             rules! {v;
                 format!("{key}.name") => name(&queue.name);
                 format!("{key}.concurrency") => range(queue.concurrency, 1, None);
-                format!("{key}.rate_limit") => tasks::parse_rate_limit(rate).is_some(),
+                format!("{key}.rate_limit") => sections::parse_rate_limit(rate).is_some(),
                     "expected \"N/s\", \"N/m\", \"N/h\" (N >= 1) or \"\", got {rate:?}";
             }
         }
