@@ -67,25 +67,24 @@ fn located(origin: &Origin, key: &str, message: &str) -> String {
     }
 }
 
-/// Where each value of a loaded configuration came from.
+/// Where each value of a loaded configuration came from (neither file nor environment: a
+/// configuration set in code, whose origins are unknown).
 #[derive(Debug, Default)]
 pub(super) struct Origins {
-    /// Origins are not known ([`super::Config::validate`] on a configuration set in code).
-    pub(super) unknown: bool,
     /// The file and the line of each of its keys.
     pub(super) file: Option<(PathBuf, KeyLines)>,
     /// Dotted key → the environment variable that set it.
-    pub(super) env: HashMap<String, String>,
+    pub(super) env: Option<HashMap<String, String>>,
 }
 
 impl Origins {
     /// Where `key` (or, failing that, its nearest parent below the section) was set.
     pub(super) fn of(&self, key: &str) -> Origin {
-        if self.unknown {
+        if self.file.is_none() && self.env.is_none() {
             return Origin::Unknown;
         }
         for key in std::iter::successors(Some(key), |key| parent(key)) {
-            if let Some(var) = self.env.get(key) {
+            if let Some(var) = self.env.as_ref().and_then(|env| env.get(key)) {
                 return Origin::Env(var.clone());
             }
             if let Some((path, lines)) = &self.file {

@@ -169,10 +169,8 @@ impl Config {
         let var = |(name, value): (OsString, OsString)| {
             Some((name.into_string().ok()?, value.to_string_lossy().into()))
         };
-        Self::load_with_env(
-            path,
-            &std::env::vars_os().filter_map(var).collect::<Vec<_>>(),
-        )
+        let env: Vec<_> = std::env::vars_os().filter_map(var).collect();
+        Self::load_with_env(path, &env)
     }
 
     /// Like [`Config::load`], with the environment given explicitly (for tests and embedding).
@@ -190,7 +188,8 @@ impl Config {
             // The file alone first, so that its errors are blamed on it.
             origins.extract(&figment)?;
         }
-        (figment, origins.env) = source::overlay(figment, env)?;
+        let (figment, env) = source::overlay(figment, env)?;
+        origins.env = Some(env);
         let config = origins.extract(&figment)?;
         config.validate_with(&origins)?;
         Ok(config)
@@ -203,10 +202,7 @@ impl Config {
 
     /// Checks every rule again after fields were changed by hand; its errors name only the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.validate_with(&Origins {
-            unknown: true,
-            ..Origins::default()
-        })
+        self.validate_with(&Origins::default())
     }
 
     /// The effective configuration as TOML, every secret and password hash `"<redacted>"`.

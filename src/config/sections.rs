@@ -1,5 +1,4 @@
-//! The sections: one struct per TOML section, each field's default beside it; the few helpers
-//! code calls on them. docs/configuration.md describes every key.
+//! One struct per TOML section, each field's default beside it (docs/configuration.md: the keys).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -208,9 +207,7 @@ impl ServerConfig {
             return self.node_id.clone();
         }
         let host = hostname::get().ok().and_then(|h| h.into_string().ok());
-        let host = host
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "localhost".into());
+        let host = host.filter(|h| !h.is_empty()).unwrap_or("localhost".into());
         format!("{host}-{}", std::process::id())
     }
 }
