@@ -22,7 +22,6 @@ macro_rules! section {
         #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
         #[serde(default, deny_unknown_fields)]
         pub struct $name { $($(#[$fmeta])* pub $field: $ty,)* }
-
         impl Default for $name {
             fn default() -> Self { Self { $($field: $default,)* } }
         }
@@ -38,14 +37,12 @@ macro_rules! string_enum {
         #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
         #[derive(serde::Serialize, serde::Deserialize)]
         pub enum $name { $($(#[$default])? #[doc = $text] #[serde(rename = $text)] $variant,)+ }
-
         impl $name {
             /// Every value, in documentation order.
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
             /// The configuration spelling.
             pub fn as_str(self) -> &'static str { match self { $($name::$variant => $text,)+ } }
         }
-
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(self.as_str())
@@ -54,9 +51,8 @@ macro_rules! string_enum {
     )+};
 }
 
-/// Validation rules, each `key => range(value, min, max)`, `key => name(text)` (letters, digits,
-/// `_`, `-`), `key => unique(names, field, what)` or `key => ok, "message", args`; the first
-/// broken one returns its error at the key's origin.
+/// Rules `key => range(value, min, max)`, `name(text)`, `unique(names, field, what)` or `ok,
+/// "message", args`: the first broken one is the error, at the key's origin.
 macro_rules! rules {
     ($v:ident;) => {};
     ($v:ident; $key:expr => range($value:expr, $min:expr, $max:expr); $($rest:tt)*) => {
@@ -223,11 +219,12 @@ impl Config {
             origin @ (Origin::File { .. } | Origin::Env(_)) => format!(" (set at {origin})"),
             Origin::Default | Origin::Unknown => String::new(),
         };
-        let (level_error, cookie) = (
-            sections::level_error(&self.log.level),
-            &sessions.cookie_name,
-        );
+        let level_error = sections::level_error(&self.log.level);
         let token = |b: u8| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b);
+        let not_phc = |u: &UserEntry| argon2::PasswordHash::new(&u.password_hash).is_err();
+        let bad_hash = self.auth.users.iter().position(not_phc);
+        let (tasks, beat, from) = (&self.tasks, &self.beat.schedule, &self.mail.from);
+        let (base, max) = (tasks.retry_backoff_base, tasks.retry_backoff_max);
         rules! {v;
             "server.bind" => server.bind.parse::<SocketAddr>().is_ok(),
                 "invalid socket address {:?} (expected IP:PORT such as \"127.0.0.1:8000\")",
@@ -239,8 +236,9 @@ impl Config {
                 "expected a level (trace, debug, info, warn, error, off) or a comma-separated \
                  list of levels and target=level directives, got {:?} ({})",
                 self.log.level, level_error.unwrap_or_default();
-            "sessions.cookie_name" => !cookie.is_empty() && cookie.bytes().all(token),
-                "expected a non-empty cookie name token, got {cookie:?}";
+            "sessions.cookie_name" =>
+                !sessions.cookie_name.is_empty() && sessions.cookie_name.bytes().all(token),
+                "expected a non-empty cookie name token, got {:?}", sessions.cookie_name;
             "sessions.cookie_age" => range(sessions.cookie_age, 1, None);
             "sessions.cookie_path" => sessions.cookie_path.starts_with('/'),
                 "expected a path starting with \"/\", got {:?}", sessions.cookie_path;
@@ -253,15 +251,9 @@ impl Config {
             "auth.login_url" => !self.auth.login_url.is_empty(), "expected a non-empty URL";
             "auth.users" =>
                 unique(self.auth.users.iter().map(|u| &u.username), ".username", "user");
-        }
-        for (i, user) in self.auth.users.iter().enumerate() {
-            rules! {v;
-                format!("auth.users[{i}].password_hash") =>
-                    argon2::PasswordHash::new(&user.password_hash).is_ok(),
-                    "expected a PHC password hash such as \"$argon2id$v=19$m=19456,t=2,p=1$...\"";
-            }
-        }
-        rules! {v;
+            format!("auth.users[{}].password_hash", bad_hash.unwrap_or_default()) =>
+                bad_hash.is_none(),
+                "expected a PHC password hash such as \"$argon2id$v=19$m=19456,t=2,p=1$...\"";
             "postgres.pool_size" => range(self.postgres.pool_size, 1, None);
             "nats.prefix" => name(&self.nats.prefix);
             "context.processors" => unique(self.context.processors.iter(), "", "processor");
@@ -269,10 +261,6 @@ impl Config {
             "actors.session_shards" => range(actors.session_shards, 1, Some(1024));
             "actors.context_workers" => range(actors.context_workers, 1, Some(1024));
             "actors.http_workers" => range(actors.http_workers, 1, Some(1024));
-        }
-        let tasks = &self.tasks;
-        let (base, max) = (tasks.retry_backoff_base, tasks.retry_backoff_max);
-        rules! {v;
             "tasks.retry_backoff_base" => base.is_finite() && base >= 0.0,
                 "expected a non-negative number of seconds, got {base}";
             "tasks.retry_backoff_max" => max.is_finite() && max >= 0.0,
@@ -289,7 +277,6 @@ impl Config {
                     "expected \"N/s\", \"N/m\", \"N/h\" (N >= 1) or \"\", got {rate:?}";
             }
         }
-        let (beat, from) = (&self.beat.schedule, &self.mail.from);
         rules! {v;
             "tasks.queues" => unique(tasks.queues.iter().map(|q| &q.name), ".name", "queue");
             "tasks.default_queue" => tasks.queue(&tasks.default_queue).is_some(),

@@ -239,11 +239,8 @@ pub struct UserEntry {
 
 impl fmt::Debug for UserEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UserEntry")
-            .field("username", &self.username)
-            .field("password_hash", &REDACTED)
-            .field("permissions", &self.permissions)
-            .finish()
+        let (name, permissions) = (&self.username, &self.permissions);
+        write!(f, "UserEntry({name:?}, {REDACTED}, {permissions:?})")
     }
 }
 
