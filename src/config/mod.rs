@@ -422,6 +422,21 @@ mod tests {
     }
 
     #[test]
+    fn choices_and_schedule_names_are_checked() {
+        let msg = message(load("bad.toml", "[sessions]\nengine = 3\n", &[]));
+        assert!(
+            msg.contains("bad.toml:2: sessions.engine: expected"),
+            "{msg}"
+        );
+        let text = "[[beat.schedule]]\ntask = \"t\"\nevery = \"1h\"\n";
+        let msg = message(load("b.toml", text, &[]));
+        assert!(
+            msg.contains("b.toml:1: beat.schedule[0].name: expected a non-empty"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn missing_required_key_in_array_of_tables() {
         let msg = message(load("bad.toml", "[[tasks.queues]]\nconcurrency = 2\n", &[]));
         assert!(
