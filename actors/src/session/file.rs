@@ -35,6 +35,12 @@ impl FileStore {
         let dir = dir.into();
         std::fs::create_dir_all(&dir)
             .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        // Only this user may list or read sessions (0700 directory, 0600 files).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| unavailable(format!("cannot restrict {}: {e}", dir.display())))?;
+        }
         Ok(KeyedStore::new(FileStorage { dir }, RecordCodec::plain()))
     }
 
@@ -80,9 +86,11 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     for _ in 0..8 {
         let name = format!(".tmp-{}", SessionId::generate().as_str());
         let path = dir.join(name);
+        use std::os::unix::fs::OpenOptionsExt;
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
         {
             Ok(f) => return Ok((path, f)),
@@ -156,5 +164,23 @@ impl Storage for FileStorage {
             .await
             .map(|_| ())
             .map_err(|e| unavailable(format!("{}: {e}", self.dir.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_directory_and_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sessions = dir.path().join("sessions");
+        let store = FileStore::open(&sessions).expect("open");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(store.dir()), 0o700);
+        let file = sessions.join("k");
+        write_atomically(&file, b"x").expect("write");
+        assert_eq!(mode(&file), 0o600);
     }
 }

@@ -11,8 +11,14 @@ const ID_BYTES: usize = 32;
 const ID_CHARS: usize = 43;
 
 /// A session id that is well-formed (never trusted to exist: engines look it up).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(String);
+
+impl std::fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SessionId({self})")
+    }
+}
 
 impl SessionId {
     /// A fresh random id.
@@ -54,6 +60,15 @@ impl std::fmt::Display for SessionId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_never_show_a_whole_id() {
+        let id = SessionId::generate();
+        for shown in [format!("{id}"), format!("{id:?}")] {
+            assert!(!shown.contains(id.as_str()), "{shown}");
+            assert!(shown.contains(&id.as_str()[..8]), "{shown}");
+        }
+    }
 
     #[test]
     fn generated_ids_parse_and_differ() {

@@ -396,7 +396,9 @@ async fn reapply(store: &dyn SessionStore, mut p: PendingSave) -> Option<Pending
         }));
         return None;
     }
-    tracing::debug!(session = %p.id, attempt = p.attempts, "session write conflict, re-applying");
+    // Never a whole session id in a log: its first 8 characters tell sessions apart.
+    let session = p.id.as_str().get(..8).unwrap_or_default();
+    tracing::debug!(%session, attempt = p.attempts, "session write conflict, re-applying");
     let fresh = match store.load(&p.id).await {
         Ok(fresh) => fresh,
         Err(e) => {
