@@ -229,18 +229,11 @@ async fn csrf_lives_in_its_cookie_and_anonymous_views_store_nothing() {
 
     // Three writes: the two cart additions and the cart page that showed (and so consumed)
     // their flash messages. The 22 anonymous page views before them wrote nothing.
-    let metrics = c
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
-    let saved = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("switchyard_sessions_saved_total{engine=\"memory\"} "))
-        .unwrap_or("0");
+    let metrics = common::metrics(&c, &node).await;
+    let saved = common::sample(
+        &metrics,
+        r#"switchyard_sessions_saved_total{engine="memory"}"#,
+    );
     assert_eq!(saved, "3", "{metrics}");
 
     // Login rotates the secret.

@@ -278,6 +278,24 @@ pub async fn login(client: &reqwest::Client, node: &Node, username: &str, passwo
     assert_eq!(res.status(), 303, "login as {username} failed");
 }
 
+/// The node's `/metrics` text.
+pub async fn metrics(client: &reqwest::Client, node: &Node) -> String {
+    let res = client
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics");
+    res.text().await.expect("metrics body")
+}
+
+/// The value of the sample `name{labels}` in a metrics text; `"0"` when absent.
+pub fn sample<'a>(metrics: &'a str, series: &str) -> &'a str {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or("0")
+}
+
 /// The session cookie's value in a response, if it set one.
 pub fn set_cookie_value(res: &reqwest::Response, name: &str) -> Option<String> {
     res.headers()
