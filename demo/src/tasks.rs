@@ -113,20 +113,14 @@ pub const EMAILS_QUEUE: &str = "emails";
 /// `shop.order_created` (queue `emails`): the order confirmation e-mail. Idempotent under
 /// redelivery: the mail is keyed by the task id, so a second run overwrites the same file.
 pub async fn order_created(ctx: TaskContext, args: OrderCreatedArgs) -> Result<String, TaskError> {
-    let order = ctx
-        .data::<dyn OrderStore>()?
-        .get(args.order_id)
-        .await
-        .or_retry("order_store")?;
+    let orders = ctx.data::<dyn OrderStore>()?;
+    let order = orders.get(args.order_id).await.or_retry("order_store")?;
     // Another node may not see a just-created order yet: retry.
     let order = order.ok_or_else(|| TaskError::retry("order_not_found", "no such order yet"))?;
-    let email = Email::new(
-        &order.owner,
-        format!("Order #{} confirmed", order.id),
-        receipt(&order),
-    );
+    let subject = format!("Order #{} confirmed", order.id);
+    let email = Email::new(&order.owner, &subject, receipt(&order));
     ctx.data::<Mailer>()?.send(ctx.id(), &email).await?;
-    Ok(email.subject)
+    Ok(subject)
 }
 
 /// The confirmation e-mail's text.
