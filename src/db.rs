@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use actix_web::{HttpMessage, HttpRequest};
 use serde_json::{json, Value};
-pub use switchyard_actors::session::{connect_pool, PgPool};
 use switchyard_actors::session::QUERY_TIMEOUT;
+pub use switchyard_actors::session::{connect_pool, PgPool};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
@@ -96,7 +96,9 @@ impl Db {
         })
         .await
         .map_err(|_| {
-            DbError::Unavailable(format!("no answer from the database within {QUERY_TIMEOUT:?}"))
+            DbError::Unavailable(format!(
+                "no answer from the database within {QUERY_TIMEOUT:?}"
+            ))
         })??;
         if let Some(log) = log {
             log.push(sql, started);
