@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use actix_web::{HttpMessage, HttpRequest};
 use serde_json::{json, Value};
-use switchyard_actors::session::QUERY_TIMEOUT;
+pub use switchyard_actors::session::QUERY_TIMEOUT;
 pub use switchyard_actors::session::{connect_pool, PgPool};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
