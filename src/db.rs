@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use actix_web::{HttpMessage, HttpRequest};
 use serde_json::{json, Value};
+pub use switchyard_actors::session::QUERY_TIMEOUT;
 pub use switchyard_actors::session::{connect_pool, PgPool};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
@@ -16,7 +17,8 @@ use crate::config::PostgresConfig;
 /// Why a query failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    /// No connection could be had from the pool (Postgres down or the pool exhausted).
+    /// No connection could be had from the pool (Postgres down or the pool exhausted), or no
+    /// answer within [`QUERY_TIMEOUT`].
     #[error("postgres unavailable: {0}")]
     Unavailable(String),
     /// The statement failed.
@@ -82,13 +84,22 @@ impl Db {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, DbError> {
         let started = Instant::now();
-        let conn = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| DbError::Unavailable(e.to_string()))?;
-        self.queries.fetch_add(1, Ordering::Relaxed);
-        let rows = conn.query(sql, params).await?;
+        // Checkout and statement bounded together, as the session engine's are.
+        let rows = tokio::time::timeout(QUERY_TIMEOUT, async {
+            let conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| DbError::Unavailable(e.to_string()))?;
+            self.queries.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, DbError>(conn.query(sql, params).await?)
+        })
+        .await
+        .map_err(|_| {
+            DbError::Unavailable(format!(
+                "no answer from the database within {QUERY_TIMEOUT:?}"
+            ))
+        })??;
         if let Some(log) = log {
             log.push(sql, started);
         }

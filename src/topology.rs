@@ -30,6 +30,7 @@ use crate::engines;
 use crate::error::StartError;
 use crate::http::auth::Auth;
 use crate::http::auth::MergeFn;
+use crate::http::client;
 use crate::http::context::Processors;
 use crate::http::csrf::{self, CsrfPolicy};
 use crate::http::health::{self, AlwaysReady, Readiness};
@@ -297,6 +298,9 @@ fn http_app(
         .app_data(shared.sessions.clone())
         .app_data(shared.auth.clone())
         .app_data(shared.csrf.clone())
+        .app_data(web::Data::new(client::TrustedProxies(
+            config.server.trusted_proxies.clone(),
+        )))
         // A path segment that does not parse as the handler's type (`web::Path<u32>`) is a 404
         // page, as an unknown route is.
         .app_data(web::PathConfig::default().error_handler(|_, _| Error::NotFound.into()))

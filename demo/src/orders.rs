@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use switchyard::db::QUERY_TIMEOUT;
 
 /// One line of an order, priced when it was placed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +125,20 @@ fn pg(e: impl std::fmt::Display) -> OrderError {
     OrderError::Unavailable(e.to_string())
 }
 
+/// Runs one order operation (checkout and statement), failing it as unavailable after
+/// [`QUERY_TIMEOUT`], as the framework's own Postgres calls are.
+async fn bounded<T>(
+    op: impl std::future::Future<Output = Result<T, OrderError>>,
+) -> Result<T, OrderError> {
+    tokio::time::timeout(QUERY_TIMEOUT, op)
+        .await
+        .unwrap_or_else(|_| {
+            Err(OrderError::Unavailable(format!(
+                "no answer from the database within {QUERY_TIMEOUT:?}"
+            )))
+        })
+}
+
 impl PgOrderStore {
     /// A store on `url` with a pool of `pool_size` connections (opened on first use).
     pub fn new(url: &str, pool_size: u32) -> Self {
@@ -153,10 +168,12 @@ impl PgOrderStore {
 #[async_trait]
 impl OrderStore for PgOrderStore {
     async fn create(&self, order: NewOrder) -> Result<Order, OrderError> {
-        let conn = self.pool().await?.get().await.map_err(pg)?;
-        let items = serde_json::to_string(&order.items).map_err(pg)?;
-        let now = Utc::now();
-        let row = conn
+        let pool = self.pool().await?;
+        bounded(async {
+            let conn = pool.get().await.map_err(pg)?;
+            let items = serde_json::to_string(&order.items).map_err(pg)?;
+            let now = Utc::now();
+            let row = conn
             .query_one(
                 "INSERT INTO switchyard_orders (owner, items, total_cents, task_id, created_ms) \
                  VALUES ($1, $2, $3, $4, $5) RETURNING id",
@@ -170,55 +187,65 @@ impl OrderStore for PgOrderStore {
             )
             .await
             .map_err(pg)?;
-        let id: i64 = row.get(0);
-        Ok(Order {
-            id: id as u64,
-            owner: order.owner,
-            items: order.items,
-            total_cents: order.total_cents,
-            task_id: order.task_id,
-            created_at: now,
+            let id: i64 = row.get(0);
+            Ok(Order {
+                id: id as u64,
+                owner: order.owner,
+                items: order.items,
+                total_cents: order.total_cents,
+                task_id: order.task_id,
+                created_at: now,
+            })
         })
+        .await
     }
 
     async fn get(&self, id: u64) -> Result<Option<Order>, OrderError> {
         let Ok(key) = i64::try_from(id) else {
             return Ok(None);
         };
-        let conn = self.pool().await?.get().await.map_err(pg)?;
-        let row = conn
-            .query_opt(
-                "SELECT owner, items, total_cents, task_id, created_ms FROM switchyard_orders \
+        let pool = self.pool().await?;
+        bounded(async {
+            let conn = pool.get().await.map_err(pg)?;
+            let row = conn
+                .query_opt(
+                    "SELECT owner, items, total_cents, task_id, created_ms FROM switchyard_orders \
                  WHERE id = $1",
-                &[&key],
-            )
-            .await
-            .map_err(pg)?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let items: String = row.get(1);
-        let total: i64 = row.get(2);
-        let created: i64 = row.get(4);
-        Ok(Some(Order {
-            id,
-            owner: row.get(0),
-            items: serde_json::from_str(&items).map_err(pg)?,
-            total_cents: total.max(0) as u64,
-            task_id: row.get(3),
-            created_at: DateTime::from_timestamp_millis(created).unwrap_or_default(),
-        }))
+                    &[&key],
+                )
+                .await
+                .map_err(pg)?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let items: String = row.get(1);
+            let total: i64 = row.get(2);
+            let created: i64 = row.get(4);
+            Ok(Some(Order {
+                id,
+                owner: row.get(0),
+                items: serde_json::from_str(&items).map_err(pg)?,
+                total_cents: total.max(0) as u64,
+                task_id: row.get(3),
+                created_at: DateTime::from_timestamp_millis(created).unwrap_or_default(),
+            }))
+        })
+        .await
     }
 
     async fn delete(&self, id: u64) -> Result<(), OrderError> {
         let Ok(key) = i64::try_from(id) else {
             return Ok(());
         };
-        let conn = self.pool().await?.get().await.map_err(pg)?;
-        conn.execute("DELETE FROM switchyard_orders WHERE id = $1", &[&key])
-            .await
-            .map_err(pg)?;
-        Ok(())
+        let pool = self.pool().await?;
+        bounded(async {
+            let conn = pool.get().await.map_err(pg)?;
+            conn.execute("DELETE FROM switchyard_orders WHERE id = $1", &[&key])
+                .await
+                .map_err(pg)?;
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -112,6 +112,61 @@ impl PrivatePostgres {
     }
 }
 
+impl PrivatePostgres {
+    /// Every process of the cluster: the postmaster (from `postmaster.pid`) and its children.
+    fn pids(&self) -> Vec<i32> {
+        let pid_file = self.dir.join("data").join("postmaster.pid");
+        let Some(postmaster) = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+        else {
+            return Vec::new();
+        };
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            // /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces.
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// Freezes the whole cluster (SIGSTOP), connections left open: the server stops
+    /// answering, as a hung host would. Resumed (SIGCONT) when the guard drops.
+    fn stall(&self) -> Stalled<'_> {
+        use nix::sys::signal::{kill, Signal};
+        let pids = self.pids();
+        assert!(!pids.is_empty(), "no postmaster.pid");
+        for pid in &pids {
+            let _ = kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGSTOP);
+        }
+        Stalled { pg: self }
+    }
+}
+
+/// A stalled [`PrivatePostgres`]; resumes it on drop (also when the test fails).
+struct Stalled<'a> {
+    pg: &'a PrivatePostgres,
+}
+
+impl Drop for Stalled<'_> {
+    fn drop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        for pid in self.pg.pids() {
+            let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGCONT);
+        }
+    }
+}
+
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         let data = self.dir.join("data").to_string_lossy().into_owned();
@@ -216,6 +271,50 @@ async fn postgres_outage_gives_503_and_recovers_with_sessions_intact() {
     assert_unavailable(&client, &a).await;
     pg.up();
     assert_recovers(&client, &a).await;
+}
+
+/// A Postgres that stops answering with its connections open (every process SIGSTOPped):
+/// without client-side timeouts a request would wait as long as TCP allows. A cart write
+/// answers 503 within the engine's bound (1.5 s; the test allows 5 s for a loaded machine),
+/// and once Postgres answers again the same session works, its data intact.
+#[actix_rt::test]
+async fn stalled_postgres_gives_503_quickly_and_recovers() {
+    let Some(pg) = PrivatePostgres::start() else {
+        return;
+    };
+    let a = node(&[
+        ("SWITCHYARD_SESSIONS__ENGINE", "postgres".into()),
+        ("SWITCHYARD_POSTGRES__URL", pg.url("switchyard")),
+    ]);
+    let client = shopper(&a).await;
+    let (_, home) = get(&client, &a.url("/")).await;
+    let token = common::csrf_token(&home).expect("a CSRF token on /");
+    let stalled = pg.stall();
+    let started = Instant::now();
+    let res = client
+        .post(a.url("/cart/add/1"))
+        .form(&[("csrfmiddlewaretoken", token.as_str())])
+        .send()
+        .await
+        .expect("an answer, not a client timeout");
+    let elapsed = started.elapsed();
+    let status = res.status().as_u16();
+    let page = res.text().await.unwrap_or_default();
+    assert_eq!(status, 503, "{page}");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "503 after {elapsed:?}: the query was not bounded"
+    );
+    let started = Instant::now();
+    let (status, body) = get(&client, &a.url("/readyz")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5), "readyz bounded");
+    drop(stalled);
+    assert_recovers(&client, &a).await;
+    add_to_cart(&client, &a).await;
+    let (status, page) = get(&client, &a.url("/cart")).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(marker(&page, "cart-count").as_deref(), Some("3"), "{page}");
 }
 
 #[actix_rt::test]

@@ -99,12 +99,8 @@ impl Origins {
             Ok(_) => format!("[{p}]"),
             Err(_) => format!(".{p}"),
         };
-        let mut key = error
-            .path
-            .iter()
-            .map(part)
-            .collect::<String>()
-            .split_off(1.min(error.path.len()));
+        let key: String = error.path.iter().map(part).collect();
+        let mut key = key.get(1..).unwrap_or_default().to_owned();
         let origin = self.of(&key);
         let message = match error.kind {
             Kind::UnknownField(..) => return Err(ConfigError::UnknownKey(origin, key)),

@@ -355,6 +355,22 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies_are_ip_addresses() {
+        let env = [("SWITCHYARD_SERVER__TRUSTED_PROXIES", "10.0.0.1, ::1")];
+        let config = load_env(&env).expect("valid");
+        let expected: Vec<std::net::IpAddr> =
+            vec!["10.0.0.1".parse().expect("ip"), "::1".parse().expect("ip")];
+        assert_eq!(config.server.trusted_proxies, expected);
+        let msg = message(load(
+            "p.toml",
+            "[server]\ntrusted_proxies = [\"proxy\"]\n",
+            &[],
+        ));
+        assert!(msg.contains("p.toml:2: server.trusted_proxies"), "{msg}");
+        assert!(msg.contains("invalid IP address"), "{msg}");
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         assert_eq!(load("empty.toml", "", &[]).ok(), Some(Config::default()));
     }

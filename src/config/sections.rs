@@ -31,6 +31,8 @@ section! {
         pub node_id: String = String::new(),
         /// Seconds in-flight requests get to finish on SIGINT/SIGTERM.
         pub shutdown_timeout: u64 = 5,
+        /// Peers whose `X-Forwarded-For`/`-Host`/`-Proto` are believed (`src/http/client.rs`).
+        pub trusted_proxies: Vec<std::net::IpAddr> = Vec::new(),
     }
 
     /// `[log]`: logging (to stderr).

@@ -134,7 +134,8 @@ impl Auth {
         username: &str,
         password: &str,
     ) -> Result<Option<User>, Error> {
-        let addr = req.peer_addr().map(|a| a.ip());
+        // The client's address: a trusted proxy's X-Forwarded-For, else the peer.
+        let addr = super::client::client(req).ip;
         self.guard.check(username, addr).await?;
         let stored = match &self.db {
             // Always the database's current hash: a new or changed password counts at once.

@@ -123,6 +123,7 @@ impl Processors {
 
 /// An owned snapshot of `req` for processors.
 pub fn snapshot(req: &HttpRequest) -> RequestSnapshot {
+    let client = super::client::client(req);
     RequestSnapshot {
         method: req.method().as_str().to_owned(),
         path: req.path().to_owned(),
@@ -142,7 +143,8 @@ pub fn snapshot(req: &HttpRequest) -> RequestSnapshot {
             permissions: u.permissions,
         }),
         session: req.extensions().get::<Session>().map(|s| s.0.clone()),
-        peer_ip: req.peer_addr().map(|a| a.ip()),
+        peer_ip: client.ip,
+        local: client.local,
         csrf_secret: req
             .extensions()
             .get::<super::csrf::CsrfSecret>()

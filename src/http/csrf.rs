@@ -109,7 +109,8 @@ fn is_safe(method: &Method) -> bool {
 }
 
 fn origin_ok(req: &ServiceRequest) -> Result<(), Error> {
-    let host = req.connection_info().host().to_owned();
+    // Not `connection_info()`: it believes X-Forwarded-Host from anyone.
+    let host = super::client::client(req.request()).host;
     let expected = format!("https://{host}");
     let headers = req.headers();
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {

@@ -1,6 +1,7 @@
 //! HTTP: the route table's fixed part, middleware, templates, metrics, and errors → responses.
 
 pub mod auth;
+pub mod client;
 pub mod context;
 pub mod csrf;
 pub mod error;

@@ -81,13 +81,10 @@ impl Renderer {
     }
 }
 
-/// Whether the request comes straight from this machine: a loopback peer that forwards for
-/// nobody (a local reverse proxy would make every visitor look local).
+/// Whether the request comes from this machine ([`super::client::Client::local`]: a loopback
+/// client, and a loopback peer that is no trusted proxy forwards for nobody).
 pub(crate) fn is_local(req: &HttpRequest) -> bool {
-    let forwarded = ["forwarded", "x-forwarded-for", "x-real-ip"]
-        .iter()
-        .any(|h| req.headers().contains_key(*h));
-    !forwarded && req.peer_addr().is_some_and(|a| a.ip().is_loopback())
+    super::client::client(req).local
 }
 
 fn html_response(status: StatusCode, html: String) -> HttpResponse {

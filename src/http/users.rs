@@ -12,7 +12,9 @@ use std::time::Duration;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::SaltString;
 use argon2::{Argon2, PasswordHasher};
-use switchyard_actors::session::{migrate, now_unix, pg_error, pool_error, PgPool, StoreError};
+use switchyard_actors::session::{
+    bounded, migrate, now_unix, pg_error, pool_error, PgPool, StoreError,
+};
 
 const ENGINE: &str = "auth";
 
@@ -91,14 +93,16 @@ impl PgUsers {
 
     /// Reloads the snapshot.
     pub async fn refresh(&self) -> Result<(), StoreError> {
-        let conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
-        let rows = conn
-            .query(
+        let rows = bounded(ENGINE, async {
+            let conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
+            conn.query(
                 "SELECT username, password_hash, permissions FROM switchyard_users",
                 &[],
             )
             .await
-            .map_err(|e| pg_error(ENGINE, e))?;
+            .map_err(|e| pg_error(ENGINE, e))
+        })
+        .await?;
         let map = rows
             .iter()
             .filter_map(|r| {
@@ -140,14 +144,16 @@ impl PgUsers {
 
     /// A user read from the database now (and put in the snapshot).
     pub(crate) async fn fetch(&self, username: &str) -> Result<Option<StoredUser>, StoreError> {
-        let conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
-        let row = conn
-            .query_opt(
+        let row = bounded(ENGINE, async {
+            let conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
+            conn.query_opt(
                 "SELECT password_hash, permissions FROM switchyard_users WHERE username = $1",
                 &[&username],
             )
             .await
-            .map_err(|e| pg_error(ENGINE, e))?;
+            .map_err(|e| pg_error(ENGINE, e))
+        })
+        .await?;
         let user = row.and_then(|r| {
             Some(StoredUser {
                 password_hash: r.try_get(0).ok()?,
@@ -177,16 +183,18 @@ impl PgUsers {
             ));
         }
         let hash = hash_password_off_thread(password).await?;
-        let conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
         let now = now_unix();
-        let n = conn
-            .execute(
+        let n = bounded(ENGINE, async {
+            let conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
+            conn.execute(
                 "INSERT INTO switchyard_users (username, password_hash, permissions, created_at, \
                  updated_at) VALUES ($1, $2, $3, $4, $4) ON CONFLICT (username) DO NOTHING",
                 &[&username, &hash, &permissions, &now],
             )
             .await
-            .map_err(|e| pg_error(ENGINE, e))?;
+            .map_err(|e| pg_error(ENGINE, e))
+        })
+        .await?;
         if n == 0 {
             return Err(UserError::Exists(username.to_owned()));
         }
@@ -199,15 +207,17 @@ impl PgUsers {
             return Err(UserError::Invalid("the password must not be empty".into()));
         }
         let hash = hash_password_off_thread(password).await?;
-        let conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
-        let n = conn
-            .execute(
+        let n = bounded(ENGINE, async {
+            let conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
+            conn.execute(
                 "UPDATE switchyard_users SET password_hash = $2, updated_at = $3 \
                  WHERE username = $1",
                 &[&username, &hash, &now_unix()],
             )
             .await
-            .map_err(|e| pg_error(ENGINE, e))?;
+            .map_err(|e| pg_error(ENGINE, e))
+        })
+        .await?;
         if n == 0 {
             return Err(UserError::Unknown(username.to_owned()));
         }

@@ -151,13 +151,8 @@ impl ContextProcessor for DebugProcessor {
     }
     fn process(&self, req: Arc<RequestSnapshot>) -> Output {
         let mut m = Map::new();
-        // A loopback peer forwarding for nobody (a local proxy would make everyone local).
-        let forwarded = req
-            .headers
-            .iter()
-            .any(|(k, _)| matches!(k.as_str(), "forwarded" | "x-forwarded-for" | "x-real-ip"));
-        let local = !forwarded && req.peer_ip.is_some_and(|ip| ip.is_loopback());
-        if self.debug && local {
+        // Decided by the HTTP layer (trusted proxies, forwarding headers).
+        if self.debug && req.local {
             let queries = req
                 .sql_log
                 .as_ref()

@@ -27,8 +27,11 @@ pub struct RequestSnapshot {
     pub user: Option<UserInfo>,
     /// The request's session, if the session middleware ran.
     pub session: Option<Session>,
-    /// The peer's IP address, if known.
+    /// The client's IP address, if known: the peer's, or what a trusted proxy forwarded.
     pub peer_ip: Option<std::net::IpAddr>,
+    /// Whether the client is this machine (decided by the HTTP layer, which knows
+    /// `server.trusted_proxies`).
+    pub local: bool,
     /// The request's CSRF secret (its `csrftoken` cookie, or a new one the response sets),
     /// which the `csrf` processor masks into `csrf_token`.
     pub csrf_secret: Option<String>,

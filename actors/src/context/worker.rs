@@ -211,6 +211,7 @@ mod tests {
             user: None,
             session: None,
             peer_ip: None,
+            local: false,
             csrf_secret: None,
             sql_log: None,
         }

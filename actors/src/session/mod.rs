@@ -34,8 +34,8 @@ pub use memcached::{MemcachedStorage, MemcachedStore};
 pub use memory::MemoryStore;
 pub use nats_kv::{NatsConnect, NatsKvStorage, NatsKvStore, NatsLink};
 pub use postgres::{
-    connect_pool, connect_pool_with_timeout, migrate, pg_error, pool_error, PgConn, PgManager,
-    PgPool, PostgresStorage, PostgresStore,
+    bounded, connect_pool, connect_pool_with_timeout, migrate, pg_error, pool_error, PgConn,
+    PgManager, PgPool, PostgresStorage, PostgresStore, QUERY_TIMEOUT, STATEMENT_TIMEOUT,
 };
 pub use shard::{
     DeleteSession, LoadSession, SaveSession, Saved, SessionShard, SessionShards, MAX_BATCH,

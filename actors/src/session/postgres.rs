@@ -47,6 +47,27 @@ pub const COMMIT_MAX_ROWS: usize = 256;
 /// counts as unavailable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long one database operation (pool checkout, preparing and running its statements) may
+/// take, measured by the client, before it fails as `Unavailable` (a 503). A stalled server
+/// (stopped, or its host gone with the TCP connection still open) answers nothing at all: this
+/// is what bounds the request then. 1.5 s keeps a request that needs the database under 2 s,
+/// and is hundreds of times what the engine's statements take on a healthy server (about
+/// 1 ms, 5 ms for a 256-row group commit).
+pub const QUERY_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// `statement_timeout` of every pooled connection: the server cancels a statement running
+/// longer (SQLSTATE 57014, mapped to `Unavailable`). Below [`QUERY_TIMEOUT`] so that a slow
+/// statement the client would give up on anyway stops using the server (and its row locks)
+/// too, and the client mostly sees the server's own error rather than its timeout.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Idle time before TCP keepalive probes start on a database connection: a connection whose
+/// peer vanished (host down, network cut, no RST) is noticed and dropped from the pool in
+/// about this plus the kernel's probes, instead of after TCP's retransmission timeout (15 min
+/// on Linux). Short enough to matter, long enough to cost nothing (one empty segment a
+/// connection every 10 s when idle).
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+
 /// A pool of Postgres connections.
 pub type PgPool = bb8::Pool<PgManager>;
 
@@ -167,7 +188,25 @@ SELECT id FROM upd UNION ALL SELECT id FROM ins";
 const LOAD: &str =
     "SELECT data, version FROM switchyard_sessions WHERE id = $1 AND expires_at > $2";
 
-/// Maps a Postgres error: connection trouble is `Unavailable` (503, retry later).
+/// Runs one database operation, failing it as `Unavailable` after [`QUERY_TIMEOUT`]. The
+/// operation is dropped then: its pooled connection goes back to the pool, and the answer the
+/// server gives later, if any, is discarded by the connection.
+pub async fn bounded<T>(
+    engine: &'static str,
+    op: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(QUERY_TIMEOUT, op)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable {
+                engine,
+                message: format!("no answer from the database within {QUERY_TIMEOUT:?}"),
+            })
+        })
+}
+
+/// Maps a Postgres error: connection trouble, and a statement cancelled by
+/// `statement_timeout`, are `Unavailable` (503, retry later).
 pub fn pg_error(engine: &'static str, e: tokio_postgres::Error) -> StoreError {
     let unavailable = match e.code() {
         None => true,
@@ -177,6 +216,7 @@ pub fn pg_error(engine: &'static str, e: tokio_postgres::Error) -> StoreError {
                 || c.starts_with("53")
                 || c.starts_with("57P")
                 || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::QUERY_CANCELED
         }
     };
     let message = match e.as_db_error() {
@@ -225,6 +265,13 @@ pub async fn connect_pool_with_timeout(
     }
     let mut config = config;
     config.connect_timeout(CONNECT_TIMEOUT);
+    config.keepalives(true).keepalives_idle(KEEPALIVE_IDLE);
+    let statement_timeout = format!("-c statement_timeout={}", STATEMENT_TIMEOUT.as_millis());
+    let options = match config.get_options() {
+        Some(o) if !o.is_empty() => format!("{o} {statement_timeout}"),
+        _ => statement_timeout,
+    };
+    config.options(options);
     let manager = PgManager { config };
     bb8::Pool::builder()
         .max_size(size.max(1))
@@ -280,15 +327,18 @@ async fn create_database(config: &tokio_postgres::Config) -> Result<(), StoreErr
 
 /// Runs `ddl` (idempotent statements) under the schema advisory lock.
 pub async fn migrate(pool: &PgPool, engine: &'static str, ddl: &str) -> Result<(), StoreError> {
-    let mut conn = pool.get().await.map_err(|e| pool_error(engine, e))?;
-    let tx = conn.transaction().await.map_err(|e| pg_error(engine, e))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
-        .await
-        .map_err(|e| pg_error(engine, e))?;
-    tx.batch_execute(ddl)
-        .await
-        .map_err(|e| pg_error(engine, e))?;
-    tx.commit().await.map_err(|e| pg_error(engine, e))
+    bounded(engine, async {
+        let mut conn = pool.get().await.map_err(|e| pool_error(engine, e))?;
+        let tx = conn.transaction().await.map_err(|e| pg_error(engine, e))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+            .await
+            .map_err(|e| pg_error(engine, e))?;
+        tx.batch_execute(ddl)
+            .await
+            .map_err(|e| pg_error(engine, e))?;
+        tx.commit().await.map_err(|e| pg_error(engine, e))
+    })
+    .await
 }
 
 /// Sessions in a Postgres table: the generic store over [`PostgresStorage`].
@@ -456,6 +506,10 @@ impl Inner {
 
     /// One statement writing every row of `c`; the outcome of each row, in order.
     async fn write(&self, c: &Columns) -> Result<Vec<SaveOutcome>, StoreError> {
+        bounded(ENGINE, self.write_unbounded(c)).await
+    }
+
+    async fn write_unbounded(&self, c: &Columns) -> Result<Vec<SaveOutcome>, StoreError> {
         let now = now_unix();
         let mut conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
         let stmt = conn
@@ -581,6 +635,63 @@ impl Storage for PostgresStorage {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        bounded(ENGINE, self.load(key)).await
+    }
+
+    async fn put(&self, put: &Put) -> Result<SaveOutcome, StoreError> {
+        let mut out = self.write_batch(std::slice::from_ref(put)).await?;
+        Ok(out.pop().unwrap_or(SaveOutcome::Conflict))
+    }
+
+    async fn put_batch(&self, puts: &[Put]) -> Vec<Result<SaveOutcome, StoreError>> {
+        match self.write_batch(puts).await {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            Err(e) => puts.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        bounded(ENGINE, async {
+            let conn = self.conn().await?;
+            conn.query_typed(
+                "DELETE FROM switchyard_sessions WHERE id = $1",
+                &[(&key, Type::TEXT)],
+            )
+            .await
+            .map_err(|e| pg_error(ENGINE, e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn purge_expired(&self, now: i64) -> Result<u64, StoreError> {
+        bounded(ENGINE, async {
+            let conn = self.conn().await?;
+            conn.execute(
+                "DELETE FROM switchyard_sessions WHERE expires_at <= $1",
+                &[&now],
+            )
+            .await
+            .map_err(|e| pg_error(ENGINE, e))
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        bounded(ENGINE, async {
+            let conn = self.conn().await?;
+            conn.simple_query("SELECT 1")
+                .await
+                .map(|_| ())
+                .map_err(|e| pg_error(ENGINE, e))
+        })
+        .await
+    }
+}
+
+impl PostgresStorage {
+    /// The live row of `key`, unbounded (see [`Storage::get`]).
+    async fn load(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let mut conn = self.conn().await?;
         let stmt = conn
             .prepared(LOAD, &[Type::TEXT, Type::INT8])
@@ -599,47 +710,6 @@ impl Storage for PostgresStorage {
             bytes,
             version: u64::try_from(version).unwrap_or(0),
         }))
-    }
-
-    async fn put(&self, put: &Put) -> Result<SaveOutcome, StoreError> {
-        let mut out = self.write_batch(std::slice::from_ref(put)).await?;
-        Ok(out.pop().unwrap_or(SaveOutcome::Conflict))
-    }
-
-    async fn put_batch(&self, puts: &[Put]) -> Vec<Result<SaveOutcome, StoreError>> {
-        match self.write_batch(puts).await {
-            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
-            Err(e) => puts.iter().map(|_| Err(e.clone())).collect(),
-        }
-    }
-
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let conn = self.conn().await?;
-        conn.query_typed(
-            "DELETE FROM switchyard_sessions WHERE id = $1",
-            &[(&key, Type::TEXT)],
-        )
-        .await
-        .map_err(|e| pg_error(ENGINE, e))?;
-        Ok(())
-    }
-
-    async fn purge_expired(&self, now: i64) -> Result<u64, StoreError> {
-        let conn = self.conn().await?;
-        conn.execute(
-            "DELETE FROM switchyard_sessions WHERE expires_at <= $1",
-            &[&now],
-        )
-        .await
-        .map_err(|e| pg_error(ENGINE, e))
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        let conn = self.conn().await?;
-        conn.simple_query("SELECT 1")
-            .await
-            .map(|_| ())
-            .map_err(|e| pg_error(ENGINE, e))
     }
 }
 
