@@ -543,6 +543,45 @@ async fn out_of_range_numbers_are_refused_by_the_cli() {
     env.stop().await;
 }
 
+/// `dead replay --all` skips a letter it cannot replay (here: its task's record does not
+/// decode), says so on stderr, replays the others and exits 1.
+#[tokio::test]
+async fn dead_replay_all_skips_and_reports_a_bad_letter() {
+    let Some(env) = Env::start().await else {
+        return;
+    };
+    let js = env.broker.jetstream();
+    let kv = js
+        .get_key_value(env.broker.names().results_bucket())
+        .await
+        .expect("bucket");
+    kv.put("garbage-1", b"{not a record".as_ref().into())
+        .await
+        .expect("put");
+    let dead = format!("{}.dead.default", env.prefix);
+    for body in [
+        json!({"id": "garbage-1", "task": "demo.add", "args": {"x": 1, "y": 1}}),
+        json!({"id": "good-1", "task": "demo.add", "args": {"x": 1, "y": 1}}),
+    ] {
+        js.publish(dead.clone(), body.to_string().into_bytes().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+    let (code, out, err) = env.cli(&["dead", "replay", "--all"], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(out.trim(), "good-1");
+    assert!(err.contains("skipped"), "{err}");
+    assert!(err.contains("1 dead letter(s) not replayed"), "{err}");
+    let (code, out, _) = env.cli(&["dead", "list"], &[]);
+    assert_eq!(code, 0);
+    let left: Vec<Value> = out.lines().map(record).collect();
+    assert_eq!(left.len(), 1, "{out}");
+    assert_eq!(left[0]["id"], "garbage-1");
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn two_worker_processes_run_each_task_once() {
     let Some(mut env) = Env::start().await else {
