@@ -1,7 +1,8 @@
 //! Running tasks: the one runner every mode goes through. A delivery passes the stages
-//! decode → admit (args, deliveries, expiry, eta, known task) → claim (against a revocation)
-//! → run (one attempt under its soft and hard limits) → settle (SUCCESS, RETRY with the next
-//! message published, or FAILURE; dead letters; acknowledge). Worker pools run it on their
+//! decode → admit (id, args, deliveries, expiry, eta and `max_eta`, known task) → claim
+//! (against a revocation) → run (one attempt under its soft and hard limits) → settle
+//! (SUCCESS, RETRY with the next message published, or FAILURE; dead letters; acknowledge).
+//! A message that never ran writes its record create-only. Worker pools run it on their
 //! broker's deliveries; eager mode runs it inline on a private in-process queue, so a rule
 //! about retries, expiry or revocation is written here once.
 
