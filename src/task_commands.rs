@@ -70,7 +70,7 @@ pub(crate) async fn publish(registry: Registry, config: Config, req: PublishRequ
     if let Some(c) = req.countdown {
         match Duration::try_from_secs_f64(c) {
             Ok(d) => options = options.countdown(d),
-            Err(_) => return usage(format!("--countdown {c}: expected seconds >= 0")),
+            Err(_) => return usage(format!("--countdown {c}: expected seconds from 0")),
         }
     }
     if let Some(eta) = req.eta {
@@ -93,19 +93,21 @@ pub(crate) async fn publish(registry: Registry, config: Config, req: PublishRequ
         Ok(h) => h,
         Err(e @ switchyard_actors::tasks::ClientError::UnknownQueue(_)) => return usage(e),
         Err(e @ switchyard_actors::tasks::ClientError::Args(_)) => return usage(e),
+        Err(e @ switchyard_actors::tasks::ClientError::Options(_)) => return usage(e),
         Err(e) => return failure(e),
     };
     let Some(wait) = wait else {
         println!("{}", handle.id());
         return ExitCode::SUCCESS;
     };
-    let deadline = Instant::now() + wait;
+    // A wait too long for the clock waits as long as it takes.
+    let deadline = Instant::now().checked_add(wait);
     loop {
         let rec = match tasks.result(handle.id()).await {
             Ok(r) => r,
             Err(e) => return failure(e),
         };
-        if rec.state.is_ready() || Instant::now() >= deadline {
+        if rec.state.is_ready() || deadline.is_some_and(|d| Instant::now() >= d) {
             println!("{}", rec.to_json_line());
             return if rec.state == TaskState::Success {
                 ExitCode::SUCCESS
@@ -206,11 +208,21 @@ pub(crate) async fn dead_replay(
             return failure(format!("no dead letter {id}"));
         }
     }
+    // One bad letter does not stop `--all`: it is reported and skipped, and the exit code says
+    // some were left.
+    let mut skipped = 0;
     for letter in &chosen {
         match broker.replay(letter).await {
             Ok(id) => println!("{id}"),
+            Err(e) if all => {
+                eprintln!("dead letter {} skipped: {e}", letter.seq);
+                skipped += 1;
+            }
             Err(e) => return failure(e),
         }
+    }
+    if skipped > 0 {
+        return failure(format!("{skipped} dead letter(s) not replayed"));
     }
     ExitCode::SUCCESS
 }

@@ -17,7 +17,8 @@ use crate::config::Config;
 /// `[tasks]` (and the node id) in the units the task system uses.
 pub fn settings(config: &Config) -> TaskSettings {
     let t = &config.tasks;
-    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s.min(MAX_SECS)));
+    let dur = |s: u64| Duration::from_secs(s.min(MAX_SECS));
     TaskSettings {
         node_id: config.server.node_id_or_default(),
         default_queue: t.default_queue.clone(),
@@ -30,7 +31,7 @@ pub fn settings(config: &Config) -> TaskSettings {
                 rate_limit_per_sec: q.rate_limit_per_sec(),
             })
             .collect(),
-        result_ttl: Duration::from_secs(t.result_ttl),
+        result_ttl: dur(t.result_ttl),
         default_max_retries: t.default_max_retries,
         backoff: Backoff {
             base: seconds(t.retry_backoff_base),
@@ -38,17 +39,24 @@ pub fn settings(config: &Config) -> TaskSettings {
         },
         soft_time_limit: secs(t.soft_time_limit),
         time_limit: secs(t.time_limit),
-        ack_wait: Duration::from_secs(t.ack_wait.max(1)),
+        ack_wait: dur(t.ack_wait.max(1)),
         max_deliver: t.max_deliver.max(1),
-        dedupe_window: Duration::from_secs(t.dedupe_window),
-        drain_timeout: Duration::from_secs(t.drain_timeout),
+        dedupe_window: dur(t.dedupe_window),
+        drain_timeout: dur(t.drain_timeout),
+        max_eta: dur(t.max_eta),
+        dead_max_age: dur(t.dead_max_age),
+        dead_max_bytes: t.dead_max_bytes.min(i64::MAX as u64),
         ..TaskSettings::default()
     }
 }
 
+/// The most seconds a setting means (100 years): longer values saturate here, so no clock
+/// (an `Instant`, a timestamp, NATS's nanoseconds) overflows on them.
+const MAX_SECS: u64 = 100 * 365 * 86_400;
+
 /// Seconds as a duration; out-of-range values saturate instead of panicking.
 fn seconds(s: f64) -> Duration {
-    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
+    Duration::try_from_secs_f64(s.clamp(0.0, MAX_SECS as f64)).unwrap_or(Duration::ZERO)
 }
 
 #[cfg(test)]
@@ -66,5 +74,29 @@ mod tests {
         );
         assert_eq!(s.soft_time_limit, None);
         assert_eq!(s.result_ttl, Duration::from_secs(86_400));
+        assert_eq!(s.max_eta, Duration::from_secs(2_592_000));
+        assert_eq!(s.dead_max_age, Duration::from_secs(1_209_600));
+        assert_eq!(s.dead_max_bytes, 1_073_741_824);
+    }
+
+    #[test]
+    fn huge_numbers_saturate() {
+        let mut config = Config::default();
+        config.tasks.result_ttl = u64::MAX;
+        config.tasks.retry_backoff_max = 1e300;
+        config.tasks.retry_backoff_base = f64::INFINITY;
+        config.tasks.max_eta = u64::MAX;
+        config.tasks.dead_max_bytes = u64::MAX;
+        let s = settings(&config);
+        let century = Duration::from_secs(MAX_SECS);
+        assert_eq!(
+            (s.result_ttl, s.max_eta, s.backoff.max),
+            (century, century, century)
+        );
+        assert_eq!(s.backoff.window(70), (century / 2, century));
+        assert!(s.backoff.delay(70) <= century);
+        assert_eq!(s.dead_max_bytes, i64::MAX as u64);
+        // Usable as a deadline (this panicked with u64::MAX seconds).
+        let _ = std::time::Instant::now() + s.result_ttl;
     }
 }

@@ -1103,6 +1103,107 @@ async fn concurrency_and_queue_rate_limit<H: Harness>() {
     h.stop().await;
 }
 
+/// SPEC.md "Trust boundaries": messages that never run (expired, unknown task, bad args)
+/// reusing a finished task's id leave its record as it was.
+async fn never_run_messages_leave_a_finished_record_alone<H: Harness>() {
+    let (h, _) = start::<H>().await;
+    let t = h.tasks();
+    let id = new_task_id();
+    let done = t
+        .send(
+            "demo.add",
+            json!({"x": 2, "y": 3}),
+            PublishOptions::new().task_id(&id),
+        )
+        .await
+        .expect("publish");
+    assert_eq!(done.get(WAIT).await.expect("result"), json!(5));
+    let before = t.result(&id).await.expect("record");
+    assert_eq!(before.state, TaskState::Success);
+    // Each with its own `unique` key, so the queue does not drop it as a duplicate id.
+    let reuse = |n: u32| {
+        PublishOptions::new()
+            .task_id(&id)
+            .unique(format!("{id}-{n}"))
+    };
+    let past = Utc::now() - chrono::TimeDelta::seconds(5);
+    for (n, (task, args, options)) in [
+        ("demo.add", json!({"x": 1, "y": 1}), reuse(1).expires(past)),
+        ("no.such.task", json!({}), reuse(2)),
+        ("demo.add", json!({"x": "two"}), reuse(3)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sent = t.send(task, args, options).await;
+        // Eager mode runs it inline: the handle's record is the store's, still SUCCESS.
+        assert!(sent.is_ok(), "reuse {n}: {:?}", sent.err());
+    }
+    if H::WORKERS {
+        until("the three reusing messages received", || {
+            kinds(&h.events(), &id)
+                .iter()
+                .filter(|k| **k == EventKind::TaskReceived)
+                .count()
+                == 4
+        })
+        .await;
+        // A task published after them has run; the runner settles a message in one pass.
+        let later = t
+            .delay::<Add>(AddArgs { x: 1, y: 1 })
+            .await
+            .expect("publish");
+        later.get(WAIT).await.expect("result");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let ev = h.events();
+        assert!(
+            !kinds(&ev, &id)
+                .iter()
+                .any(|k| matches!(k, EventKind::TaskRevoked | EventKind::TaskFailed)),
+            "{:?}",
+            kinds(&ev, &id)
+        );
+    }
+    assert_eq!(t.result(&id).await.expect("record"), before);
+    h.stop().await;
+}
+
+/// Out-of-range publish options are refused with an error, never a panic.
+async fn out_of_range_options_are_refused<H: Harness>() {
+    let (h, _) = start::<H>().await;
+    let t = h.tasks();
+    let add = || json!({"x": 1, "y": 2});
+    for options in [
+        PublishOptions::new().countdown(Duration::from_secs(10_000_000_000_000)),
+        PublishOptions::new().countdown(Duration::MAX),
+        PublishOptions::new().countdown(settings().max_eta + Duration::from_secs(60)),
+        PublishOptions::new().eta(Utc::now() + chrono::TimeDelta::days(365)),
+        PublishOptions::new().task_id("a*b"),
+        PublishOptions::new().task_id("a b"),
+        PublishOptions::new().task_id("x".repeat(129)),
+        PublishOptions::new().task_id(""),
+    ] {
+        let what = format!("{options:?}");
+        match t.send("demo.add", add(), options).await {
+            Err(ClientError::Options(msg)) => assert!(!msg.is_empty()),
+            other => panic!("{what}: expected an options error, got {other:?}"),
+        }
+    }
+    // Within the limits it runs; a far expiry saturates.
+    let ok = t
+        .send(
+            "demo.add",
+            add(),
+            PublishOptions::new()
+                .task_id("Order_42-retry")
+                .expires_in(Duration::MAX),
+        )
+        .await
+        .expect("publish");
+    assert_eq!(ok.get(WAIT).await.expect("result"), json!(3));
+    h.stop().await;
+}
+
 macro_rules! behaviour_suite {
     ($module:ident, $harness:ty, [$($worker_case:ident),*]) => {
         mod $module {
@@ -1122,7 +1223,9 @@ macro_rules! behaviour_suite {
                 ignore_result_keeps_no_success_record,
                 revoked_and_expired_records_have_one_shape,
                 a_retry_due_after_expiry_is_revoked,
-                context_knows_eager_and_attempt
+                context_knows_eager_and_attempt,
+                never_run_messages_leave_a_finished_record_alone,
+                out_of_range_options_are_refused
                 $(, $worker_case)*
             ]);
         }

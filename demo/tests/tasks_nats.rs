@@ -347,6 +347,241 @@ async fn foreign_publisher_dead_letters_and_replay() {
     env.stop().await;
 }
 
+/// Dead letters as `dead list` prints them, once there are `n`.
+async fn until_letters(env: &Env, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (code, out, _) = env.cli(&["dead", "list"], &[]);
+        assert_eq!(code, 0);
+        let letters: Vec<Value> = out.lines().map(record).collect();
+        if letters.len() >= n {
+            return letters;
+        }
+        assert!(Instant::now() < deadline, "dead letters: {out}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SPEC.md "Trust boundaries" with a plain NATS client: messages reusing a finished task's id
+/// leave its record alone, a bad id is dead-lettered at once and stalls nothing, an eta past
+/// `tasks.max_eta` is dead-lettered, the DEAD stream has its limits.
+#[tokio::test]
+async fn foreign_publishers_run_tasks_and_nothing_more() {
+    let Some(mut env) = Env::start().await else {
+        return;
+    };
+    env.worker("w1", &[]);
+    let client = async_nats::connect(common::service_url("nats"))
+        .await
+        .expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let subject = format!("{}.tasks.default", env.prefix);
+    let publish = |body: Value| {
+        let (js, subject) = (js.clone(), subject.clone());
+        async move {
+            js.publish(subject, body.to_string().into_bytes().into())
+                .await
+                .expect("publish")
+                .await
+                .expect("ack");
+        }
+    };
+    publish(json!({"id": "done-1", "task": "demo.add", "args": {"x": 2, "y": 3}})).await;
+    let before = env.until_state("done-1", TaskState::Success).await;
+    assert_eq!(before.result, json!(5));
+
+    publish(
+        json!({"id": "done-1", "task": "demo.add", "args": {"x": 1, "y": 1},
+        "expires": "2000-01-01T00:00:00Z"}),
+    )
+    .await;
+    publish(json!({"id": "done-1", "task": "no.such", "args": {}})).await;
+    publish(json!({"id": "done-1", "task": "demo.add", "args": "not an object"})).await;
+    let letters = until_letters(&env, 2).await;
+    let mut reasons: Vec<&str> = letters
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap_or(""))
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["bad args", "unknown task"]);
+    // The expired one is acknowledged without a letter; a task published after the three has
+    // run (and 300 ms more) once they are handled.
+    let (code, out, _) = env.cli(
+        &["publish", "demo.add", r#"{"x":1,"y":2}"#, "--wait", "15"],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = env.tasks.result("done-1").await.expect("record");
+    assert_eq!(after, before, "a foreign message rewrote a finished record");
+
+    // An id that cannot be a key: a dead letter within a second, and the queue goes on.
+    let sent = Instant::now();
+    publish(json!({"id": "a*b", "task": "demo.add", "args": {"x": 1, "y": 1}})).await;
+    let letters = until_letters(&env, 3).await;
+    assert!(
+        sent.elapsed() < Duration::from_secs(1) + Duration::from_millis(500),
+        "{:?}",
+        sent.elapsed()
+    );
+    let bad = letters
+        .iter()
+        .find(|l| l["reason"] == "bad id")
+        .expect("a bad id letter");
+    assert_eq!(bad["id"], "a*b");
+    let started = Instant::now();
+    let (code, out, _) = env.cli(
+        &["publish", "demo.add", r#"{"x":5,"y":5}"#, "--wait", "15"],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(record(out.trim())["result"], json!(10));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    for id in ["a b", "x>y", &"z".repeat(129)] {
+        publish(json!({"id": id, "task": "demo.add", "args": {"x": 1, "y": 1}})).await;
+    }
+    let letters = until_letters(&env, 6).await;
+    assert_eq!(
+        letters.iter().filter(|l| l["reason"] == "bad id").count(),
+        4
+    );
+
+    // An eta past tasks.max_eta from another publisher.
+    publish(
+        json!({"id": "far-1", "task": "demo.add", "args": {"x": 1, "y": 1},
+        "eta": "2100-01-01T00:00:00Z"}),
+    )
+    .await;
+    let letters = until_letters(&env, 7).await;
+    assert!(
+        letters
+            .iter()
+            .any(|l| l["reason"] == "eta too far" && l["id"] == "far-1"),
+        "{letters:?}"
+    );
+
+    // Replaying everything: the bad ids come back as letters, nothing aborts.
+    let (code, out, err) = env.cli(&["dead", "replay", "--all"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.lines().count(), 7, "{out}");
+    let again = until_letters(&env, 7).await;
+    let sorted = |l: &[Value]| {
+        let mut r: Vec<String> = l.iter().map(|l| l["reason"].to_string()).collect();
+        r.sort();
+        r
+    };
+    assert_eq!(sorted(&again), sorted(&letters));
+    // Replaying a letter that reused done-1 did not forget its SUCCESS record.
+    let after = env.tasks.result("done-1").await.expect("record");
+    assert_eq!(after, before);
+
+    // The DEAD stream's limits.
+    let mut dead = env
+        .broker
+        .jetstream()
+        .get_stream(env.broker.names().dead_stream())
+        .await
+        .expect("dead stream");
+    let info = dead.info().await.expect("info");
+    assert_eq!(info.config.max_age, Duration::from_secs(1_209_600));
+    assert_eq!(info.config.max_bytes, 1_073_741_824);
+    // A node with other limits brings the existing stream to them.
+    let other = TaskSettings {
+        dead_max_age: Duration::from_secs(3_600),
+        dead_max_bytes: 1 << 20,
+        ..settings()
+    };
+    let client = async_nats::connect(common::service_url("nats"))
+        .await
+        .expect("nats");
+    NatsBroker::open(client, &env.prefix, &other)
+        .await
+        .expect("reopen");
+    let info = dead.info().await.expect("info");
+    assert_eq!(info.config.max_age, Duration::from_secs(3_600));
+    assert_eq!(info.config.max_bytes, 1 << 20);
+    env.stop().await;
+}
+
+/// Numbers a client sends cannot panic the CLI: exit 2 with a message.
+#[tokio::test]
+async fn out_of_range_numbers_are_refused_by_the_cli() {
+    let Some(env) = Env::start().await else {
+        return;
+    };
+    for args in [
+        &["publish", "demo.add", "{}", "--countdown", "1e13"][..],
+        &["publish", "demo.add", "{}", "--countdown", "2592001"],
+        &["publish", "demo.add", "{}", "--countdown", "1e300"],
+        &["publish", "demo.add", "{}", "--eta", "2200-01-01T00:00:00Z"],
+    ] {
+        let (code, out, err) = env.cli(args, &[]);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            err.contains("countdown") || err.contains("eta"),
+            "{args:?}: {err}"
+        );
+    }
+    // A huge result_ttl or retry_backoff_max saturates rather than panic.
+    let (code, out, err) = env.cli(
+        &["publish", "demo.add", r#"{"x":1,"y":1}"#],
+        &[
+            ("SWITCHYARD_TASKS__RESULT_TTL", "18446744073709551615"),
+            ("SWITCHYARD_TASKS__RETRY_BACKOFF_MAX", "1e300"),
+        ],
+    );
+    assert!(
+        !err.contains("panicked") && code != 101,
+        "{code}: {out}{err}"
+    );
+    env.stop().await;
+}
+
+/// `dead replay --all` skips a letter it cannot replay (here: its task's record does not
+/// decode), says so on stderr, replays the others and exits 1.
+#[tokio::test]
+async fn dead_replay_all_skips_and_reports_a_bad_letter() {
+    let Some(env) = Env::start().await else {
+        return;
+    };
+    let js = env.broker.jetstream();
+    let kv = js
+        .get_key_value(env.broker.names().results_bucket())
+        .await
+        .expect("bucket");
+    kv.put("garbage-1", b"{not a record".as_ref().into())
+        .await
+        .expect("put");
+    let dead = format!("{}.dead.default", env.prefix);
+    for body in [
+        json!({"id": "garbage-1", "task": "demo.add", "args": {"x": 1, "y": 1}}),
+        json!({"id": "good-1", "task": "demo.add", "args": {"x": 1, "y": 1}}),
+    ] {
+        js.publish(dead.clone(), body.to_string().into_bytes().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+    let (code, out, err) = env.cli(&["dead", "replay", "--all"], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(out.trim(), "good-1");
+    assert!(err.contains("skipped"), "{err}");
+    assert!(err.contains("1 dead letter(s) not replayed"), "{err}");
+    let (code, out, _) = env.cli(&["dead", "list"], &[]);
+    assert_eq!(code, 0);
+    let left: Vec<Value> = out.lines().map(record).collect();
+    assert_eq!(left.len(), 1, "{out}");
+    assert_eq!(left[0]["id"], "garbage-1");
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn two_worker_processes_run_each_task_once() {
     let Some(mut env) = Env::start().await else {

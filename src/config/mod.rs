@@ -284,7 +284,7 @@ impl Config {
         }
         rules! {v;
             "tasks.queues" => unique(tasks.queues.iter().map(|q| &q.name), ".name", "queue");
-            "tasks.default_queue" => tasks.queue(&tasks.default_queue).is_some(),
+            "tasks.default_queue" => tasks.queues.iter().any(|q| q.name == tasks.default_queue),
                 "expected one of the queues in tasks.queues ({}), got {:?}",
                 tasks.queues.iter().map(|q| format!("{:?}", q.name)).collect::<Vec<_>>().join(", "),
                 tasks.default_queue;
@@ -304,7 +304,7 @@ impl Config {
                 format!("{key}.cron") => cron_error.is_none(),
                     "expected 6 fields `sec min hour day month weekday`, got {:?} ({})",
                     cron.unwrap_or_default(), cron_error.map(|e| e.to_string()).unwrap_or_default();
-                format!("{key}.queue") => tasks.queue(queue).is_some(),
+                format!("{key}.queue") => tasks.queues.iter().any(|q| q.name == *queue),
                     "expected one of the queues in tasks.queues, got {queue:?}";
             }
         }

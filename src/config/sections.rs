@@ -189,6 +189,12 @@ section! {
         pub dedupe_window: u64 = 120,
         /// Seconds a stopping worker gives its in-flight tasks.
         pub drain_timeout: u64 = 30,
+        /// Seconds ahead a task's eta or countdown may be (further: refused or dead-lettered).
+        pub max_eta: u64 = 2_592_000,
+        /// Seconds the `<PREFIX>_DEAD` stream keeps a dead letter; 0 = no limit.
+        pub dead_max_age: u64 = 1_209_600,
+        /// Bytes the `<PREFIX>_DEAD` stream keeps (the oldest letters go first); 0 = no limit.
+        pub dead_max_bytes: u64 = 1_073_741_824,
         /// `[[tasks.queues]]`: the queues (built in: `default` alone).
         pub queues: Vec<QueueConfig> = vec![QueueConfig::default()],
     }
@@ -251,13 +257,6 @@ impl fmt::Debug for UserEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (name, permissions) = (&self.username, &self.permissions);
         write!(f, "UserEntry({name:?}, {REDACTED}, {permissions:?})")
-    }
-}
-
-impl TasksConfig {
-    /// The queue called `name`, if configured.
-    pub fn queue(&self, name: &str) -> Option<&QueueConfig> {
-        self.queues.iter().find(|q| q.name == name)
     }
 }
 

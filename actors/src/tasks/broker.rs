@@ -285,6 +285,15 @@ pub trait ResultStore: Send + Sync + 'static {
     /// Writes `started` (a STARTED record) unless the task is already REVOKED, SUCCESS or
     /// FAILURE (a redelivery of a finished task is not run again).
     async fn claim(&self, started: &ResultRecord) -> Result<Claim, BrokerError>;
+    /// Writes `record` of a message that never ran (expired, bad args, unknown task, too many
+    /// deliveries): create-only, unless the store's live record of the task is one `replace`
+    /// accepts (the task's own retry). A record that does not decode is left alone. Returns
+    /// whether it wrote; a foreign message reusing a task's id never overwrites its record.
+    async fn put_unrun(
+        &self,
+        record: &ResultRecord,
+        replace: &(dyn for<'r> Fn(&'r ResultRecord) -> bool + Send + Sync),
+    ) -> Result<bool, BrokerError>;
     /// Marks task `id` REVOKED ([`ResultRecord::revoked`]) unless it started or finished;
     /// returns whether it did.
     async fn revoke(&self, id: &str) -> Result<bool, BrokerError>;

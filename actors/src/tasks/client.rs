@@ -21,7 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::broker::{Broker, BrokerError, Outgoing, PublishOutcome, ResultStore, TaskQueue};
 use super::execute::Runner;
-use super::{new_task_id, Envelope, MemoryBroker, PublishOptions, Registry, ResultRecord, Task};
+use super::{
+    is_valid_task_id, new_task_id, Envelope, MemoryBroker, PublishOptions, Registry, ResultRecord,
+    Task,
+};
 use super::{TaskOptions, TaskSettings, TaskState};
 
 /// Eager result records kept for [`Tasks::result`] and [`Tasks::revoke`] (oldest dropped).
@@ -44,6 +47,10 @@ pub enum ClientError {
     /// The arguments do not serialize to a JSON object.
     #[error("task arguments: {0}")]
     Args(String),
+    /// A publish option is out of range (a task id SPEC.md does not allow, an eta beyond
+    /// `tasks.max_eta`, a time that does not fit).
+    #[error("publish options: {0}")]
+    Options(String),
     /// The broker failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
@@ -205,7 +212,35 @@ impl Tasks {
         }
         let now = Utc::now();
         let id = options.task_id.clone().unwrap_or_else(new_task_id);
-        let eta = options.eta.or_else(|| options.countdown.map(|c| now + c));
+        if !is_valid_task_id(&id) {
+            return Err(ClientError::Options(format!(
+                "task id {id:?} is not 1-128 characters of [A-Za-z0-9_-]"
+            )));
+        }
+        let later = |what: &str, d: Duration| {
+            chrono::TimeDelta::from_std(d)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .ok_or_else(|| ClientError::Options(format!("{what} of {d:?} is out of range")))
+        };
+        let eta = match (options.eta, options.countdown) {
+            (Some(eta), _) => Some(eta),
+            (None, Some(c)) => Some(later("countdown", c)?),
+            (None, None) => None,
+        };
+        if let Some(eta) = eta {
+            if (eta - now).to_std().is_ok_and(|d| d > settings.max_eta) {
+                return Err(ClientError::Options(format!(
+                    "eta {eta} is further than tasks.max_eta ({}s) from now",
+                    settings.max_eta.as_secs()
+                )));
+            }
+        }
+        let expires = match (options.expires, task_options.expires) {
+            (Some(at), _) => Some(at),
+            (None, Some(d)) => Some(later("expires", d)?),
+            (None, None) => None,
+        };
         let env = Envelope {
             id: Some(id.clone()),
             task: task.to_owned(),
@@ -219,9 +254,7 @@ impl Tasks {
                     .unwrap_or(settings.default_max_retries),
             ),
             eta,
-            expires: options
-                .expires
-                .or_else(|| task_options.expires.map(|d| now + d)),
+            expires,
             published_at: Some(now),
         };
         let payload = serde_json::to_vec(&env).map_err(|e| ClientError::Args(e.to_string()))?;

@@ -61,6 +61,15 @@ impl Envelope {
     }
 }
 
+/// Whether `id` is a task id SPEC.md allows: 1–128 characters of `[A-Za-z0-9_-]` (UUIDs fit).
+/// Any other id is dead-lettered at once (`bad id`): it could not be a result key.
+pub fn is_valid_task_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// A new task id: a lowercase hyphenated UUID v7 (time-ordered). The random bits come from
 /// the thread-local generator rather than a system call per id.
 pub fn new_task_id() -> String {
@@ -117,9 +126,14 @@ impl PublishOptions {
         self.expires = Some(expires);
         self
     }
-    /// Does not start later than `after` from now.
+    /// Does not start later than `after` from now (a time past year 9999 saturates there).
     pub fn expires_in(mut self, after: Duration) -> Self {
-        self.expires = Some(Utc::now() + after);
+        let at = chrono::TimeDelta::from_std(after)
+            .ok()
+            .and_then(|d| Utc::now().checked_add_signed(d));
+        // 9999-12-31T23:59:59Z: the last time RFC 3339 writes.
+        let end = DateTime::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        self.expires = Some(at.filter(|t| *t < end).unwrap_or(end));
         self
     }
     /// Publishes to `queue`.
@@ -157,6 +171,28 @@ mod tests {
             serde_json::from_str(r#"{"task": "demo.add", "args": {"x": 1, "y": 2}}"#).expect("min");
         assert_eq!(m.id, None);
         assert_eq!(m.retries, 0);
+    }
+
+    #[test]
+    fn huge_expiry_saturates() {
+        let o = PublishOptions::new().expires_in(Duration::MAX);
+        let at = o.expires.expect("set");
+        let text = serde_json::to_string(&at).expect("encodes");
+        assert_eq!(text, "\"9999-12-31T23:59:59Z\"");
+        let back: DateTime<Utc> = serde_json::from_str(&text).expect("decodes");
+        assert_eq!(back, at);
+    }
+
+    #[test]
+    fn task_ids_are_checked_as_spec_says() {
+        assert!(is_valid_task_id(&new_task_id()));
+        assert!(is_valid_task_id("a"));
+        assert!(is_valid_task_id("order_42-b"));
+        assert!(is_valid_task_id(&"x".repeat(128)));
+        assert!(!is_valid_task_id(&"x".repeat(129)));
+        for bad in ["", "a*b", "a>b", "a b", "a.b", "é", "a/b", "a\nb"] {
+            assert!(!is_valid_task_id(bad), "{bad:?}");
+        }
     }
 
     #[test]

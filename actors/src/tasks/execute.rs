@@ -1,7 +1,8 @@
 //! Running tasks: the one runner every mode goes through. A delivery passes the stages
-//! decode → admit (args, deliveries, expiry, eta, known task) → claim (against a revocation)
-//! → run (one attempt under its soft and hard limits) → settle (SUCCESS, RETRY with the next
-//! message published, or FAILURE; dead letters; acknowledge). Worker pools run it on their
+//! decode → admit (id, args, deliveries, expiry, eta and `max_eta`, known task) → claim
+//! (against a revocation) → run (one attempt under its soft and hard limits) → settle
+//! (SUCCESS, RETRY with the next message published, or FAILURE; dead letters; acknowledge).
+//! A message that never ran writes its record create-only. Worker pools run it on their
 //! broker's deliveries; eager mode runs it inline on a private in-process queue, so a rule
 //! about retries, expiry or revocation is written here once.
 
@@ -18,6 +19,9 @@ use super::events::{EventKind, EventSink, TaskEvent};
 use super::record::Revocation;
 use super::{Backoff, Envelope, Registry, ResultRecord, TaskContext, TaskEntry, TaskError};
 use super::{TaskSettings, TaskState};
+
+/// The dead-letter reason of a message delivered more than `tasks.max_deliver` times.
+const MAX_DELIVERIES: &str = "max deliveries";
 
 /// How long a delivery is put back when the result store is unreachable at claim time.
 const CLAIM_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -129,6 +133,18 @@ struct Subject<'a> {
     id: &'a str,
     task: &'a str,
     queue: &'a str,
+    /// The message's `retries`.
+    retries: u32,
+}
+
+/// Which live record a message that never ran may replace (otherwise its record is
+/// create-only): the RETRY record of its own task at the same retry count, and, after too many
+/// deliveries, any record that is not final (a worker died with it STARTED).
+fn replaceable(retries: u32, after_deliveries: bool) -> impl Fn(&ResultRecord) -> bool {
+    move |r| {
+        (r.state == TaskState::Retry && r.retries == retries)
+            || (after_deliveries && !r.state.is_ready())
+    }
 }
 
 impl Runner {
@@ -164,23 +180,43 @@ impl Runner {
         }
     }
 
-    /// Fails a message for good: FAILURE record (when it has an id), dead letter, ack.
+    /// Writes the record of a message that never ran (see [`ResultStore::put_unrun`]); whether
+    /// it did.
+    async fn put_unrun(&self, record: &ResultRecord, after_deliveries: bool) -> bool {
+        let replace = replaceable(record.retries, after_deliveries);
+        match self.results.put_unrun(record, &replace).await {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(task_id = %record.id, state = %record.state, "a message that never ran names a task with a record: left as it was");
+                false
+            }
+            Err(e) => {
+                tracing::error!(task_id = %record.id, state = %record.state, "cannot store result: {e}");
+                false
+            }
+        }
+    }
+
+    /// Fails a message for good: FAILURE record (when it has a usable id and `record`; never
+    /// over another task's record), dead letter, ack.
     async fn reject(
         &self,
         delivery: &Delivery,
         subject: Option<&Subject<'_>>,
+        record: bool,
         reason: &str,
         error: String,
     ) -> Option<ResultRecord> {
         tracing::warn!(queue = %delivery.queue, seq = delivery.seq, reason, "{error}");
         let mut failed = None;
-        if let Some(s) = subject {
+        if let Some(s) = subject.filter(|_| record) {
             let rec = ResultRecord::pending(s.id)
-                .about(s.task, 0, &self.settings.node_id)
+                .about(s.task, s.retries, &self.settings.node_id)
                 .failed(error, Utc::now());
-            self.put(&rec).await;
-            self.emit(EventKind::TaskFailed, s, TaskState::Failure);
-            failed = Some(rec);
+            if self.put_unrun(&rec, reason == MAX_DELIVERIES).await {
+                self.emit(EventKind::TaskFailed, s, TaskState::Failure);
+                failed = Some(rec);
+            }
         }
         let letter = DeadLetter {
             id: subject.map(|s| s.id.to_owned()),
@@ -209,7 +245,9 @@ impl Runner {
             Ok(env) => env,
             Err(e) => {
                 let error = format!("bad_message: {e}");
-                return self.reject(&delivery, None, "bad message", error).await;
+                return self
+                    .reject(&delivery, None, false, "bad message", error)
+                    .await;
             }
         };
         let id = env
@@ -220,14 +258,25 @@ impl Runner {
             id: &id,
             task: &env.task,
             queue: &delivery.queue,
+            retries: env.retries,
         };
+        // An id that cannot be a result key (SPEC.md: 1–128 of `[A-Za-z0-9_-]`) would fail
+        // every claim: dead-lettered at once, no record.
+        if !super::is_valid_task_id(&id) {
+            let error = format!("bad_id: task id {id:?} is not 1-128 characters of [A-Za-z0-9_-]");
+            return self
+                .reject(&delivery, Some(&s), false, "bad id", error)
+                .await;
+        }
         if delivery.delivered == 1 && env.retries == 0 {
             self.emit(EventKind::TaskReceived, &s, TaskState::Pending);
         }
         // Admit.
         if !env.args.is_object() {
             let error = "bad_args: args must be a JSON object".to_owned();
-            return self.reject(&delivery, Some(&s), "bad args", error).await;
+            return self
+                .reject(&delivery, Some(&s), true, "bad args", error)
+                .await;
         }
         if delivery.delivered > self.settings.max_deliver {
             let error = format!(
@@ -235,17 +284,29 @@ impl Runner {
                 delivery.delivered, self.settings.max_deliver
             );
             return self
-                .reject(&delivery, Some(&s), "max deliveries", error)
+                .reject(&delivery, Some(&s), true, MAX_DELIVERIES, error)
                 .await;
         }
         if env.is_expired(now) {
             let rec = ResultRecord::pending(&id)
                 .about(&env.task, env.retries, &self.settings.node_id)
                 .revoked(Revocation::Expired, now);
-            self.put(&rec).await;
-            self.emit(EventKind::TaskRevoked, &s, TaskState::Revoked);
+            let wrote = self.put_unrun(&rec, false).await;
+            if wrote {
+                self.emit(EventKind::TaskRevoked, &s, TaskState::Revoked);
+            }
             self.ack(&delivery).await;
-            return Some(rec);
+            return wrote.then_some(rec);
+        }
+        if let Some(wait) = env.wait_for_eta(now).filter(|w| *w > self.settings.max_eta) {
+            let error = format!(
+                "eta_too_far: eta {}s away (tasks.max_eta = {}s)",
+                wait.as_secs(),
+                self.settings.max_eta.as_secs()
+            );
+            return self
+                .reject(&delivery, Some(&s), true, "eta too far", error)
+                .await;
         }
         if !self.eager {
             if let Some(wait) = env.wait_for_eta(now) {
@@ -259,7 +320,7 @@ impl Runner {
                 env.task, self.settings.node_id
             );
             return self
-                .reject(&delivery, Some(&s), "unknown task", error)
+                .reject(&delivery, Some(&s), true, "unknown task", error)
                 .await;
         };
         let plan = self.settings.plan(entry.options(), env.max_retries);
@@ -337,11 +398,17 @@ impl Runner {
             }
             Err(err) => match after_error(&err, env.retries, &plan) {
                 AfterError::Retry(countdown) => {
+                    // A retry waits at most `tasks.max_eta` (a huge backoff or countdown
+                    // saturates there rather than overflow the clock).
+                    let countdown = countdown.min(self.settings.max_eta);
                     let retries = env.retries + 1;
                     let rec = started.retrying(retries, err.to_string());
                     // The RETRY record goes first, so the next attempt's STARTED follows it.
                     self.put(&rec).await;
-                    let eta = Utc::now() + countdown;
+                    let eta = chrono::TimeDelta::from_std(countdown)
+                        .ok()
+                        .and_then(|d| Utc::now().checked_add_signed(d))
+                        .unwrap_or_else(Utc::now);
                     let next = Envelope {
                         id: Some(id.clone()),
                         retries,

@@ -301,7 +301,11 @@ impl Acker for MemoryAcker {
     }
 
     async fn nak(&self, delay: Duration) -> Result<(), BrokerError> {
-        let due = Instant::now() + delay;
+        // A delay too far for the clock: as far as a day (the runner caps etas far below).
+        let now = Instant::now();
+        let due = now
+            .checked_add(delay)
+            .unwrap_or(now + Duration::from_secs(86_400));
         let requeued = self.with_current(|q| {
             if let Some((msg, _)) = q.in_flight.remove(&self.seq) {
                 if delay.is_zero() {
@@ -366,7 +370,7 @@ impl TaskQueue for MemoryBroker {
                 .not_before
                 .and_then(|t| (t - Utc::now()).to_std().ok())
                 .filter(|d| !d.is_zero())
-                .map(|d| now + d);
+                .and_then(|d| now.checked_add(d));
             let q = state
                 .queues
                 .get_mut(&msg.queue)
@@ -474,6 +478,24 @@ impl ResultStore for MemoryBroker {
         let expires = now + self.inner.result_ttl;
         state.store_result(started.clone(), expires, self.inner.max_results);
         Ok(Claim::Claimed)
+    }
+
+    async fn put_unrun(
+        &self,
+        record: &ResultRecord,
+        replace: &(dyn for<'r> Fn(&'r ResultRecord) -> bool + Send + Sync),
+    ) -> Result<bool, BrokerError> {
+        let now = Instant::now();
+        let mut state = self.inner.lock();
+        if state
+            .live_result(&record.id, now)
+            .is_some_and(|r| !replace(r))
+        {
+            return Ok(false);
+        }
+        let expires = now + self.inner.result_ttl;
+        state.store_result(record.clone(), expires, self.inner.max_results);
+        Ok(true)
     }
 
     async fn revoke(&self, id: &str) -> Result<bool, BrokerError> {

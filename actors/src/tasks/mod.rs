@@ -36,7 +36,7 @@ pub use broker::{
     ResultStore, TaskQueue,
 };
 pub use client::{AsyncResult, ClientError, Tasks};
-pub use envelope::{new_task_id, Envelope, PublishOptions};
+pub use envelope::{is_valid_task_id, new_task_id, Envelope, PublishOptions};
 pub use events::{EventKind, EventSink, TaskEvent};
 pub use memory::MemoryBroker;
 pub use nats::{NatsBroker, NatsNames, StoredDeadLetter, PUBLISH_RETRY_FOR};
@@ -93,6 +93,13 @@ pub struct TaskSettings {
     pub drain_timeout: Duration,
     /// Threads of the runtime task bodies run on.
     pub runtime_threads: usize,
+    /// The furthest eta a task may have (SPEC.md `tasks.max_eta`, 30 days): the client refuses
+    /// a further one, the runner dead-letters it (`eta too far`).
+    pub max_eta: Duration,
+    /// How long the dead-letter stream keeps a letter (`tasks.dead_max_age`); zero: no limit.
+    pub dead_max_age: Duration,
+    /// Bytes the dead-letter stream keeps (`tasks.dead_max_bytes`); zero: no limit.
+    pub dead_max_bytes: u64,
 }
 
 impl Default for TaskSettings {
@@ -115,6 +122,9 @@ impl Default for TaskSettings {
             dedupe_window: Duration::from_secs(120),
             drain_timeout: Duration::from_secs(30),
             runtime_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_eta: Duration::from_secs(2_592_000),
+            dead_max_age: Duration::from_secs(1_209_600),
+            dead_max_bytes: 1_073_741_824,
         }
     }
 }

@@ -27,7 +27,7 @@ use super::broker::{
     ResultStore, TaskQueue,
 };
 use super::record::Revocation;
-use super::{Envelope, EventSink, ResultRecord, TaskEvent, TaskSettings};
+use super::{Envelope, EventSink, ResultRecord, TaskEvent, TaskSettings, TaskState};
 
 /// Request timeout of one JetStream API call or publish.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -148,6 +148,49 @@ async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Resul
     }
 }
 
+/// `tasks.dead_max_bytes` as JetStream's `max_bytes` (-1: no limit).
+fn dead_max_bytes(bytes: u64) -> i64 {
+    match bytes {
+        0 => -1,
+        n => i64::try_from(n).unwrap_or(i64::MAX),
+    }
+}
+
+/// Brings the limits of an existing dead-letter stream (one created before them, or under
+/// other settings) to `tasks.dead_max_age` / `tasks.dead_max_bytes`; a refusal is logged.
+async fn ensure_dead_limits(
+    js: &jetstream::Context,
+    name: &str,
+    settings: &TaskSettings,
+) -> Result<(), BrokerError> {
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .map_err(unavailable(format!("get stream {name}")))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(unavailable(format!("read stream {name}")))?;
+    let max_bytes = dead_max_bytes(settings.dead_max_bytes);
+    if info.config.max_age == settings.dead_max_age && info.config.max_bytes == max_bytes {
+        return Ok(());
+    }
+    let config = stream::Config {
+        max_age: settings.dead_max_age,
+        max_bytes,
+        ..info.config.clone()
+    };
+    // A NATS user that may not update streams (SPEC.md's `publisher`) still works; the nodes
+    // (`app`) set the limits.
+    if let Err(e) = js.update_stream(config).await {
+        tracing::warn!(
+            stream = name,
+            "cannot set tasks.dead_max_age / dead_max_bytes: {e}"
+        );
+    }
+    Ok(())
+}
+
 /// The JetStream broker. Cloning shares the connection.
 #[derive(Clone)]
 pub struct NatsBroker {
@@ -192,10 +235,13 @@ impl NatsBroker {
                 retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
                 num_replicas: 1,
+                max_age: settings.dead_max_age,
+                max_bytes: dead_max_bytes(settings.dead_max_bytes),
                 ..Default::default()
             },
         )
         .await?;
+        ensure_dead_limits(&js, &names.dead_stream(), settings).await?;
         let bucket = names.results_bucket();
         ensure_bucket(&js, &bucket, settings.result_ttl).await?;
         let kv = js
@@ -497,8 +543,13 @@ impl NatsBroker {
             .id
             .clone()
             .unwrap_or_else(|| format!("seq:{}", letter.seq));
-        if let Some(task_id) = &letter.id {
-            self.forget_result(task_id).await?;
+        // Only a FAILURE record is the letter's to forget: a letter that reused another task's
+        // id (or has an id that is no key, `bad id`) leaves that task's record alone.
+        if let Some(task_id) = letter.id.as_deref().filter(|i| super::is_valid_task_id(i)) {
+            let failed = self.get_result(task_id).await?;
+            if failed.is_some_and(|r| r.state == TaskState::Failure) {
+                self.forget_result(task_id).await?;
+            }
         }
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -778,6 +829,40 @@ impl ResultStore for NatsBroker {
         Err(BrokerError::Contention {
             op: "claim",
             id: started.id.clone(),
+        })
+    }
+
+    async fn put_unrun(
+        &self,
+        record: &ResultRecord,
+        replace: &(dyn for<'r> Fn(&'r ResultRecord) -> bool + Send + Sync),
+    ) -> Result<bool, BrokerError> {
+        if self.put_if(record, None).await? {
+            return Ok(true);
+        }
+        for _ in 0..CAS_ATTEMPTS {
+            let raw = self
+                .kv
+                .entry(&record.id)
+                .await
+                .map_err(unavailable(format!("read result {}", record.id)))?;
+            let revision = match raw {
+                Some(e) if e.operation == kv::Operation::Put => {
+                    match serde_json::from_slice::<ResultRecord>(&e.value) {
+                        Ok(r) if replace(&r) => Some(e.revision),
+                        _ => return Ok(false),
+                    }
+                }
+                Some(e) => Some(e.revision),
+                None => None,
+            };
+            if self.put_if(record, revision).await? {
+                return Ok(true);
+            }
+        }
+        Err(BrokerError::Contention {
+            op: "write result",
+            id: record.id.clone(),
         })
     }
 
