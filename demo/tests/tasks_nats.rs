@@ -582,18 +582,44 @@ async fn dead_replay_all_skips_and_reports_a_bad_letter() {
     env.stop().await;
 }
 
+/// A subscription to `<prefix>.events.task-started`, flushed so that no later event is missed.
+async fn started_events(prefix: &str) -> async_nats::Subscriber {
+    let client = async_nats::connect(common::service_url("nats"))
+        .await
+        .expect("nats");
+    let sub = client
+        .subscribe(format!("{prefix}.events.task-started"))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flush");
+    sub
+}
+
+/// Task id → the nodes it started on, from the start events that arrive within a short grace.
+async fn starts_by_task(started: &mut async_nats::Subscriber) -> HashMap<String, Vec<String>> {
+    let mut nodes: HashMap<String, Vec<String>> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(300), started.next()).await {
+            Ok(Some(m)) => {
+                let e: Value = serde_json::from_slice(&m.payload).expect("event");
+                nodes
+                    .entry(e["task_id"].as_str().unwrap_or("").to_owned())
+                    .or_default()
+                    .push(e["node"].as_str().unwrap_or("").to_owned());
+            }
+            _ => break,
+        }
+    }
+    nodes
+}
+
 #[tokio::test]
 async fn two_worker_processes_run_each_task_once() {
     let Some(mut env) = Env::start().await else {
         return;
     };
-    let client = async_nats::connect(common::service_url("nats"))
-        .await
-        .expect("nats");
-    let mut started = client
-        .subscribe(format!("{}.events.task-started", env.prefix))
-        .await
-        .expect("subscribe");
+    let mut started = started_events(&env.prefix).await;
     env.worker("w1", &[]);
     env.worker("w2", &[]);
     const N: usize = 60;
@@ -610,25 +636,10 @@ async fn two_worker_processes_run_each_task_once() {
         env.until_state(id, TaskState::Success).await;
     }
     // Every start event within a short grace: one per task.
-    let mut per_id: HashMap<String, usize> = HashMap::new();
-    let mut nodes: HashMap<String, usize> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_millis(300), started.next()).await {
-            Ok(Some(m)) => {
-                let e: Value = serde_json::from_slice(&m.payload).expect("event");
-                *per_id
-                    .entry(e["task_id"].as_str().unwrap_or("").to_owned())
-                    .or_default() += 1;
-                *nodes
-                    .entry(e["node"].as_str().unwrap_or("").to_owned())
-                    .or_default() += 1;
-            }
-            _ => break,
-        }
-    }
+    let per_id = starts_by_task(&mut started).await;
     assert_eq!(per_id.len(), N, "start events: {per_id:?}");
-    assert!(per_id.values().all(|n| *n == 1), "{per_id:?}");
+    assert!(per_id.values().all(|n| n.len() == 1), "{per_id:?}");
+    let nodes: std::collections::HashSet<&String> = per_id.values().flatten().collect();
     assert_eq!(nodes.len(), 2, "both workers took tasks: {nodes:?}");
     env.stop().await;
 }
@@ -642,14 +653,7 @@ async fn flaky_with_two_planned_failures_succeeds_every_time_across_two_workers(
     let Some(mut env) = Env::start().await else {
         return;
     };
-    let client = async_nats::connect(common::service_url("nats"))
-        .await
-        .expect("nats");
-    let mut started = client
-        .subscribe(format!("{}.events.task-started", env.prefix))
-        .await
-        .expect("subscribe");
-    client.flush().await.expect("flush");
+    let mut started = started_events(&env.prefix).await;
     env.worker("w1", &[]);
     env.worker("w2", &[]);
     const RUNS: usize = 10;
@@ -686,20 +690,7 @@ async fn flaky_with_two_planned_failures_succeeds_every_time_across_two_workers(
         ids.push(rec["id"].as_str().expect("id").to_owned());
     }
     // Three starts per task; the attempts of some task ran on both workers.
-    let mut nodes: HashMap<String, Vec<String>> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_millis(300), started.next()).await {
-            Ok(Some(m)) => {
-                let e: Value = serde_json::from_slice(&m.payload).expect("event");
-                nodes
-                    .entry(e["task_id"].as_str().unwrap_or("").to_owned())
-                    .or_default()
-                    .push(e["node"].as_str().unwrap_or("").to_owned());
-            }
-            _ => break,
-        }
-    }
+    let nodes = starts_by_task(&mut started).await;
     for id in &ids {
         assert_eq!(nodes.get(id).map(Vec::len), Some(3), "{id}: {nodes:?}");
     }
