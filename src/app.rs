@@ -34,13 +34,15 @@ impl App {
     /// [`Mailer`](crate::mail::Mailer) of `[mail]`.
     pub fn new(config: Config) -> Self {
         let mailer = crate::mail::Mailer::new(&config.mail);
+        let mut tasks = Registry::new();
+        crate::beat::register_builtins(&mut tasks, &config);
         Self {
             config,
             routes: Vec::new(),
             processors: HashMap::new(),
             merge: None,
             csrf_exempt: Default::default(),
-            tasks: Registry::new(),
+            tasks,
         }
         .data(mailer)
     }
@@ -127,8 +129,20 @@ impl App {
     }
 
     /// The registry of tasks, taking it (what `switchyard worker` runs).
+    /// Adds a periodic task to `[[beat.schedule]]` (run by `switchyard beat`, or by `serve` on
+    /// the memory broker or with `[beat] embedded = true`). It is checked when the beat starts.
+    pub fn schedule(mut self, entry: crate::config::ScheduleEntry) -> Self {
+        self.config.beat.schedule.push(entry);
+        self
+    }
+
     pub(crate) fn into_registry(self) -> Registry {
         self.tasks
+    }
+
+    /// The configuration (with the schedules added in code) and the tasks.
+    pub(crate) fn into_config_and_registry(self) -> (Config, Registry) {
+        (self.config, self.tasks)
     }
 
     /// Starts the node: actors, then the HTTP server. Must run inside an actix system.

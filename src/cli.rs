@@ -59,6 +59,18 @@ enum Command {
     /// Cluster inspection.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Tasks waiting for their eta.
+    #[command(subcommand)]
+    Scheduled(ScheduledCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ScheduledCommand {
+    /// One JSON line per scheduled task: {"id","task","queue","eta"}, soonest first.
+    List {
+        #[arg(long)]
+        queue: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -239,6 +251,7 @@ pub fn run(cli: Cli, setup: impl FnOnce(App) -> App) -> ExitCode {
         | Command::Result { .. }
         | Command::Revoke { .. }
         | Command::Purge { .. }
+        | Command::Scheduled(_)
         | Command::Dead(_) => {
             let mut config = match load(config_path) {
                 Ok(c) => c,
@@ -299,18 +312,18 @@ fn task_command(config: &mut Config, command: Command, setup: impl FnOnce(App) -
     use crate::task_commands::{self as tc, Simple};
     let config = std::mem::take(config);
     // The application's tasks: what `worker` runs and `publish` knows the options of.
-    let registry = |config: &Config| setup(App::new(config.clone())).into_registry();
+    let app = |config: &Config| setup(App::new(config.clone()));
     match command {
         Command::Worker(args) => {
             let mut config = config;
             if let Some(id) = args.node_id {
                 config.server.node_id = id;
             }
-            let registry = registry(&config);
+            let registry = app(&config).into_registry();
             tc::worker(config, registry, args.queues, args.concurrency)
         }
         Command::Publish(a) => block_on(tc::publish(
-            registry(&config),
+            app(&config).into_registry(),
             config,
             tc::PublishRequest {
                 task: a.task,
@@ -329,7 +342,18 @@ fn task_command(config: &mut Config, command: Command, setup: impl FnOnce(App) -
         Command::Dead(DeadCommand::Replay { id, all, queue }) => {
             block_on(tc::dead_replay(config, id, all, queue))
         }
-        _ => failure("`switchyard beat` is not available in this version yet"),
+        Command::Beat(args) => {
+            let mut config = config;
+            if let Some(id) = args.node_id {
+                config.server.node_id = id;
+            }
+            let (config, registry) = app(&config).into_config_and_registry();
+            tc::beat(config, registry)
+        }
+        Command::Scheduled(ScheduledCommand::List { queue }) => {
+            block_on(tc::scheduled_list(config, queue))
+        }
+        _ => failure("not a task command"),
     }
 }
 

@@ -41,6 +41,7 @@
 //! ```
 
 pub mod app;
+mod beat;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use switchyard_actors::tasks::{
-    NatsBroker, PublishOptions, Registry, TaskSettings, TaskState, Tasks, WorkerPool,
+    CancellationToken, NatsBeatStore, NatsBroker, PublishOptions, Registry, Scheduler,
+    TaskSettings, TaskState, Tasks, WorkerPool,
 };
 
 use crate::config::Config;
@@ -21,6 +22,8 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_FAILURE: u8 = 1;
 /// Pause between result polls of `publish --wait`.
 const WAIT_POLL: Duration = Duration::from_millis(20);
+/// How long a stopping node waits for its scheduler's in-flight releases.
+const SCHEDULER_STOP: Duration = Duration::from_secs(5);
 /// Most dead letters `dead list` and `dead replay --all` look at.
 const DEAD_LIMIT: usize = 100_000;
 
@@ -273,6 +276,10 @@ pub(crate) fn worker(
             Some(q) => q.clone(),
             None => settings.queues.iter().map(|q| q.name.clone()).collect(),
         };
+        // The scheduler releases this node's queues' scheduled tasks when due.
+        let stop = CancellationToken::new();
+        let scheduler = Scheduler::new((*broker).clone(), served.clone());
+        let scheduler = actix_rt::spawn(scheduler.run(stop.clone()));
         tracing::info!(
             node = %settings.node_id,
             queues = %served.join(","),
@@ -290,6 +297,7 @@ pub(crate) fn worker(
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+        stop.cancel();
         tracing::info!("stopping: draining in-flight tasks");
         let cold = pool.cold_token();
         actix_rt::spawn(async move {
@@ -301,8 +309,81 @@ pub(crate) fn worker(
             cold.cancel();
         });
         let outcome = pool.drain().await;
+        let _ = tokio::time::timeout(SCHEDULER_STOP, scheduler).await;
         tracing::info!(?outcome, "worker stopped");
         arbiter.stop();
+        ExitCode::SUCCESS
+    })
+}
+
+/// `switchyard scheduled list [--queue Q]`: one JSON line per task waiting for its eta.
+pub(crate) async fn scheduled_list(config: Config, queue: Option<String>) -> ExitCode {
+    let settings = crate::tasks::settings(&config);
+    if let Some(q) = queue.as_deref().filter(|q| settings.queue(q).is_none()) {
+        return usage(format!("--queue: {q:?} is not a queue of [[tasks.queues]]"));
+    }
+    let broker = match open(&config, &settings).await {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    match broker.scheduled(queue.as_deref()).await {
+        Ok(tasks) => {
+            for t in tasks {
+                let eta = t.eta.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                let line =
+                    serde_json::json!({"id": t.id, "task": t.task, "queue": t.queue, "eta": eta});
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => failure(e),
+    }
+}
+
+/// `switchyard beat`: fires the schedules while it leads (any number run; one leads) and
+/// releases scheduled tasks of every queue, until SIGTERM/SIGINT; then gives the lease up.
+pub(crate) fn beat(config: Config, registry: Registry) -> ExitCode {
+    let entries = match crate::beat::entries(&config) {
+        Ok(e) => e,
+        Err(e) => return usage(e),
+    };
+    let settings = crate::tasks::settings(&config);
+    let system = actix_rt::System::new();
+    system.block_on(async move {
+        let broker = match open(&config, &settings).await {
+            Ok(b) => b,
+            Err(code) => return code,
+        };
+        let store = match NatsBeatStore::open(&broker, &settings.node_id).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => return failure(e),
+        };
+        let queues = settings.queues.iter().map(|q| q.name.clone()).collect();
+        let tasks = Tasks::new(
+            Arc::new(broker.clone()),
+            Arc::new(registry),
+            settings.clone(),
+        );
+        let stop = CancellationToken::new();
+        let beat = crate::beat::beat(&config, entries, store, tasks);
+        let beat = actix_rt::spawn(beat.run(stop.clone()));
+        let scheduler = actix_rt::spawn(Scheduler::new(broker, queues).run(stop.clone()));
+        tracing::info!(node = %settings.node_id, "beat ready");
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return failure("cannot listen for signals");
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        stop.cancel();
+        let _ = tokio::time::timeout(SCHEDULER_STOP, beat).await;
+        let _ = tokio::time::timeout(SCHEDULER_STOP, scheduler).await;
+        tracing::info!("beat stopped");
         ExitCode::SUCCESS
     })
 }

@@ -23,7 +23,9 @@ use switchyard_actors::context::builtins::{
 };
 use switchyard_actors::context::{ContextProcessor, ContextWorkers};
 use switchyard_actors::session::{CookieSigner, SessionShards};
-use switchyard_actors::tasks::{EventSink, MemoryBroker, Registry, Tasks, WorkerPool};
+use switchyard_actors::tasks::{
+    CancellationToken, EventSink, MemoryBroker, Registry, Tasks, WorkerPool,
+};
 
 use crate::config::{AuthStore, Broker, Config};
 use crate::engines;
@@ -98,6 +100,8 @@ pub(crate) struct Topology {
     actor_arbiter: actix_rt::Arbiter,
     context_arbiter: actix_rt::Arbiter,
     task_workers: Option<TaskWorkers>,
+    /// Stops the embedded beat (which then releases its lease).
+    beat_stop: CancellationToken,
 }
 
 /// The in-process task workers (memory broker) and the arbiter their actors live on.
@@ -160,6 +164,7 @@ impl Topology {
         }
         let csrf = web::Data::new(CsrfPolicy::new(csrf_exempt, &config.sessions));
         let (tasks, task_workers) = task_system(&services, task_registry, &metrics).await?;
+        let beat_stop = embedded_beat(&services, &tasks).await?;
         // With NATS, the nodes count failed logins together.
         if let Some(link) = services.nats_if_open() {
             auth = auth
@@ -221,6 +226,7 @@ impl Topology {
                 actor_arbiter,
                 context_arbiter,
                 task_workers,
+                beat_stop,
             },
         })
     }
@@ -249,6 +255,7 @@ impl Topology {
 
     /// Stops the actors in order, after the HTTP server has stopped.
     pub(crate) async fn shutdown(self) {
+        self.beat_stop.cancel();
         if let Some(workers) = self.task_workers {
             tracing::info!(
                 drain_timeout = self.config.tasks.drain_timeout,
@@ -475,6 +482,29 @@ async fn task_system(
         Tasks::new(broker, registry, settings),
         Some(TaskWorkers { pool, arbiter }),
     ))
+}
+
+/// Starts the beat inside `serve` when it has schedules and runs there: always on the memory
+/// broker, with `[beat] embedded = true` on NATS. Returns the token that stops it.
+async fn embedded_beat(
+    services: &engines::Services<'_>,
+    tasks: &Tasks,
+) -> Result<CancellationToken, StartError> {
+    let config = services.config();
+    let stop = CancellationToken::new();
+    let broker = match config.tasks.broker {
+        Broker::Memory => None,
+        Broker::Nats if config.beat.embedded => {
+            let settings = crate::tasks::settings(config);
+            Some(engines::nats_broker(services, &settings).await?)
+        }
+        Broker::Nats => return Ok(stop),
+    };
+    let entries = crate::beat::entries(config).map_err(|e| StartError::service("beat", e))?;
+    crate::beat::embedded(config, entries, tasks.clone(), broker, stop.clone())
+        .await
+        .map_err(|e| StartError::service("beat", e))?;
+    Ok(stop)
 }
 
 /// The first SIGTERM/SIGINT stops the HTTP server and starts a warm drain of the task workers;

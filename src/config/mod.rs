@@ -114,6 +114,12 @@ string_enum! {
         SignedCookies => "signed_cookies",
     }
 
+    /// What a beat does with ticks missed while none ran.
+    Misfire { #[default] Skip => "skip", CatchUp => "catch_up", }
+
+    /// Whether a schedule fires while its previous tick's task is unfinished.
+    Overlap { #[default] Allow => "allow", Skip => "skip", }
+
     /// Where users are looked up: `[[auth.users]]` in the configuration, or Postgres.
     AuthStore { #[default] Config => "config", Postgres => "postgres", }
 
@@ -296,7 +302,10 @@ impl Config {
             let cron_error = cron.and_then(|c| Cron::new(c).with_seconds_required().parse().err());
             let queue = entry.queue.as_deref().unwrap_or(&tasks.default_queue);
             rules! {v;
+                format!("{key}.name") => name(&entry.name);
                 format!("{key}.task") => !entry.task.is_empty(), "expected a non-empty task name";
+                format!("{key}.timezone") => entry.timezone.parse::<chrono_tz::Tz>().is_ok(),
+                    "expected an IANA time zone such as \"Europe/Lisbon\", got {:?}", entry.timezone;
                 key.clone() => entry.every.is_some() != cron.is_some(),
                     "expected exactly one of `every` and `cron`";
                 format!("{key}.every") => entry.every != Some(Duration::ZERO),
@@ -791,6 +800,7 @@ mod tests {
             cron: None,
             queue: None,
             args: serde_json::Map::new(),
+            ..Default::default()
         });
         let text = config.to_redacted_toml();
         for secret in [

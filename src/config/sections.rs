@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
 use super::REDACTED;
-use super::{AuthStore, Broker, LogFormat, MailBackend, OnLogin, SameSite, Secret, SessionEngine};
+use super::{AuthStore, Broker, LogFormat, MailBackend, Misfire, OnLogin, Overlap, SameSite};
+use super::{Secret, SessionEngine};
 
 section! {
     /// `[server]`: the HTTP node.
@@ -211,6 +212,8 @@ section! {
 
     /// `[beat]`: periodic schedules.
     pub struct BeatConfig {
+        /// `serve` runs the schedule itself (always so on the memory broker).
+        pub embedded: bool = false,
         /// `[[beat.schedule]]`: the schedules (none built in).
         pub schedule: Vec<ScheduleEntry> = Vec::new(),
     }
@@ -309,7 +312,7 @@ pub(super) fn parse_rate_limit(s: &str) -> Option<Option<f64>> {
 }
 
 /// One `[[beat.schedule]]` entry: exactly one of `every` and `cron`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ScheduleEntry {
     /// Schedule name (unique); identifies its ticks across beat nodes.
@@ -325,6 +328,34 @@ pub struct ScheduleEntry {
     pub queue: Option<String>,
     /// Task arguments (a TOML table, a JSON object on the wire).
     pub args: serde_json::Map<String, serde_json::Value>,
+    /// IANA time zone of `cron` (`"Europe/Lisbon"`); `every` ticks are zone-free.
+    pub timezone: String,
+    /// Ticks missed while no beat ran: dropped, or fired (at most `catch_up_window` back).
+    pub misfire: Misfire,
+    /// Seconds back that `misfire = "catch_up"` reaches.
+    pub catch_up_window: u64,
+    /// Whether a tick fires while the previous tick's task is unfinished.
+    pub overlap: Overlap,
+}
+
+impl Default for ScheduleEntry {
+    fn default() -> Self {
+        let (name, task, every, cron, queue) = Default::default();
+        let (args, misfire, overlap) = Default::default();
+        let (timezone, catch_up_window) = ("UTC".into(), 3600);
+        Self {
+            name,
+            task,
+            every,
+            cron,
+            queue,
+            args,
+            timezone,
+            misfire,
+            catch_up_window,
+            overlap,
+        }
+    }
 }
 
 #[cfg(test)]

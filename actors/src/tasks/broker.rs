@@ -131,6 +131,10 @@ impl BrokerError {
     }
 }
 
+/// The shortest wait that moves a delivery to the schedule store ([`TaskQueue::hold`]);
+/// a closer eta waits as a delayed nak.
+pub const HOLD_MIN: Duration = Duration::from_secs(2);
+
 /// A message to publish.
 #[derive(Clone, Debug)]
 pub struct Outgoing {
@@ -264,7 +268,21 @@ pub trait TaskQueue: Send + Sync + 'static {
         let _ = max;
         Ok(self.fetch(queue, wait).await?.into_iter().collect())
     }
-    /// Drops every waiting message of `queue`; returns how many.
+    /// Moves a delivery whose task is due at `eta` (at least [`HOLD_MIN`] away) out of its
+    /// queue into the broker's schedule store, from which it is released to the queue when
+    /// due; the caller then acknowledges the delivery. `Ok(false)`: this broker keeps no
+    /// schedule store (the delivery waits as a delayed nak, as on the memory broker).
+    async fn hold(
+        &self,
+        delivery: &Delivery,
+        id: &str,
+        task: &str,
+        eta: DateTime<Utc>,
+    ) -> Result<bool, BrokerError> {
+        let _ = (delivery, id, task, eta);
+        Ok(false)
+    }
+    /// Drops every waiting message of `queue` (its scheduled ones included); returns how many.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
     /// Keeps a message that failed for good.
     async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BrokerError>;

@@ -14,7 +14,7 @@ use chrono::Utc;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{Claim, DeadLetter, Delivery, Outgoing, ResultStore, TaskQueue};
+use super::broker::{Claim, DeadLetter, Delivery, Outgoing, ResultStore, TaskQueue, HOLD_MIN};
 use super::events::{EventKind, EventSink, TaskEvent};
 use super::record::Revocation;
 use super::{Backoff, Envelope, Registry, ResultRecord, TaskContext, TaskEntry, TaskError};
@@ -308,11 +308,22 @@ impl Runner {
                 .reject(&delivery, Some(&s), true, "eta too far", error)
                 .await;
         }
-        if !self.eager {
-            if let Some(wait) = env.wait_for_eta(now) {
-                self.nak(&delivery, wait).await;
-                return None;
+        if let (false, Some(wait), Some(eta)) = (self.eager, env.wait_for_eta(now), env.eta) {
+            // A far eta leaves the queue for the schedule store (no delivery waits in a
+            // worker's hands for long); a close one waits as a delayed nak.
+            let held = match wait >= HOLD_MIN {
+                true => self.queue.hold(&delivery, &id, &env.task, eta).await,
+                false => Ok(false),
+            };
+            match held {
+                Ok(true) => self.ack(&delivery).await,
+                Ok(false) => self.nak(&delivery, wait).await,
+                Err(e) => {
+                    tracing::warn!(task_id = %id, "cannot schedule, putting back: {e}");
+                    self.nak(&delivery, CLAIM_RETRY_DELAY).await;
+                }
             }
+            return None;
         }
         let Some(entry) = self.registry.get(&env.task) else {
             let error = format!(

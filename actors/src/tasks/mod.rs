@@ -11,11 +11,15 @@
 //! - `envelope`, `record`, `events`: the task message, the result record, task events.
 //! - `broker`: the [`TaskQueue`] and [`ResultStore`] traits ([`Broker`]: both) and the typed
 //!   [`BrokerError`]; `memory`: the memory broker; `nats`: the NATS JetStream broker.
+//! - `scheduled`: scheduled tasks on NATS (the `<PREFIX>_SCHEDULED` stream) and the
+//!   [`Scheduler`] that releases them when due.
+//! - `beat`: periodic tasks ([`Beat`]), its lease and tick ids.
 //! - `execute`: the runner: decode → admit → claim → run → settle, for workers and eager mode.
 //! - `worker`: the [`TaskWorker`] actors (one per queue) and the [`WorkerPool`] that owns them
 //!   and the task runtime.
 //! - `client`: [`Tasks`] (publish, results, revoke) and the [`AsyncResult`] handle.
 
+mod beat;
 mod broker;
 mod client;
 mod envelope;
@@ -26,14 +30,18 @@ mod nats;
 mod rate;
 mod record;
 mod registry;
+mod scheduled;
 mod task;
 mod worker;
 
 use std::time::Duration;
 
+pub use beat::{
+    tick_id, Beat, BeatEntry, BeatStore, Every, Fired, MemoryBeatStore, Misfire, NatsBeatStore,
+};
 pub use broker::{
     Acker, Broker, BrokerError, Claim, DeadLetter, Delivery, ErrorSource, Outgoing, PublishOutcome,
-    ResultStore, TaskQueue,
+    ResultStore, TaskQueue, HOLD_MIN,
 };
 pub use client::{AsyncResult, ClientError, Tasks};
 pub use envelope::{is_valid_task_id, new_task_id, Envelope, PublishOptions};
@@ -42,6 +50,7 @@ pub use memory::MemoryBroker;
 pub use nats::{NatsBroker, NatsNames, StoredDeadLetter, PUBLISH_RETRY_FOR};
 pub use record::{ResultRecord, Revocation, TaskState};
 pub use registry::{Registry, TaskEntry};
+pub use scheduled::{ScheduledTask, Scheduler};
 pub use task::{AppData, Backoff, ResultExt, Task, TaskContext, TaskError, TaskOptions};
 pub use tokio_util::sync::CancellationToken;
 pub use worker::{Drain, DrainOutcome, TaskFinished, TaskWorker, WorkerPool};

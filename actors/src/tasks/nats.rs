@@ -49,7 +49,7 @@ pub const HEADER_FAILED_AT: &str = "Switchyard-Failed-At";
 pub const HEADER_ORIGINAL_SUBJECT: &str = "Switchyard-Original-Subject";
 
 /// `map_err` for an operation the service did not answer.
-fn unavailable<E>(op: impl Into<String>) -> impl FnOnce(E) -> BrokerError
+pub(super) fn unavailable<E>(op: impl Into<String>) -> impl FnOnce(E) -> BrokerError
 where
     E: std::error::Error + Send + Sync + 'static,
 {
@@ -105,6 +105,14 @@ impl NatsNames {
     /// `<prefix>.events.<kind>`.
     pub fn event_subject(&self, kind: &str) -> String {
         format!("{}.events.{kind}", self.prefix)
+    }
+    /// `<PREFIX>_SCHEDULED`: tasks waiting for their eta (see `scheduled`).
+    pub fn scheduled_stream(&self) -> String {
+        format!("{}_SCHEDULED", self.prefix.to_uppercase())
+    }
+    /// `<prefix>_scheduler`: the schedulers' sweep positions.
+    pub fn scheduler_bucket(&self) -> String {
+        format!("{}_scheduler", self.prefix)
     }
     /// `<prefix>_results`.
     pub fn results_bucket(&self) -> String {
@@ -200,6 +208,7 @@ pub struct NatsBroker {
     stream: String,
     kv: kv::Store,
     ack_wait: Duration,
+    max_eta: Duration,
     consumers: std::sync::Arc<Mutex<HashMap<String, consumer::PullConsumer>>>,
 }
 
@@ -242,6 +251,7 @@ impl NatsBroker {
         )
         .await?;
         ensure_dead_limits(&js, &names.dead_stream(), settings).await?;
+        ensure_stream(&js, super::scheduled::stream_config(&names, settings)).await?;
         let bucket = names.results_bucket();
         ensure_bucket(&js, &bucket, settings.result_ttl).await?;
         let kv = js
@@ -255,6 +265,7 @@ impl NatsBroker {
             names,
             kv,
             ack_wait: settings.ack_wait,
+            max_eta: settings.max_eta,
             consumers: Default::default(),
         };
         for q in &settings.queues {
@@ -271,6 +282,16 @@ impl NatsBroker {
     /// The JetStream context.
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
+    }
+
+    /// The version the NATS server announced (`2.9.10`).
+    pub fn server_version(&self) -> String {
+        self.client.server_info().version
+    }
+
+    /// How long a scheduled entry is kept at most.
+    pub(super) fn scheduled_max_age(&self) -> Duration {
+        super::scheduled::scheduled_max_age(self.max_eta)
     }
 
     /// The queue's durable consumer, created when missing.
@@ -351,7 +372,7 @@ impl NatsBroker {
 
     /// Publishes with `Nats-Msg-Id`, retrying for up to [`PUBLISH_RETRY_FOR`] while NATS
     /// does not answer (the same id makes a retried publish safe).
-    async fn publish_raw(
+    pub(super) async fn publish_raw(
         &self,
         subject: String,
         payload: Bytes,
@@ -704,7 +725,19 @@ impl TaskQueue for NatsBroker {
         }
     }
 
+    async fn hold(
+        &self,
+        delivery: &Delivery,
+        id: &str,
+        task: &str,
+        eta: DateTime<Utc>,
+    ) -> Result<bool, BrokerError> {
+        self.hold_delivery(delivery, id, task, eta).await?;
+        Ok(true)
+    }
+
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let scheduled = self.purge_scheduled(queue).await?;
         let stream = self
             .js
             .get_stream(&self.stream)
@@ -715,7 +748,7 @@ impl TaskQueue for NatsBroker {
             .filter(self.names.task_subject(queue))
             .await
             .map_err(unavailable(format!("purge queue {queue}")))?;
-        Ok(res.purged)
+        Ok(res.purged + scheduled)
     }
 
     async fn dead_letter(&self, letter: DeadLetter) -> Result<(), BrokerError> {
