@@ -359,7 +359,9 @@ impl NatsHarness {
         for stream in [
             names.tasks_stream(),
             names.dead_stream(),
+            names.scheduled_stream(),
             format!("KV_{}", names.results_bucket()),
+            format!("KV_{}", names.scheduler_bucket()),
         ] {
             let _ = js.delete_stream(&stream).await;
         }

@@ -22,6 +22,9 @@ const WAIT: Duration = Duration::from_secs(20);
 const ACK_WAIT_SECS: u64 = 1;
 
 struct Env {
+    /// The NATS server: the machine's, or a private current one (kept running by `_server`).
+    url: String,
+    _server: Option<common::PrivateServer>,
     prefix: String,
     /// A fresh Postgres database (orders live there under `tasks.broker = "nats"`).
     postgres: String,
@@ -41,13 +44,23 @@ fn settings() -> TaskSettings {
 
 impl Env {
     async fn start() -> Option<Env> {
-        if !common::service_available("nats") {
-            return None;
-        }
+        Self::on(Server::Machine).await
+    }
+
+    /// A fresh prefix on `server`.
+    async fn on(server: Server) -> Option<Env> {
+        let (url, private) = match server {
+            Server::Machine if common::service_available("nats") => {
+                (common::service_url("nats"), None)
+            }
+            Server::Machine => return None,
+            Server::Current => {
+                let s = common::PrivateServer::nats_current()?;
+                (s.nats_url(), Some(s))
+            }
+        };
         let prefix = common::unique_name("syn");
-        let client = async_nats::connect(common::service_url("nats"))
-            .await
-            .expect("nats");
+        let client = async_nats::connect(&url).await.expect("nats");
         let broker = Arc::new(
             NatsBroker::open(client, &prefix, &settings())
                 .await
@@ -55,6 +68,8 @@ impl Env {
         );
         let tasks = Tasks::new(broker.clone(), Arc::new(Registry::new()), settings());
         Some(Env {
+            url,
+            _server: private,
             prefix,
             postgres: common::fresh_postgres_url(),
             dir: tempfile::tempdir().expect("tempdir"),
@@ -68,7 +83,7 @@ impl Env {
         vec![
             ("SWITCHYARD_TASKS__BROKER".into(), "nats".into()),
             ("SWITCHYARD_NATS__PREFIX".into(), self.prefix.clone()),
-            ("SWITCHYARD_NATS__URL".into(), common::service_url("nats")),
+            ("SWITCHYARD_NATS__URL".into(), self.url.clone()),
             (
                 "SWITCHYARD_TASKS__ACK_WAIT".into(),
                 ACK_WAIT_SECS.to_string(),
@@ -163,7 +178,9 @@ impl Env {
         for stream in [
             names.tasks_stream(),
             names.dead_stream(),
+            names.scheduled_stream(),
             format!("KV_{}", names.results_bucket()),
+            format!("KV_{}", names.scheduler_bucket()),
         ] {
             let _ = js.delete_stream(&stream).await;
         }
@@ -180,13 +197,48 @@ impl Drop for Env {
     }
 }
 
+/// Which NATS server a test runs against.
+#[derive(Clone, Copy, Debug)]
+enum Server {
+    /// The machine's (2.9.10 here), at `SWITCHYARD_NATS__URL`.
+    Machine,
+    /// A current release, started privately (`PrivateServer::nats_current`).
+    Current,
+}
+
+/// The broker suite's tests that run on both servers.
+macro_rules! on_both_servers {
+    ($($name:ident),+ $(,)?) => {
+        mod machine_nats {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Server::Machine).await
+            })+
+        }
+        mod current_nats {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Server::Current).await
+            })+
+        }
+    };
+}
+
+on_both_servers!(
+    publish_wait_prints_the_record_and_exit_codes_follow_the_state,
+    foreign_publisher_dead_letters_and_replay,
+    foreign_publishers_run_tasks_and_nothing_more,
+    two_worker_processes_run_each_task_once,
+    flaky_with_two_planned_failures_succeeds_every_time_across_two_workers,
+    a_sigkilled_worker_s_task_is_redelivered_and_a_crash_loop_is_quarantined
+);
+
 fn record(line: &str) -> Value {
     serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("not JSON {line:?}: {e}"))
 }
 
-#[tokio::test]
-async fn publish_wait_prints_the_record_and_exit_codes_follow_the_state() {
-    let Some(mut env) = Env::start().await else {
+async fn publish_wait_prints_the_record_and_exit_codes_follow_the_state(server: Server) {
+    let Some(mut env) = Env::on(server).await else {
         return;
     };
     env.worker("w1", &[]);
@@ -264,15 +316,12 @@ async fn publish_wait_prints_the_record_and_exit_codes_follow_the_state() {
     env.stop().await;
 }
 
-#[tokio::test]
-async fn foreign_publisher_dead_letters_and_replay() {
-    let Some(mut env) = Env::start().await else {
+async fn foreign_publisher_dead_letters_and_replay(server: Server) {
+    let Some(mut env) = Env::on(server).await else {
         return;
     };
     env.worker("w1", &[]);
-    let client = async_nats::connect(common::service_url("nats"))
-        .await
-        .expect("nats");
+    let client = async_nats::connect(&env.url).await.expect("nats");
     let js = async_nats::jetstream::new(client);
     let subject = format!("{}.tasks.default", env.prefix);
     let ack = js
@@ -365,15 +414,12 @@ async fn until_letters(env: &Env, n: usize) -> Vec<Value> {
 /// SPEC.md "Trust boundaries" with a plain NATS client: messages reusing a finished task's id
 /// leave its record alone, a bad id is dead-lettered at once and stalls nothing, an eta past
 /// `tasks.max_eta` is dead-lettered, the DEAD stream has its limits.
-#[tokio::test]
-async fn foreign_publishers_run_tasks_and_nothing_more() {
-    let Some(mut env) = Env::start().await else {
+async fn foreign_publishers_run_tasks_and_nothing_more(server: Server) {
+    let Some(mut env) = Env::on(server).await else {
         return;
     };
     env.worker("w1", &[]);
-    let client = async_nats::connect(common::service_url("nats"))
-        .await
-        .expect("nats");
+    let client = async_nats::connect(&env.url).await.expect("nats");
     let js = async_nats::jetstream::new(client);
     let subject = format!("{}.tasks.default", env.prefix);
     let publish = |body: Value| {
@@ -495,9 +541,7 @@ async fn foreign_publishers_run_tasks_and_nothing_more() {
         dead_max_bytes: 1 << 20,
         ..settings()
     };
-    let client = async_nats::connect(common::service_url("nats"))
-        .await
-        .expect("nats");
+    let client = async_nats::connect(&env.url).await.expect("nats");
     NatsBroker::open(client, &env.prefix, &other)
         .await
         .expect("reopen");
@@ -583,10 +627,9 @@ async fn dead_replay_all_skips_and_reports_a_bad_letter() {
 }
 
 /// A subscription to `<prefix>.events.task-started`, flushed so that no later event is missed.
-async fn started_events(prefix: &str) -> async_nats::Subscriber {
-    let client = async_nats::connect(common::service_url("nats"))
-        .await
-        .expect("nats");
+async fn started_events(env: &Env) -> async_nats::Subscriber {
+    let prefix = &env.prefix;
+    let client = async_nats::connect(&env.url).await.expect("nats");
     let sub = client
         .subscribe(format!("{prefix}.events.task-started"))
         .await
@@ -614,12 +657,11 @@ async fn starts_by_task(started: &mut async_nats::Subscriber) -> HashMap<String,
     nodes
 }
 
-#[tokio::test]
-async fn two_worker_processes_run_each_task_once() {
-    let Some(mut env) = Env::start().await else {
+async fn two_worker_processes_run_each_task_once(server: Server) {
+    let Some(mut env) = Env::on(server).await else {
         return;
     };
-    let mut started = started_events(&env.prefix).await;
+    let mut started = started_events(&env).await;
     env.worker("w1", &[]);
     env.worker("w2", &[]);
     const N: usize = 60;
@@ -648,12 +690,11 @@ async fn two_worker_processes_run_each_task_once() {
 /// --wait 60` succeeds 10 times out of 10. The attempt number comes from the task context (the
 /// retries the message carries), so an attempt that lands on the other worker still counts;
 /// a per-process count ended in FAILURE about half the time.
-#[tokio::test]
-async fn flaky_with_two_planned_failures_succeeds_every_time_across_two_workers() {
-    let Some(mut env) = Env::start().await else {
+async fn flaky_with_two_planned_failures_succeeds_every_time_across_two_workers(server: Server) {
+    let Some(mut env) = Env::on(server).await else {
         return;
     };
-    let mut started = started_events(&env.prefix).await;
+    let mut started = started_events(&env).await;
     env.worker("w1", &[]);
     env.worker("w2", &[]);
     const RUNS: usize = 10;
@@ -747,9 +788,8 @@ async fn refused_publishes_and_undecodable_records_are_typed_errors() {
     env.stop().await;
 }
 
-#[tokio::test]
-async fn a_sigkilled_worker_s_task_is_redelivered_and_a_crash_loop_is_quarantined() {
-    let Some(mut env) = Env::start().await else {
+async fn a_sigkilled_worker_s_task_is_redelivered_and_a_crash_loop_is_quarantined(server: Server) {
+    let Some(mut env) = Env::on(server).await else {
         return;
     };
     let w1 = env.worker("w1", &[]);
