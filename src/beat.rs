@@ -6,10 +6,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
+use switchyard_actors::session::SessionStore;
 use switchyard_actors::tasks::{
     Beat, BeatEntry, BeatStore, CancellationToken, Every, MemoryBeatStore, Misfire, NatsBeatStore,
     NatsBroker, Registry, TaskContext, TaskError, TaskOptions, Tasks,
 };
+use tokio::sync::OnceCell;
 
 use crate::config::{self, Config, ScheduleEntry};
 use crate::engines;
@@ -103,23 +105,29 @@ pub(crate) async fn embedded(
 /// signed cookies keep nothing on the server: `{"deleted": 0}` for both).
 pub(crate) fn register_builtins(registry: &mut Registry, config: &Config) {
     let config = Arc::new(config.clone());
+    // The engine is opened on the first run and kept for the next ones.
+    let store: Arc<OnceCell<Option<Arc<dyn SessionStore>>>> = Arc::default();
     registry.register_fn(
         CLEAR_SESSIONS,
         TaskOptions::default(),
         move |_ctx: TaskContext, _args: Value| {
-            let config = config.clone();
+            let (config, store) = (config.clone(), store.clone());
             async move {
                 use crate::config::SessionEngine::{Memory, SignedCookies};
                 if matches!(config.sessions.engine, Memory | SignedCookies) {
                     return Ok(json!({ "deleted": 0 }));
                 }
-                let services = engines::Services::new(&config);
-                let opened = engines::open(&services)
+                let store = store
+                    .get_or_try_init(|| async {
+                        let services = engines::Services::new(&config);
+                        engines::open(&services)
+                            .await
+                            .map(|opened| opened.map(|o| o.store))
+                    })
                     .await
                     .map_err(|e| TaskError::retry("sessions", e))?;
-                let deleted = match opened {
-                    Some(o) => o
-                        .store
+                let deleted = match store {
+                    Some(store) => store
                         .purge_expired()
                         .await
                         .map_err(|e| TaskError::retry("sessions", e))?,

@@ -25,6 +25,8 @@ struct Env {
     prefix: String,
     dir: tempfile::TempDir,
     config: Option<std::path::PathBuf>,
+    /// More environment for every process.
+    extra: Vec<(String, String)>,
     children: Vec<Child>,
     _server: Option<common::PrivateServer>,
 }
@@ -57,6 +59,7 @@ impl Env {
             prefix: common::unique_name("sched"),
             dir: tempfile::tempdir().expect("tempdir"),
             config: None,
+            extra: Vec::new(),
             children: Vec::new(),
             _server: private,
         })
@@ -74,7 +77,7 @@ impl Env {
     }
 
     fn env(&self) -> Vec<(String, String)> {
-        vec![
+        let base = vec![
             ("SWITCHYARD_TASKS__BROKER".into(), "nats".into()),
             ("SWITCHYARD_NATS__PREFIX".into(), self.prefix.clone()),
             ("SWITCHYARD_NATS__URL".into(), self.url.clone()),
@@ -83,7 +86,8 @@ impl Env {
                 "SWITCHYARD_MAIL__DIR".into(),
                 self.dir.path().display().to_string(),
             ),
-        ]
+        ];
+        base.into_iter().chain(self.extra.iter().cloned()).collect()
     }
 
     fn args<'a>(&'a self, args: &[&'a str]) -> Vec<String> {
@@ -565,6 +569,83 @@ macro_rules! suite {
 
 suite!(machine_nats, Server::Machine);
 suite!(current_nats, Server::Current);
+
+/// `[beat] embedded = true` on NATS: `serve` fires the schedules, and the built-in
+/// `switchyard.clear_sessions` deletes expired sessions (here the file engine's, which has no
+/// timer of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_an_embedded_beat_clears_expired_sessions() {
+    let Some(mut env) = Env::start(Server::Machine) else {
+        return;
+    };
+    let sessions = tempfile::tempdir().expect("sessions dir");
+    env.extra = vec![
+        ("SWITCHYARD_SESSIONS__ENGINE".into(), "file".into()),
+        (
+            "SWITCHYARD_FILE__DIR".into(),
+            sessions.path().display().to_string(),
+        ),
+        ("SWITCHYARD_SESSIONS__COOKIE_AGE".into(), "2".into()),
+        ("SWITCHYARD_BEAT__EMBEDDED".into(), "true".into()),
+    ];
+    env.spawn(&["worker"]);
+    let base =
+        std::fs::read_to_string(common::root().join("config/default.toml")).expect("default.toml");
+    let schedule = "[[beat.schedule]]\nname = \"clear\"\ntask = \"switchyard.clear_sessions\"\nevery = \"1s\"\n";
+    let node = common::spawn_node(common::NodeOptions {
+        config: Some(format!("{base}\n{schedule}")),
+        env: env.env(),
+        ..Default::default()
+    });
+    let count = || {
+        std::fs::read_dir(sessions.path())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    // Sessions are `<hex>.session`; `u<hex>.session` is a user's index.
+                    .filter(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        name.ends_with(".session") && !name.starts_with('u')
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let client = common::client();
+    common::login(&client, &node, "alice", "wonderland").await;
+    assert!(count() >= 1, "the login stored a session");
+    let since = Utc::now();
+    let deadline = Instant::now() + WAIT;
+    while count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the expired session was never cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // One of the ticks since did it (its record may land a moment after the file went).
+    let second = chrono::TimeDelta::seconds(1);
+    let ticks = tick_ids("clear", since - second, Utc::now() + second);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let deleted: u64 = ticks
+            .iter()
+            .map(|id| env.result(id)["result"]["deleted"].as_u64().unwrap_or(0))
+            .sum();
+        if deleted >= 1 {
+            break;
+        }
+        let records: Vec<Value> = ticks.iter().map(|id| env.result(id)).collect();
+        assert!(
+            Instant::now() < deadline,
+            "no tick reports the deletion: {records:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        leader(&env).await.as_deref().map(|l| !l.is_empty()),
+        Some(true)
+    );
+}
 
 /// On the memory broker `serve` runs the beat itself.
 #[tokio::test]
