@@ -49,6 +49,7 @@ mod engines;
 pub mod error;
 pub mod http;
 pub mod mail;
+pub mod outbox;
 mod task_commands;
 pub mod tasks;
 mod topology;

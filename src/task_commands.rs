@@ -280,6 +280,12 @@ pub(crate) fn worker(
         let stop = CancellationToken::new();
         let scheduler = Scheduler::new((*broker).clone(), served.clone());
         let scheduler = actix_rt::spawn(scheduler.run(stop.clone()));
+        if config.tasks.outbox == crate::config::Outbox::Postgres {
+            match engines::Services::new(&config).postgres().await {
+                Ok(pool) => crate::outbox::spawn_relay(pool, broker.clone(), stop.clone()),
+                Err(e) => return failure(e),
+            }
+        }
         tracing::info!(
             node = %settings.node_id,
             queues = %served.join(","),

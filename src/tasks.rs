@@ -7,9 +7,9 @@ use std::time::Duration;
 
 pub use switchyard_actors::tasks::{
     new_task_id, AsyncResult, Backoff, Broker, BrokerError, CancellationToken, ClientError,
-    DrainOutcome, EventKind, EventSink, MemoryBroker, PublishOptions, QueueSpec, Registry,
-    ResultExt, ResultRecord, ResultStore, Revocation, Task, TaskContext, TaskError, TaskEvent,
-    TaskOptions, TaskQueue, TaskSettings, TaskState, Tasks, WorkerPool,
+    DrainOutcome, EventKind, EventSink, MemoryBroker, Outgoing, PublishOptions, QueueSpec,
+    Registry, ResultExt, ResultRecord, ResultStore, Revocation, Task, TaskContext, TaskError,
+    TaskEvent, TaskOptions, TaskQueue, TaskSettings, TaskState, Tasks, WorkerPool,
 };
 
 use crate::config::Config;

@@ -27,7 +27,7 @@ use switchyard_actors::tasks::{
     CancellationToken, EventSink, MemoryBroker, Registry, Tasks, WorkerPool,
 };
 
-use crate::config::{AuthStore, Broker, Config};
+use crate::config::{AuthStore, Broker, Config, Outbox};
 use crate::engines;
 use crate::error::StartError;
 use crate::http::auth::Auth;
@@ -165,6 +165,10 @@ impl Topology {
         let csrf = web::Data::new(CsrfPolicy::new(csrf_exempt, &config.sessions));
         let (tasks, task_workers) = task_system(&services, task_registry, &metrics).await?;
         let beat_stop = embedded_beat(&services, &tasks).await?;
+        if let (Outbox::Postgres, Some(broker)) = (config.tasks.outbox, tasks.broker()) {
+            let pool = services.postgres().await?;
+            crate::outbox::spawn_relay(pool, broker.clone(), beat_stop.clone());
+        }
         // With NATS, the nodes count failed logins together.
         if let Some(link) = services.nats_if_open() {
             auth = auth

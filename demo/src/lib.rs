@@ -19,7 +19,7 @@ use switchyard::context::{processor, Request};
 use switchyard::http::auth::{self, Auth, CurrentUser};
 use switchyard::http::session::Session;
 use switchyard::messages::{self, Level};
-use switchyard::tasks::{PublishOptions, TaskOptions, TaskState, Tasks};
+use switchyard::tasks::{ClientError, PublishOptions, TaskOptions, TaskState, Tasks};
 use switchyard::{web, App, Error, Render};
 use tasks::{OrderCreatedArgs, EMAILS_QUEUE, ORDER_CREATED};
 
@@ -282,6 +282,10 @@ fn order_items(cart: &Cart) -> Vec<OrderItem> {
         .collect()
 }
 
+/// Whether checkout enqueues the order's e-mail in the order's transaction
+/// (`tasks.outbox = "postgres"`).
+struct UseOutbox(bool);
+
 /// `POST /orders`: checkout. Creates the order, empties the cart, publishes
 /// `shop.order_created` on `emails`.
 async fn order_create(
@@ -290,6 +294,7 @@ async fn order_create(
     auth_store: web::Data<Auth>,
     orders: web::Data<dyn OrderStore>,
     tasks: web::Data<Tasks>,
+    outbox: web::Data<UseOutbox>,
 ) -> Result<HttpResponse, Error> {
     let Some(user) = user.0 else {
         return Err(Error::LoginRequired {
@@ -307,32 +312,46 @@ async fn order_create(
         .map(|i| i.price_cents * u64::from(i.quantity))
         .sum();
     let task_id = switchyard::tasks::new_task_id();
-    let order = orders
-        .create(NewOrder {
-            owner: user.username,
-            items,
-            total_cents,
-            task_id: Some(task_id.clone()),
-        })
-        .await
-        .map_err(order_err)?;
-    let mut options = PublishOptions::new().task_id(task_id);
+    let mut options = PublishOptions::new().task_id(task_id.clone());
     if !tasks.has_queue(EMAILS_QUEUE) {
         // The built-in defaults have only the default queue; default.toml adds `emails`.
         options = options.queue(tasks.default_queue());
     }
-    let args =
-        serde_json::to_value(OrderCreatedArgs { order_id: order.id }).map_err(Error::internal)?;
-    let published = tasks.send(ORDER_CREATED, args, options).await;
-    if let Err(e) = published {
-        if let Err(undo) = orders.delete(order.id).await {
-            tracing::error!(order = order.id, "cannot undo the order: {undo}");
+    let new_order = NewOrder {
+        owner: user.username,
+        items,
+        total_cents,
+        task_id: Some(task_id),
+    };
+    let email = |order_id: u64| {
+        let args = serde_json::to_value(OrderCreatedArgs { order_id })
+            .map_err(|e| ClientError::Args(e.to_string()))?;
+        tasks.prepare(ORDER_CREATED, args, &options)
+    };
+    // With the outbox the order and its e-mail commit together; else the e-mail is published
+    // after the order, which is undone when that fails.
+    let outboxed = match outbox.0 {
+        true => orders.create_with_task(new_order.clone(), &email).await,
+        false => None,
+    };
+    let order = match outboxed {
+        Some(created) => created.map_err(order_err)?,
+        None => {
+            let order = orders.create(new_order).await.map_err(order_err)?;
+            let args = serde_json::to_value(OrderCreatedArgs { order_id: order.id })
+                .map_err(Error::internal)?;
+            if let Err(e) = tasks.send(ORDER_CREATED, args, options.clone()).await {
+                if let Err(undo) = orders.delete(order.id).await {
+                    tracing::error!(order = order.id, "cannot undo the order: {undo}");
+                }
+                return Err(Error::Unavailable {
+                    what: "task broker".into(),
+                    message: e.to_string(),
+                });
+            }
+            order
         }
-        return Err(Error::Unavailable {
-            what: "task broker".into(),
-            message: e.to_string(),
-        });
-    }
+    };
     session.remove(CART_KEY);
     messages::add(
         &session,
@@ -416,7 +435,9 @@ pub fn install(app: App) -> App {
         Arc::new(MemoryOrderStore::new())
     };
     let emails = TaskOptions::new().queue(EMAILS_QUEUE);
+    let outbox = UseOutbox(config.tasks.outbox == switchyard::config::Outbox::Postgres);
     app.data_arc(orders)
+        .data(outbox)
         .context_processor(processor(
             "cart",
             &["cart_count", "cart_total"],

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use switchyard::db::QUERY_TIMEOUT;
+use switchyard::tasks::{ClientError, Outgoing};
 
 /// One line of an order, priced when it was placed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +60,17 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn get(&self, id: u64) -> Result<Option<Order>, OrderError>;
     /// Deletes order `id` (checkout undoes an order whose task could not be published).
     async fn delete(&self, id: u64) -> Result<(), OrderError>;
+    /// Stores a new order and, in the same transaction, the task `task` makes for its id
+    /// (`tasks.outbox = "postgres"`: published if and only if the order commits). `None`:
+    /// this store has no transactions (the caller publishes after `create`).
+    async fn create_with_task(
+        &self,
+        order: NewOrder,
+        task: &(dyn Fn(u64) -> Result<Outgoing, ClientError> + Sync),
+    ) -> Option<Result<Order, OrderError>> {
+        let _ = (order, task);
+        None
+    }
 }
 
 /// Orders in this process's memory (`default.toml`).
@@ -139,6 +151,38 @@ async fn bounded<T>(
         })
 }
 
+/// Inserts `order` through `client` (a connection or a transaction).
+async fn insert_order(
+    client: &impl tokio_postgres::GenericClient,
+    order: NewOrder,
+) -> Result<Order, OrderError> {
+    let items = serde_json::to_string(&order.items).map_err(pg)?;
+    let now = Utc::now();
+    let row = client
+        .query_one(
+            "INSERT INTO switchyard_orders (owner, items, total_cents, task_id, created_ms) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            &[
+                &order.owner,
+                &items,
+                &(order.total_cents as i64),
+                &order.task_id,
+                &now.timestamp_millis(),
+            ],
+        )
+        .await
+        .map_err(pg)?;
+    let id: i64 = row.get(0);
+    Ok(Order {
+        id: id as u64,
+        owner: order.owner,
+        items: order.items,
+        total_cents: order.total_cents,
+        task_id: order.task_id,
+        created_at: now,
+    })
+}
+
 impl PgOrderStore {
     /// A store on `url` with a pool of `pool_size` connections (opened on first use).
     pub fn new(url: &str, pool_size: u32) -> Self {
@@ -158,6 +202,7 @@ impl PgOrderStore {
                 {
                     let conn = pool.get().await.map_err(pg)?;
                     conn.batch_execute(ORDERS_SCHEMA).await.map_err(pg)?;
+                    switchyard::outbox::install(&**conn).await.map_err(pg)?;
                 }
                 Ok(pool)
             })
@@ -171,33 +216,30 @@ impl OrderStore for PgOrderStore {
         let pool = self.pool().await?;
         bounded(async {
             let conn = pool.get().await.map_err(pg)?;
-            let items = serde_json::to_string(&order.items).map_err(pg)?;
-            let now = Utc::now();
-            let row = conn
-            .query_one(
-                "INSERT INTO switchyard_orders (owner, items, total_cents, task_id, created_ms) \
-                 VALUES ($1, $2, $3, $4, $5) RETURNING id",
-                &[
-                    &order.owner,
-                    &items,
-                    &(order.total_cents as i64),
-                    &order.task_id,
-                    &now.timestamp_millis(),
-                ],
-            )
-            .await
-            .map_err(pg)?;
-            let id: i64 = row.get(0);
-            Ok(Order {
-                id: id as u64,
-                owner: order.owner,
-                items: order.items,
-                total_cents: order.total_cents,
-                task_id: order.task_id,
-                created_at: now,
-            })
+            insert_order(&**conn, order).await
         })
         .await
+    }
+
+    async fn create_with_task(
+        &self,
+        order: NewOrder,
+        task: &(dyn Fn(u64) -> Result<Outgoing, ClientError> + Sync),
+    ) -> Option<Result<Order, OrderError>> {
+        let created = async {
+            let pool = self.pool().await?;
+            bounded(async {
+                let mut conn = pool.get().await.map_err(pg)?;
+                let tx = conn.transaction().await.map_err(pg)?;
+                let order = insert_order(&tx, order).await?;
+                let msg = task(order.id).map_err(pg)?;
+                switchyard::outbox::insert(&tx, &msg).await.map_err(pg)?;
+                switchyard::outbox::commit(tx).await.map_err(pg)?;
+                Ok(order)
+            })
+            .await
+        };
+        Some(created.await)
     }
 
     async fn get(&self, id: u64) -> Result<Option<Order>, OrderError> {

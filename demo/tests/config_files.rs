@@ -64,12 +64,13 @@ fn default_toml_is_the_defaults_plus_the_demo() {
 }
 
 #[test]
-fn cluster_toml_is_default_toml_on_postgres_and_nats() {
+fn cluster_toml_is_default_toml_on_postgres_and_nats_with_the_outbox() {
     let config = load("cluster.toml");
     let hash = alice_hash(&config);
     let mut expected = expected_default_toml(&hash);
     expected["sessions"]["engine"] = json!("postgres");
     expected["tasks"]["broker"] = json!("nats");
+    expected["tasks"]["outbox"] = json!("postgres");
     assert_eq!(to_json(&config), expected);
     assert_eq!(hash, alice_hash(&load("default.toml")));
 }

@@ -989,3 +989,81 @@ async fn checkout_on_a_serve_node_is_handled_by_a_worker_process() {
     drop(node);
     env.stop().await;
 }
+
+/// SPEC "Transactional enqueue": `serve` dies right after the order's commit (the failpoint);
+/// after a restart the order's e-mail is sent exactly once, by the outbox relay.
+#[tokio::test]
+async fn an_order_committed_by_a_crashing_node_gets_its_mail_exactly_once() {
+    if !common::service_available("postgres") {
+        return;
+    }
+    let Some(mut env) = Env::start().await else {
+        return;
+    };
+    let cluster =
+        std::fs::read_to_string(common::root().join("config/cluster.toml")).expect("cluster.toml");
+    let mut failing = env.env();
+    failing.push(("SWITCHYARD_FAILPOINT".into(), "outbox_after_commit".into()));
+    let mut node = common::spawn_node(common::NodeOptions {
+        config: Some(cluster.clone()),
+        env: failing,
+        ..Default::default()
+    });
+    let c = common::client();
+    common::login(&c, &node, "alice", "wonderland").await;
+    let res = common::post_form(&c, &node, "/", "/cart/add/1", &[]).await;
+    assert_eq!(res.status(), 303);
+    let (_, html) = common::get_page(&c, &node.url("/cart")).await;
+    let token = common::csrf_token(&html).unwrap_or_default();
+    let sent = c
+        .post(node.url("/orders"))
+        .form(&[("csrfmiddlewaretoken", token.as_str())])
+        .send()
+        .await;
+    assert!(
+        sent.is_err(),
+        "the node answered instead of dying: {sent:?}"
+    );
+    let status = node.child.wait().expect("wait");
+    assert!(!status.success(), "{status:?}");
+    assert!(node.stderr().contains("failpoint outbox_after_commit"));
+
+    // The order and its task committed together; nothing is published yet.
+    let (db, conn) = tokio_postgres::connect(&env.postgres, tokio_postgres::NoTls)
+        .await
+        .expect("postgres");
+    tokio::spawn(conn);
+    let count = |sql: &'static str| {
+        let db = &db;
+        async move { db.query_one(sql, &[]).await.expect(sql).get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM switchyard_orders").await, 1);
+    assert_eq!(count("SELECT count(*) FROM switchyard_outbox").await, 1);
+
+    // A restarted node's relay publishes it; a worker sends the mail once.
+    let _node = common::spawn_node(common::NodeOptions {
+        config: Some(cluster),
+        env: env.env(),
+        ..Default::default()
+    });
+    env.worker("w1", &[]);
+    let mails = || {
+        std::fs::read_dir(env.dir.path())
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + WAIT;
+    while mails() == 0 {
+        assert!(Instant::now() < deadline, "the mail was never sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(mails(), 1, "one confirmation e-mail");
+    assert_eq!(count("SELECT count(*) FROM switchyard_outbox").await, 0);
+    drop(_node);
+    env.stop().await;
+}

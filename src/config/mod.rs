@@ -35,7 +35,7 @@ macro_rules! string_enum {
     })+) => {$(
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-        pub enum $name { $($(#[$default])? #[doc = $text] #[serde(rename = $text)] $variant,)+ }
+        pub enum $name { $($(#[$default])? #[doc = concat!("`\"", $text, "\"`")] #[serde(rename = $text)] $variant,)+ }
         impl $name {
             /// Every value, in documentation order.
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
@@ -113,6 +113,9 @@ string_enum! {
         CachedDb => "cached_db", NatsKv => "nats_kv", Redis => "redis", Memcached => "memcached",
         SignedCookies => "signed_cookies",
     }
+
+    /// Transactional enqueue: none, or an outbox table in Postgres.
+    Outbox { #[default] Off => "", Postgres => "postgres", }
 
     /// What a beat does with ticks missed while none ran.
     Misfire { #[default] Skip => "skip", CatchUp => "catch_up", }

@@ -7,8 +7,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
+use super::SameSite;
 use super::REDACTED;
-use super::{AuthStore, Broker, LogFormat, MailBackend, Misfire, OnLogin, Overlap, SameSite};
+use super::{AuthStore, Broker, LogFormat, MailBackend, Misfire, OnLogin, Outbox, Overlap};
 use super::{Secret, SessionEngine};
 
 section! {
@@ -196,6 +197,8 @@ section! {
         pub dead_max_age: u64 = 1_209_600,
         /// Bytes the `<PREFIX>_DEAD` stream keeps (the oldest letters go first); 0 = no limit.
         pub dead_max_bytes: u64 = 1_073_741_824,
+        /// `"postgres"`: tasks enqueued in an application's transaction go through an outbox.
+        pub outbox: Outbox = Outbox::Off,
         /// `[[tasks.queues]]`: the queues (built in: `default` alone).
         pub queues: Vec<QueueConfig> = vec![QueueConfig::default()],
     }

@@ -188,13 +188,31 @@ impl Tasks {
         self.publish(task, args, &options, &task_options).await
     }
 
-    async fn publish<T>(
+    /// The message `send` would publish for `task`, checked the same way, without publishing
+    /// it: what a transactional outbox stores and publishes later.
+    pub fn prepare(
+        &self,
+        task: &str,
+        args: Value,
+        options: &PublishOptions,
+    ) -> Result<Outgoing, ClientError> {
+        let task_options = self
+            .inner
+            .registry
+            .get(task)
+            .map(|e| e.options().clone())
+            .unwrap_or_default();
+        Ok(self.prepare_with(task, args, options, &task_options)?.0)
+    }
+
+    /// The checked message of `task` and its envelope.
+    fn prepare_with(
         &self,
         task: &str,
         args: Value,
         options: &PublishOptions,
         task_options: &TaskOptions,
-    ) -> Result<AsyncResult<T>, ClientError> {
+    ) -> Result<(Outgoing, Envelope), ClientError> {
         let settings = &self.inner.settings;
         let queue = options
             .queue
@@ -258,21 +276,32 @@ impl Tasks {
             published_at: Some(now),
         };
         let payload = serde_json::to_vec(&env).map_err(|e| ClientError::Args(e.to_string()))?;
+        let dedupe_id = options
+            .unique
+            .as_ref()
+            .map_or_else(|| id.clone(), |k| format!("unique:{k}"));
+        let msg = Outgoing {
+            id,
+            queue,
+            payload,
+            dedupe_id,
+            not_before: eta,
+        };
+        Ok((msg, env))
+    }
+
+    async fn publish<T>(
+        &self,
+        task: &str,
+        args: Value,
+        options: &PublishOptions,
+        task_options: &TaskOptions,
+    ) -> Result<AsyncResult<T>, ClientError> {
+        let (msg, env) = self.prepare_with(task, args, options, task_options)?;
+        let id = msg.id.clone();
         match &self.inner.backend {
             Backend::Broker(broker) => {
-                let dedupe_id = options
-                    .unique
-                    .as_ref()
-                    .map_or_else(|| id.clone(), |k| format!("unique:{k}"));
-                let outcome = broker
-                    .publish(Outgoing {
-                        id: id.clone(),
-                        queue,
-                        payload,
-                        dedupe_id,
-                        not_before: eta,
-                    })
-                    .await?;
+                let outcome = broker.publish(msg).await?;
                 let id = match outcome {
                     PublishOutcome::Queued => id,
                     PublishOutcome::Duplicate { original_id } => original_id.unwrap_or(id),
@@ -286,11 +315,9 @@ impl Tasks {
             }
             Backend::Eager(store) => {
                 let msg = Outgoing {
-                    id: id.clone(),
-                    queue,
-                    payload,
                     dedupe_id: id.clone(),
                     not_before: None,
+                    ..msg
                 };
                 let record = self.run_eager(store, msg, &env).await?;
                 // The record crosses JSON as it would from a result store.
