@@ -10,7 +10,7 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(session_cookie stored_record task_message dead_letter config_file)
 export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1 AFL_AUTORESUME=1
 for t in "${targets[@]}"; do
-  cargo afl fuzz -i "seeds/$t" -o "out/$t" -V "$seconds" "target/release/$t" > "out-$t.log" 2>&1 || {
+  cargo afl fuzz -i "seeds/$t" -o "out/$t" -V "$seconds" "../target/release/$t" > "out-$t.log" 2>&1 || {
     echo "$t: afl-fuzz failed, see fuzz/out-$t.log"; tail -20 "out-$t.log"; exit 1; }
 done
 printf '%-15s %12s %10s %8s %8s %6s %s\n' target execs execs/s corpus crashes hangs seconds

@@ -5,4 +5,5 @@
 //! `cargo test`, so each target is one piece of code.
 
 pub mod actors;
+#[cfg(feature = "config")]
 pub mod config;
