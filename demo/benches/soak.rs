@@ -181,7 +181,7 @@ impl Visitor {
 
     /// One visit: anonymous views, then a new visitor who fills a cart, logs in, checks out
     /// and logs out. Stops at the first step that fails (the failure is tallied).
-    async fn visit(&mut self, anon_views: u64, product: u32) -> Option<()> {
+    async fn visit(&mut self, anon_views: u64, n: usize) -> Option<()> {
         for _ in 0..anon_views {
             let anonymous = self.anonymous.clone();
             self.send(Kind::Anonymous, &anonymous, Method::GET, "/", &[])
@@ -189,9 +189,13 @@ impl Visitor {
         }
         let client = browser();
         let token = self.token(&client, "/").await?;
-        for id in [product, product % 6 + 1] {
+        let products = switchyard_demo::PRODUCTS;
+        for p in [
+            &products[n % products.len()],
+            &products[(n + 1) % products.len()],
+        ] {
             let form = [("csrfmiddlewaretoken", token.as_str())];
-            let path = format!("/cart/add/{id}");
+            let path = format!("/cart/add/{}", p.id);
             self.send(Kind::CartAdd, &client, Method::POST, &path, &form)
                 .await?;
         }
@@ -262,10 +266,10 @@ async fn drive(
             deadline,
         };
         tasks.push(tokio::spawn(async move {
-            let mut product = (n % 6) as u32 + 1;
+            let mut product = n;
             while !visitor.done() {
                 let _ = visitor.visit(anon_views, product).await;
-                product = product % 6 + 1;
+                product += 1;
             }
             visitor.tallies
         }));
