@@ -44,6 +44,19 @@ enum Kind {
     Logout,
 }
 
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Anonymous => "anonymous",
+            Kind::Page => "page",
+            Kind::CartAdd => "cart add",
+            Kind::Login => "login",
+            Kind::Checkout => "checkout",
+            Kind::Logout => "logout",
+        }
+    }
+}
+
 /// What one kind measured.
 #[derive(Default)]
 struct Tally {
@@ -396,7 +409,7 @@ fn main() {
         println!(
             "  {:<10} {n:>8} requests  {:>7.0}/s  p50 {:>7} \u{b5}s  p99 {:>8} \u{b5}s  \
              not 2xx/3xx {:?}  no answer {}  busy {}",
-            format!("{kind:?}"),
+            kind.name(),
             n as f64 / elapsed.as_secs_f64(),
             p50,
             p99,
