@@ -1,6 +1,10 @@
 //! A configuration file is input too: any text, and any `SWITCHYARD_*` environment value, is a
 //! configuration or an error naming where the problem is, never a panic. Bounded property tests
-//! (the same shapes seed the `config_file` fuzz target in `fuzz/`).
+//! of the `config_file` fuzz target's own function (`fuzz/src/config.rs`, docs/fuzzing.md),
+//! also run over its committed seeds and the inputs fuzzing found.
+
+#[path = "../fuzz/src/config.rs"]
+mod targets;
 
 use proptest::prelude::*;
 use switchyard::config::Config;
@@ -66,12 +70,7 @@ proptest! {
 
     #[test]
     fn any_file_is_a_config_or_an_error(text in config_text()) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("switchyard.toml");
-        std::fs::write(&path, &text).expect("write");
-        if let Err(e) = Config::load_with_env(Some(&path), &[]) {
-            prop_assert!(!e.to_string().is_empty());
-        }
+        targets::config_file(text.as_bytes());
     }
 
     #[test]
@@ -84,9 +83,30 @@ proptest! {
         ]),
         value in "\\PC{0,24}",
     ) {
-        let env = [(var.to_owned(), value)];
+        let env = [(var.to_owned(), value.clone())];
         if let Err(e) = Config::load_with_env(None, &env) {
             prop_assert!(e.to_string().contains(var), "{e} names {var}");
         }
+        targets::load(b"", Some((var.to_owned(), value)));
     }
+}
+
+/// The committed seeds and the inputs fuzzing found (fuzz/seeds/config_file/,
+/// fuzz/regressions/config_file/) run through the target.
+#[test]
+fn config_seeds_and_regressions_run_clean() {
+    let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut ran = 0;
+    for kind in ["seeds", "regressions"] {
+        let Ok(dir) = std::fs::read_dir(fuzz.join(kind).join("config_file")) else {
+            continue;
+        };
+        for file in dir {
+            let path = file.expect("a directory entry").path();
+            eprintln!("config_file: {}", path.display());
+            targets::config_file(&std::fs::read(&path).expect("read an input"));
+            ran += 1;
+        }
+    }
+    assert!(ran >= 2, "the seeds are there ({ran} inputs)");
 }

@@ -476,3 +476,27 @@ impl Runner {
         Some(rec)
     }
 }
+
+/// Runs one delivery through the runner every worker uses (decode → admit → claim → run →
+/// settle) with `queue` as its broker and `results` as its result store, no events; returns
+/// the record it wrote (`None`: none, as a worker). For fuzz targets and property tests
+/// (`fuzz/`): whatever the payload, it ends as a record, a dead letter or put back, never a
+/// panic.
+pub async fn process_delivery(
+    queue: Arc<dyn TaskQueue>,
+    results: Arc<dyn ResultStore>,
+    registry: Arc<Registry>,
+    settings: Arc<TaskSettings>,
+    delivery: Delivery,
+) -> Option<ResultRecord> {
+    let runner = Runner {
+        queue,
+        results,
+        registry,
+        settings,
+        events: None,
+        cold: CancellationToken::new(),
+        eager: false,
+    };
+    runner.process(delivery).await
+}

@@ -46,6 +46,7 @@ pub use broker::{
 pub use client::{AsyncResult, ClientError, Tasks};
 pub use envelope::{is_valid_task_id, new_task_id, Envelope, PublishOptions};
 pub use events::{EventKind, EventSink, TaskEvent};
+pub use execute::process_delivery;
 pub use memory::MemoryBroker;
 pub use nats::{NatsBroker, NatsNames, StoredDeadLetter, PUBLISH_RETRY_FOR};
 pub use record::{ResultRecord, Revocation, TaskState};

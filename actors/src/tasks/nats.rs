@@ -572,15 +572,10 @@ impl NatsBroker {
                 self.forget_result(task_id).await?;
             }
         }
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("{id}:replay:{}", letter.seq).as_str(),
-        );
         self.publish_raw(
             self.names.task_subject(&letter.queue),
             m.payload.clone(),
-            headers,
+            letter.replay_headers(),
         )
         .await?;
         stream
@@ -603,7 +598,10 @@ pub struct StoredDeadLetter {
 }
 
 impl StoredDeadLetter {
-    fn from_raw(names: &NatsNames, m: &jetstream::message::StreamMessage) -> Self {
+    /// Reads a letter as the dead-letter stream keeps it: the task id and name from its payload
+    /// (when it is JSON), the queue from its subject, the reason and time from its headers.
+    /// Anything else in the letter (it is hostile: a foreign message's bytes) is ignored.
+    pub fn from_raw(names: &NatsNames, m: &jetstream::message::StreamMessage) -> Self {
         let env: Option<serde_json::Value> = serde_json::from_slice(&m.payload).ok();
         let field = |k: &str| {
             env.as_ref()
@@ -628,6 +626,17 @@ impl StoredDeadLetter {
                 .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
                 .map(|t| t.with_timezone(&Utc)),
         }
+    }
+
+    /// The headers its replay is published with: `Nats-Msg-Id` `<id>:replay:<seq>`, or
+    /// `seq:<seq>:replay:<seq>` when the letter's id is not a task id (a `bad id` letter's id
+    /// may hold anything, line breaks too, which no header value can).
+    pub fn replay_headers(&self) -> HeaderMap {
+        let id = self.id.as_deref().filter(|i| super::is_valid_task_id(i));
+        let id = id.map_or_else(|| format!("seq:{}", self.seq), str::to_owned);
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("{id}:replay:{}", self.seq).as_str());
+        headers
     }
 }
 
