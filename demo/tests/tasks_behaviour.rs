@@ -1355,6 +1355,15 @@ mod memory_broker {
         a.get(WAIT).await.expect("result");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(log.all().len(), 1);
+        // A key is a message header: a line break in it is refused, not a panic.
+        for bad in ["a\nb", "", &"k".repeat(300)] {
+            let err = h
+                .tasks
+                .apply_async::<Probe<0>>(ProbeArgs::default(), PublishOptions::new().unique(bad))
+                .await
+                .expect_err("refused");
+            assert!(matches!(err, ClientError::Options(_)), "{err:?}");
+        }
         h.stop().await;
     }
 

@@ -276,6 +276,14 @@ impl Tasks {
             published_at: Some(now),
         };
         let payload = serde_json::to_vec(&env).map_err(|e| ClientError::Args(e.to_string()))?;
+        // The key travels in a message header: no control characters, a bounded length.
+        if let Some(k) = options.unique.as_ref() {
+            if k.is_empty() || k.len() > 256 || k.chars().any(char::is_control) {
+                return Err(ClientError::Options(format!(
+                    "unique key {k:?} must be 1-256 characters without control characters"
+                )));
+            }
+        }
         let dedupe_id = options
             .unique
             .as_ref()
