@@ -1,9 +1,7 @@
 //! The `memcached` engine: a [`Storage`] of one item per value that memcached expires itself
-//! (the item's TTL is the value's expiry), through the maintained `async-memcached` client's
-//! meta commands: `ms … ME` (add) for new keys, `mg … v c` then `ms … C<cas>` for versioned
-//! updates, `md` for deletes. A bb8 pool of clients per server, behind the generic
-//! [`KeyedStore`]; a conflict is the client's typed `Status::Exists` / `NotStored` /
-//! `NotFound`, never a reply's text.
+//! (the item's exptime is the value's expiry), written with `add` (new keys) and `gets` +
+//! `cas` (versioned updates), over a small text-protocol client with a bb8 pool per server,
+//! behind the generic [`KeyedStore`]. Why a client of our own: see docs/sessions.md.
 //!
 //! Items: `<namespace>:s:<keyed hash>`, the value framed (version, expiry, sealed bytes).
 //! Memcached is a cache: under memory pressure it may evict sessions (see
@@ -11,9 +9,10 @@
 
 use std::time::Duration;
 
-use async_memcached::{Client, Error as McError, MetaProtocol, Status};
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 
 use super::storage::{frame, framed_entry, unframe, version_matches, Entry, Put, Storage};
 use super::{now_unix, KeyedStore, RecordCodec, SaveOutcome, StoreError};
@@ -24,6 +23,8 @@ const ENGINE: &str = "memcached";
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections per server.
 const POOL_SIZE: u32 = 16;
+/// Largest item this client accepts from a server (memcached's default limit is 1 MiB).
+const MAX_ITEM_BYTES: usize = 8 << 20;
 
 fn unavailable(message: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable {
@@ -39,38 +40,155 @@ fn protocol(message: impl std::fmt::Display) -> StoreError {
     }
 }
 
-/// A client error as a store error: I/O and closed connections are the service being
-/// unavailable, anything else (a refused command, a reply that does not parse) is not.
-fn store_error(e: McError) -> StoreError {
-    match e {
-        McError::Connect(_) | McError::Io(_) | McError::ConnectionClosed => unavailable(e),
-        other => protocol(other),
+/// One connection speaking the text protocol.
+pub struct McConn {
+    io: BufReader<TcpStream>,
+    broken: bool,
+}
+
+/// What a store command answered.
+#[derive(Debug, PartialEq)]
+enum Reply {
+    Stored,
+    NotStored,
+    Exists,
+    NotFound,
+}
+
+impl McConn {
+    async fn line(&mut self) -> Result<String, StoreError> {
+        let mut line = String::new();
+        let n = (&mut self.io)
+            .take(4096)
+            .read_line(&mut line)
+            .await
+            .map_err(unavailable)?;
+        if n == 0 || !line.ends_with("\r\n") {
+            return Err(unavailable("connection closed"));
+        }
+        line.truncate(line.len() - 2);
+        if line == "ERROR" || line.starts_with("CLIENT_ERROR") || line.starts_with("SERVER_ERROR") {
+            return Err(protocol(line));
+        }
+        Ok(line)
+    }
+
+    /// `gets key`: the value and its cas unique.
+    async fn gets(&mut self, key: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        self.io
+            .get_mut()
+            .write_all(format!("gets {key}\r\n").as_bytes())
+            .await
+            .map_err(unavailable)?;
+        let header = self.line().await?;
+        if header == "END" {
+            return Ok(None);
+        }
+        // VALUE <key> <flags> <bytes> <cas>
+        let parts: Vec<&str> = header.split(' ').collect();
+        let (Some(&"VALUE"), Some(len), Some(cas)) = (parts.first(), parts.get(3), parts.get(4))
+        else {
+            return Err(protocol(format!("unexpected reply {header:?}")));
+        };
+        let len: usize = len.parse().map_err(protocol)?;
+        let cas: u64 = cas.parse().map_err(protocol)?;
+        if len > MAX_ITEM_BYTES {
+            return Err(protocol(format!("item of {len} bytes is too large")));
+        }
+        let mut data = vec![0u8; len + 2];
+        self.io.read_exact(&mut data).await.map_err(unavailable)?;
+        data.truncate(len);
+        let end = self.line().await?;
+        if end != "END" {
+            return Err(protocol(format!("unexpected reply {end:?}")));
+        }
+        Ok(Some((data, cas)))
+    }
+
+    /// `add`/`set`/`cas` with `data`.
+    async fn store(
+        &mut self,
+        command: &str,
+        key: &str,
+        exptime: i64,
+        data: &[u8],
+        cas: Option<u64>,
+    ) -> Result<Reply, StoreError> {
+        let mut buf = match cas {
+            Some(cas) => format!("{command} {key} 0 {exptime} {} {cas}\r\n", data.len()),
+            None => format!("{command} {key} 0 {exptime} {}\r\n", data.len()),
+        }
+        .into_bytes();
+        buf.extend_from_slice(data);
+        buf.extend_from_slice(b"\r\n");
+        self.io
+            .get_mut()
+            .write_all(&buf)
+            .await
+            .map_err(unavailable)?;
+        match self.line().await?.as_str() {
+            "STORED" => Ok(Reply::Stored),
+            "NOT_STORED" => Ok(Reply::NotStored),
+            "EXISTS" => Ok(Reply::Exists),
+            "NOT_FOUND" => Ok(Reply::NotFound),
+            other => Err(protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn delete(&mut self, key: &str) -> Result<(), StoreError> {
+        self.io
+            .get_mut()
+            .write_all(format!("delete {key}\r\n").as_bytes())
+            .await
+            .map_err(unavailable)?;
+        match self.line().await?.as_str() {
+            "DELETED" | "NOT_FOUND" => Ok(()),
+            other => Err(protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn version(&mut self) -> Result<(), StoreError> {
+        self.io
+            .get_mut()
+            .write_all(b"version\r\n")
+            .await
+            .map_err(unavailable)?;
+        let line = self.line().await?;
+        if line.starts_with("VERSION") {
+            Ok(())
+        } else {
+            Err(protocol(format!("unexpected reply {line:?}")))
+        }
     }
 }
 
-/// bb8 manager of `async-memcached` clients to one server.
+/// bb8 manager of [`McConn`]s to one server.
 pub struct McManager {
     addr: String,
 }
 
 impl bb8::ManageConnection for McManager {
-    type Connection = Client;
+    type Connection = McConn;
     type Error = StoreError;
 
-    async fn connect(&self) -> Result<Client, StoreError> {
-        tokio::time::timeout(TIMEOUT, Client::new(&self.addr))
+    async fn connect(&self) -> Result<McConn, StoreError> {
+        let stream = tokio::time::timeout(TIMEOUT, TcpStream::connect(&self.addr))
             .await
             .map_err(|_| unavailable(format!("no connection to {} within {TIMEOUT:?}", self.addr)))?
-            .map_err(|e| unavailable(format!("{}: {e}", self.addr)))
+            .map_err(|e| unavailable(format!("{}: {e}", self.addr)))?;
+        let _ = stream.set_nodelay(true);
+        Ok(McConn {
+            io: BufReader::new(stream),
+            broken: false,
+        })
     }
 
-    async fn is_valid(&self, _conn: &mut Client) -> Result<(), StoreError> {
+    async fn is_valid(&self, _conn: &mut McConn) -> Result<(), StoreError> {
         Ok(())
     }
 
-    fn has_broken(&self, conn: &mut Client) -> bool {
-        // An operation that failed or was cut off by the timeout closes its connection.
-        conn.is_closed()
+    fn has_broken(&self, conn: &mut McConn) -> bool {
+        conn.broken
     }
 }
 
@@ -85,12 +203,12 @@ pub struct MemcachedStorage {
     namespace: String,
 }
 
-/// Runs `op` on a pooled client with a timeout (an operation cut off closes its connection,
-/// which the pool then discards).
-async fn with_client<T, F>(pool: &McPool, op: F) -> Result<T, StoreError>
+/// Runs `op` on a pooled connection with a timeout; a failed or timed-out connection is
+/// discarded (a half-read reply would poison it).
+async fn with_conn<T, F>(pool: &McPool, op: F) -> Result<T, StoreError>
 where
     F: for<'c> FnOnce(
-        &'c mut Client,
+        &'c mut McConn,
     ) -> std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'c>,
     >,
@@ -99,9 +217,18 @@ where
         bb8::RunError::User(e) => e,
         bb8::RunError::TimedOut => unavailable(format!("no connection within {TIMEOUT:?}")),
     })?;
-    tokio::time::timeout(TIMEOUT, op(&mut conn))
-        .await
-        .map_err(|_| unavailable(format!("no answer within {TIMEOUT:?}")))?
+    let result = tokio::time::timeout(TIMEOUT, op(&mut conn)).await;
+    match result {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            conn.broken = true;
+            Err(e)
+        }
+        Err(_) => {
+            conn.broken = true;
+            Err(unavailable(format!("no answer within {TIMEOUT:?}")))
+        }
+    }
 }
 
 impl MemcachedStore {
@@ -135,8 +262,8 @@ impl MemcachedStore {
 }
 
 impl MemcachedStorage {
-    fn pool(&self, item: &str) -> &McPool {
-        let h = Sha256::digest(item.as_bytes());
+    fn pool(&self, key: &str) -> &McPool {
+        let h = Sha256::digest(key.as_bytes());
         let n = u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
         &self.pools[(n % self.pools.len() as u64) as usize]
     }
@@ -145,56 +272,25 @@ impl MemcachedStorage {
         format!("{}:s:{key}", self.namespace)
     }
 
-    /// The item's value and cas unique (`mg <item> v c`).
     async fn gets(&self, item: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
         let k = item.to_owned();
-        with_client(self.pool(item), move |c| {
-            Box::pin(async move {
-                let found = c
-                    .meta_get(&k, false, None, Some(&["v", "c"]))
-                    .await
-                    .map_err(store_error)?;
-                match found {
-                    None => Ok(None),
-                    Some(v) => match (v.data, v.cas) {
-                        (Some(data), Some(cas)) => Ok(Some((data, cas))),
-                        _ => Err(protocol("a meta get answered without value or cas")),
-                    },
-                }
-            })
+        with_conn(self.pool(item), move |c| {
+            Box::pin(async move { c.gets(&k).await })
         })
         .await
     }
 
-    /// `ms <item> <len> T<exptime> (ME | C<cas>)`: whether it was stored (a lost add or cas is
-    /// `false`).
     async fn store(
         &self,
+        command: &'static str,
         item: &str,
         exptime: i64,
         data: Vec<u8>,
         cas: Option<u64>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Reply, StoreError> {
         let k = item.to_owned();
-        with_client(self.pool(item), move |c| {
-            Box::pin(async move {
-                let ttl = format!("T{exptime}");
-                let mode = match cas {
-                    Some(cas) => format!("C{cas}"),
-                    None => "ME".to_owned(),
-                };
-                let flags = [ttl.as_str(), mode.as_str()];
-                match c
-                    .meta_set(&k, data.as_slice(), false, None, Some(&flags))
-                    .await
-                {
-                    Ok(_) => Ok(true),
-                    Err(McError::Protocol(
-                        Status::Exists | Status::NotStored | Status::NotFound,
-                    )) => Ok(false),
-                    Err(e) => Err(store_error(e)),
-                }
-            })
+        with_conn(self.pool(item), move |c| {
+            Box::pin(async move { c.store(command, &k, exptime, &data, cas).await })
         })
         .await
     }
@@ -224,8 +320,17 @@ impl Storage for MemcachedStorage {
             return Ok(SaveOutcome::Conflict);
         }
         let value = frame(put.version, put.expires_at, &put.bytes);
-        let cas = current.map(|(_, cas)| cas);
-        Ok(if self.store(&item, put.expires_at, value, cas).await? {
+        let reply = match current {
+            Some((_, cas)) => {
+                self.store("cas", &item, put.expires_at, value, Some(cas))
+                    .await?
+            }
+            None => {
+                self.store("add", &item, put.expires_at, value, None)
+                    .await?
+            }
+        };
+        Ok(if reply == Reply::Stored {
             SaveOutcome::Saved
         } else {
             SaveOutcome::Conflict
@@ -235,13 +340,8 @@ impl Storage for MemcachedStorage {
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let item = self.item(key);
         let k = item.clone();
-        with_client(self.pool(&item), move |c| {
-            Box::pin(async move {
-                match c.meta_delete(&k, false, None, None).await {
-                    Ok(_) | Err(McError::Protocol(Status::NotFound)) => Ok(()),
-                    Err(e) => Err(store_error(e)),
-                }
-            })
+        with_conn(self.pool(&item), move |c| {
+            Box::pin(async move { c.delete(&k).await })
         })
         .await
     }
@@ -253,10 +353,7 @@ impl Storage for MemcachedStorage {
 
     async fn ping(&self) -> Result<(), StoreError> {
         for pool in &self.pools {
-            with_client(pool, |c| {
-                Box::pin(async move { c.version().await.map(drop).map_err(store_error) })
-            })
-            .await?;
+            with_conn(pool, |c| Box::pin(c.version())).await?;
         }
         Ok(())
     }
