@@ -3,7 +3,8 @@
 //! one run on one in-process node. Prints req/s, p50/p99 and the ratio.
 //!
 //! `cargo bench --bench sessions_load` (env: `LOAD_SECONDS`, default 5; `LOAD_CONNECTIONS`,
-//! default 32; `LOAD_ENGINE`, default memory). Traffic goes to 127.0.0.1 only.
+//! default 32; `LOAD_ENGINE`, default memory; `LOAD_ONLY=with` or `without` drives one side,
+//! for profiling one under callgrind). Traffic goes to 127.0.0.1 only.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;
@@ -105,15 +106,21 @@ fn main() {
         connections,
         Duration::from_millis(500),
     ));
+    let only = std::env::var("LOAD_ONLY").unwrap_or_default();
+    let (run_with, run_without) = (only != "without", only != "with");
     let mut a = support::LoadResult::empty();
     let mut b = support::LoadResult::empty();
     for _ in 0..seconds {
-        a.merge(rt.block_on(drive_with(Duration::from_secs(1))));
-        b.merge(rt.block_on(support::drive(
-            &without,
-            connections,
-            Duration::from_secs(1),
-        )));
+        if run_with {
+            a.merge(rt.block_on(drive_with(Duration::from_secs(1))));
+        }
+        if run_without {
+            b.merge(rt.block_on(support::drive(
+                &without,
+                connections,
+                Duration::from_secs(1),
+            )));
+        }
     }
     println!("load::cart_session  ({connections} connections, {seconds} rounds of 1 s each side)");
     println!("  session read + write   {}", a.summary());

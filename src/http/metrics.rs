@@ -96,6 +96,12 @@ impl Metrics {
         self.sessions_saved.with_label_values(&[engine]).inc();
     }
 
+    /// The counter of sessions written by `engine`, for a caller that counts many (a label
+    /// lookup hashes and locks; the session middleware looks it up once).
+    pub(crate) fn sessions_saved_counter(&self, engine: &str) -> prometheus::IntCounter {
+        self.sessions_saved.with_label_values(&[engine])
+    }
+
     /// Exports `task`'s counters at 0 for every state a worker reports (PENDING: received), so
     /// the series exist before the first task runs.
     pub fn task_registered(&self, task: &str) {

@@ -87,6 +87,8 @@ pub struct SessionLayer {
     save_every_request: bool,
     max_size: usize,
     engine: &'static str,
+    /// `switchyard_sessions_saved_total{engine}` of the node's metrics (looked up once).
+    saved: std::sync::OnceLock<prometheus::IntCounter>,
 }
 
 impl SessionLayer {
@@ -114,6 +116,7 @@ impl SessionLayer {
             save_every_request: config.save_every_request,
             max_size: config.max_size,
             engine,
+            saved: std::sync::OnceLock::new(),
         }
     }
 
@@ -198,12 +201,19 @@ impl SessionLayer {
         res: &mut ServiceResponse<BoxBody>,
     ) -> Result<(), Error> {
         let expiry = session.expiry();
-        let (accessed, modified, empty, had_cookie) =
-            session.with_state(|s| (s.accessed, s.modified, s.data.is_empty(), s.had_cookie));
+        let (accessed, modified, empty, had_cookie, to_delete) = session.with_state(|s| {
+            let to_delete = std::mem::take(&mut s.to_delete);
+            (
+                s.accessed,
+                s.modified,
+                s.data.is_empty(),
+                s.had_cookie,
+                to_delete,
+            )
+        });
         if accessed {
             add_vary_cookie(res);
         }
-        let to_delete = session.with_state(|s| std::mem::take(&mut s.to_delete));
         if let Backend::Server(shards) = &self.backend {
             // A flush deletes the old session even if the response failed: logout must stick.
             for id in &to_delete {
@@ -245,19 +255,22 @@ impl SessionLayer {
                     delete_after: s.cycled_from.clone(),
                 });
                 let saved = shards.save(msg).await?;
+                let value = saved.id.as_str().to_owned();
                 session.with_state(|s| {
-                    s.id = Some(saved.id.clone());
+                    s.id = Some(saved.id);
                     s.base_version = Some(saved.version);
                     s.cycled_from = None;
                 });
-                saved.id.as_str().to_owned()
+                value
             }
             Backend::Signed(signer) => signer
                 .encode(&session.data(), expires_at)
                 .map_err(|e| Error::PayloadTooLarge(e.to_string()))?,
         };
         if let Some(m) = res.request().app_data::<web::Data<Metrics>>() {
-            m.session_saved(self.engine);
+            self.saved
+                .get_or_init(|| m.sessions_saved_counter(self.engine))
+                .inc();
         }
         let cookie = self.cookie(value, (!browser_close).then_some(age));
         res.response_mut()
@@ -291,7 +304,13 @@ pub async fn session_middleware(
     if SESSIONLESS_PATHS.contains(&req.path()) {
         return Ok(next.call(req).await?.map_into_boxed_body());
     }
-    let cookie = req.cookie(&layer.cookie.name).map(|c| c.value().to_owned());
+    // The first cookie of that name, as `req.cookie` finds it, without copying the cookie.
+    let cookie = req.cookies().ok().and_then(|cookies| {
+        cookies
+            .iter()
+            .find(|c| c.name() == layer.cookie.name)
+            .map(|c| c.value().to_owned())
+    });
     let state = match layer.load(cookie.as_deref()).await {
         Ok(s) => s,
         Err(e) => {

@@ -117,22 +117,40 @@ impl Session {
     }
 
     /// Applies `change` unless the result would exceed `max_size` (then nothing changes).
+    ///
+    /// Applied in place: only the value the change replaces is kept aside (the whole data
+    /// for `Clear`) and put back when the change fails or the data grows too large.
     fn change(&self, change: Change) -> Result<(), SessionError> {
         let mut s = self.read();
-        let mut data = s.data.clone();
-        change
-            .apply(&mut data)
-            .map_err(|m| value_error(change_key(&change), m))?;
-        let size = serde_json::to_vec(&data)
-            .map_err(|e| value_error(change_key(&change), e))?
-            .len();
-        if size > s.max_size {
-            return Err(SessionError::TooLarge {
+        let key = change_key(&change);
+        let undo = match &change {
+            Change::Clear => Undo::All(std::mem::take(&mut s.data)),
+            _ => Undo::Key(s.data.get(key).cloned()),
+        };
+        let result = change
+            .apply(&mut s.data)
+            .map_err(|m| value_error(key, m))
+            .and_then(|()| serialized_size(&s.data).map_err(|e| value_error(key, e)));
+        let error = match result {
+            Ok(size) if size <= s.max_size => None,
+            Ok(size) => Some(SessionError::TooLarge {
                 size,
                 max: s.max_size,
-            });
+            }),
+            Err(e) => Some(e),
+        };
+        if let Some(e) = error {
+            match undo {
+                Undo::All(data) => s.data = data,
+                Undo::Key(Some(old)) => {
+                    s.data.insert(key.to_owned(), old);
+                }
+                Undo::Key(None) => {
+                    s.data.remove(key);
+                }
+            }
+            return Err(e);
         }
-        s.data = data;
         s.changes.push(change);
         s.modified = true;
         Ok(())
@@ -259,6 +277,36 @@ impl Session {
     }
 }
 
+/// What [`Session::change`] puts back when a change is refused.
+enum Undo {
+    /// The whole data (`Clear`).
+    All(Map<String, Value>),
+    /// The changed key's previous value (`None`: it was not set).
+    Key(Option<Value>),
+}
+
+/// Counts the bytes written to it.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The length of `data` serialized as JSON (as `serde_json::to_vec` would give it), without
+/// building the bytes.
+pub fn serialized_size(data: &Map<String, Value>) -> Result<usize, serde_json::Error> {
+    let mut count = ByteCount(0);
+    serde_json::to_writer(&mut count, data)?;
+    Ok(count.0)
+}
+
 fn change_key(change: &Change) -> &str {
     match change {
         Change::Set(k, _) | Change::Remove(k) | Change::Update(k, _) => k,
@@ -306,6 +354,33 @@ mod tests {
         assert_eq!(
             s.data(),
             json!({"a": "small"}).as_object().cloned().expect("obj")
+        );
+    }
+
+    #[test]
+    fn a_refused_change_leaves_the_data_as_it_was() {
+        let s = session();
+        s.insert("a", "small").expect("insert");
+        s.insert("n", 1).expect("insert");
+        let before = s.data();
+        let grow = |_: Option<String>| "x".repeat(300);
+        assert!(s.update("a", grow).is_err(), "too large");
+        assert!(s.insert("n", "y".repeat(300)).is_err(), "too large");
+        assert!(s.insert("new", "z".repeat(300)).is_err(), "too large");
+        assert!(
+            s.update("n", |v: Option<String>| v.unwrap_or_default())
+                .is_err(),
+            "wrong type"
+        );
+        assert_eq!(s.data(), before);
+        s.with_state(|st| assert_eq!(st.changes.len(), 2, "refused changes are not recorded"));
+        s.clear();
+        assert!(s.is_empty());
+        let data = json!({"k": [1, "two", {"3": null}], "é": 1.5});
+        let data = data.as_object().cloned().expect("obj");
+        assert_eq!(
+            serialized_size(&data).expect("size"),
+            serde_json::to_vec(&data).expect("json").len()
         );
     }
 

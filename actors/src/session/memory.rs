@@ -98,10 +98,12 @@ impl MemoryStore {
         self.records.is_empty()
     }
 
-    /// The compare-and-swap write (atomic under the record's map entry), then the index.
-    fn write(&self, id: &SessionId, record: &Record, expected: Option<u64>) -> SaveOutcome {
+    /// The compare-and-swap write (atomic under the record's map entry), then the index. A
+    /// write that goes through takes `record` (no copy of the data is made).
+    fn write(&self, id: &SessionId, record: &mut Record, expected: Option<u64>) -> SaveOutcome {
         let now = now_unix();
-        let mut old_user = None;
+        let user = record.user().map(str::to_owned);
+        let old_user;
         {
             let entry = self.records.entry(id.clone());
             match entry {
@@ -112,27 +114,25 @@ impl MemoryStore {
                         return SaveOutcome::Conflict;
                     }
                     old_user = e.get().user().map(str::to_owned);
-                    e.insert(record.clone());
+                    e.insert(std::mem::take(record));
                 }
                 dashmap::Entry::Vacant(e) => {
                     if expected.is_some() {
                         return SaveOutcome::Conflict;
                     }
-                    e.insert(record.clone());
+                    old_user = None;
+                    e.insert(std::mem::take(record));
                 }
             }
         }
         if self.records.len() > self.max_sessions {
             self.evict();
         }
-        if old_user.as_deref() != record.user() {
+        if old_user != user {
             self.unindex(id, old_user.as_deref());
         }
-        if let Some(user) = record.user() {
-            self.by_user
-                .entry(user.to_owned())
-                .or_default()
-                .insert(id.clone());
+        if let Some(user) = user {
+            self.by_user.entry(user).or_default().insert(id.clone());
         }
         SaveOutcome::Saved
     }
@@ -171,7 +171,7 @@ impl SessionStore for MemoryStore {
         record: &Record,
         expected: Option<u64>,
     ) -> Result<SaveOutcome, StoreError> {
-        Ok(self.write(id, record, expected))
+        Ok(self.write(id, &mut record.clone(), expected))
     }
 
     async fn delete(&self, key: &SessionKey) -> Result<(), StoreError> {
@@ -245,7 +245,7 @@ impl SessionStore for MemoryStore {
     fn save_now(
         &self,
         id: &SessionId,
-        record: &Record,
+        record: &mut Record,
         expected: Option<u64>,
     ) -> Option<Result<SaveOutcome, StoreError>> {
         Some(Ok(self.write(id, record, expected)))

@@ -12,6 +12,7 @@ use actix::prelude::*;
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
+use super::handle::serialized_size;
 use super::{
     now_unix, Change, Record, SaveItem, SaveOutcome, SessionError, SessionId, SessionKey,
     SessionStore, StoreError,
@@ -300,12 +301,10 @@ fn next_record(
 }
 
 fn check_size(data: &Map<String, Value>, max: usize) -> Result<(), SessionError> {
-    let size = serde_json::to_vec(data)
-        .map_err(|e| SessionError::Value {
-            key: "*".into(),
-            message: e.to_string(),
-        })?
-        .len();
+    let size = serialized_size(data).map_err(|e| SessionError::Value {
+        key: "*".into(),
+        message: e.to_string(),
+    })?;
     if size > max {
         return Err(SessionError::TooLarge { size, max });
     }
@@ -513,14 +512,14 @@ impl SessionShards {
         msg: &mut SaveSession,
     ) -> Result<Option<Saved>, SessionError> {
         check_size(&msg.data, msg.max_size)?;
-        let record = next_record(
+        let mut record = next_record(
             std::mem::take(&mut msg.data),
             msg.expires_at,
             msg.base_version,
             now_unix(),
         );
         let version = record.version;
-        match self.store.save_now(id, &record, msg.base_version) {
+        match self.store.save_now(id, &mut record, msg.base_version) {
             Some(Ok(SaveOutcome::Saved)) => {
                 if let Some(old) = msg.delete_after.as_ref().filter(|old| *old != id) {
                     self.delete(old).await?;

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use super::{now_unix, SessionId, AUTH_USER_KEY};
 
 /// A stored session: its data, when it expires, and a version for compare-and-swap.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// The session's data.
     pub data: Map<String, Value>,
@@ -224,11 +224,13 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// A versioned write done without waiting, where [`SessionStore::saves_now`]: a handler
     /// skips the shard's mailbox when its write goes through at once; a conflict still goes to
-    /// the shard, which re-applies the request's changes. The default is `None`.
+    /// the shard, which re-applies the request's changes. A write that went through may take
+    /// `record` (it is left as `Record::default()`: no copy of the data is made); one that did
+    /// not leaves it as it was. The default is `None`.
     fn save_now(
         &self,
         _id: &SessionId,
-        _record: &Record,
+        _record: &mut Record,
         _expected: Option<u64>,
     ) -> Option<Result<SaveOutcome, StoreError>> {
         None
