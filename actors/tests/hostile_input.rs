@@ -174,9 +174,12 @@ proptest! {
 
 /// Every committed seed and every input fuzzing found (fuzz/seeds/<target>/,
 /// fuzz/regressions/<target>/) runs through its target.
+/// A fuzz target by name.
+type Target = (&'static str, fn(&[u8]));
+
 #[test]
 fn seeds_and_regressions_run_clean() {
-    let targets: [(&str, fn(&[u8])); 4] = [
+    let targets: [Target; 4] = [
         ("session_cookie", targets::session_cookie),
         ("stored_record", targets::stored_record),
         ("task_message", targets::task_message),

@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use reqwest::{Client, Method};
 use switchyard_actors::tasks::NatsNames;
 
-#[allow(dead_code)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 
