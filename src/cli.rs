@@ -239,7 +239,8 @@ pub fn run(cli: Cli, setup: impl FnOnce(App) -> App) -> ExitCode {
         | Command::Result { .. }
         | Command::Revoke { .. }
         | Command::Purge { .. }
-        | Command::Dead(_) => {
+        | Command::Dead(_)
+        | Command::Cluster(_) => {
             let mut config = match load(config_path) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -285,12 +286,6 @@ pub fn run(cli: Cli, setup: impl FnOnce(App) -> App) -> ExitCode {
             }
             block_on(users_command(config, cmd))
         }
-        Command::Cluster(_) => {
-            if let Err(code) = load(config_path) {
-                return code;
-            }
-            failure("cluster status needs the NATS broker, not available in this version yet")
-        }
     }
 }
 
@@ -328,6 +323,9 @@ fn task_command(config: &mut Config, command: Command, setup: impl FnOnce(App) -
         Command::Dead(DeadCommand::List { queue }) => block_on(tc::dead_list(config, queue)),
         Command::Dead(DeadCommand::Replay { id, all, queue }) => {
             block_on(tc::dead_replay(config, id, all, queue))
+        }
+        Command::Cluster(ClusterCommand::Status { json }) => {
+            block_on(tc::cluster_status(config, json))
         }
         _ => failure("`switchyard beat` is not available in this version yet"),
     }
