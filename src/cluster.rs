@@ -66,7 +66,13 @@ impl Presence {
                 addr: bind.clone(),
                 source,
             })?;
-            let addr = server.addrs()[0];
+            let Some(addr) = server.addrs().first().copied() else {
+                let source = std::io::Error::other("bound to no address");
+                return Err(StartError::Bind {
+                    addr: bind.clone(),
+                    source,
+                });
+            };
             let server = server.run();
             let handle = server.handle();
             actix_rt::spawn(server);
