@@ -252,7 +252,8 @@ pub fn run(cli: Cli, setup: impl FnOnce(App) -> App) -> ExitCode {
         | Command::Revoke { .. }
         | Command::Purge { .. }
         | Command::Scheduled(_)
-        | Command::Dead(_) => {
+        | Command::Dead(_)
+        | Command::Cluster(_) => {
             let mut config = match load(config_path) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -297,12 +298,6 @@ pub fn run(cli: Cli, setup: impl FnOnce(App) -> App) -> ExitCode {
                 ));
             }
             block_on(users_command(config, cmd))
-        }
-        Command::Cluster(_) => {
-            if let Err(code) = load(config_path) {
-                return code;
-            }
-            failure("cluster status needs the NATS broker, not available in this version yet")
         }
     }
 }
@@ -352,6 +347,9 @@ fn task_command(config: &mut Config, command: Command, setup: impl FnOnce(App) -
         }
         Command::Scheduled(ScheduledCommand::List { queue }) => {
             block_on(tc::scheduled_list(config, queue))
+        }
+        Command::Cluster(ClusterCommand::Status { json }) => {
+            block_on(tc::cluster_status(config, json))
         }
         _ => failure("not a task command"),
     }

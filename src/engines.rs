@@ -153,6 +153,11 @@ async fn nats_link(config: &Config) -> Result<NatsLink, StartError> {
     .map_err(|e| StartError::service("nats.url", e))
 }
 
+/// `nats.replicas`: the replicas of every stream and bucket Switchyard creates.
+pub(crate) fn replicas(config: &Config) -> usize {
+    config.nats.replicas.clamp(1, 5) as usize
+}
+
 /// Opens the configured server-side engine on `services`; `None` for `signed_cookies`.
 pub(crate) async fn open(services: &Services<'_>) -> Result<Option<Opened>, StartError> {
     let config = services.config;
@@ -201,7 +206,8 @@ pub(crate) async fn open(services: &Services<'_>) -> Result<Option<Opened>, Star
         }
         SessionEngine::NatsKv => {
             let link = services.nats().await?;
-            let store = NatsKvStore::open(link, &format!("{prefix}_sessions"), codec(config)?)
+            let bucket = format!("{prefix}_sessions");
+            let store = NatsKvStore::open(link, &bucket, codec(config)?, replicas(config))
                 .await
                 .map_err(|e| StartError::service("nats.url", e))?;
             plain(Arc::new(store))

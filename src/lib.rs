@@ -13,6 +13,7 @@
 //! - [`tasks`]: defining, registering and publishing tasks (the task API of the actors crate).
 //! - `topology`: the only place that assembles actors, pools and the HTTP server, and the
 //!   explicit shutdown order.
+//! - `cluster`: a node's heartbeat and a worker or beat node's `/metrics` (docs/cluster.md).
 //! - `engines`: opens the session engine `sessions.engine` names with its pools and
 //!   connections (for `topology` and the CLI's `sessions`/`users` commands).
 //!
@@ -43,6 +44,7 @@
 pub mod app;
 mod beat;
 pub mod cli;
+mod cluster;
 pub mod config;
 pub mod db;
 mod engines;

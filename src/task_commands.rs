@@ -1,5 +1,5 @@
 //! The task commands of `tasks.broker = "nats"`: `worker`, `publish`, `result`, `revoke`,
-//! `purge`, `dead list` and `dead replay`, with SPEC.md's output (stdout: results only) and
+//! `purge`, `dead list`, `dead replay` and `cluster status`, with SPEC.md's output (stdout: results only) and
 //! exit codes (2 bad usage, 1 runtime failure).
 
 use std::process::ExitCode;
@@ -13,8 +13,10 @@ use switchyard_actors::tasks::{
     TaskSettings, TaskState, Tasks, WorkerPool,
 };
 
+use crate::cluster::{self, Presence, Refresh, Role};
 use crate::config::Config;
 use crate::engines;
+use crate::http::metrics::{task_events, Metrics};
 
 /// Exit code for bad usage.
 const EXIT_USAGE: u8 = 2;
@@ -258,7 +260,11 @@ pub(crate) fn worker(
             Ok(b) => Arc::new(b),
             Err(code) => return code,
         };
-        let sink = broker.event_sink(None);
+        let metrics = actix_web::web::Data::new(Metrics::new());
+        for name in registry.names() {
+            metrics.task_registered(name);
+        }
+        let sink = broker.event_sink(Some(task_events(metrics.clone())));
         let arbiter = actix_rt::Arbiter::new();
         let queues = (!queues.is_empty()).then_some(queues);
         let pool = match WorkerPool::start(
@@ -286,6 +292,15 @@ pub(crate) fn worker(
                 Err(e) => return failure(e),
             }
         }
+        let in_flight = pool.in_flight_reader();
+        let heartbeat = cluster::heartbeat(&config, broker.client().clone(), Role::Worker)
+            .queues(served.clone())
+            .in_flight(in_flight.clone());
+        let refresh = worker_refresh(broker.clone(), served.clone(), metrics.clone(), in_flight);
+        let presence = match Presence::start(&config, heartbeat, metrics, refresh) {
+            Ok(p) => p,
+            Err(e) => return failure(e),
+        };
         tracing::info!(
             node = %settings.node_id,
             queues = %served.join(","),
@@ -316,6 +331,7 @@ pub(crate) fn worker(
         });
         let outcome = pool.drain().await;
         let _ = tokio::time::timeout(SCHEDULER_STOP, scheduler).await;
+        drop(presence);
         tracing::info!(?outcome, "worker stopped");
         arbiter.stop();
         ExitCode::SUCCESS
@@ -392,4 +408,56 @@ pub(crate) fn beat(config: Config, registry: Registry) -> ExitCode {
         tracing::info!("beat stopped");
         ExitCode::SUCCESS
     })
+}
+/// A worker node's metrics before a scrape: each served queue's backlog (from its consumer;
+/// a queue NATS does not answer for keeps its last value) and the tasks in flight.
+fn worker_refresh(
+    broker: Arc<NatsBroker>,
+    queues: Vec<String>,
+    metrics: actix_web::web::Data<Metrics>,
+    in_flight: cluster::InFlight,
+) -> Refresh {
+    Arc::new(move || {
+        let (broker, queues, metrics) = (broker.clone(), queues.clone(), metrics.clone());
+        metrics.tasks_in_flight(in_flight());
+        Box::pin(async move {
+            for queue in &queues {
+                match broker.backlog(queue).await {
+                    Ok((waiting, unacked)) => metrics.queue_backlog(queue, waiting, unacked),
+                    Err(e) => tracing::debug!(%queue, "metrics: {e}"),
+                }
+            }
+        })
+    })
+}
+
+/// `cluster status [--json]`: listens to the heartbeats for one interval and a margin, then
+/// prints the live nodes (a table, or one JSON line per node).
+pub(crate) async fn cluster_status(config: Config, json: bool) -> ExitCode {
+    let link = match engines::Services::new(&config).nats().await {
+        Ok(link) => link,
+        Err(e) => return failure(e),
+    };
+    let interval = cluster::interval(&config);
+    let listen = switchyard_actors::cluster::listen_time(interval);
+    let gathered =
+        switchyard_actors::cluster::gather(&link.client, &config.nats.prefix, interval, listen);
+    let nodes = match gathered.await {
+        Ok(nodes) => nodes,
+        Err(e) => return failure(format!("nats.url: {e}")),
+    };
+    if json {
+        for node in &nodes {
+            match serde_json::to_string(node) {
+                Ok(line) => println!("{line}"),
+                Err(e) => return failure(e),
+            }
+        }
+    } else {
+        print!("{}", cluster::table(&nodes));
+    }
+    if nodes.is_empty() {
+        eprintln!("no live nodes under nats.prefix = {:?}", config.nats.prefix);
+    }
+    ExitCode::SUCCESS
 }

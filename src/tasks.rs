@@ -46,6 +46,7 @@ pub fn settings(config: &Config) -> TaskSettings {
         max_eta: dur(t.max_eta),
         dead_max_age: dur(t.dead_max_age),
         dead_max_bytes: t.dead_max_bytes.min(i64::MAX as u64),
+        replicas: crate::engines::replicas(config),
         ..TaskSettings::default()
     }
 }

@@ -23,10 +23,9 @@ use switchyard_actors::context::builtins::{
 };
 use switchyard_actors::context::{ContextProcessor, ContextWorkers};
 use switchyard_actors::session::{CookieSigner, SessionShards};
-use switchyard_actors::tasks::{
-    CancellationToken, EventSink, MemoryBroker, Registry, Tasks, WorkerPool,
-};
+use switchyard_actors::tasks::{CancellationToken, MemoryBroker, Registry, Tasks, WorkerPool};
 
+use crate::cluster::{self, HeartbeatHandle, Role};
 use crate::config::{AuthStore, Broker, Config, Outbox};
 use crate::engines;
 use crate::error::StartError;
@@ -102,6 +101,8 @@ pub(crate) struct Topology {
     task_workers: Option<TaskWorkers>,
     /// Stops the embedded beat (which then releases its lease).
     beat_stop: CancellationToken,
+    /// This node's heartbeat (NATS broker), stopped first at shutdown.
+    heartbeat: Option<HeartbeatHandle>,
 }
 
 /// The in-process task workers (memory broker) and the arbiter their actors live on.
@@ -172,7 +173,7 @@ impl Topology {
         // With NATS, the nodes count failed logins together.
         if let Some(link) = services.nats_if_open() {
             auth = auth
-                .with_nats(link.client, &config.nats.prefix)
+                .with_nats(link.client, &config.nats.prefix, engines::replicas(&config))
                 .await
                 .map_err(|e| StartError::service("nats.url", e))?;
         }
@@ -220,6 +221,15 @@ impl Topology {
         let server = server.run();
         let handle = server.handle();
         let server_task = actix_rt::spawn(server);
+        // With the NATS broker the node shows in `cluster status`.
+        let heartbeat = match services.nats_if_open() {
+            Some(link) if config.tasks.broker == Broker::Nats => Some(
+                cluster::heartbeat(&config, link.client, Role::Serve)
+                    .metrics(Some(format!("http://{}/metrics", addrs[0])))
+                    .start(),
+            ),
+            _ => None,
+        };
 
         Ok(Running {
             addrs,
@@ -231,6 +241,7 @@ impl Topology {
                 context_arbiter,
                 task_workers,
                 beat_stop,
+                heartbeat,
             },
         })
     }
@@ -260,6 +271,7 @@ impl Topology {
     /// Stops the actors in order, after the HTTP server has stopped.
     pub(crate) async fn shutdown(self) {
         self.beat_stop.cancel();
+        drop(self.heartbeat);
         if let Some(workers) = self.task_workers {
             tracing::info!(
                 drain_timeout = self.config.tasks.drain_timeout,
@@ -469,8 +481,7 @@ async fn task_system(
     for name in registry.names() {
         metrics.task_registered(name);
     }
-    let metrics = metrics.clone();
-    let events: EventSink = Arc::new(move |e| metrics.task_state(&e.task, e.state.as_str()));
+    let events = metrics::task_events(metrics.clone());
     let arbiter = actix_rt::Arbiter::new();
     let pool = WorkerPool::start(
         settings.clone(),

@@ -503,7 +503,7 @@ fn bench_nats_kv(seconds: u64, runs: u64) {
         .await
         .expect("nats");
         let store = Arc::new(
-            NatsKvStore::open(link, "switchyard_bench_sessions", RecordCodec::plain())
+            NatsKvStore::open(link, "switchyard_bench_sessions", RecordCodec::plain(), 1)
                 .await
                 .expect("bucket"),
         );

@@ -237,6 +237,7 @@ fn task_commands_need_nats_under_the_memory_broker() {
         &["purge", "default"],
         &["dead", "list"],
         &["worker"],
+        &["cluster", "status", "--json"],
     ] {
         let (code, stdout, stderr) = run_cli(args, &[], None);
         assert_eq!(code, 2, "{args:?}: {stderr}");

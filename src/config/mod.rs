@@ -90,10 +90,7 @@ mod source;
 
 pub use error::{ConfigError, Origin};
 pub use secret::{Secret, REDACTED};
-pub use sections::UserEntry;
-pub use sections::{ActorsConfig, AuthConfig, BeatConfig, ContextConfig, FileConfig, LogConfig};
-pub use sections::{MailConfig, MemcachedConfig, NatsConfig, PostgresConfig, QueueConfig};
-pub use sections::{RedisConfig, ScheduleEntry, ServerConfig, SessionsConfig, TasksConfig};
+pub use sections::*;
 
 use error::Origins;
 
@@ -162,6 +159,8 @@ section! {
         pub tasks: TasksConfig = TasksConfig::default(),
         /// `[mail]`: outgoing mail.
         pub mail: MailConfig = MailConfig::default(),
+        /// `[cluster]`: heartbeats and the worker and beat nodes' metrics.
+        pub cluster: ClusterConfig = ClusterConfig::default(),
         /// `[beat]`: periodic schedules.
         pub beat: BeatConfig = BeatConfig::default(),
     }
@@ -232,6 +231,7 @@ impl Config {
         let not_phc = |u: &UserEntry| argon2::PasswordHash::new(&u.password_hash).is_err();
         let bad_hash = self.auth.users.iter().position(not_phc);
         let (tasks, beat, from) = (&self.tasks, &self.beat.schedule, &self.mail.from);
+        let bind = &self.cluster.metrics_bind;
         let (base, max) = (tasks.retry_backoff_base, tasks.retry_backoff_max);
         rules! {v;
             "server.bind" => server.bind.parse::<SocketAddr>().is_ok(),
@@ -270,6 +270,7 @@ impl Config {
                 "expected a PHC password hash such as \"$argon2id$v=19$m=19456,t=2,p=1$...\"";
             "postgres.pool_size" => range(self.postgres.pool_size, 1, None);
             "nats.prefix" => name(&self.nats.prefix);
+            "nats.replicas" => range(self.nats.replicas, 1, Some(5));
             "context.processors" => unique(self.context.processors.iter(), "", "processor");
             "context.timeout_ms" => range(self.context.timeout_ms, 1, None);
             "actors.session_shards" => range(actors.session_shards, 1, Some(1024));
@@ -298,6 +299,9 @@ impl Config {
                 tasks.queues.iter().map(|q| format!("{:?}", q.name)).collect::<Vec<_>>().join(", "),
                 tasks.default_queue;
             "mail.from" => from.contains('@'), "expected an e-mail address, got {from:?}";
+            "cluster.heartbeat_interval" => range(self.cluster.heartbeat_interval, 1, Some(3600));
+            "cluster.metrics_bind" => bind.is_empty() || bind.parse::<SocketAddr>().is_ok(),
+                "expected \"\" or IP:PORT such as \"127.0.0.1:9100\", got {bind:?}";
             "beat.schedule" => unique(beat.iter().map(|s| &s.name), ".name", "schedule");
         }
         for (i, entry) in beat.iter().enumerate() {

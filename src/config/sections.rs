@@ -71,6 +71,8 @@ section! {
         pub url: Secret = "nats://127.0.0.1:4222".into(),
         /// Prefix of every subject, stream (upper-cased) and KV bucket.
         pub prefix: String = "switchyard".into(),
+        /// Replicas of every stream and bucket Switchyard creates (1..=5; a NATS cluster's).
+        pub replicas: u32 = 1,
         /// Path of a `.creds` file (JWT + NKey); empty: none.
         pub creds_file: String = String::new(),
         /// Authentication token; empty: none.
@@ -211,6 +213,14 @@ section! {
         pub dir: PathBuf = "outbox".into(),
         /// Sender address.
         pub from: String = "shop@example.com".into(),
+    }
+
+    /// `[cluster]`: heartbeats (`cluster status`) and the worker and beat nodes' `/metrics`.
+    pub struct ClusterConfig {
+        /// Seconds between heartbeats (1..=3600); a node unseen for three is gone.
+        pub heartbeat_interval: u64 = 2,
+        /// `IP:PORT` of the worker and beat nodes' `/metrics` (port 0: any); "" disables it.
+        pub metrics_bind: String = "127.0.0.1:0".into(),
     }
 
     /// `[beat]`: periodic schedules.

@@ -92,8 +92,9 @@ impl Auth {
         mut self,
         client: async_nats::Client,
         prefix: &str,
+        replicas: usize,
     ) -> Result<Self, String> {
-        self.guard = self.guard.with_nats(client, prefix).await?;
+        self.guard = self.guard.with_nats(client, prefix, replicas).await?;
         Ok(self)
     }
 

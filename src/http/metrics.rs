@@ -7,7 +7,8 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{web, HttpResponse};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// The route label of requests no route matched.
@@ -21,6 +22,9 @@ pub struct Metrics {
     sessions_saved: IntCounterVec,
     sessions_evicted: IntCounterVec,
     tasks: IntCounterVec,
+    queue_depth: IntGaugeVec,
+    consumer_lag: IntGaugeVec,
+    in_flight: IntGauge,
     /// Reads the memory engine's eviction count at scrape time.
     evictions: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
 }
@@ -63,12 +67,33 @@ impl Metrics {
             &["task", "state"],
         )
         .expect("metric definition is valid");
+        let queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_queue_depth",
+                "Tasks of a queue in the broker: waiting, delayed or running (worker nodes).",
+            ),
+            &["queue"],
+        )
+        .expect("metric definition is valid");
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_consumer_lag",
+                "Tasks of a queue its consumer has not delivered to any worker yet.",
+            ),
+            &["queue"],
+        )
+        .expect("metric definition is valid");
+        let in_flight = IntGauge::new("switchyard_tasks_in_flight", "Tasks running on this node.")
+            .expect("metric definition is valid");
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
             Box::new(sessions_saved.clone()),
             Box::new(sessions_evicted.clone()),
             Box::new(tasks.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(consumer_lag.clone()),
+            Box::new(in_flight.clone()),
         ] {
             registry
                 .register(c)
@@ -81,6 +106,9 @@ impl Metrics {
             sessions_saved,
             sessions_evicted,
             tasks,
+            queue_depth,
+            consumer_lag,
+            in_flight,
             evictions: std::sync::OnceLock::new(),
         }
     }
@@ -117,6 +145,23 @@ impl Metrics {
         self.tasks.with_label_values(&[task, state]).inc();
     }
 
+    /// Sets a queue's backlog: `waiting` not yet delivered (the consumer's lag), `unacked`
+    /// delivered and not acknowledged (running or delayed); the depth is both.
+    pub fn queue_backlog(&self, queue: &str, waiting: u64, unacked: u64) {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.consumer_lag
+            .with_label_values(&[queue])
+            .set(gauge(waiting));
+        self.queue_depth
+            .with_label_values(&[queue])
+            .set(gauge(waiting.saturating_add(unacked)));
+    }
+
+    /// Sets the tasks running on this node.
+    pub fn tasks_in_flight(&self, n: u64) {
+        self.in_flight.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         if let Some(total) = self.evictions.get() {
@@ -135,6 +180,11 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// An event sink counting every task event of a node's workers in `switchyard_tasks_total`.
+pub(crate) fn task_events(metrics: web::Data<Metrics>) -> switchyard_actors::tasks::EventSink {
+    std::sync::Arc::new(move |e| metrics.task_state(&e.task, e.state.as_str()))
 }
 
 /// Counts and times every request under its route pattern.

@@ -100,16 +100,18 @@ impl LoginGuard {
         }
     }
 
-    /// Shares the counters through NATS KV (bucket `<prefix>_login`).
+    /// Shares the counters through NATS KV (bucket `<prefix>_login`, with `replicas` replicas).
     pub async fn with_nats(
         mut self,
         client: async_nats::Client,
         prefix: &str,
+        replicas: usize,
     ) -> Result<Self, String> {
         let js = async_nats::jetstream::new(client);
         let bucket = format!("{prefix}_login");
         let max_age = Duration::from_secs(self.window as u64);
-        switchyard_actors::jetstream::ensure_kv_stream(&js, &bucket, max_age, false).await?;
+        switchyard_actors::jetstream::ensure_kv_stream(&js, &bucket, max_age, false, replicas)
+            .await?;
         let store = js
             .get_key_value(&bucket)
             .await

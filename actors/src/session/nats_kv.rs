@@ -126,7 +126,7 @@ impl NatsLink {
                     }
                 }
             })
-            .connect(c.url.as_str())
+            .connect(server_list(&c.url))
             .await
             .map_err(|e| fail(&e))?;
         Ok(Self { client, changes })
@@ -153,6 +153,15 @@ impl NatsLink {
             })
         }
     }
+}
+
+/// `nats.url` as the servers to connect to: a comma-separated list (a NATS cluster; the client
+/// also learns the cluster's other servers from them).
+fn server_list(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -188,22 +197,27 @@ struct Seen {
 }
 
 /// Creates the bucket's stream when missing, in a form NATS 2.9 understands.
-async fn ensure_bucket(js: &jetstream::Context, bucket: &str) -> Result<(), StoreError> {
-    crate::jetstream::ensure_kv_stream(js, bucket, std::time::Duration::ZERO, true)
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<(), StoreError> {
+    crate::jetstream::ensure_kv_stream(js, bucket, Duration::ZERO, true, replicas)
         .await
         .map_err(unavailable)
 }
 
 impl NatsKvStore {
-    /// Opens (creating when missing) bucket `bucket` over `link`.
+    /// Opens (creating when missing, with `replicas` replicas) bucket `bucket` over `link`.
     pub async fn open(
         link: NatsLink,
         bucket: &str,
         codec: RecordCodec,
+        replicas: usize,
     ) -> Result<Self, StoreError> {
         let mut js = jetstream::new(link.client.clone());
         js.set_timeout(NATS_TIMEOUT);
-        ensure_bucket(&js, bucket).await?;
+        ensure_bucket(&js, bucket, replicas).await?;
         let kv = js
             .get_key_value(bucket)
             .await

@@ -176,7 +176,13 @@ impl NatsBeatStore {
     /// Opens (creating when missing) the bucket `<prefix>_beat` of `broker` for node `node`.
     pub async fn open(broker: &NatsBroker, node: &str) -> Result<Self, BrokerError> {
         let bucket = format!("{}_beat", broker.names().prefix);
-        super::nats::ensure_bucket(broker.jetstream(), &bucket, Duration::ZERO).await?;
+        super::nats::ensure_bucket(
+            broker.jetstream(),
+            &bucket,
+            Duration::ZERO,
+            broker.replicas(),
+        )
+        .await?;
         let kv = broker
             .jetstream()
             .get_key_value(&bucket)

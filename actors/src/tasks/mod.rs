@@ -110,6 +110,8 @@ pub struct TaskSettings {
     pub dead_max_age: Duration,
     /// Bytes the dead-letter stream keeps (`tasks.dead_max_bytes`); zero: no limit.
     pub dead_max_bytes: u64,
+    /// Replicas of the streams and bucket the NATS broker creates (`nats.replicas`).
+    pub replicas: usize,
 }
 
 impl Default for TaskSettings {
@@ -135,6 +137,7 @@ impl Default for TaskSettings {
             max_eta: Duration::from_secs(2_592_000),
             dead_max_age: Duration::from_secs(1_209_600),
             dead_max_bytes: 1_073_741_824,
+            replicas: 1,
         }
     }
 }

@@ -129,31 +129,24 @@ pub async fn ensure_bucket(
     js: &jetstream::Context,
     bucket: &str,
     max_age: Duration,
+    replicas: usize,
 ) -> Result<(), BrokerError> {
-    crate::jetstream::ensure_kv_stream(js, bucket, max_age, false)
+    crate::jetstream::ensure_kv_stream(js, bucket, max_age, false, replicas)
         .await
         .map_err(|e| BrokerError::unavailable_because(format!("results bucket {bucket}: {e}")))
 }
 
 async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), BrokerError> {
-    let name = config.name.clone();
-    if js.get_stream(&name).await.is_ok() {
-        return Ok(());
-    }
-    match js.create_stream(config).await {
-        Ok(_) => Ok(()),
-        Err(e) => match js.get_stream(&name).await {
-            Ok(_) => Ok(()),
-            Err(_) => {
-                use jetstream::context::CreateStreamErrorKind as K;
-                let op = format!("create stream {name}");
-                Err(match e.kind() {
-                    K::TimedOut | K::JetStreamUnavailable => BrokerError::unavailable(op, e),
-                    _ => BrokerError::refused(op, e),
-                })
+    let op = format!("create stream {}", config.name);
+    crate::jetstream::ensure_stream(js, config)
+        .await
+        .map_err(|e| {
+            use jetstream::context::CreateStreamErrorKind as K;
+            match e.kind() {
+                K::TimedOut | K::JetStreamUnavailable => BrokerError::unavailable(op, e),
+                _ => BrokerError::refused(op, e),
             }
-        },
-    }
+        })
 }
 
 /// `tasks.dead_max_bytes` as JetStream's `max_bytes` (-1: no limit).
@@ -209,6 +202,8 @@ pub struct NatsBroker {
     kv: kv::Store,
     ack_wait: Duration,
     max_eta: Duration,
+    /// `nats.replicas`, for the buckets opened later (scheduler, beat).
+    replicas: usize,
     consumers: std::sync::Arc<Mutex<HashMap<String, consumer::PullConsumer>>>,
 }
 
@@ -231,7 +226,7 @@ impl NatsBroker {
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 duplicate_window: settings.dedupe_window,
-                num_replicas: 1,
+                num_replicas: settings.replicas,
                 ..Default::default()
             },
         )
@@ -243,7 +238,7 @@ impl NatsBroker {
                 subjects: vec![format!("{prefix}.dead.>")],
                 retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
-                num_replicas: 1,
+                num_replicas: settings.replicas,
                 max_age: settings.dead_max_age,
                 max_bytes: dead_max_bytes(settings.dead_max_bytes),
                 ..Default::default()
@@ -253,7 +248,7 @@ impl NatsBroker {
         ensure_dead_limits(&js, &names.dead_stream(), settings).await?;
         ensure_stream(&js, super::scheduled::stream_config(&names, settings)).await?;
         let bucket = names.results_bucket();
-        ensure_bucket(&js, &bucket, settings.result_ttl).await?;
+        ensure_bucket(&js, &bucket, settings.result_ttl, settings.replicas).await?;
         let kv = js
             .get_key_value(&bucket)
             .await
@@ -266,6 +261,7 @@ impl NatsBroker {
             kv,
             ack_wait: settings.ack_wait,
             max_eta: settings.max_eta,
+            replicas: settings.replicas,
             consumers: Default::default(),
         };
         for q in &settings.queues {
@@ -289,9 +285,30 @@ impl NatsBroker {
         self.client.server_info().version
     }
 
+    /// `nats.replicas`.
+    pub(super) fn replicas(&self) -> usize {
+        self.replicas
+    }
+
     /// How long a scheduled entry is kept at most.
     pub(super) fn scheduled_max_age(&self) -> Duration {
         super::scheduled::scheduled_max_age(self.max_eta)
+    }
+
+    /// The NATS connection.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// A queue's backlog for metrics: (tasks its consumer has not delivered yet, tasks
+    /// delivered and not acknowledged yet), from the consumer's info.
+    pub async fn backlog(&self, queue: &str) -> Result<(u64, u64), BrokerError> {
+        let mut c = self.consumer(queue).await?;
+        let info = c
+            .info()
+            .await
+            .map_err(unavailable(format!("read consumer of queue {queue}")))?;
+        Ok((info.num_pending, info.num_ack_pending as u64))
     }
 
     /// The queue's durable consumer, created when missing.

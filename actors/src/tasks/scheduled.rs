@@ -459,7 +459,8 @@ impl NatsBroker {
     /// The bucket of the schedulers' sweep positions.
     async fn scheduler_bucket(&self) -> Result<kv::Store, BrokerError> {
         let bucket = self.names().scheduler_bucket();
-        super::nats::ensure_bucket(self.jetstream(), &bucket, Duration::ZERO).await?;
+        super::nats::ensure_bucket(self.jetstream(), &bucket, Duration::ZERO, self.replicas())
+            .await?;
         self.jetstream()
             .get_key_value(&bucket)
             .await
@@ -487,7 +488,7 @@ pub(super) fn stream_config(
         storage: stream::StorageType::File,
         duplicate_window: settings.dedupe_window,
         max_age: scheduled_max_age(settings.max_eta),
-        num_replicas: 1,
+        num_replicas: settings.replicas,
         ..Default::default()
     }
 }

@@ -382,6 +382,12 @@ impl WorkerPool {
         self.jobs.lock().len()
     }
 
+    /// A reader of [`WorkerPool::in_flight`] that outlives this borrow (heartbeats, metrics).
+    pub fn in_flight_reader(&self) -> crate::cluster::InFlight {
+        let jobs = self.jobs.clone();
+        std::sync::Arc::new(move || jobs.lock().len() as u64)
+    }
+
     /// Warm shutdown: stop fetching and wait for in-flight tasks, at most `drain_timeout` or
     /// until the cold token fires; then cold: fire every task's token, give them
     /// `COLD_GRACE`, and abort what is left.

@@ -474,6 +474,47 @@ impl PrivateServer {
         )
     }
 
+    /// A JetStream cluster of `n` private `nats-server`s on 127.0.0.1 (the machine's), routed
+    /// to each other: node `i` is server `n<i>`, with its configuration file `nats.conf` and its
+    /// store in its own directory. `None` as [`PrivateServer::start`] when none is installed.
+    pub fn nats_cluster(n: usize) -> Option<Vec<Self>> {
+        let probe = Self::nats()?;
+        let program = probe.program.clone();
+        drop(probe);
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes: Vec<String> = cluster_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect();
+        let servers = (0..n)
+            .map(|i| {
+                let dir = tempfile::tempdir().expect("server dir");
+                let port = free_port();
+                let conf = dir.path().join("nats.conf");
+                let text = format!(
+                    "server_name: n{i}\nlisten: 127.0.0.1:{port}\n\
+                     jetstream {{ store_dir: \"{store}\" }}\n\
+                     cluster {{\n  name: switchyard-test\n  listen: 127.0.0.1:{cport}\n  \
+                     routes: [{routes}]\n}}\n",
+                    store = dir.path().join("js").display(),
+                    cport = cluster_ports[i],
+                    routes = routes.join(", "),
+                );
+                std::fs::write(&conf, text).expect("write nats.conf");
+                let mut s = PrivateServer {
+                    program: program.clone(),
+                    args: vec!["-c".into(), conf.display().to_string()],
+                    dir,
+                    port,
+                    child: None,
+                };
+                s.up();
+                s
+            })
+            .collect();
+        Some(servers)
+    }
+
     /// `nats://127.0.0.1:<port>`.
     pub fn nats_url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
