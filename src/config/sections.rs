@@ -70,6 +70,10 @@ section! {
         pub url: Secret = "nats://127.0.0.1:4222".into(),
         /// Prefix of every subject, stream (upper-cased) and KV bucket.
         pub prefix: String = "switchyard".into(),
+        /// User name to authenticate with (with `password`); empty: none.
+        pub user: String = String::new(),
+        /// Password of `user`.
+        pub password: Secret = Secret::default(),
         /// Path of a `.creds` file (JWT + NKey); empty: none.
         pub creds_file: String = String::new(),
         /// Authentication token; empty: none.

@@ -47,7 +47,7 @@ pub use client::{AsyncResult, ClientError, Tasks};
 pub use envelope::{is_valid_task_id, new_task_id, Envelope, PublishOptions};
 pub use events::{EventKind, EventSink, TaskEvent};
 pub use memory::MemoryBroker;
-pub use nats::{NatsBroker, NatsNames, StoredDeadLetter, PUBLISH_RETRY_FOR};
+pub use nats::{NatsBroker, NatsNames, Opening, StoredDeadLetter, PUBLISH_RETRY_FOR};
 pub use record::{ResultRecord, Revocation, TaskState};
 pub use registry::{Registry, TaskEntry};
 pub use scheduled::{ScheduledTask, Scheduler};
