@@ -161,6 +161,28 @@ struct Cache {
 struct Mark(u64, u64);
 
 impl Cache {
+    /// An empty cache of node `node`, not caching yet.
+    fn new(node: String, codec: RecordCodec, changes: u64) -> Self {
+        Self {
+            entries: DashMap::new(),
+            generation: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            seen_changes: AtomicU64::new(changes),
+            listening: AtomicBool::new(false),
+            node,
+            epoch: Instant::now(),
+            cache_from_ms: AtomicI64::new(i64::MAX),
+            own_heartbeat_ms: AtomicI64::new(-1),
+            nodes: Mutex::new(HashMap::new()),
+            codec,
+            rejected: Default::default(),
+            pending: Mutex::new(HashMap::new()),
+            next_seq: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
     fn mark(&self) -> Mark {
         Mark(
             self.generation.load(Ordering::SeqCst),
@@ -458,25 +480,7 @@ impl CachedDbStore {
     pub fn new(db: Arc<PostgresStore>, link: NatsLink, prefix: &str) -> Self {
         let node = uuid::Uuid::new_v4().simple().to_string();
         let inbox = format!("{}.{node}", link.client.new_inbox());
-        let codec = db.codec().clone();
-        let cache = Arc::new(Cache {
-            entries: DashMap::new(),
-            generation: AtomicU64::new(0),
-            invalidations: AtomicU64::new(0),
-            seen_changes: AtomicU64::new(link.changes()),
-            listening: AtomicBool::new(false),
-            node,
-            epoch: Instant::now(),
-            cache_from_ms: AtomicI64::new(i64::MAX),
-            own_heartbeat_ms: AtomicI64::new(-1),
-            nodes: Mutex::new(HashMap::new()),
-            codec,
-            rejected: Default::default(),
-            pending: Mutex::new(HashMap::new()),
-            next_seq: AtomicU64::new(0),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-        });
+        let cache = Arc::new(Cache::new(node, db.codec().clone(), link.changes()));
         Self {
             db,
             link,
@@ -741,5 +745,91 @@ impl SessionStore for CachedDbStore {
     /// use) goes through the shard to Postgres.
     fn load_now(&self, id: &SessionId) -> Option<Result<Option<Record>, StoreError>> {
         self.hit(&self.db.key(id)).map(Ok)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(
+        subject: &str,
+        reply: Option<&str>,
+        payload: &str,
+        headers: HeaderMap,
+    ) -> async_nats::Message {
+        async_nats::Message {
+            subject: subject.into(),
+            reply: reply.map(Into::into),
+            payload: payload.to_owned().into(),
+            headers: Some(headers),
+            status: None,
+            description: None,
+            length: 0,
+        }
+    }
+
+    #[test]
+    fn only_messages_signed_for_their_kind_subject_and_reply_verify() {
+        let node = Cache::new("a".into(), RecordCodec::new(false, b"current", &[]), 0);
+        let old = Cache::new("b".into(), RecordCodec::new(false, b"old", &[]), 0);
+        let rotated = Cache::new(
+            "c".into(),
+            RecordCodec::new(false, b"current", &[b"old".to_vec()]),
+            0,
+        );
+        let body = r#"{"key":"k","version":3}"#;
+        let signed =
+            |c: &Cache, kind| c.sign(kind, "p.sessions.invalidate", "r.1", body.as_bytes());
+        let msg = |h| message("p.sessions.invalidate", Some("r.1"), body, h);
+        assert!(node.verify(Kind::Invalidation, &msg(signed(&node, Kind::Invalidation))));
+        assert!(rotated.verify(Kind::Invalidation, &msg(signed(&old, Kind::Invalidation))));
+        // Another secret, another kind, another reply subject, another payload, no tag.
+        assert!(!node.verify(Kind::Invalidation, &msg(signed(&old, Kind::Invalidation))));
+        assert!(!node.verify(Kind::Invalidation, &msg(signed(&node, Kind::Ack))));
+        let moved = message(
+            "p.sessions.invalidate",
+            Some("r.2"),
+            body,
+            signed(&node, Kind::Invalidation),
+        );
+        assert!(!node.verify(Kind::Invalidation, &moved));
+        let altered = message(
+            "p.sessions.invalidate",
+            Some("r.1"),
+            r#"{"key":"k","version":4}"#,
+            signed(&node, Kind::Invalidation),
+        );
+        assert!(!node.verify(Kind::Invalidation, &altered));
+        assert!(!node.verify(Kind::Invalidation, &msg(HeaderMap::new())));
+        assert_eq!(
+            node.rejected[Kind::Invalidation as usize].load(Ordering::Relaxed),
+            5
+        );
+    }
+
+    #[test]
+    fn replayed_and_old_heartbeats_are_refused() {
+        let cache = Cache::new("a".into(), RecordCodec::plain(), 0);
+        let now = chrono::Utc::now().timestamp_millis();
+        let hb = |n, at| Heartbeat {
+            node: "b".into(),
+            n,
+            at,
+        };
+        assert!(cache.heard(hb(5, now)));
+        assert!(!cache.heard(hb(5, now)), "the same heartbeat again");
+        assert!(!cache.heard(hb(4, now)), "an older one");
+        assert!(cache.heard(hb(6, now)));
+        let max_age = HEARTBEAT_MAX_AGE.as_millis() as i64;
+        assert!(
+            !cache.heard(hb(7, now - max_age - 1000)),
+            "sent too long ago"
+        );
+        assert!(
+            !cache.heard(hb(7, now + max_age + 1000)),
+            "from too far ahead"
+        );
+        assert_eq!(cache.live_nodes(), HashSet::from(["b".to_owned()]));
     }
 }
