@@ -3,7 +3,8 @@
 //! serve and work; the real `switchyard` binary connected as `publisher` publishes (with
 //! `--wait`, `--countdown`, `--unique`) and reads results; a plain NATS client connected as
 //! `publisher` is refused the session bucket, result writes and deletes, events, other users'
-//! replies, dead letters and scheduled tasks; `operator` runs the administrative commands.
+//! replies, dead letters and scheduled tasks; `operator` runs the administrative commands
+//! (`revoke`, `purge`, `dead list`, `scheduled list`, `sessions clear` on `nats_kv`).
 
 mod common;
 
@@ -272,7 +273,37 @@ async fn permissions_hold(current: bool) {
     let (_, out, _) = cli_as(&server, "publisher", dir, &["result", &finished]);
     assert_eq!(record(&out)["state"], "SUCCESS", "the record is as it was");
 
-    // `operator`: the administrative commands.
+    // `operator`: the administrative commands. A far countdown goes to the scheduled stream
+    // (moved there by the worker), where `scheduled list` finds it and `purge` drops it.
+    let (code, out, err) = cli_as(
+        &server,
+        "publisher",
+        dir,
+        &[
+            "publish",
+            "demo.add",
+            r#"{"x":1,"y":1}"#,
+            "--countdown",
+            "600",
+        ],
+    );
+    assert_eq!(code, 0, "publish --countdown 600 as publisher: {err}");
+    let far = out.trim().to_owned();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (code, out, err) = cli_as(&server, "operator", dir, &["scheduled", "list"]);
+        assert_eq!(code, 0, "scheduled list as operator: {err}");
+        if out.contains(&far) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the far task never got scheduled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, out, err) = cli_as(&server, "operator", dir, &["purge", "default"]);
+    assert_eq!((code, out.trim()), (0, r#"{"purged":1}"#), "{err}");
     let stranger = uuid::Uuid::new_v4().to_string();
     for (args, expected) in [
         (vec!["revoke", stranger.as_str()], r#"{"revoked":1}"#),
