@@ -141,6 +141,8 @@ async fn nats_link(config: &Config) -> Result<NatsLink, StartError> {
     let n = &config.nats;
     NatsLink::connect(&NatsConnect {
         url: n.url.expose_secret().to_owned(),
+        user: n.user.clone(),
+        password: n.password.expose_secret().to_owned(),
         token: n.token.expose_secret().to_owned(),
         creds_file: n.creds_file.clone(),
         nkey_seed_file: n.nkey_seed_file.clone(),
@@ -227,14 +229,20 @@ pub(crate) async fn open(services: &Services<'_>) -> Result<Option<Opened>, Star
 }
 
 /// Opens the task broker under `nats.prefix` on the process's NATS connection
-/// (`tasks.broker = "nats"`).
+/// (`tasks.broker = "nats"`) for `opening`: a node creates the consumers, a CLI command none,
+/// and needs only the NATS permissions docs/security.md gives `publisher` or `operator`.
 pub(crate) async fn nats_broker(
     services: &Services<'_>,
     settings: &switchyard_actors::tasks::TaskSettings,
+    opening: switchyard_actors::tasks::Opening,
 ) -> Result<switchyard_actors::tasks::NatsBroker, StartError> {
-    let config = services.config;
     let link = services.nats().await?;
-    switchyard_actors::tasks::NatsBroker::open(link.client, &config.nats.prefix, settings)
-        .await
-        .map_err(|e| StartError::service("nats.url", e))
+    switchyard_actors::tasks::NatsBroker::open_as(
+        link.client,
+        &services.config.nats.prefix,
+        settings,
+        opening,
+    )
+    .await
+    .map_err(|e| StartError::service("nats.url", e))
 }

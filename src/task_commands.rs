@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use switchyard_actors::tasks::{
-    CancellationToken, NatsBeatStore, NatsBroker, PublishOptions, Registry, Scheduler,
+    CancellationToken, NatsBeatStore, NatsBroker, Opening, PublishOptions, Registry, Scheduler,
     TaskSettings, TaskState, Tasks, WorkerPool,
 };
 
@@ -39,8 +39,14 @@ fn failure(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_FAILURE)
 }
 
-async fn open(config: &Config, settings: &TaskSettings) -> Result<NatsBroker, ExitCode> {
-    engines::nats_broker(&engines::Services::new(config), settings)
+/// The broker for a command: `publish` and `result` open it as a client, the administrative
+/// commands as an admin, `worker` and `beat` as a node (docs/security.md: what each may do).
+async fn open(
+    config: &Config,
+    settings: &TaskSettings,
+    opening: Opening,
+) -> Result<NatsBroker, ExitCode> {
+    engines::nats_broker(&engines::Services::new(config), settings, opening)
         .await
         .map_err(failure)
 }
@@ -89,7 +95,7 @@ pub(crate) async fn publish(registry: Registry, config: Config, req: PublishRequ
         Err(_) => return usage("--wait: expected seconds >= 0"),
     };
     let settings = crate::tasks::settings(&config);
-    let broker = match open(&config, &settings).await {
+    let broker = match open(&config, &settings, Opening::Client).await {
         Ok(b) => b,
         Err(code) => return code,
     };
@@ -133,7 +139,11 @@ pub(crate) enum Simple {
 
 pub(crate) async fn simple(config: Config, cmd: Simple) -> ExitCode {
     let settings = crate::tasks::settings(&config);
-    let broker = match open(&config, &settings).await {
+    let opening = match cmd {
+        Simple::Result(_) => Opening::Client,
+        Simple::Revoke(_) | Simple::Purge(_) => Opening::Admin,
+    };
+    let broker = match open(&config, &settings, opening).await {
         Ok(b) => b,
         Err(code) => return code,
     };
@@ -158,7 +168,7 @@ pub(crate) async fn simple(config: Config, cmd: Simple) -> ExitCode {
 /// `dead list [QUEUE]`: one JSON line per letter.
 pub(crate) async fn dead_list(config: Config, queue: Option<String>) -> ExitCode {
     let settings = crate::tasks::settings(&config);
-    let broker = match open(&config, &settings).await {
+    let broker = match open(&config, &settings, Opening::Admin).await {
         Ok(b) => b,
         Err(code) => return code,
     };
@@ -193,7 +203,7 @@ pub(crate) async fn dead_replay(
         return usage("dead replay needs an ID or --all");
     }
     let settings = crate::tasks::settings(&config);
-    let broker = match open(&config, &settings).await {
+    let broker = match open(&config, &settings, Opening::Admin).await {
         Ok(b) => b,
         Err(code) => return code,
     };
@@ -256,7 +266,7 @@ pub(crate) fn worker(
     let registry = Arc::new(registry);
     let system = actix_rt::System::new();
     system.block_on(async move {
-        let broker = match open(&config, &settings).await {
+        let broker = match open(&config, &settings, Opening::Node).await {
             Ok(b) => Arc::new(b),
             Err(code) => return code,
         };
@@ -344,7 +354,7 @@ pub(crate) async fn scheduled_list(config: Config, queue: Option<String>) -> Exi
     if let Some(q) = queue.as_deref().filter(|q| settings.queue(q).is_none()) {
         return usage(format!("--queue: {q:?} is not a queue of [[tasks.queues]]"));
     }
-    let broker = match open(&config, &settings).await {
+    let broker = match open(&config, &settings, Opening::Admin).await {
         Ok(b) => b,
         Err(code) => return code,
     };
@@ -372,7 +382,7 @@ pub(crate) fn beat(config: Config, registry: Registry) -> ExitCode {
     let settings = crate::tasks::settings(&config);
     let system = actix_rt::System::new();
     system.block_on(async move {
-        let broker = match open(&config, &settings).await {
+        let broker = match open(&config, &settings, Opening::Node).await {
             Ok(b) => b,
             Err(code) => return code,
         };

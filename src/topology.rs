@@ -22,8 +22,10 @@ use switchyard_actors::context::builtins::{
     StaticProcessor,
 };
 use switchyard_actors::context::{ContextProcessor, ContextWorkers};
-use switchyard_actors::session::{CookieSigner, SessionShards};
-use switchyard_actors::tasks::{CancellationToken, MemoryBroker, Registry, Tasks, WorkerPool};
+use switchyard_actors::session::{CachedDbStore, CookieSigner, SessionShards};
+use switchyard_actors::tasks::{
+    CancellationToken, MemoryBroker, Opening, Registry, Tasks, WorkerPool,
+};
 
 use crate::cluster::{self, HeartbeatHandle, Role};
 use crate::config::{AuthStore, Broker, Config, Outbox};
@@ -417,6 +419,12 @@ async fn session_backend(
             .listen(Some(&arbiter.handle()))
             .await
             .map_err(|e| StartError::service("nats.url", e))?;
+        for kind in CachedDbStore::MESSAGE_KINDS {
+            let store = Arc::downgrade(cached);
+            metrics.count_rejected(kind, move || {
+                store.upgrade().map_or(0, |s| s.rejected(kind))
+            });
+        }
     }
     let shards = SessionShards::start(
         config.actors.session_shards as usize,
@@ -473,7 +481,7 @@ async fn task_system(
     match config.tasks.broker {
         Broker::Memory => {}
         Broker::Nats => {
-            let broker = Arc::new(engines::nats_broker(services, &settings).await?);
+            let broker = Arc::new(engines::nats_broker(services, &settings, Opening::Node).await?);
             return Ok((Tasks::new(broker, registry, settings), None));
         }
     }
@@ -511,7 +519,7 @@ async fn embedded_beat(
         Broker::Memory => None,
         Broker::Nats if config.beat.embedded => {
             let settings = crate::tasks::settings(config);
-            Some(engines::nats_broker(services, &settings).await?)
+            Some(engines::nats_broker(services, &settings, Opening::Node).await?)
         }
         Broker::Nats => return Ok(stop),
     };

@@ -272,6 +272,7 @@ fn main() {
             names.tasks_stream(),
             names.dead_stream(),
             format!("KV_{}", names.results_bucket()),
+            format!("KV_{}", names.unique_bucket()),
         ] {
             let _ = js.delete_stream(&s).await;
         }

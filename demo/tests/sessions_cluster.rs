@@ -655,3 +655,173 @@ async fn postgres_users_create_login_and_password_change() {
     drop(a);
     ns.cleanup().await;
 }
+
+/// The `cached_db` messages between nodes are authenticated with a key derived from
+/// `secret_key` (SPEC "Trust boundaries"). A plain NATS client on the right subjects, without
+/// the key: its heartbeats add no node that writers wait for, its invalidation does not drop a
+/// node's cached copy, and its acknowledgement for a frozen node does not count as that node's
+/// (the writer waits for the real one and gives up on it, as for a node that died: with the
+/// forged one taken, a logged-out session could stay cached on that node). Each is
+/// counted in `switchyard_sessions_invalidations_rejected_total{kind}`.
+#[actix_rt::test]
+async fn cached_db_ignores_forged_invalidations_acks_and_heartbeats() {
+    use futures_util::StreamExt;
+    let Some(ns) = Ns::new("cached_db") else {
+        return;
+    };
+    let a = ns.node(&[]);
+    let mut b = ns.node(&[]);
+    let nats = async_nats::connect(common::service_url("nats"))
+        .await
+        .expect("connect to NATS");
+    let nodes_subject = format!("{}.sessions.nodes", ns.prefix);
+    let invalidate_subject = format!("{}.sessions.invalidate", ns.prefix);
+    let bad_tag = |tag: &str| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Switchyard-Auth", tag);
+        h
+    };
+    // The node names, as anyone subscribed to the heartbeats learns them.
+    let names = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let mut heartbeats = nats.subscribe(nodes_subject.clone()).await.expect("sub");
+    let seen = names.clone();
+    let listener = tokio::spawn(async move {
+        while let Some(m) = heartbeats.next().await {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+            if let Some(n) = v["node"].as_str().filter(|n| *n != "fake-node") {
+                seen.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(n.to_owned());
+            }
+        }
+    });
+    // A fake node announces itself all along: no tag, then a made-up one.
+    let forger = nats.clone();
+    let subject = nodes_subject.clone();
+    let fake = tokio::spawn(async move {
+        for n in 1..=150u64 {
+            let at = chrono::Utc::now().timestamp_millis();
+            let payload = format!(r#"{{"node":"fake-node","n":{n},"at":{at}}}"#);
+            let _ = match n % 2 {
+                0 => forger.publish(subject.clone(), payload.into()).await,
+                _ => {
+                    let headers = bad_tag(&"ab".repeat(32));
+                    let body = payload.into();
+                    forger
+                        .publish_with_headers(subject.clone(), headers, body)
+                        .await
+                }
+            };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    // Every node caches once the warm-up (1.5 s) is over.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let client = common::client();
+    let token = login(&client, &a, "alice", "wonderland").await;
+    assert_eq!(
+        post(&client, &a.url("/cart/add/1"), token.as_deref(), &[]).await,
+        303
+    );
+    assert_eq!(cart_count(&client, &b).await.as_deref(), Some("1"));
+    assert_eq!(cart_count(&client, &b).await.as_deref(), Some("1"));
+
+    // Forged invalidations of the cached session: the row is first deleted behind the engines'
+    // back, so B answers from its cache only, and would show an empty cart had it dropped it.
+    let (pg, conn) = tokio_postgres::connect(&ns.pg_url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let row = pg
+        .query_one(
+            "DELETE FROM switchyard_sessions WHERE id NOT LIKE 'u%' RETURNING id",
+            &[],
+        )
+        .await
+        .expect("the session's row");
+    let key: String = row.get(0);
+    let forged = format!(r#"{{"key":"{key}","version":null}}"#);
+    nats.publish(invalidate_subject.clone(), forged.clone().into())
+        .await
+        .expect("publish");
+    let headers = bad_tag(&"00".repeat(32));
+    nats.publish_with_headers(invalidate_subject.clone(), headers, forged.into())
+        .await
+        .expect("publish");
+    nats.flush().await.expect("flush");
+    let series =
+        |kind: &str| format!("switchyard_sessions_invalidations_rejected_total{{kind=\"{kind}\"}}");
+    let metrics_client = common::client();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = common::metrics(&metrics_client, &b).await;
+        if common::sample(&text, &series("invalidation")) == "2" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B counted no forged invalidation:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        cart_count(&client, &b).await.as_deref(),
+        Some("1"),
+        "a forged invalidation made B drop its cached copy"
+    );
+    let text = common::metrics(&metrics_client, &a).await;
+    assert_ne!(common::sample(&text, &series("heartbeat")), "0", "{text}");
+    assert!(
+        !a.stderr().contains("fake-node"),
+        "the fake node was waited for:\n{}",
+        a.stderr()
+    );
+
+    // Forged acknowledgements, in the name of every node, for every invalidation, while B is
+    // frozen: A's logout must still wait for B's own and give up on it.
+    let mut invalidations = nats.subscribe(invalidate_subject).await.expect("sub");
+    let forger = nats.clone();
+    let forged_names = names.clone();
+    let acks = tokio::spawn(async move {
+        while let Some(m) = invalidations.next().await {
+            let Some(reply) = m.reply else { continue };
+            let all: Vec<String> = forged_names
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned()
+                .collect();
+            for name in all {
+                let payload = format!(r#"{{"node":"{name}"}}"#);
+                let _ = forger.publish(reply.clone(), payload.clone().into()).await;
+                let headers = bad_tag(&"11".repeat(32));
+                let _ = forger
+                    .publish_with_headers(reply.clone(), headers, payload.into())
+                    .await;
+            }
+        }
+    });
+    assert!(names.lock().unwrap_or_else(|e| e.into_inner()).len() >= 2);
+    b.signal_and_wait(nix::sys::signal::Signal::SIGSTOP, Duration::ZERO);
+    // A write on A (another visitor's first cart item); the forged acks answer its
+    // invalidation at once, in B's name too.
+    let visitor = common::client();
+    let res = common::post_form(&visitor, &a, "/", "/cart/add/2", &[]).await;
+    assert_eq!(res.status(), 303);
+    let stderr = a.stderr();
+    assert!(
+        stderr.contains("no acknowledgement within"),
+        "A took a forged acknowledgement for B's:\n{stderr}"
+    );
+    let text = common::metrics(&metrics_client, &a).await;
+    assert_ne!(common::sample(&text, &series("ack")), "0", "{text}");
+    b.signal_and_wait(nix::sys::signal::Signal::SIGCONT, Duration::ZERO);
+    // B, thawed, serves the write.
+    assert_eq!(cart_count(&visitor, &b).await.as_deref(), Some("1"));
+    for task in [listener, fake, acks] {
+        task.abort();
+    }
+    drop(pg);
+    drop((a, b));
+    ns.cleanup().await;
+}

@@ -362,6 +362,7 @@ impl NatsHarness {
             names.scheduled_stream(),
             format!("KV_{}", names.results_bucket()),
             format!("KV_{}", names.scheduler_bucket()),
+            format!("KV_{}", names.unique_bucket()),
         ] {
             let _ = js.delete_stream(&stream).await;
         }

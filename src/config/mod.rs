@@ -793,6 +793,8 @@ mod tests {
         config.server.secret_key = "super-secret-key".into();
         config.server.secret_key_fallbacks = vec!["old-secret".into(), "older-secret".into()];
         config.nats.token = "nats-token".into();
+        config.nats.user = "app".into();
+        config.nats.password = "nats-pass".into();
         config.postgres.url = "postgres://app:pg-pass@db:5432/switchyard?password=pg-pass2".into();
         config.redis.url = "redis://:redis-pass@cache:6379/0".into();
         config.auth.users.push(UserEntry {
@@ -815,6 +817,7 @@ mod tests {
             "old-secret",
             "older-secret",
             "nats-token",
+            "nats-pass",
             "pg-pass",
             "redis-pass",
             "aGFzaGhhc2g",
@@ -823,6 +826,8 @@ mod tests {
         }
         let value: toml::Value = toml::from_str(&text)?;
         assert_eq!(value["server"]["secret_key"].as_str(), Some(REDACTED));
+        assert_eq!(value["nats"]["password"].as_str(), Some(REDACTED));
+        assert_eq!(value["nats"]["user"].as_str(), Some("app"));
         assert_eq!(
             value["auth"]["users"][0]["password_hash"].as_str(),
             Some(REDACTED)
@@ -868,6 +873,7 @@ mod tests {
             "super-secret",
             "old-secret",
             "nats-token",
+            "nats-pass",
             "pg-pass",
             "redis-pass",
             "aGFzaGhhc2g",

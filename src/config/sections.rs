@@ -73,6 +73,10 @@ section! {
         pub prefix: String = "switchyard".into(),
         /// Replicas of every stream and bucket Switchyard creates (1..=5; a NATS cluster's).
         pub replicas: u32 = 1,
+        /// User name to authenticate with (with `password`); empty: none.
+        pub user: String = String::new(),
+        /// Password of `user`.
+        pub password: Secret = Secret::default(),
         /// Path of a `.creds` file (JWT + NKey); empty: none.
         pub creds_file: String = String::new(),
         /// Authentication token; empty: none.

@@ -7,8 +7,8 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{web, HttpResponse};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The route label of requests no route matched.
@@ -21,13 +21,18 @@ pub struct Metrics {
     http_duration: HistogramVec,
     sessions_saved: IntCounterVec,
     sessions_evicted: IntCounterVec,
+    sessions_rejected: IntCounterVec,
     tasks: IntCounterVec,
     queue_depth: IntGaugeVec,
     consumer_lag: IntGaugeVec,
     in_flight: IntGauge,
-    /// Reads the memory engine's eviction count at scrape time.
-    evictions: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
+    /// Counters whose owner keeps the count (the memory engine's evictions, the `cached_db`
+    /// messages refused), brought up to it at every scrape.
+    read_at_scrape: std::sync::Mutex<Vec<(IntCounter, ScrapeFn)>>,
 }
+
+/// Reads a total kept elsewhere.
+type ScrapeFn = Box<dyn Fn() -> u64 + Send + Sync>;
 
 impl Metrics {
     /// Creates the registry with every metric registered.
@@ -62,6 +67,15 @@ impl Metrics {
             &["engine"],
         )
         .expect("metric definition is valid");
+        let sessions_rejected = IntCounterVec::new(
+            Opts::new(
+                "switchyard_sessions_invalidations_rejected_total",
+                "cached_db messages between nodes ignored: not authenticated by secret_key \
+                 (or a replayed heartbeat), by kind (invalidation, ack, heartbeat).",
+            ),
+            &["kind"],
+        )
+        .expect("metric definition is valid");
         let tasks = IntCounterVec::new(
             Opts::new("switchyard_tasks_total", "Task state changes."),
             &["task", "state"],
@@ -90,6 +104,7 @@ impl Metrics {
             Box::new(http_duration.clone()),
             Box::new(sessions_saved.clone()),
             Box::new(sessions_evicted.clone()),
+            Box::new(sessions_rejected.clone()),
             Box::new(tasks.clone()),
             Box::new(queue_depth.clone()),
             Box::new(consumer_lag.clone()),
@@ -105,18 +120,34 @@ impl Metrics {
             http_duration,
             sessions_saved,
             sessions_evicted,
+            sessions_rejected,
             tasks,
             queue_depth,
             consumer_lag,
             in_flight,
-            evictions: std::sync::OnceLock::new(),
+            read_at_scrape: Default::default(),
         }
+    }
+
+    fn read_at_scrape(&self, counter: IntCounter, total: impl Fn() -> u64 + Send + Sync + 'static) {
+        self.read_at_scrape
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((counter, Box::new(total)));
     }
 
     /// Counts the memory engine's evictions, read from `total` at every scrape.
     pub(crate) fn count_evictions(&self, total: impl Fn() -> u64 + Send + Sync + 'static) {
-        self.sessions_evicted.with_label_values(&["memory"]);
-        let _ = self.evictions.set(Box::new(total));
+        self.read_at_scrape(self.sessions_evicted.with_label_values(&["memory"]), total);
+    }
+
+    /// Counts the `cached_db` messages of `kind` refused, read from `total` at every scrape.
+    pub(crate) fn count_rejected(
+        &self,
+        kind: &str,
+        total: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        self.read_at_scrape(self.sessions_rejected.with_label_values(&[kind]), total);
     }
 
     /// Counts one session written by `engine`.
@@ -164,8 +195,12 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        if let Some(total) = self.evictions.get() {
-            let c = self.sessions_evicted.with_label_values(&["memory"]);
+        for (c, total) in self
+            .read_at_scrape
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             c.inc_by(total().saturating_sub(c.get()));
         }
         let mut buf = Vec::new();

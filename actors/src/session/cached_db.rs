@@ -20,6 +20,17 @@
 //! after the invalidation for version 6 arrived), so a fill only lands when no invalidation
 //! arrived and no cache drop happened since the load began (two counters).
 //!
+//! Every message is authenticated (SPEC "Trust boundaries"): a header `Switchyard-Auth` holds
+//! the hex HMAC-SHA256 of its kind, subject, reply subject and payload under a key derived from
+//! `server.secret_key` for this purpose ([`RecordCodec::sign_message`]; the fallbacks' keys
+//! verify too). A message without a valid tag is ignored and counted
+//! ([`CachedDbStore::rejected`]; the metric `switchyard_sessions_invalidations_rejected_total`):
+//! a forged invalidation drops nothing and is not acknowledged, a forged acknowledgement is not
+//! the node's, a forged heartbeat adds no node for writers to wait for. An acknowledgement's
+//! subject names the writer and the invalidation, so it answers that one only; a heartbeat
+//! carries a counter and its sending time, so a replayed one is refused (a counter not above
+//! the last one heard from that node, or sent more than [`HEARTBEAT_MAX_AGE`] ago).
+//!
 //! One task per node consumes the three subscriptions (invalidations, heartbeats, acks) and
 //! sends the heartbeats; it is a plain task rather than an actor because the writers wait on
 //! it through shared state (the pending acknowledgements), not through messages.
@@ -30,6 +41,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use async_nats::HeaderMap;
 use async_trait::async_trait;
 use dashmap::DashMap;
 use futures_util::StreamExt;
@@ -39,7 +51,8 @@ use tokio::sync::oneshot;
 use super::nats_kv::{NatsLink, NATS_TIMEOUT};
 use super::store::save_via_batch;
 use super::{
-    PostgresStore, Record, SaveItem, SaveOutcome, SessionId, SessionKey, SessionStore, StoreError,
+    PostgresStore, Record, RecordCodec, SaveItem, SaveOutcome, SessionId, SessionKey, SessionStore,
+    StoreError,
 };
 
 const ENGINE: &str = "cached_db";
@@ -54,6 +67,31 @@ pub const NODE_TTL: Duration = Duration::from_millis(2000);
 pub const WARM_UP: Duration = Duration::from_millis(1500);
 /// How long the CLI listens for heartbeats before it writes (to know whom to wait for).
 pub const DISCOVERY: Duration = Duration::from_millis(800);
+/// A heartbeat sent longer ago than this (by the sender's clock) is refused as a replay; also
+/// the clock difference between nodes this tolerates.
+pub const HEARTBEAT_MAX_AGE: Duration = Duration::from_secs(30);
+/// The header carrying a message's tag.
+const AUTH_HEADER: &str = "Switchyard-Auth";
+
+/// The kinds of message between nodes, as the metric labels them.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Invalidation = 0,
+    Ack = 1,
+    Heartbeat = 2,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Invalidation, Kind::Ack, Kind::Heartbeat];
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Invalidation => "invalidation",
+            Kind::Ack => "ack",
+            Kind::Heartbeat => "heartbeat",
+        }
+    }
+}
 
 /// The invalidation message (`version` null: the session was deleted).
 #[derive(Debug, Serialize, Deserialize)]
@@ -62,10 +100,18 @@ struct Invalidation {
     version: Option<u64>,
 }
 
-/// A heartbeat or an acknowledgement.
+/// An acknowledgement.
 #[derive(Debug, Serialize, Deserialize)]
 struct NodeMsg {
     node: String,
+}
+
+/// A heartbeat: the node, its count of heartbeats sent, and when (UNIX milliseconds).
+#[derive(Debug, Serialize, Deserialize)]
+struct Heartbeat {
+    node: String,
+    n: u64,
+    at: i64,
 }
 
 fn millis_since(start: Instant) -> i64 {
@@ -97,8 +143,12 @@ struct Cache {
     cache_from_ms: AtomicI64,
     /// When this node last heard its own heartbeat (ms since `epoch`; -1: never).
     own_heartbeat_ms: AtomicI64,
-    /// Nodes heard from, with when.
-    nodes: Mutex<HashMap<String, Instant>>,
+    /// Nodes heard from, with when and their heartbeat counter then.
+    nodes: Mutex<HashMap<String, (Instant, u64)>>,
+    /// Signs and verifies messages.
+    codec: RecordCodec,
+    /// Messages refused, by [`Kind`].
+    rejected: [AtomicU64; 3],
     /// Invalidations sent and not yet acknowledged by everyone, by sequence number.
     pending: Mutex<HashMap<u64, Pending>>,
     next_seq: AtomicU64,
@@ -111,6 +161,28 @@ struct Cache {
 struct Mark(u64, u64);
 
 impl Cache {
+    /// An empty cache of node `node`, not caching yet.
+    fn new(node: String, codec: RecordCodec, changes: u64) -> Self {
+        Self {
+            entries: DashMap::new(),
+            generation: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            seen_changes: AtomicU64::new(changes),
+            listening: AtomicBool::new(false),
+            node,
+            epoch: Instant::now(),
+            cache_from_ms: AtomicI64::new(i64::MAX),
+            own_heartbeat_ms: AtomicI64::new(-1),
+            nodes: Mutex::new(HashMap::new()),
+            codec,
+            rejected: Default::default(),
+            pending: Mutex::new(HashMap::new()),
+            next_seq: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
     fn mark(&self) -> Mark {
         Mark(
             self.generation.load(Ordering::SeqCst),
@@ -138,6 +210,48 @@ impl Cache {
         if self.mark() != mark {
             self.entries.remove(id);
         }
+    }
+
+    /// The headers authenticating a message of `kind` on `subject` (with `reply`).
+    fn sign(&self, kind: Kind, subject: &str, reply: &str, payload: &[u8]) -> HeaderMap {
+        let tag = self.codec.sign_message(&[
+            kind.label().as_bytes(),
+            subject.as_bytes(),
+            reply.as_bytes(),
+            payload,
+        ]);
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTH_HEADER, tag.as_str());
+        headers
+    }
+
+    /// Whether `msg` carries a valid tag for `kind`; counts and logs it when not.
+    fn verify(&self, kind: Kind, msg: &async_nats::Message) -> bool {
+        let reply = msg.reply.as_ref().map_or("", |r| r.as_str());
+        let parts: [&[u8]; 4] = [
+            kind.label().as_bytes(),
+            msg.subject.as_bytes(),
+            reply.as_bytes(),
+            &msg.payload,
+        ];
+        let valid = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(AUTH_HEADER))
+            .is_some_and(|tag| self.codec.verify_message(&parts, tag.as_str()));
+        if !valid {
+            self.reject(
+                kind,
+                &msg.subject,
+                "not authenticated by any configured secret_key",
+            );
+        }
+        valid
+    }
+
+    fn reject(&self, kind: Kind, subject: &str, why: &str) {
+        self.rejected[kind as usize].fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(kind = kind.label(), %subject, "session message ignored: {why}");
     }
 
     fn apply(&self, msg: &async_nats::Message) {
@@ -179,7 +293,7 @@ impl Cache {
             && now - own < i64::try_from(NODE_TTL.as_millis()).unwrap_or(i64::MAX) / 2
     }
 
-    fn lock_nodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+    fn lock_nodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, u64)>> {
         self.nodes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -190,16 +304,26 @@ impl Cache {
     /// The nodes heard from within [`NODE_TTL`].
     fn live_nodes(&self) -> HashSet<String> {
         let mut nodes = self.lock_nodes();
-        nodes.retain(|_, seen| seen.elapsed() < NODE_TTL);
+        nodes.retain(|_, (seen, _)| seen.elapsed() < NODE_TTL);
         nodes.keys().cloned().collect()
     }
 
-    fn heard(&self, node: String) {
-        if node == self.node {
+    /// Notes an authenticated heartbeat; false (and nothing noted) for a replayed one.
+    fn heard(&self, hb: Heartbeat) -> bool {
+        let age = chrono::Utc::now().timestamp_millis().saturating_sub(hb.at);
+        if age.unsigned_abs() > HEARTBEAT_MAX_AGE.as_millis() as u64 {
+            return false;
+        }
+        let mut nodes = self.lock_nodes();
+        if nodes.get(&hb.node).is_some_and(|(_, last)| hb.n <= *last) {
+            return false;
+        }
+        if hb.node == self.node {
             self.own_heartbeat_ms
                 .store(millis_since(self.epoch), Ordering::SeqCst);
         }
-        self.lock_nodes().insert(node, Instant::now());
+        nodes.insert(hb.node, (Instant::now(), hb.n));
+        true
     }
 
     fn acked(&self, seq: u64, node: &str) {
@@ -255,6 +379,7 @@ async fn listen_loop(
 ) {
     let caching = subs.invalidations.is_some();
     let mut tick = tokio::time::interval(HEARTBEAT);
+    let mut sent: u64 = 0;
     loop {
         let Some(c) = cache.upgrade() else { break };
         let invalidation = async {
@@ -265,35 +390,53 @@ async fn listen_loop(
         };
         tokio::select! {
             msg = invalidation => match msg {
-                Some(msg) => {
+                Some(msg) if c.verify(Kind::Invalidation, &msg) => {
                     c.apply(&msg);
                     if let Some(reply) = msg.reply {
-                        ack(&client, reply, &c.node).await;
+                        ack(&client, &c, reply).await;
                     }
                 }
+                Some(_) => {}
                 None => break,
             },
             msg = subs.nodes.next() => match msg {
-                Some(msg) => match serde_json::from_slice::<NodeMsg>(&msg.payload) {
-                    Ok(m) => c.heard(m.node),
-                    Err(e) => tracing::debug!("malformed heartbeat: {e}"),
-                },
+                Some(msg) if c.verify(Kind::Heartbeat, &msg) => {
+                    match serde_json::from_slice::<Heartbeat>(&msg.payload) {
+                        Ok(hb) => {
+                            if !c.heard(hb) {
+                                c.reject(Kind::Heartbeat, &msg.subject, "replayed or too old");
+                            }
+                        }
+                        Err(e) => tracing::debug!("malformed heartbeat: {e}"),
+                    }
+                }
+                Some(_) => {}
                 None => break,
             },
             msg = subs.acks.next() => match msg {
-                Some(msg) => {
+                Some(msg) if c.verify(Kind::Ack, &msg) => {
                     let seq = msg.subject.rsplit('.').next().and_then(|s| s.parse().ok());
                     match (seq, serde_json::from_slice::<NodeMsg>(&msg.payload)) {
                         (Some(seq), Ok(m)) => c.acked(seq, &m.node),
                         _ => tracing::debug!("malformed acknowledgement on {}", msg.subject),
                     }
                 }
+                Some(_) => {}
                 None => break,
             },
             _ = tick.tick() => {
                 if caching {
-                    if let Ok(payload) = serde_json::to_vec(&NodeMsg { node: c.node.clone() }) {
-                        let _ = client.publish(nodes_subject.clone(), payload.into()).await;
+                    sent += 1;
+                    let hb = Heartbeat {
+                        node: c.node.clone(),
+                        n: sent,
+                        at: chrono::Utc::now().timestamp_millis(),
+                    };
+                    if let Ok(payload) = serde_json::to_vec(&hb) {
+                        let headers = c.sign(Kind::Heartbeat, &nodes_subject, "", &payload);
+                        let _ = client
+                            .publish_with_headers(nodes_subject.clone(), headers, payload.into())
+                            .await;
                     }
                 }
             }
@@ -307,11 +450,15 @@ async fn listen_loop(
     }
 }
 
-async fn ack(client: &async_nats::Client, reply: async_nats::Subject, node: &str) {
+async fn ack(client: &async_nats::Client, cache: &Cache, reply: async_nats::Subject) {
     if let Ok(payload) = serde_json::to_vec(&NodeMsg {
-        node: node.to_owned(),
+        node: cache.node.clone(),
     }) {
-        if let Err(e) = client.publish(reply, payload.into()).await {
+        let headers = cache.sign(Kind::Ack, &reply, "", &payload);
+        if let Err(e) = client
+            .publish_with_headers(reply, headers, payload.into())
+            .await
+        {
             tracing::debug!("cannot acknowledge an invalidation: {e}");
         }
     }
@@ -333,22 +480,7 @@ impl CachedDbStore {
     pub fn new(db: Arc<PostgresStore>, link: NatsLink, prefix: &str) -> Self {
         let node = uuid::Uuid::new_v4().simple().to_string();
         let inbox = format!("{}.{node}", link.client.new_inbox());
-        let cache = Arc::new(Cache {
-            entries: DashMap::new(),
-            generation: AtomicU64::new(0),
-            invalidations: AtomicU64::new(0),
-            seen_changes: AtomicU64::new(link.changes()),
-            listening: AtomicBool::new(false),
-            node,
-            epoch: Instant::now(),
-            cache_from_ms: AtomicI64::new(i64::MAX),
-            own_heartbeat_ms: AtomicI64::new(-1),
-            nodes: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
-            next_seq: AtomicU64::new(0),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-        });
+        let cache = Arc::new(Cache::new(node, db.codec().clone(), link.changes()));
         Self {
             db,
             link,
@@ -412,6 +544,17 @@ impl CachedDbStore {
         )
     }
 
+    /// The kinds of message [`CachedDbStore::rejected`] counts.
+    pub const MESSAGE_KINDS: [&'static str; 3] = ["invalidation", "ack", "heartbeat"];
+
+    /// Messages of `kind` (one of [`CachedDbStore::MESSAGE_KINDS`]) ignored so far because
+    /// they were not authenticated (or, for heartbeats, replayed).
+    pub fn rejected(&self, kind: &str) -> u64 {
+        Kind::ALL.iter().find(|k| k.label() == kind).map_or(0, |k| {
+            self.cache.rejected[*k as usize].load(Ordering::Relaxed)
+        })
+    }
+
     /// Whether the cache may be used now; drops it after any connection change.
     fn cache_usable(&self) -> bool {
         let changes = self.link.changes();
@@ -470,12 +613,17 @@ impl CachedDbStore {
                 );
                 waits.push((seq, wait));
             }
+            let reply = format!("{}.{seq}", self.inbox);
+            let headers = self
+                .cache
+                .sign(Kind::Invalidation, &self.subject, &reply, &payload);
             if let Err(e) = self
                 .link
                 .client
-                .publish_with_reply(
+                .publish_with_reply_and_headers(
                     self.subject.clone(),
-                    format!("{}.{seq}", self.inbox),
+                    reply,
+                    headers,
                     payload.into(),
                 )
                 .await
@@ -597,5 +745,91 @@ impl SessionStore for CachedDbStore {
     /// use) goes through the shard to Postgres.
     fn load_now(&self, id: &SessionId) -> Option<Result<Option<Record>, StoreError>> {
         self.hit(&self.db.key(id)).map(Ok)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(
+        subject: &str,
+        reply: Option<&str>,
+        payload: &str,
+        headers: HeaderMap,
+    ) -> async_nats::Message {
+        async_nats::Message {
+            subject: subject.into(),
+            reply: reply.map(Into::into),
+            payload: payload.to_owned().into(),
+            headers: Some(headers),
+            status: None,
+            description: None,
+            length: 0,
+        }
+    }
+
+    #[test]
+    fn only_messages_signed_for_their_kind_subject_and_reply_verify() {
+        let node = Cache::new("a".into(), RecordCodec::new(false, b"current", &[]), 0);
+        let old = Cache::new("b".into(), RecordCodec::new(false, b"old", &[]), 0);
+        let rotated = Cache::new(
+            "c".into(),
+            RecordCodec::new(false, b"current", &[b"old".to_vec()]),
+            0,
+        );
+        let body = r#"{"key":"k","version":3}"#;
+        let signed =
+            |c: &Cache, kind| c.sign(kind, "p.sessions.invalidate", "r.1", body.as_bytes());
+        let msg = |h| message("p.sessions.invalidate", Some("r.1"), body, h);
+        assert!(node.verify(Kind::Invalidation, &msg(signed(&node, Kind::Invalidation))));
+        assert!(rotated.verify(Kind::Invalidation, &msg(signed(&old, Kind::Invalidation))));
+        // Another secret, another kind, another reply subject, another payload, no tag.
+        assert!(!node.verify(Kind::Invalidation, &msg(signed(&old, Kind::Invalidation))));
+        assert!(!node.verify(Kind::Invalidation, &msg(signed(&node, Kind::Ack))));
+        let moved = message(
+            "p.sessions.invalidate",
+            Some("r.2"),
+            body,
+            signed(&node, Kind::Invalidation),
+        );
+        assert!(!node.verify(Kind::Invalidation, &moved));
+        let altered = message(
+            "p.sessions.invalidate",
+            Some("r.1"),
+            r#"{"key":"k","version":4}"#,
+            signed(&node, Kind::Invalidation),
+        );
+        assert!(!node.verify(Kind::Invalidation, &altered));
+        assert!(!node.verify(Kind::Invalidation, &msg(HeaderMap::new())));
+        assert_eq!(
+            node.rejected[Kind::Invalidation as usize].load(Ordering::Relaxed),
+            5
+        );
+    }
+
+    #[test]
+    fn replayed_and_old_heartbeats_are_refused() {
+        let cache = Cache::new("a".into(), RecordCodec::plain(), 0);
+        let now = chrono::Utc::now().timestamp_millis();
+        let hb = |n, at| Heartbeat {
+            node: "b".into(),
+            n,
+            at,
+        };
+        assert!(cache.heard(hb(5, now)));
+        assert!(!cache.heard(hb(5, now)), "the same heartbeat again");
+        assert!(!cache.heard(hb(4, now)), "an older one");
+        assert!(cache.heard(hb(6, now)));
+        let max_age = HEARTBEAT_MAX_AGE.as_millis() as i64;
+        assert!(
+            !cache.heard(hb(7, now - max_age - 1000)),
+            "sent too long ago"
+        );
+        assert!(
+            !cache.heard(hb(7, now + max_age + 1000)),
+            "from too far ahead"
+        );
+        assert_eq!(cache.live_nodes(), HashSet::from(["b".to_owned()]));
     }
 }

@@ -9,7 +9,8 @@
 //!   does not open, and the session loads as missing.
 //!
 //! The three keys are derived from `server.secret_key` with HKDF-SHA256 (salt `switchyard`,
-//! one info string per purpose). Keys derived from `server.secret_key_fallbacks` open records
+//! one info string per purpose), and so is a fourth that authenticates the `cached_db` engine's
+//! messages between nodes ([`RecordCodec::sign_message`]). Keys derived from `server.secret_key_fallbacks` open records
 //! too and name the keys a session may still be stored under, so a key rotation keeps every
 //! session: it is found under its old key and re-saved under the current one.
 
@@ -35,6 +36,7 @@ const HKDF_SALT: &[u8] = b"switchyard";
 const INFO_KEY: &[u8] = b"switchyard session storage keys v2";
 const INFO_AUTH: &[u8] = b"switchyard session record authentication v2";
 const INFO_ENC: &[u8] = b"switchyard session records v2";
+const INFO_MESSAGES: &[u8] = b"switchyard cached_db messages v1";
 
 /// The secret every node uses when `debug = true` and `server.secret_key` is empty: nodes of
 /// one development cluster then share sessions and signed cookies. Never for production
@@ -50,6 +52,7 @@ struct KeySet {
     naming: HmacSha256,
     auth: HmacSha256,
     enc: XChaCha20Poly1305,
+    messages: HmacSha256,
 }
 
 fn hkdf(secret: &[u8], info: &[u8]) -> [u8; 32] {
@@ -71,6 +74,7 @@ impl KeySet {
             naming: hmac(&hkdf(secret, INFO_KEY)),
             auth: hmac(&hkdf(secret, INFO_AUTH)),
             enc: XChaCha20Poly1305::new(&hkdf(secret, INFO_ENC).into()),
+            messages: hmac(&hkdf(secret, INFO_MESSAGES)),
         }
     }
 
@@ -80,6 +84,16 @@ impl KeySet {
             mac.update(p);
         }
         hex(&mac.finalize().into_bytes())
+    }
+
+    /// The MAC of a message made of `parts` (each length-prefixed: no two splits collide).
+    fn message_tag(&self, parts: &[&[u8]]) -> HmacSha256 {
+        let mut mac = self.messages.clone();
+        for p in parts {
+            mac.update(&(p.len() as u64).to_be_bytes());
+            mac.update(p);
+        }
+        mac
     }
 
     fn tag(&self, key: &str, json: &[u8]) -> HmacSha256 {
@@ -99,6 +113,19 @@ fn hex(bytes: &[u8]) -> String {
         s.push(DIGITS[(b & 15) as usize] as char);
     }
     s
+}
+
+/// The bytes of a lowercase or uppercase hex string; `None` if it is not one.
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let bytes = text.as_bytes();
+    if bytes.len() % 2 != 0 {
+        return None;
+    }
+    bytes
+        .chunks(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
 }
 
 /// Names and seals stored values; cheap to clone.
@@ -174,6 +201,22 @@ impl RecordCodec {
             .get(generation)?
             .name(&[b"user:", user.as_bytes()]);
         Some(format!("u{name}"))
+    }
+
+    /// The tag (hex) authenticating a message between nodes made of `parts` (its kind, subject,
+    /// payload...), under the current secret's message key.
+    pub fn sign_message(&self, parts: &[&[u8]]) -> String {
+        hex(&self.keys[0].message_tag(parts).finalize().into_bytes())
+    }
+
+    /// Whether `tag` (hex) authenticates `parts` under the current secret or a fallback.
+    pub fn verify_message(&self, parts: &[&[u8]], tag: &str) -> bool {
+        let Some(tag) = unhex(tag).filter(|t| t.len() == TAG_BYTES) else {
+            return false;
+        };
+        self.keys
+            .iter()
+            .any(|k| k.message_tag(parts).verify_slice(&tag).is_ok())
     }
 
     /// The stored bytes of `json` under storage key `key` (current secret).
@@ -320,6 +363,28 @@ mod tests {
         let json = serde_json::to_vec(&record()).unwrap_or_default();
         assert!(RecordCodec::plain().decode("k", &json).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn messages_are_signed_per_purpose_and_fallbacks_verify() {
+        let old = RecordCodec::new(false, b"old-secret", &[]);
+        let rotated = RecordCodec::new(false, b"new-secret", &[b"old-secret".to_vec()]);
+        let parts: [&[u8]; 2] = [b"ack", b"subject"];
+        let tag = old.sign_message(&parts);
+        assert!(old.verify_message(&parts, &tag));
+        assert!(
+            rotated.verify_message(&parts, &tag),
+            "fallback key verifies"
+        );
+        assert!(!RecordCodec::new(false, b"new-secret", &[]).verify_message(&parts, &tag));
+        // Another split of the same bytes, another part, a truncated or non-hex tag: refused.
+        assert!(!old.verify_message(&[b"acks", b"ubject"], &tag));
+        assert!(!old.verify_message(&[b"ack", b"subject2"], &tag));
+        assert!(!old.verify_message(&parts, &tag[..62]));
+        assert!(!old.verify_message(&parts, &"zz".repeat(32)));
+        assert!(!old.verify_message(&parts, ""));
+        // Not the record key: a record tag never passes as a message tag.
+        assert_ne!(tag, old.sign_message(&[b"ack"]));
     }
 
     #[test]

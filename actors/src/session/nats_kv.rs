@@ -36,6 +36,9 @@ const PURGE_SCAN_LIMIT: usize = 1_000_000;
 #[derive(Debug, Clone, Default)]
 pub struct NatsConnect {
     pub url: String,
+    /// User and password (`[nats] user`/`password`); an empty user: none.
+    pub user: String,
+    pub password: String,
     pub token: String,
     pub creds_file: String,
     pub nkey_seed_file: String,
@@ -71,6 +74,17 @@ impl NatsLink {
         };
         if !c.token.is_empty() {
             opts = opts.token(c.token.clone());
+        }
+        if !c.user.is_empty() {
+            opts = opts.user_and_password(c.user.clone(), c.password.clone());
+            // Replies to this connection arrive on `_INBOX_<user>.…`, so a server can let each
+            // user subscribe to its own replies only (docs/security.md).
+            if c.user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                opts = opts.custom_inbox_prefix(format!("_INBOX_{}", c.user));
+            }
         }
         if !c.nkey_seed_file.is_empty() {
             let seed = std::fs::read_to_string(&c.nkey_seed_file)

