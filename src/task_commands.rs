@@ -399,7 +399,21 @@ pub(crate) fn beat(config: Config, registry: Registry) -> ExitCode {
         let stop = CancellationToken::new();
         let beat = crate::beat::beat(&config, entries, store, tasks);
         let beat = actix_rt::spawn(beat.run(stop.clone()));
-        let scheduler = actix_rt::spawn(Scheduler::new(broker, queues).run(stop.clone()));
+        // In the cluster view as `beat`, with the queues it schedules for; its /metrics shows
+        // their depths.
+        let queues: Vec<String> = queues;
+        let metrics = actix_web::web::Data::new(Metrics::new());
+        let idle: cluster::InFlight = Arc::new(|| 0);
+        let heartbeat =
+            cluster::heartbeat(&config, broker.client().clone(), Role::Beat).queues(queues.clone());
+        let broker = Arc::new(broker);
+        let refresh = worker_refresh(broker.clone(), queues.clone(), metrics.clone(), idle);
+        let presence = match Presence::start(&config, heartbeat, metrics, refresh) {
+            Ok(p) => p,
+            Err(e) => return failure(e),
+        };
+        let scheduler = Scheduler::new((*broker).clone(), queues);
+        let scheduler = actix_rt::spawn(scheduler.run(stop.clone()));
         tracing::info!(node = %settings.node_id, "beat ready");
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
@@ -415,6 +429,7 @@ pub(crate) fn beat(config: Config, registry: Registry) -> ExitCode {
         stop.cancel();
         let _ = tokio::time::timeout(SCHEDULER_STOP, beat).await;
         let _ = tokio::time::timeout(SCHEDULER_STOP, scheduler).await;
+        drop(presence);
         tracing::info!("beat stopped");
         ExitCode::SUCCESS
     })

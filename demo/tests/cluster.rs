@@ -31,10 +31,15 @@ struct Worker {
 
 impl Worker {
     fn spawn(args: &[&str], env: &[(String, String)]) -> Worker {
+        Self::spawn_command("worker", args, env)
+    }
+
+    /// `switchyard <command> <args>` (a worker, or a beat).
+    fn spawn_command(command: &str, args: &[&str], env: &[(String, String)]) -> Worker {
         let dir = tempfile::tempdir().expect("tempdir");
         let stderr = dir.path().join("stderr.log");
         let mut cmd = Command::new(common::binary());
-        cmd.arg("worker")
+        cmd.arg(command)
             .args(args)
             .current_dir(common::root())
             .stdin(Stdio::null())
@@ -141,6 +146,7 @@ async fn cluster_status_lists_live_nodes_and_forgets_a_killed_worker() {
     });
     let w1 = Worker::spawn(&["--node-id", "w1", "--queues", "default"], &env);
     let mut w2 = Worker::spawn(&["--node-id", "w2"], &env);
+    let _b1 = Worker::spawn_command("beat", &["--node-id", "b1"], &env);
 
     // Garbage on the heartbeat subject meanwhile is ignored.
     let client = async_nats::connect(&nats).await.expect("nats");
@@ -162,12 +168,17 @@ async fn cluster_status_lists_live_nodes_and_forgets_a_killed_worker() {
         })
     };
 
-    let nodes = status_until(&env, "listed web-1, w1 and w2", |n| {
-        ["web-1", "w1", "w2"].iter().all(|id| n.contains_key(*id))
+    let nodes = status_until(&env, "listed web-1, w1, w2 and b1", |n| {
+        ["web-1", "w1", "w2", "b1"]
+            .iter()
+            .all(|id| n.contains_key(*id))
     });
     hostile.store(false, Ordering::Relaxed);
     let _ = noise.await;
-    assert_eq!(nodes.len(), 3, "only the three real nodes: {nodes:?}");
+    assert_eq!(nodes.len(), 4, "only the four real nodes: {nodes:?}");
+    assert_eq!(nodes["b1"]["role"], "beat");
+    assert_eq!(nodes["b1"]["queues"], json!(["default", "emails"]));
+    assert!(nodes["b1"]["metrics"].is_string(), "{}", nodes["b1"]);
     assert_eq!(nodes["web-1"]["role"], "serve");
     assert_eq!(nodes["web-1"]["queues"], json!([]));
     assert_eq!(nodes["web-1"]["metrics"], node.url("/metrics"));
@@ -279,8 +290,12 @@ async fn cluster_status_lists_live_nodes_and_forgets_a_killed_worker() {
     for stream in [
         format!("{}_TASKS", prefix.to_uppercase()),
         format!("{}_DEAD", prefix.to_uppercase()),
+        format!("{}_SCHEDULED", prefix.to_uppercase()),
         format!("KV_{prefix}_results"),
         format!("KV_{prefix}_login"),
+        format!("KV_{prefix}_unique"),
+        format!("KV_{prefix}_scheduler"),
+        format!("KV_{prefix}_beat"),
     ] {
         let _ = js.delete_stream(&stream).await;
     }

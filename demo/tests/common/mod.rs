@@ -539,6 +539,7 @@ impl PrivateServer {
                 let mut s = PrivateServer {
                     program: program.clone(),
                     args: vec!["-c".into(), conf.display().to_string()],
+                    env: Vec::new(),
                     dir,
                     port,
                     child: None,
