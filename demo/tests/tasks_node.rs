@@ -61,7 +61,11 @@ async fn stopping_the_node_drains_in_flight_tasks() {
         cfg.route("/go", web::get().to(go))
             .route("/state/{id}", web::get().to(state));
     });
-    assert_eq!(app.tasks().names(), ["test.slow"]);
+    // The application's task beside the built-in one.
+    assert_eq!(
+        app.tasks().names(),
+        ["switchyard.clear_sessions", "test.slow"]
+    );
     let running = app.start().await.expect("node starts");
     let base = format!("http://{}", running.addr());
     let c = reqwest::Client::new();

@@ -14,7 +14,8 @@
 //!
 //! **Releasing.** Per queue, a scheduler loads each second's entries one second ahead
 //! ([`LOOKAHEAD`]) and publishes each to `<prefix>.tasks.<queue>` at its eta with
-//! `Nats-Msg-Id: <id>:due:<entry sequence>`, then deletes the entry. Any number of schedulers may
+//! `Nats-Msg-Id: <id>:due:<entry sequence>`, then removes the second's released entries with
+//! one purge of its subject (up to the last sequence it loaded). Any number of schedulers may
 //! run: they release an entry under the same message id, so the stream's duplicate window keeps
 //! one. A sweep re-checks every second again [`SWEEP_LAG`] later (an entry written just behind
 //! the front, a release cut short by a crash) and keeps its position in the KV bucket
@@ -51,7 +52,7 @@ pub const HEADER_ETA: &str = "Switchyard-Eta";
 /// Entries released at once by one scheduler.
 const RELEASE_CONCURRENCY: usize = 64;
 /// Longest a slot's entries may take to load.
-const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
+const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// Most sweep steps (a second, or an hour when catching up) per wake-up.
 const SWEEP_STEPS: usize = 64;
 /// How often the sweep's position is saved.
@@ -69,6 +70,8 @@ pub struct ScheduledTask {
 /// An entry loaded for release.
 struct Entry {
     seq: u64,
+    /// The slot subject it is stored under.
+    subject: String,
     id: String,
     eta: DateTime<Utc>,
     payload: Bytes,
@@ -224,16 +227,14 @@ impl NatsBroker {
                 let subject = m.subject.to_string();
                 let payload = m.payload.clone();
                 let task = task.unwrap_or_default();
-                out.push((
-                    Entry {
-                        seq,
-                        id,
-                        eta,
-                        payload,
-                    },
-                    subject,
-                    task,
-                ));
+                let entry = Entry {
+                    seq,
+                    subject: subject.clone(),
+                    id,
+                    eta,
+                    payload,
+                };
+                out.push((entry, subject, task));
             }
             if pending == 0 {
                 break;
@@ -242,20 +243,52 @@ impl NatsBroker {
         Ok(out)
     }
 
-    /// Publishes a due entry to its queue and deletes it.
+    /// Publishes a due entry to its queue (it is deleted afterwards, see [`Self::remove`]).
     async fn release(&self, queue: &str, entry: &Entry) -> Result<(), BrokerError> {
         let mut headers = HeaderMap::new();
         let msg_id = format!("{}:due:{}", entry.id, entry.seq);
         headers.insert("Nats-Msg-Id", msg_id.as_str());
         let subject = self.names().task_subject(queue);
         self.publish_raw(subject, entry.payload.clone(), headers)
-            .await?;
-        let stream = self.scheduled_stream().await?;
-        // Another scheduler may have deleted it first.
-        if let Err(e) = stream.delete_message(entry.seq).await {
-            tracing::debug!(task_id = %entry.id, "scheduled entry already gone: {e}");
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes released entries: a second whose loaded entries were all released is purged
+    /// in one request (up to its last loaded sequence, so an entry written since stays);
+    /// otherwise the released ones are deleted one by one. Another scheduler may have
+    /// removed them first.
+    async fn remove(&self, released: Vec<(Entry, bool)>) {
+        let Ok(stream) = self.scheduled_stream().await else {
+            return; // The sweep releases them again, under the same message ids.
+        };
+        let mut slots: BTreeMap<String, (bool, u64, Vec<u64>)> = BTreeMap::new();
+        for (entry, ok) in released {
+            let slot = slots.entry(entry.subject).or_insert((true, 0, Vec::new()));
+            slot.0 &= ok;
+            slot.1 = slot.1.max(entry.seq);
+            if ok {
+                slot.2.push(entry.seq);
+            }
         }
-        Ok(())
+        for (subject, (all, last, seqs)) in slots {
+            if all {
+                let purged = stream
+                    .purge()
+                    .filter(subject.as_str())
+                    .sequence(last + 1)
+                    .await;
+                if let Err(e) = purged {
+                    tracing::debug!(%subject, "cannot purge released entries: {e}");
+                }
+                continue;
+            }
+            for seq in seqs {
+                if let Err(e) = stream.delete_message(seq).await {
+                    tracing::debug!(seq, "scheduled entry already gone: {e}");
+                }
+            }
+        }
     }
 }
 
@@ -438,19 +471,24 @@ impl QueueScheduler {
         let broker = self.broker.clone();
         let queue = self.queue.clone();
         releasing.spawn(async move {
-            futures_util::stream::iter(entries)
-                .for_each_concurrent(RELEASE_CONCURRENCY, |entry| {
+            let released: Vec<(Entry, bool)> = futures_util::stream::iter(entries)
+                .map(|entry| {
                     let (broker, queue) = (&broker, &queue);
                     async move {
                         let wait = (entry.eta - Utc::now()).to_std().unwrap_or_default();
                         tokio::time::sleep(wait).await;
-                        if let Err(e) = broker.release(queue, &entry).await {
+                        let sent = broker.release(queue, &entry).await;
+                        if let Err(e) = &sent {
                             // The sweep tries again.
                             tracing::warn!(task_id = %entry.id, "cannot release: {e}");
                         }
+                        (entry, sent.is_ok())
                     }
                 })
+                .buffered(RELEASE_CONCURRENCY)
+                .collect()
                 .await;
+            broker.remove(released).await;
         });
     }
 }
