@@ -317,25 +317,15 @@ pub(crate) fn worker(
             tasks = %registry.names().join(", "),
             "worker ready"
         );
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let Some(mut signals) = Signals::new() else {
             return failure("cannot listen for signals");
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        signals.next().await;
         stop.cancel();
         tracing::info!("stopping: draining in-flight tasks");
         let cold = pool.cold_token();
         actix_rt::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+            signals.next().await;
             tracing::warn!("second signal: cold shutdown");
             cold.cancel();
         });
@@ -346,6 +336,29 @@ pub(crate) fn worker(
         arbiter.stop();
         ExitCode::SUCCESS
     })
+}
+
+/// SIGTERM and SIGINT, as a node waits for them.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Option<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).ok()?;
+        let int = signal(SignalKind::interrupt()).ok()?;
+        Some(Self { term, int })
+    }
+
+    /// The next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 /// `switchyard scheduled list [--queue Q]`: one JSON line per task waiting for its eta.
@@ -415,17 +428,10 @@ pub(crate) fn beat(config: Config, registry: Registry) -> ExitCode {
         let scheduler = Scheduler::new((*broker).clone(), queues);
         let scheduler = actix_rt::spawn(scheduler.run(stop.clone()));
         tracing::info!(node = %settings.node_id, "beat ready");
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let Some(mut signals) = Signals::new() else {
             return failure("cannot listen for signals");
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        signals.next().await;
         stop.cancel();
         let _ = tokio::time::timeout(SCHEDULER_STOP, beat).await;
         let _ = tokio::time::timeout(SCHEDULER_STOP, scheduler).await;

@@ -179,13 +179,15 @@ impl Tasks {
         args: Value,
         options: PublishOptions,
     ) -> Result<AsyncResult<Value>, ClientError> {
-        let task_options = self
-            .inner
-            .registry
-            .get(task)
-            .map(|e| e.options().clone())
-            .unwrap_or_default();
+        let task_options = self.options_of(task);
         self.publish(task, args, &options, &task_options).await
+    }
+
+    /// The options `task` was registered with (the defaults for a task this node does not
+    /// know).
+    fn options_of(&self, task: &str) -> TaskOptions {
+        let entry = self.inner.registry.get(task);
+        entry.map(|e| e.options().clone()).unwrap_or_default()
     }
 
     /// The message `send` would publish for `task`, checked the same way, without publishing
@@ -196,12 +198,7 @@ impl Tasks {
         args: Value,
         options: &PublishOptions,
     ) -> Result<Outgoing, ClientError> {
-        let task_options = self
-            .inner
-            .registry
-            .get(task)
-            .map(|e| e.options().clone())
-            .unwrap_or_default();
+        let task_options = self.options_of(task);
         Ok(self.prepare_with(task, args, options, &task_options)?.0)
     }
 
