@@ -218,6 +218,8 @@ pub struct NatsBroker {
     /// `nats.replicas`, for the buckets opened later (scheduler, beat).
     replicas: usize,
     consumers: std::sync::Arc<Mutex<HashMap<String, consumer::PullConsumer>>>,
+    /// The scheduled stream's handle, looked up once (every scheduler second asks it).
+    pub(super) scheduled: std::sync::Arc<tokio::sync::OnceCell<stream::Stream>>,
 }
 
 /// What a process opens the broker for, and so what it creates when missing and which NATS
@@ -327,6 +329,7 @@ impl NatsBroker {
             max_eta: settings.max_eta,
             replicas: settings.replicas,
             consumers: Default::default(),
+            scheduled: Default::default(),
         })
     }
 

@@ -102,10 +102,12 @@ impl NatsBroker {
     /// The stream of scheduled tasks.
     async fn scheduled_stream(&self) -> Result<stream::Stream, BrokerError> {
         let name = self.names().scheduled_stream();
-        self.jetstream()
-            .get_stream(&name)
+        let stream = self
+            .scheduled
+            .get_or_try_init(|| self.jetstream().get_stream(&name))
             .await
-            .map_err(unavailable(format!("get stream {name}")))
+            .map_err(unavailable(format!("get stream {name}")))?;
+        Ok(stream.clone())
     }
 
     /// Stores `delivery` (task `id`, due at `eta`) in the scheduled stream; the message id
