@@ -120,16 +120,9 @@ fn start(
     (addr_rx.recv().expect("started"), stop_tx, thread)
 }
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    let seconds = env_num("LOAD_SECONDS", 5);
-    let connections = env_num("LOAD_CONNECTIONS", 32) as usize;
+    let seconds = support::env_num("LOAD_SECONDS", 5);
+    let connections = support::env_num("LOAD_CONNECTIONS", 32) as usize;
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("page.hbs"), TEMPLATE).expect("template");
     let nodes = [

@@ -20,13 +20,6 @@ mod support;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn products() -> serde_json::Value {
     let list: Vec<_> = switchyard_demo::PRODUCTS
         .iter()
@@ -91,8 +84,8 @@ fn start_bare(workers: usize) -> (SocketAddr, actix_web::dev::ServerHandle) {
 }
 
 fn main() {
-    let seconds = env_num("LOAD_SECONDS", 5);
-    let connections = env_num("LOAD_CONNECTIONS", 32) as usize;
+    let seconds = support::env_num("LOAD_SECONDS", 5);
+    let connections = support::env_num("LOAD_CONNECTIONS", 32) as usize;
     let mut config = Config::load(Some(std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../config/default.toml"

@@ -35,13 +35,6 @@ const PUBLISH_WINDOW: usize = 1_000;
 /// Record reads in flight.
 const READS: usize = 64;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
@@ -441,11 +434,11 @@ async fn million(b: &mut Bench, n: usize) {
 }
 
 fn main() {
-    let n = env_num("BENCH_SCHED_TASKS", 10_000) as usize;
-    let lead = Duration::from_secs(env_num("BENCH_SCHED_LEAD", 5));
-    let spread = Duration::from_secs(env_num("BENCH_SCHED_SPREAD", 10));
-    let far = env_num("BENCH_SCHED_FAR", 120_000) as usize;
-    let million_n = env_num("BENCH_SCHED_MILLION", 1_000_000) as usize;
+    let n = common::env_num("BENCH_SCHED_TASKS", 10_000) as usize;
+    let lead = Duration::from_secs(common::env_num("BENCH_SCHED_LEAD", 5));
+    let spread = Duration::from_secs(common::env_num("BENCH_SCHED_SPREAD", 10));
+    let far = common::env_num("BENCH_SCHED_FAR", 120_000) as usize;
+    let million_n = common::env_num("BENCH_SCHED_MILLION", 1_000_000) as usize;
     let servers = std::env::var("BENCH_SCHED_SERVERS").unwrap_or_else(|_| "machine,current".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

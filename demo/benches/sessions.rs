@@ -36,13 +36,6 @@ const SHARDS: usize = 8;
 const KV_WORKERS: usize = 16;
 const HTTP_CONNECTIONS: usize = 32;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn wanted(part: &str) -> bool {
     std::env::var("SESSIONS_BENCH_ONLY")
         .map(|v| v.split(',').any(|p| p.trim() == part))
@@ -246,7 +239,7 @@ fn bench_postgres(seconds: u64, runs: u64) {
             .expect("tables");
         }
         let arbiter = actix::Arbiter::new();
-        let shard_count = env_num("SESSIONS_BENCH_SHARDS", SHARDS as u64) as usize;
+        let shard_count = support::env_num("SESSIONS_BENCH_SHARDS", SHARDS as u64) as usize;
         let shards = SessionShards::start(shard_count, store.clone(), &arbiter.handle());
         let (mut engine, mut naive) = (Vec::new(), Vec::new());
         for run in 0..runs {
@@ -539,8 +532,8 @@ fn bench_nats_kv(seconds: u64, runs: u64) {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
-    let seconds = env_num("SESSIONS_BENCH_SECONDS", 15);
-    let runs = env_num("SESSIONS_BENCH_RUNS", 3).max(1);
+    let seconds = support::env_num("SESSIONS_BENCH_SECONDS", 15);
+    let runs = support::env_num("SESSIONS_BENCH_RUNS", 3).max(1);
     if wanted("postgres") {
         bench_postgres(seconds, runs);
     }

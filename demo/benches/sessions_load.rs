@@ -50,16 +50,9 @@ async fn without_session() -> Render {
     Render::new("cart", json!({"items": items(&fixed_cart()), "visits": 1}))
 }
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    let seconds = env_num("LOAD_SECONDS", 5);
-    let connections = env_num("LOAD_CONNECTIONS", 32) as usize;
+    let seconds = support::env_num("LOAD_SECONDS", 5);
+    let connections = support::env_num("LOAD_CONNECTIONS", 32) as usize;
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("cart.hbs"), TEMPLATE).expect("template");
     let mut config = Config::default();

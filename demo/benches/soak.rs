@@ -309,19 +309,12 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    let seconds = env_num("SOAK_SECONDS", 60);
-    let connections = env_num("SOAK_CONNECTIONS", 256) as usize;
-    let warmup = env_num("SOAK_WARMUP_SECONDS", 5);
-    let anon_views = env_num("SOAK_ANON_PER_VISIT", 8);
-    let max_requests = env_num("SOAK_MAX_REQUESTS", 20_000_000);
+    let seconds = common::env_num("SOAK_SECONDS", 60);
+    let connections = common::env_num("SOAK_CONNECTIONS", 256) as usize;
+    let warmup = common::env_num("SOAK_WARMUP_SECONDS", 5);
+    let anon_views = common::env_num("SOAK_ANON_PER_VISIT", 8);
+    let max_requests = common::env_num("SOAK_MAX_REQUESTS", 20_000_000);
     if !common::service_available("postgres") || !common::service_available("nats") {
         return;
     }

@@ -158,3 +158,11 @@ where
         latencies_us,
     }
 }
+
+/// The number in environment variable `name`, or `default` when it is unset or not a number.
+pub fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -618,3 +618,11 @@ impl Drop for PrivateServer {
         self.kill();
     }
 }
+
+/// The number in environment variable `name`, or `default` when it is unset or not a number.
+pub fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
