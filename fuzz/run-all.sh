@@ -8,6 +8,7 @@ seconds=${1:-240}
 shift || true
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(session_cookie stored_record task_message dead_letter config_file)
+mkdir -p out
 export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1 AFL_AUTORESUME=1
 for t in "${targets[@]}"; do
   cargo afl fuzz -i "seeds/$t" -o "out/$t" -V "$seconds" "../target/release/$t" > "out-$t.log" 2>&1 || {
