@@ -1,7 +1,8 @@
 //! The `memcached` engine: a [`Storage`] of one item per value that memcached expires itself
-//! (the item's exptime is the value's expiry), written with `add` (new keys) and `gets` +
-//! `cas` (versioned updates), over a small text-protocol client with a bb8 pool per server,
-//! behind the generic [`KeyedStore`]. Why a client of our own: see docs/sessions.md.
+//! (the item's exptime is the value's expiry), written with the meta protocol of memcached
+//! 1.6+ through the `async-memcached` client: `ms … ME` adds a new key, `mg … v c` reads a
+//! value with its cas unique and `ms … C<cas>` replaces it only if nothing changed since. A
+//! bb8 pool per server, behind the generic [`KeyedStore`].
 //!
 //! Items: `<namespace>:s:<keyed hash>`, the value framed (version, expiry, sealed bytes).
 //! Memcached is a cache: under memory pressure it may evict sessions (see
@@ -9,10 +10,9 @@
 
 use std::time::Duration;
 
+use async_memcached::{Client, Error as McError, MetaProtocol, Status};
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
 use super::storage::{frame, framed_entry, unframe, version_matches, Entry, Put, Storage};
 use super::{now_unix, KeyedStore, RecordCodec, SaveOutcome, StoreError};
@@ -23,8 +23,6 @@ const ENGINE: &str = "memcached";
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections per server.
 const POOL_SIZE: u32 = 16;
-/// Largest item this client accepts from a server (memcached's default limit is 1 MiB).
-const MAX_ITEM_BYTES: usize = 8 << 20;
 
 fn unavailable(message: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable {
@@ -40,155 +38,47 @@ fn protocol(message: impl std::fmt::Display) -> StoreError {
     }
 }
 
-/// One connection speaking the text protocol.
-pub struct McConn {
-    io: BufReader<TcpStream>,
-    broken: bool,
+/// A client error as a store error: lost connections make the service unavailable, anything
+/// else is a protocol error.
+fn mc_error(e: McError) -> StoreError {
+    match e {
+        McError::Connect(_) | McError::Io(_) | McError::ConnectionClosed => unavailable(e),
+        other => protocol(other),
+    }
 }
 
-/// What a store command answered.
+/// What a conditional store answered: stored, or lost to another writer (`EX` for a changed
+/// cas, `NS` for an add of an existing key, `NF` for a key gone since it was read).
 #[derive(Debug, PartialEq)]
 enum Reply {
     Stored,
-    NotStored,
-    Exists,
-    NotFound,
+    Lost,
 }
 
-impl McConn {
-    async fn line(&mut self) -> Result<String, StoreError> {
-        let mut line = String::new();
-        let n = (&mut self.io)
-            .take(4096)
-            .read_line(&mut line)
-            .await
-            .map_err(unavailable)?;
-        if n == 0 || !line.ends_with("\r\n") {
-            return Err(unavailable("connection closed"));
-        }
-        line.truncate(line.len() - 2);
-        if line == "ERROR" || line.starts_with("CLIENT_ERROR") || line.starts_with("SERVER_ERROR") {
-            return Err(protocol(line));
-        }
-        Ok(line)
-    }
-
-    /// `gets key`: the value and its cas unique.
-    async fn gets(&mut self, key: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
-        self.io
-            .get_mut()
-            .write_all(format!("gets {key}\r\n").as_bytes())
-            .await
-            .map_err(unavailable)?;
-        let header = self.line().await?;
-        if header == "END" {
-            return Ok(None);
-        }
-        // VALUE <key> <flags> <bytes> <cas>
-        let parts: Vec<&str> = header.split(' ').collect();
-        let (Some(&"VALUE"), Some(len), Some(cas)) = (parts.first(), parts.get(3), parts.get(4))
-        else {
-            return Err(protocol(format!("unexpected reply {header:?}")));
-        };
-        let len: usize = len.parse().map_err(protocol)?;
-        let cas: u64 = cas.parse().map_err(protocol)?;
-        if len > MAX_ITEM_BYTES {
-            return Err(protocol(format!("item of {len} bytes is too large")));
-        }
-        let mut data = vec![0u8; len + 2];
-        self.io.read_exact(&mut data).await.map_err(unavailable)?;
-        data.truncate(len);
-        let end = self.line().await?;
-        if end != "END" {
-            return Err(protocol(format!("unexpected reply {end:?}")));
-        }
-        Ok(Some((data, cas)))
-    }
-
-    /// `add`/`set`/`cas` with `data`.
-    async fn store(
-        &mut self,
-        command: &str,
-        key: &str,
-        exptime: i64,
-        data: &[u8],
-        cas: Option<u64>,
-    ) -> Result<Reply, StoreError> {
-        let mut buf = match cas {
-            Some(cas) => format!("{command} {key} 0 {exptime} {} {cas}\r\n", data.len()),
-            None => format!("{command} {key} 0 {exptime} {}\r\n", data.len()),
-        }
-        .into_bytes();
-        buf.extend_from_slice(data);
-        buf.extend_from_slice(b"\r\n");
-        self.io
-            .get_mut()
-            .write_all(&buf)
-            .await
-            .map_err(unavailable)?;
-        match self.line().await?.as_str() {
-            "STORED" => Ok(Reply::Stored),
-            "NOT_STORED" => Ok(Reply::NotStored),
-            "EXISTS" => Ok(Reply::Exists),
-            "NOT_FOUND" => Ok(Reply::NotFound),
-            other => Err(protocol(format!("unexpected reply {other:?}"))),
-        }
-    }
-
-    async fn delete(&mut self, key: &str) -> Result<(), StoreError> {
-        self.io
-            .get_mut()
-            .write_all(format!("delete {key}\r\n").as_bytes())
-            .await
-            .map_err(unavailable)?;
-        match self.line().await?.as_str() {
-            "DELETED" | "NOT_FOUND" => Ok(()),
-            other => Err(protocol(format!("unexpected reply {other:?}"))),
-        }
-    }
-
-    async fn version(&mut self) -> Result<(), StoreError> {
-        self.io
-            .get_mut()
-            .write_all(b"version\r\n")
-            .await
-            .map_err(unavailable)?;
-        let line = self.line().await?;
-        if line.starts_with("VERSION") {
-            Ok(())
-        } else {
-            Err(protocol(format!("unexpected reply {line:?}")))
-        }
-    }
-}
-
-/// bb8 manager of [`McConn`]s to one server.
+/// bb8 manager of `async-memcached` clients to one server.
 pub struct McManager {
-    addr: String,
+    dsn: String,
 }
 
 impl bb8::ManageConnection for McManager {
-    type Connection = McConn;
+    type Connection = Client;
     type Error = StoreError;
 
-    async fn connect(&self) -> Result<McConn, StoreError> {
-        let stream = tokio::time::timeout(TIMEOUT, TcpStream::connect(&self.addr))
+    async fn connect(&self) -> Result<Client, StoreError> {
+        tokio::time::timeout(TIMEOUT, Client::new(&self.dsn))
             .await
-            .map_err(|_| unavailable(format!("no connection to {} within {TIMEOUT:?}", self.addr)))?
-            .map_err(|e| unavailable(format!("{}: {e}", self.addr)))?;
-        let _ = stream.set_nodelay(true);
-        Ok(McConn {
-            io: BufReader::new(stream),
-            broken: false,
-        })
+            .map_err(|_| unavailable(format!("no connection to {} within {TIMEOUT:?}", self.dsn)))?
+            .map_err(|e| unavailable(format!("{}: {e}", self.dsn)))
     }
 
-    async fn is_valid(&self, _conn: &mut McConn) -> Result<(), StoreError> {
+    async fn is_valid(&self, _conn: &mut Client) -> Result<(), StoreError> {
         Ok(())
     }
 
-    fn has_broken(&self, conn: &mut McConn) -> bool {
-        conn.broken
+    /// A client whose operation failed midway (our timeout dropped it, or the server closed)
+    /// has closed its connection: it is never handed out again.
+    fn has_broken(&self, conn: &mut Client) -> bool {
+        conn.is_closed()
     }
 }
 
@@ -203,12 +93,12 @@ pub struct MemcachedStorage {
     namespace: String,
 }
 
-/// Runs `op` on a pooled connection with a timeout; a failed or timed-out connection is
-/// discarded (a half-read reply would poison it).
+/// Runs `op` on a pooled connection with a timeout. A timed-out operation is dropped, which
+/// closes its connection (a half-read reply would poison it), and bb8 discards it.
 async fn with_conn<T, F>(pool: &McPool, op: F) -> Result<T, StoreError>
 where
     F: for<'c> FnOnce(
-        &'c mut McConn,
+        &'c mut Client,
     ) -> std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'c>,
     >,
@@ -217,18 +107,9 @@ where
         bb8::RunError::User(e) => e,
         bb8::RunError::TimedOut => unavailable(format!("no connection within {TIMEOUT:?}")),
     })?;
-    let result = tokio::time::timeout(TIMEOUT, op(&mut conn)).await;
-    match result {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => {
-            conn.broken = true;
-            Err(e)
-        }
-        Err(_) => {
-            conn.broken = true;
-            Err(unavailable(format!("no answer within {TIMEOUT:?}")))
-        }
-    }
+    tokio::time::timeout(TIMEOUT, op(&mut conn))
+        .await
+        .map_err(|_| unavailable(format!("no answer within {TIMEOUT:?}")))?
 }
 
 impl MemcachedStore {
@@ -249,7 +130,9 @@ impl MemcachedStore {
                     .connection_timeout(TIMEOUT)
                     .test_on_check_out(false)
                     .retry_connection(false)
-                    .build_unchecked(McManager { addr: addr.clone() })
+                    .build_unchecked(McManager {
+                        dsn: format!("tcp://{addr}"),
+                    })
             })
             .collect();
         let storage = MemcachedStorage {
@@ -272,25 +155,57 @@ impl MemcachedStorage {
         format!("{}:s:{key}", self.namespace)
     }
 
+    /// `mg <item> v c`: the value and its cas unique.
     async fn gets(&self, item: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
         let k = item.to_owned();
         with_conn(self.pool(item), move |c| {
-            Box::pin(async move { c.gets(&k).await })
+            Box::pin(async move {
+                let Some(found) = c
+                    .meta_get(&k, false, None, Some(&["v", "c"]))
+                    .await
+                    .map_err(mc_error)?
+                else {
+                    return Ok(None);
+                };
+                match (found.data, found.cas) {
+                    (Some(data), Some(cas)) => Ok(Some((data, cas))),
+                    (None, Some(cas)) => Ok(Some((Vec::new(), cas))),
+                    _ => Err(protocol("reply without the value's cas unique")),
+                }
+            })
         })
         .await
     }
 
+    /// `ms <item> … T<exptime>` with `ME` (add: only if absent) or `C<cas>` (only if
+    /// unchanged since the read that gave `cas`).
     async fn store(
         &self,
-        command: &'static str,
         item: &str,
         exptime: i64,
         data: Vec<u8>,
         cas: Option<u64>,
     ) -> Result<Reply, StoreError> {
         let k = item.to_owned();
+        let ttl = format!("T{}", exptime.max(1));
+        let condition = match cas {
+            Some(cas) => format!("C{cas}"),
+            None => "ME".to_owned(),
+        };
         with_conn(self.pool(item), move |c| {
-            Box::pin(async move { c.store(command, &k, exptime, &data, cas).await })
+            Box::pin(async move {
+                let flags = [ttl.as_str(), condition.as_str()];
+                match c
+                    .meta_set(&k, data.as_slice(), false, None, Some(&flags))
+                    .await
+                {
+                    Ok(_) => Ok(Reply::Stored),
+                    Err(McError::Protocol(
+                        Status::Exists | Status::NotStored | Status::NotFound,
+                    )) => Ok(Reply::Lost),
+                    Err(e) => Err(mc_error(e)),
+                }
+            })
         })
         .await
     }
@@ -321,14 +236,8 @@ impl Storage for MemcachedStorage {
         }
         let value = frame(put.version, put.expires_at, &put.bytes);
         let reply = match current {
-            Some((_, cas)) => {
-                self.store("cas", &item, put.expires_at, value, Some(cas))
-                    .await?
-            }
-            None => {
-                self.store("add", &item, put.expires_at, value, None)
-                    .await?
-            }
+            Some((_, cas)) => self.store(&item, put.expires_at, value, Some(cas)).await?,
+            None => self.store(&item, put.expires_at, value, None).await?,
         };
         Ok(if reply == Reply::Stored {
             SaveOutcome::Saved
@@ -341,7 +250,12 @@ impl Storage for MemcachedStorage {
         let item = self.item(key);
         let k = item.clone();
         with_conn(self.pool(&item), move |c| {
-            Box::pin(async move { c.delete(&k).await })
+            Box::pin(async move {
+                match c.meta_delete(&k, false, None, None).await {
+                    Ok(_) | Err(McError::Protocol(Status::NotFound)) => Ok(()),
+                    Err(e) => Err(mc_error(e)),
+                }
+            })
         })
         .await
     }
@@ -353,7 +267,10 @@ impl Storage for MemcachedStorage {
 
     async fn ping(&self) -> Result<(), StoreError> {
         for pool in &self.pools {
-            with_conn(pool, |c| Box::pin(c.version())).await?;
+            with_conn(pool, |c| {
+                Box::pin(async move { c.version().await.map(drop).map_err(mc_error) })
+            })
+            .await?;
         }
         Ok(())
     }
