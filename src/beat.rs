@@ -80,9 +80,9 @@ pub(crate) async fn embedded(
     tasks: Tasks,
     broker: Option<NatsBroker>,
     stop: CancellationToken,
-) -> Result<(), String> {
+) -> Result<Option<Arc<dyn BeatStore>>, String> {
     if entries.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let store: Arc<dyn BeatStore> = match broker {
         Some(b) => {
@@ -95,9 +95,9 @@ pub(crate) async fn embedded(
         }
         None => Arc::new(MemoryBeatStore::default()),
     };
-    let beat = beat(config, entries, store, tasks);
+    let beat = beat(config, entries, store.clone(), tasks);
     actix_rt::spawn(beat.run(stop));
-    Ok(())
+    Ok(Some(store))
 }
 
 /// Registers `switchyard.clear_sessions` on `registry`: it deletes the expired sessions of

@@ -144,6 +144,9 @@ enum UsersCommand {
         /// A permission such as shop.view_order (repeatable).
         #[arg(long = "permission", value_name = "PERM")]
         permissions: Vec<String>,
+        /// The user may open the operator dashboard (server.dashboard_path).
+        #[arg(long)]
+        staff: bool,
     },
     /// Replace a user's password and end every session of the user; prints
     /// {"updated":NAME,"revoked":N}.
@@ -449,12 +452,16 @@ async fn users_command(config: Config, cmd: UsersCommand) -> ExitCode {
             name,
             password_stdin,
             permissions,
+            staff,
         } => {
             let password = match password_from_stdin(password_stdin) {
                 Ok(p) => p,
                 Err(code) => return code,
             };
-            match users.create(&name, &password, &permissions).await {
+            match users
+                .create_user(&name, &password, &permissions, staff)
+                .await
+            {
                 Ok(()) => {
                     println!("{}", serde_json::json!({ "created": name }));
                     ExitCode::SUCCESS

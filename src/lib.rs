@@ -46,6 +46,7 @@ mod beat;
 pub mod cli;
 mod cluster;
 pub mod config;
+pub mod dashboard;
 pub mod db;
 mod engines;
 pub mod error;

@@ -24,11 +24,12 @@ use switchyard_actors::context::builtins::{
 use switchyard_actors::context::{ContextProcessor, ContextWorkers};
 use switchyard_actors::session::{CachedDbStore, CookieSigner, SessionShards};
 use switchyard_actors::tasks::{
-    CancellationToken, MemoryBroker, Opening, Registry, Tasks, WorkerPool,
+    BeatStore, CancellationToken, MemoryBroker, Opening, Registry, Tasks, WorkerPool,
 };
 
 use crate::cluster::{self, HeartbeatHandle, Role};
 use crate::config::{AuthStore, Broker, Config, Outbox};
+use crate::dashboard::{self, Backend as DashBackend, Dashboard, Monitor};
 use crate::engines;
 use crate::error::StartError;
 use crate::http::auth::Auth;
@@ -166,8 +167,11 @@ impl Topology {
             auth = auth.with_postgres(users);
         }
         let csrf = web::Data::new(CsrfPolicy::new(csrf_exempt, &config.sessions));
-        let (tasks, task_workers) = task_system(&services, task_registry, &metrics).await?;
-        let beat_stop = embedded_beat(&services, &tasks).await?;
+        // What the dashboard and the live streams read (fed by this node's workers or NATS).
+        let monitor = Arc::new(Monitor::new(cluster::interval(&config)));
+        let (tasks, task_workers, dash_backend) =
+            task_system(&services, task_registry, &metrics, &monitor).await?;
+        let (beat_stop, beat_store) = embedded_beat(&services, &tasks).await?;
         if let (Outbox::Postgres, Some(broker)) = (config.tasks.outbox, tasks.broker()) {
             let pool = services.postgres().await?;
             crate::outbox::spawn_relay(pool, broker.clone(), beat_stop.clone());
@@ -191,6 +195,26 @@ impl Topology {
                 detail: format!("broker {} (in-process)", config.tasks.broker.as_str()),
             }),
         }
+        if let (Some(link), Broker::Nats) = (services.nats_if_open(), config.tasks.broker) {
+            monitor
+                .clone()
+                .listen(link.client, &config.nats.prefix)
+                .await
+                .map_err(|e| StartError::service("nats.url", e))?;
+        }
+        let dashboard = (!config.server.dashboard_path.is_empty()).then(|| {
+            web::Data::new(Dashboard {
+                path: config.server.dashboard_path.clone(),
+                monitor: monitor.clone(),
+                backend: dash_backend,
+                queues: config.tasks.queues.iter().map(|q| q.name.clone()).collect(),
+                node: config.server.node_id_or_default(),
+                schedules: crate::beat::entries(&config).unwrap_or_default(),
+                beat_store,
+                nats_beat: Default::default(),
+            })
+        });
+        let monitor = web::Data::from(monitor);
         let readiness = web::Data::new(readiness);
         // Handlers reach the task client as `web::Data<Tasks>`.
         let tasks = web::Data::new(tasks);
@@ -210,6 +234,8 @@ impl Topology {
             sessions,
             auth,
             csrf,
+            monitor,
+            dashboard,
         };
         let server = HttpServer::new(move || http_app(&factory_config, &routes, &shared))
             .workers(config.actors.http_workers as usize)
@@ -301,6 +327,8 @@ struct Shared {
     sessions: web::Data<SessionLayer>,
     auth: web::Data<Auth>,
     csrf: web::Data<CsrfPolicy>,
+    monitor: web::Data<Monitor>,
+    dashboard: Option<web::Data<Dashboard>>,
 }
 
 fn http_app(
@@ -346,7 +374,12 @@ fn http_app(
         )
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
-        .route("/metrics", web::get().to(metrics::metrics_handler));
+        .route("/metrics", web::get().to(metrics::metrics_handler))
+        .app_data(shared.monitor.clone());
+    if let Some(d) = &shared.dashboard {
+        let d = d.clone();
+        app = app.configure(move |cfg| dashboard::routes(cfg, d));
+    }
     for f in routes {
         app = app.configure(|cfg| f(cfg));
     }
@@ -470,26 +503,32 @@ async fn task_system(
     services: &engines::Services<'_>,
     registry: Registry,
     metrics: &web::Data<Metrics>,
-) -> Result<(Tasks, Option<TaskWorkers>), StartError> {
+    monitor: &Arc<Monitor>,
+) -> Result<(Tasks, Option<TaskWorkers>, DashBackend), StartError> {
     let config = services.config();
     let settings = crate::tasks::settings(config);
     let registry = Arc::new(registry);
     if config.tasks.always_eager {
         tracing::info!(tasks = %registry.names().join(", "), "tasks run eagerly (tasks.always_eager)");
-        return Ok((Tasks::eager(registry, settings), None));
+        return Ok((Tasks::eager(registry, settings), None, DashBackend::None));
     }
     match config.tasks.broker {
         Broker::Memory => {}
         Broker::Nats => {
-            let broker = Arc::new(engines::nats_broker(services, &settings, Opening::Node).await?);
-            return Ok((Tasks::new(broker, registry, settings), None));
+            let broker = engines::nats_broker(services, &settings, Opening::Node).await?;
+            let backend = DashBackend::Nats(broker.clone());
+            return Ok((
+                Tasks::new(Arc::new(broker), registry, settings),
+                None,
+                backend,
+            ));
         }
     }
     let broker = Arc::new(MemoryBroker::new(&settings));
     for name in registry.names() {
         metrics.task_registered(name);
     }
-    let events = metrics::task_events(metrics.clone());
+    let events = monitor.sink(Some(metrics::task_events(metrics.clone())));
     let arbiter = actix_rt::Arbiter::new();
     let pool = WorkerPool::start(
         settings.clone(),
@@ -502,8 +541,9 @@ async fn task_system(
     .map_err(|e| StartError::service("tasks", e))?;
     cold_on_second_signal(pool.cold_token());
     Ok((
-        Tasks::new(broker, registry, settings),
+        Tasks::new(broker.clone(), registry, settings),
         Some(TaskWorkers { pool, arbiter }),
+        DashBackend::Memory(broker),
     ))
 }
 
@@ -512,7 +552,7 @@ async fn task_system(
 async fn embedded_beat(
     services: &engines::Services<'_>,
     tasks: &Tasks,
-) -> Result<CancellationToken, StartError> {
+) -> Result<(CancellationToken, Option<Arc<dyn BeatStore>>), StartError> {
     let config = services.config();
     let stop = CancellationToken::new();
     let broker = match config.tasks.broker {
@@ -521,13 +561,13 @@ async fn embedded_beat(
             let settings = crate::tasks::settings(config);
             Some(engines::nats_broker(services, &settings, Opening::Node).await?)
         }
-        Broker::Nats => return Ok(stop),
+        Broker::Nats => return Ok((stop, None)),
     };
     let entries = crate::beat::entries(config).map_err(|e| StartError::service("beat", e))?;
-    crate::beat::embedded(config, entries, tasks.clone(), broker, stop.clone())
+    let store = crate::beat::embedded(config, entries, tasks.clone(), broker, stop.clone())
         .await
         .map_err(|e| StartError::service("beat", e))?;
-    Ok(stop)
+    Ok((stop, store))
 }
 
 /// The first SIGTERM/SIGINT stops the HTTP server and starts a warm drain of the task workers;

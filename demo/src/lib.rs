@@ -421,6 +421,41 @@ async fn order_detail(
     ))
 }
 
+/// `GET /orders/{id}/events`: the order's e-mail task's events as server-sent events, for the
+/// order's owner only (everyone else, anonymous included, gets a 404).
+async fn order_events(
+    req: HttpRequest,
+    path: web::Path<String>,
+    user: CurrentUser,
+    orders: web::Data<dyn OrderStore>,
+    monitor: web::Data<switchyard::dashboard::Monitor>,
+) -> Result<HttpResponse, Error> {
+    let id: u64 = path.into_inner().parse().map_err(|_| Error::NotFound)?;
+    let order = orders
+        .get(id)
+        .await
+        .map_err(order_err)?
+        .ok_or(Error::NotFound)?;
+    if user.0.map(|u| u.username).as_deref() != Some(order.owner.as_str()) {
+        return Err(Error::NotFound);
+    }
+    let task_id = order.task_id.ok_or(Error::NotFound)?;
+    Ok(switchyard::dashboard::event_stream(
+        &req,
+        &monitor,
+        Some(task_id),
+    ))
+}
+
+/// `GET /orders/live.js`: the order page's live updates (no inline script: the CSP allows
+/// none).
+async fn order_live_js() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/javascript; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "max-age=300"))
+        .body(include_str!("order_live.js"))
+}
+
 /// Adds the demo shop to `app`: its routes, its `cart` processor, its cart merge hook, its
 /// order store and its tasks. Orders live in Postgres when the task queues are shared through
 /// NATS (`tasks.broker = "nats"`: a worker on another node must read them), else in memory.
@@ -447,6 +482,7 @@ pub fn install(app: App) -> App {
         .task(tasks::Add)
         .task(tasks::Sleep)
         .task(tasks::Flaky)
+        .task(tasks::Count)
         .task_fn(ORDER_CREATED, emails, tasks::order_created)
         .routes(|cfg| {
             cfg.route("/", web::get().to(index))
@@ -456,6 +492,8 @@ pub fn install(app: App) -> App {
                 .route("/login", web::post().to(login_submit))
                 .route("/logout", web::post().to(logout))
                 .route("/orders", web::post().to(order_create))
-                .route("/orders/{id}", web::get().to(order_detail));
+                .route("/orders/live.js", web::get().to(order_live_js))
+                .route("/orders/{id}", web::get().to(order_detail))
+                .route("/orders/{id}/events", web::get().to(order_events));
         })
 }

@@ -1,5 +1,5 @@
-//! The demo's tasks: `demo.add`, `demo.sleep`, `demo.flaky` (for the CLI and foreign clients
-//! to call) and `shop.order_created` (the order confirmation e-mail).
+//! The demo's tasks: `demo.add`, `demo.sleep`, `demo.flaky`, `demo.count` (for the CLI and
+//! foreign clients to call) and `shop.order_created` (the order confirmation e-mail).
 
 use std::time::{Duration, Instant};
 
@@ -95,6 +95,48 @@ impl Task for Flaky {
             ));
         }
         Ok(attempt)
+    }
+}
+
+/// The most steps `demo.count` counts (10,000 steps of 100 ms: under 17 minutes).
+const MAX_COUNT: u64 = 10_000;
+
+/// `demo.count`: `{"to": 10}` counts to `to`, one step per 100 ms, reporting its progress
+/// (`done` of `total`) after each step; the result is `to`. Stops early, failing, when its
+/// cancellation token fires.
+pub struct Count;
+
+/// Arguments of `demo.count`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CountArgs {
+    pub to: u64,
+}
+
+impl Task for Count {
+    const NAME: &'static str = "demo.count";
+    type Args = CountArgs;
+    type Output = u64;
+
+    async fn run(&self, ctx: TaskContext, args: CountArgs) -> Result<u64, TaskError> {
+        if args.to > MAX_COUNT {
+            return Err(TaskError::fail(
+                "bad_args",
+                format!("to must be at most {MAX_COUNT}, got {}", args.to),
+            ));
+        }
+        ctx.progress(0, args.to, serde_json::json!({"step": 0}))
+            .await;
+        for step in 1..=args.to {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = ctx.cancelled() => {
+                    return Err(TaskError::fail("cancelled", format!("stopped at step {}", step - 1)));
+                }
+            }
+            ctx.progress(step, args.to, serde_json::json!({"step": step}))
+                .await;
+        }
+        Ok(args.to)
     }
 }
 

@@ -243,6 +243,12 @@ impl Config {
             "server.secret_key_fallbacks" => server.secret_key_fallbacks.iter().all(|k| !k.is_empty()
                 && (server.debug || k.expose_secret().len() >= min_key_bytes)),
                 "expected keys of at least {min_key_bytes} bytes (any non-empty key with debug)";
+            "server.dashboard_path" => server.dashboard_path.is_empty()
+                || (server.dashboard_path.starts_with('/') && server.dashboard_path.ends_with('/')
+                    && server.dashboard_path.len() > 1
+                    && !server.dashboard_path.contains(['?', '#', '{', '}', ' '])),
+                "expected a path starting and ending with `/` (such as \"/_switchyard/\"), or \"\" \
+                 to disable the dashboard, got {:?}", server.dashboard_path;
             "log.level" => level_error.is_none(),
                 "expected a level (trace, debug, info, warn, error, off) or a comma-separated \
                  list of levels and target=level directives, got {:?} ({})",
@@ -801,6 +807,7 @@ mod tests {
             username: "alice".into(),
             password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2g".into(),
             permissions: vec!["shop.view_order".into()],
+            staff: true,
         });
         config.beat.schedule.push(ScheduleEntry {
             name: "clear".into(),

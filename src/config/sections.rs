@@ -35,6 +35,8 @@ section! {
         pub shutdown_timeout: u64 = 5,
         /// Peers whose `X-Forwarded-For`/`-Host`/`-Proto` are believed (`src/http/client.rs`).
         pub trusted_proxies: Vec<std::net::IpAddr> = Vec::new(),
+        /// Where the operator dashboard is mounted (`/…/`, staff only); empty disables it.
+        pub dashboard_path: String = "/_switchyard/".into(),
     }
 
     /// `[log]`: logging (to stderr).
@@ -271,12 +273,18 @@ pub struct UserEntry {
     /// Permission names such as `shop.view_order`.
     #[serde(default)]
     pub permissions: Vec<String>,
+    /// Whether the user may open the operator dashboard (`server.dashboard_path`).
+    #[serde(default)]
+    pub staff: bool,
 }
 
 impl fmt::Debug for UserEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (name, permissions) = (&self.username, &self.permissions);
-        write!(f, "UserEntry({name:?}, {REDACTED}, {permissions:?})")
+        let (name, permissions, staff) = (&self.username, &self.permissions, self.staff);
+        write!(
+            f,
+            "UserEntry({name:?}, {REDACTED}, {permissions:?}, staff: {staff})"
+        )
     }
 }
 

@@ -28,6 +28,8 @@ use crate::config::{AuthConfig, OnLogin};
 pub struct User {
     pub username: String,
     pub permissions: Vec<String>,
+    /// May open the operator dashboard (`staff = true`).
+    pub staff: bool,
 }
 
 impl User {
@@ -65,6 +67,7 @@ impl Auth {
                     StoredUser {
                         password_hash: u.password_hash.clone(),
                         permissions: u.permissions.clone(),
+                        staff: u.staff,
                     },
                 )
             })
@@ -122,6 +125,7 @@ impl Auth {
         self.stored(username).map(|u| User {
             username: username.to_owned(),
             permissions: u.permissions,
+            staff: u.staff,
         })
     }
 

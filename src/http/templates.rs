@@ -241,7 +241,7 @@ fn scan(dir: &Path) -> Result<Loaded, TemplateError> {
     registry.register_helper("csrf_input", Box::new(csrf_input_helper));
     let mut broken = BTreeMap::new();
     let mut stamps = BTreeMap::new();
-    for (name, source) in BUILTIN_TEMPLATES {
+    for (name, source) in BUILTIN_TEMPLATES.iter().chain(crate::dashboard::TEMPLATES) {
         if let Err(e) = registry.register_template_string(name, *source) {
             broken.insert((*name).to_owned(), e.to_string());
         }

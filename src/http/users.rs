@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS switchyard_users (
     created_at     bigint  NOT NULL,
     updated_at     bigint  NOT NULL
 );
+ALTER TABLE switchyard_users ADD COLUMN IF NOT EXISTS staff boolean NOT NULL DEFAULT false;
 ";
 
 /// A user as the stores keep it (`[[auth.users]]` or the `switchyard_users` table).
@@ -36,6 +37,8 @@ CREATE TABLE IF NOT EXISTS switchyard_users (
 pub(crate) struct StoredUser {
     pub(crate) password_hash: String,
     pub(crate) permissions: Vec<String>,
+    /// May open the operator dashboard.
+    pub(crate) staff: bool,
 }
 
 /// Why a user command failed.
@@ -96,7 +99,7 @@ impl PgUsers {
         let rows = bounded(ENGINE, async {
             let conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
             conn.query(
-                "SELECT username, password_hash, permissions FROM switchyard_users",
+                "SELECT username, password_hash, permissions, staff FROM switchyard_users",
                 &[],
             )
             .await
@@ -111,6 +114,7 @@ impl PgUsers {
                     StoredUser {
                         password_hash: r.try_get(1).ok()?,
                         permissions: r.try_get(2).ok()?,
+                        staff: r.try_get(3).ok()?,
                     },
                 ))
             })
@@ -147,7 +151,8 @@ impl PgUsers {
         let row = bounded(ENGINE, async {
             let conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
             conn.query_opt(
-                "SELECT password_hash, permissions FROM switchyard_users WHERE username = $1",
+                "SELECT password_hash, permissions, staff FROM switchyard_users \
+                 WHERE username = $1",
                 &[&username],
             )
             .await
@@ -158,6 +163,7 @@ impl PgUsers {
             Some(StoredUser {
                 password_hash: r.try_get(0).ok()?,
                 permissions: r.try_get(1).ok()?,
+                staff: r.try_get(2).ok()?,
             })
         });
         let mut snap = self.snapshot.write().unwrap_or_else(|e| e.into_inner());
@@ -170,12 +176,24 @@ impl PgUsers {
         Ok(user)
     }
 
-    /// Creates a user.
+    /// Creates a user (not staff).
     pub async fn create(
         &self,
         username: &str,
         password: &str,
         permissions: &[String],
+    ) -> Result<(), UserError> {
+        self.create_user(username, password, permissions, false)
+            .await
+    }
+
+    /// Creates a user; `staff` users may open the operator dashboard.
+    pub async fn create_user(
+        &self,
+        username: &str,
+        password: &str,
+        permissions: &[String],
+        staff: bool,
     ) -> Result<(), UserError> {
         if username.is_empty() || password.is_empty() {
             return Err(UserError::Invalid(
@@ -187,9 +205,10 @@ impl PgUsers {
         let n = bounded(ENGINE, async {
             let conn = self.pool.get().await.map_err(|e| pool_error(ENGINE, e))?;
             conn.execute(
-                "INSERT INTO switchyard_users (username, password_hash, permissions, created_at, \
-                 updated_at) VALUES ($1, $2, $3, $4, $4) ON CONFLICT (username) DO NOTHING",
-                &[&username, &hash, &permissions, &now],
+                "INSERT INTO switchyard_users (username, password_hash, permissions, staff, \
+                 created_at, updated_at) VALUES ($1, $2, $3, $5, $4, $4) \
+                 ON CONFLICT (username) DO NOTHING",
+                &[&username, &hash, &permissions, &now, &staff],
             )
             .await
             .map_err(|e| pg_error(ENGINE, e))

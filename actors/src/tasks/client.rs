@@ -271,6 +271,7 @@ impl Tasks {
             eta,
             expires,
             published_at: Some(now),
+            retry_of: None,
         };
         let payload = serde_json::to_vec(&env).map_err(|e| ClientError::Args(e.to_string()))?;
         // The key travels in a message header: no control characters, a bounded length.

@@ -40,6 +40,9 @@ pub struct Envelope {
     /// When it was published.
     #[serde(default)]
     pub published_at: Option<DateTime<Utc>>,
+    /// The task this message retries (set by the dashboard's "Retry"); its record names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<String>,
 }
 
 impl Envelope {

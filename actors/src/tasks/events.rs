@@ -18,6 +18,23 @@ pub enum EventKind {
     TaskFailed,
     TaskRetried,
     TaskRevoked,
+    /// The running task reported progress (`TaskContext::progress`).
+    TaskProgress,
+}
+
+impl EventKind {
+    /// The kind as SPEC.md writes it (`task-received`, …), the last part of its subject.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::TaskReceived => "task-received",
+            EventKind::TaskStarted => "task-started",
+            EventKind::TaskSucceeded => "task-succeeded",
+            EventKind::TaskFailed => "task-failed",
+            EventKind::TaskRetried => "task-retried",
+            EventKind::TaskRevoked => "task-revoked",
+            EventKind::TaskProgress => "task-progress",
+        }
+    }
 }
 
 /// One task event.
@@ -31,7 +48,20 @@ pub struct TaskEvent {
     /// The state the task reached (RECEIVED events carry PENDING).
     pub state: TaskState,
     pub at: DateTime<Utc>,
+    /// task-progress: `{"done","total","info"}` as the record's `progress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<serde_json::Value>,
+    /// task-received: the task's args, when small (at most [`EVENT_ARGS_MAX`] bytes of JSON),
+    /// so that the dashboard can show and retry tasks it saw arrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<serde_json::Value>,
+    /// task-received: the task this one is a retry of (the dashboard's "Retry").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<String>,
 }
+
+/// The largest args (bytes of JSON) a task-received event carries.
+pub const EVENT_ARGS_MAX: usize = 4096;
 
 /// Receives every event of a worker node; must return quickly (it runs on the task runtime).
 pub type EventSink = Arc<dyn Fn(&TaskEvent) + Send + Sync>;

@@ -158,6 +158,31 @@ impl Runner {
                 node: self.settings.node_id.clone(),
                 state,
                 at: Utc::now(),
+                progress: None,
+                args: None,
+                retry_of: None,
+            });
+        }
+    }
+
+    /// task-received, with the args when small and the task it retries.
+    fn emit_received(&self, s: &Subject<'_>, env: &Envelope) {
+        if let Some(sink) = &self.events {
+            let args = serde_json::to_string(&env.args)
+                .ok()
+                .filter(|a| a.len() <= super::events::EVENT_ARGS_MAX)
+                .map(|_| env.args.clone());
+            sink(&TaskEvent {
+                kind: EventKind::TaskReceived,
+                task_id: s.id.to_owned(),
+                task: s.task.to_owned(),
+                queue: s.queue.to_owned(),
+                node: self.settings.node_id.clone(),
+                state: TaskState::Pending,
+                at: Utc::now(),
+                progress: None,
+                args,
+                retry_of: env.retry_of.clone(),
             });
         }
     }
@@ -269,7 +294,7 @@ impl Runner {
                 .await;
         }
         if delivery.delivered == 1 && env.retries == 0 {
-            self.emit(EventKind::TaskReceived, &s, TaskState::Pending);
+            self.emit_received(&s, &env);
         }
         // Admit.
         if !env.args.is_object() {
@@ -337,13 +362,16 @@ impl Runner {
         let plan = self.settings.plan(entry.options(), env.max_retries);
 
         // Claim.
-        let started = ResultRecord::started(
-            &id,
-            &env.task,
-            env.retries,
-            &self.settings.node_id,
-            Utc::now(),
-        );
+        let started = ResultRecord {
+            retry_of: env.retry_of.clone(),
+            ..ResultRecord::started(
+                &id,
+                &env.task,
+                env.retries,
+                &self.settings.node_id,
+                Utc::now(),
+            )
+        };
         match self.results.claim(&started).await {
             Ok(Claim::Claimed) => {}
             Ok(Claim::Refused(state)) => {
@@ -373,6 +401,12 @@ impl Runner {
         self.emit(EventKind::TaskStarted, &s, TaskState::Started);
 
         // Run.
+        let progress = Arc::new(super::progress::ProgressReporter::new(
+            started.clone(),
+            &delivery.queue,
+            self.results.clone(),
+            self.events.clone(),
+        ));
         let ctx = TaskContext {
             id: id.clone(),
             task: env.task.clone(),
@@ -383,6 +417,7 @@ impl Runner {
             eager: self.eager,
             cancel: self.cold.child_token(),
             data: Default::default(),
+            progress: Some(progress.clone()),
         };
         let attempt = run_attempt(entry, ctx, env.args.clone(), &plan);
         // Eager mode's private queue has no other consumer to take the delivery over: no
@@ -393,7 +428,11 @@ impl Runner {
             with_heartbeat(&delivery, attempt, self.settings.ack_wait / 2).await
         };
 
-        // Settle.
+        // Settle (the final record keeps the last progress reported).
+        let started = ResultRecord {
+            progress: progress.last(),
+            ..started
+        };
         let rec = match outcome {
             Ok(value) => {
                 let rec = started.succeeded(value, Utc::now());

@@ -91,7 +91,9 @@ struct State {
     result_order: VecDeque<String>,
     /// dedupe id → (until, task id).
     dedupe: HashMap<String, (Instant, String)>,
-    dead: VecDeque<DeadLetter>,
+    /// Dead letters with their numbers (from 1, never reused).
+    dead: VecDeque<(u64, DeadLetter)>,
+    next_dead: u64,
     next_seq: u64,
     last_sweep: Instant,
 }
@@ -204,6 +206,7 @@ impl MemoryBroker {
                     result_order: VecDeque::new(),
                     dedupe: HashMap::new(),
                     dead: VecDeque::new(),
+                    next_dead: 0,
                     next_seq: 1,
                     last_sweep: Instant::now(),
                 }),
@@ -218,7 +221,27 @@ impl MemoryBroker {
 
     /// The dead letters kept so far, oldest first.
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.inner
+            .lock()
+            .dead
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    /// The dead letters kept so far with their numbers, oldest first.
+    pub fn numbered_dead_letters(&self) -> Vec<(u64, DeadLetter)> {
         self.inner.lock().dead.iter().cloned().collect()
+    }
+
+    /// Removes the dead letters numbered `numbers`; returns those it removed.
+    pub fn remove_dead_letters(&self, numbers: &[u64]) -> Vec<(u64, DeadLetter)> {
+        let mut state = self.inner.lock();
+        let (gone, kept) = std::mem::take(&mut state.dead)
+            .into_iter()
+            .partition(|(n, _)| numbers.contains(n));
+        state.dead = kept;
+        gone.into_iter().collect()
     }
 
     /// Messages of `queue` waiting or in flight.
@@ -438,7 +461,9 @@ impl TaskQueue for MemoryBroker {
         if state.dead.len() >= MAX_DEAD_LETTERS {
             state.dead.pop_front();
         }
-        state.dead.push_back(letter);
+        state.next_dead += 1;
+        let n = state.next_dead;
+        state.dead.push_back((n, letter));
         Ok(())
     }
 

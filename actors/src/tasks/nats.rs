@@ -629,6 +629,47 @@ impl NatsBroker {
         Ok(out)
     }
 
+    /// How many dead letters each queue has (queues without any are left out).
+    pub async fn dead_counts(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, u64>, BrokerError> {
+        let name = self.names.dead_stream();
+        let stream = match self.js.get_stream(&name).await {
+            Ok(s) => s,
+            Err(e) if stream_missing(&e) => return Ok(Default::default()),
+            Err(e) => return Err(BrokerError::unavailable(format!("get stream {name}"), e)),
+        };
+        let filter = format!("{}.dead.>", self.names.prefix);
+        let op = || format!("list subjects {filter}");
+        let listed = stream
+            .info_with_subjects(filter.clone())
+            .await
+            .map_err(unavailable(op()))?;
+        let listed: Vec<(String, usize)> = futures_util::TryStreamExt::try_collect(listed)
+            .await
+            .map_err(unavailable(op()))?;
+        let strip = format!("{}.dead.", self.names.prefix);
+        Ok(listed
+            .into_iter()
+            .filter_map(|(s, n)| Some((s.strip_prefix(&strip)?.to_owned(), n as u64)))
+            .collect())
+    }
+
+    /// Deletes dead letter `seq` without replaying it.
+    pub async fn discard(&self, seq: u64) -> Result<(), BrokerError> {
+        let name = self.names.dead_stream();
+        let stream = self
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(unavailable(format!("get stream {name}")))?;
+        stream
+            .delete_message(seq)
+            .await
+            .map_err(unavailable(format!("delete dead letter {seq}")))?;
+        Ok(())
+    }
+
     /// Sends dead letter `seq` back to its queue (`Nats-Msg-Id` `<id>:replay:<seq>`), forgets
     /// the task's FAILURE record so it can run, and deletes the letter; returns the task id
     /// (or `seq:<n>` for a message without one).

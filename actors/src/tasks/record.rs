@@ -66,6 +66,12 @@ pub struct ResultRecord {
     pub node: Option<String>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// What the task last reported (`{"done","total","info"}`), null when it never did.
+    #[serde(default)]
+    pub progress: Option<Value>,
+    /// The task this one retries (the dashboard's "Retry" publishes a copy with a new id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<String>,
 }
 
 /// Why a task was REVOKED: the record's `error`.
@@ -105,6 +111,8 @@ impl ResultRecord {
             node: None,
             started_at: None,
             finished_at: None,
+            progress: None,
+            retry_of: None,
         }
     }
 
@@ -187,7 +195,7 @@ mod tests {
         let line = ResultRecord::pending("x").to_json_line();
         assert_eq!(
             line,
-            r#"{"id":"x","task":null,"state":"PENDING","result":null,"error":null,"retries":0,"node":null,"started_at":null,"finished_at":null}"#
+            r#"{"id":"x","task":null,"state":"PENDING","result":null,"error":null,"retries":0,"node":null,"started_at":null,"finished_at":null,"progress":null}"#
         );
     }
 

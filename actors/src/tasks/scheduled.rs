@@ -172,6 +172,17 @@ impl NatsBroker {
         Ok(out)
     }
 
+    /// How many tasks each queue has scheduled (queues without any are left out).
+    pub async fn scheduled_counts(&self) -> Result<BTreeMap<String, u64>, BrokerError> {
+        let filter = format!("{}.scheduled.>", self.names().prefix);
+        let mut counts = BTreeMap::new();
+        for (subject, n) in self.subjects(&filter).await? {
+            let queue = subject.split('.').nth_back(2).unwrap_or_default();
+            *counts.entry(queue.to_owned()).or_insert(0) += n;
+        }
+        Ok(counts)
+    }
+
     /// How many messages each subject matching `filter` holds.
     async fn subjects(&self, filter: &str) -> Result<BTreeMap<String, u64>, BrokerError> {
         let stream = self.scheduled_stream().await?;

@@ -308,6 +308,8 @@ pub struct TaskContext {
     pub(crate) cancel: CancellationToken,
     /// The application's shared values (`App::data`), set by the registry entry that runs.
     pub(crate) data: Arc<AppData>,
+    /// Where [`TaskContext::progress`] reports to (none: reports are dropped).
+    pub(crate) progress: Option<Arc<super::progress::ProgressReporter>>,
 }
 
 impl TaskContext {
@@ -365,6 +367,16 @@ impl TaskContext {
                 format!("no {} registered (App::data)", std::any::type_name::<T>()),
             )
         })
+    }
+    /// Reports progress: `done` of `total` steps and any `info` (a JSON value). The task's
+    /// record gains `"progress": {"done","total","info"}` and a `task-progress` event is
+    /// emitted; reports closer together than [`super::PROGRESS_EVERY`] are only kept for the
+    /// final record (except the last step, `done >= total`), so a tight loop may call it on
+    /// every step.
+    pub async fn progress(&self, done: u64, total: u64, info: serde_json::Value) {
+        if let Some(p) = &self.progress {
+            p.report(done, total, info).await;
+        }
     }
     /// An explicit retry after `countdown` (Celery's `self.retry(countdown=...)`); return it
     /// as the body's error. It counts against `max_retries` like any retry.

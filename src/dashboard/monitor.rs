@@ -1,0 +1,480 @@
+//! What the dashboard and the live streams read: a bounded index of recent tasks fed by task
+//! events, the live nodes from heartbeats, and a broadcast of every event as one SSE frame.
+//!
+//! Publishing an event never waits for a reader: frames go to a `tokio::sync::broadcast`
+//! channel of [`CLIENT_BUFFER`] frames; a stream that falls further behind is told to reload
+//! (it "lags") instead of slowing the worker that emitted the event.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use switchyard_actors::cluster::{ClusterView, NodeStatus};
+use switchyard_actors::tasks::{EventKind, TaskEvent, TaskState};
+use tokio::sync::broadcast;
+
+/// How many tasks the recent-tasks index keeps (the oldest are forgotten first).
+pub const RECENT_TASKS: usize = 100_000;
+/// Events kept per task in the index.
+const EVENTS_PER_TASK: usize = 32;
+/// Frames kept for `Last-Event-ID` reconnects.
+const HISTORY: usize = 4096;
+/// Frames one stream may fall behind before it is told to reload.
+pub const CLIENT_BUFFER: usize = 1024;
+/// The window of the per-queue rate.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// One event of a task, as the task page lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct EventLine {
+    pub kind: EventKind,
+    pub state: TaskState,
+    pub node: String,
+    pub at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Value>,
+}
+
+/// A task as the index knows it from its events.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskSummary {
+    pub id: String,
+    pub task: String,
+    pub queue: String,
+    pub state: TaskState,
+    pub node: String,
+    /// When its first event arrived.
+    pub seen_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub progress: Option<Value>,
+    /// Its args, when its task-received event carried them (small args only).
+    pub args: Option<Value>,
+    pub retry_of: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<EventLine>,
+}
+
+/// One server-sent event: its id and its `data:` JSON (one line).
+#[derive(Debug)]
+pub struct Frame {
+    pub id: u64,
+    /// The task it is about (none for node heartbeats).
+    pub task_id: Option<String>,
+    pub json: String,
+}
+
+#[derive(Default)]
+struct Index {
+    tasks: HashMap<String, TaskSummary>,
+    /// Ids, oldest first.
+    order: VecDeque<String>,
+    /// Tasks in STARTED per queue.
+    running: HashMap<String, u64>,
+    /// Finished (success or failure) events of the last minute: (when, queue).
+    finished: VecDeque<(Instant, String)>,
+}
+
+/// A filter of the task list.
+#[derive(Clone, Debug, Default)]
+pub struct TaskFilter {
+    pub state: Option<TaskState>,
+    pub task: Option<String>,
+    pub id_prefix: Option<String>,
+}
+
+impl TaskFilter {
+    fn matches(&self, t: &TaskSummary) -> bool {
+        self.state.is_none_or(|s| s == t.state)
+            && self.task.as_deref().is_none_or(|n| t.task == n)
+            && self
+                .id_prefix
+                .as_deref()
+                .is_none_or(|p| t.id.starts_with(p))
+    }
+}
+
+/// The recent tasks, the live nodes and the event broadcast of one node.
+pub struct Monitor {
+    index: Mutex<Index>,
+    tx: broadcast::Sender<Arc<Frame>>,
+    history: Mutex<VecDeque<Arc<Frame>>>,
+    next_id: AtomicU64,
+    nodes: Mutex<ClusterView>,
+    capacity: usize,
+}
+
+impl Monitor {
+    /// An empty monitor for heartbeats every `heartbeat_interval`.
+    pub fn new(heartbeat_interval: Duration) -> Self {
+        Self::with_capacity(heartbeat_interval, RECENT_TASKS)
+    }
+
+    /// An empty monitor keeping at most `capacity` tasks.
+    pub fn with_capacity(heartbeat_interval: Duration, capacity: usize) -> Self {
+        let (tx, _) = broadcast::channel(CLIENT_BUFFER);
+        Self {
+            index: Mutex::default(),
+            tx,
+            history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            next_id: AtomicU64::new(1),
+            nodes: Mutex::new(ClusterView::new(heartbeat_interval)),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes in one task event: the index, then every stream.
+    pub fn observe(&self, e: &TaskEvent) {
+        {
+            let mut ix = self.index();
+            let ix = &mut *ix;
+            let line = EventLine {
+                kind: e.kind,
+                state: e.state,
+                node: e.node.clone(),
+                at: e.at,
+                progress: e.progress.clone(),
+            };
+            let old_state = match ix.tasks.get_mut(&e.task_id) {
+                Some(t) => {
+                    let old = t.state;
+                    // Progress keeps the state; a late received/progress event never moves a
+                    // finished task back.
+                    let keep = matches!(e.kind, EventKind::TaskProgress | EventKind::TaskReceived)
+                        && t.state != TaskState::Pending;
+                    if !keep {
+                        t.state = e.state;
+                    }
+                    if !e.node.is_empty() {
+                        t.node = e.node.clone();
+                    }
+                    t.updated_at = e.at;
+                    if e.progress.is_some() {
+                        t.progress = e.progress.clone();
+                    }
+                    if e.args.is_some() {
+                        t.args = e.args.clone();
+                    }
+                    if e.retry_of.is_some() {
+                        t.retry_of = e.retry_of.clone();
+                    }
+                    if t.events.len() < EVENTS_PER_TASK {
+                        t.events.push(line);
+                    }
+                    Some(old)
+                }
+                None => {
+                    ix.tasks.insert(
+                        e.task_id.clone(),
+                        TaskSummary {
+                            id: e.task_id.clone(),
+                            task: e.task.clone(),
+                            queue: e.queue.clone(),
+                            state: e.state,
+                            node: e.node.clone(),
+                            seen_at: e.at,
+                            updated_at: e.at,
+                            progress: e.progress.clone(),
+                            args: e.args.clone(),
+                            retry_of: e.retry_of.clone(),
+                            events: vec![line],
+                        },
+                    );
+                    ix.order.push_back(e.task_id.clone());
+                    None
+                }
+            };
+            let new_state = ix.tasks.get(&e.task_id).map(|t| t.state);
+            if old_state != new_state {
+                if old_state == Some(TaskState::Started) {
+                    dec(&mut ix.running, &e.queue);
+                }
+                if new_state == Some(TaskState::Started) {
+                    *ix.running.entry(e.queue.clone()).or_default() += 1;
+                }
+            }
+            if matches!(e.kind, EventKind::TaskSucceeded | EventKind::TaskFailed) {
+                let now = Instant::now();
+                ix.finished.push_back((now, e.queue.clone()));
+                trim_rate(&mut ix.finished, now);
+            }
+            while ix.order.len() > self.capacity {
+                let Some(old) = ix.order.pop_front() else {
+                    break;
+                };
+                if let Some(t) = ix.tasks.remove(&old) {
+                    if t.state == TaskState::Started {
+                        dec(&mut ix.running, &t.queue);
+                    }
+                }
+            }
+        }
+        if let Ok(json) = serde_json::to_string(e) {
+            self.send(Some(e.task_id.clone()), json);
+        }
+    }
+
+    /// Takes in one heartbeat (a `node-heartbeat` payload); whether it was one.
+    pub fn observe_heartbeat(&self, payload: &[u8]) -> bool {
+        let Some(status) = NodeStatus::parse(payload) else {
+            return false;
+        };
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(payload, Instant::now());
+        let mut value = serde_json::to_value(&status).unwrap_or_default();
+        if let Value::Object(map) = &mut value {
+            map.insert("kind".into(), Value::from("node-heartbeat"));
+        }
+        self.send(None, value.to_string());
+        true
+    }
+
+    fn send(&self, task_id: Option<String>, json: String) {
+        let frame = Arc::new(Frame {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            task_id,
+            json,
+        });
+        {
+            let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            if h.len() >= HISTORY {
+                h.pop_front();
+            }
+            h.push_back(frame.clone());
+        }
+        // No receiver is no error: nobody is watching.
+        let _ = self.tx.send(frame);
+    }
+
+    /// The id of the last frame sent (0: none yet).
+    pub fn last_id(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed).saturating_sub(1)
+    }
+
+    /// A new stream's receiver.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Frame>> {
+        self.tx.subscribe()
+    }
+
+    /// The frames after `last_id`, when the history still holds all of them.
+    pub fn since(&self, last_id: u64) -> Option<Vec<Arc<Frame>>> {
+        let h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let next = self.next_id.load(Ordering::Relaxed);
+        if last_id >= next {
+            return None;
+        }
+        let oldest = h.front().map_or(next, |f| f.id);
+        if last_id + 1 < oldest {
+            return None;
+        }
+        Some(h.iter().filter(|f| f.id > last_id).cloned().collect())
+    }
+
+    /// The frames of task `task_id` the history still holds.
+    pub fn history_of(&self, task_id: &str) -> Vec<Arc<Frame>> {
+        let h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        h.iter()
+            .filter(|f| f.task_id.as_deref() == Some(task_id))
+            .cloned()
+            .collect()
+    }
+
+    /// Streams open now.
+    pub fn streams(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
+    /// The task `id` from the index.
+    pub fn task(&self, id: &str) -> Option<TaskSummary> {
+        self.index().tasks.get(id).cloned()
+    }
+
+    /// Tasks matching `filter`, newest first: `limit` from `offset`, and how many match.
+    pub fn tasks(
+        &self,
+        filter: &TaskFilter,
+        offset: usize,
+        limit: usize,
+    ) -> (Vec<TaskSummary>, usize) {
+        let ix = self.index();
+        let mut out = Vec::new();
+        let mut matched = 0;
+        for id in ix.order.iter().rev() {
+            let Some(t) = ix.tasks.get(id) else { continue };
+            if !filter.matches(t) {
+                continue;
+            }
+            if matched >= offset && out.len() < limit {
+                let mut t = t.clone();
+                t.events.clear();
+                out.push(t);
+            }
+            matched += 1;
+        }
+        (out, matched)
+    }
+
+    /// Tasks the index holds.
+    pub fn len(&self) -> usize {
+        self.index().tasks.len()
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tasks running now in `queue` (as events tell).
+    pub fn running(&self, queue: &str) -> u64 {
+        self.index().running.get(queue).copied().unwrap_or(0)
+    }
+
+    /// Tasks of `queue` that finished in the last minute.
+    pub fn finished_last_minute(&self, queue: &str) -> u64 {
+        let mut ix = self.index();
+        trim_rate(&mut ix.finished, Instant::now());
+        ix.finished.iter().filter(|(_, q)| q == queue).count() as u64
+    }
+
+    /// The live nodes from heartbeats.
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .live(Instant::now())
+    }
+
+    /// Every task event to the monitor (chained after `next`), for the in-process workers.
+    pub fn sink(
+        self: &Arc<Self>,
+        next: Option<switchyard_actors::tasks::EventSink>,
+    ) -> switchyard_actors::tasks::EventSink {
+        let monitor = self.clone();
+        Arc::new(move |e: &TaskEvent| {
+            if let Some(next) = &next {
+                next(e);
+            }
+            monitor.observe(e);
+        })
+    }
+
+    /// Feeds the monitor from `<prefix>.events.>` until the subscription ends.
+    pub async fn listen(
+        self: Arc<Self>,
+        client: async_nats::Client,
+        prefix: &str,
+    ) -> Result<(), async_nats::SubscribeError> {
+        use futures_util::StreamExt;
+        let heartbeat = switchyard_actors::cluster::heartbeat_subject(prefix);
+        let mut sub = client.subscribe(format!("{prefix}.events.>")).await?;
+        actix_rt::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                if msg.subject.as_str() == heartbeat {
+                    self.observe_heartbeat(&msg.payload);
+                } else if let Ok(e) = serde_json::from_slice::<TaskEvent>(&msg.payload) {
+                    if e.task_id.len() <= 128 && e.task.len() <= 512 && e.queue.len() <= 512 {
+                        self.observe(&e);
+                    }
+                } else {
+                    tracing::debug!(subject = %msg.subject, "ignored a malformed event");
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+fn dec(map: &mut HashMap<String, u64>, key: &str) {
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+fn trim_rate(finished: &mut VecDeque<(Instant, String)>, now: Instant) {
+    while finished
+        .front()
+        .is_some_and(|(t, _)| now.saturating_duration_since(*t) > RATE_WINDOW)
+    {
+        finished.pop_front();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str, kind: EventKind, state: TaskState) -> TaskEvent {
+        TaskEvent {
+            kind,
+            task_id: id.into(),
+            task: "demo.add".into(),
+            queue: "default".into(),
+            node: "n1".into(),
+            state,
+            at: Utc::now(),
+            progress: None,
+            args: None,
+            retry_of: None,
+        }
+    }
+
+    #[test]
+    fn the_index_keeps_the_newest_tasks_and_counts_running_ones() {
+        let m = Monitor::with_capacity(Duration::from_secs(5), 3);
+        for i in 0..5 {
+            m.observe(&event(
+                &format!("t{i}"),
+                EventKind::TaskReceived,
+                TaskState::Pending,
+            ));
+        }
+        m.observe(&event("t4", EventKind::TaskStarted, TaskState::Started));
+        assert_eq!(m.len(), 3);
+        let (page, total) = m.tasks(&TaskFilter::default(), 0, 10);
+        let ids: Vec<&str> = page.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!((ids, total), (vec!["t4", "t3", "t2"], 3));
+        assert_eq!(m.running("default"), 1);
+        m.observe(&event("t4", EventKind::TaskSucceeded, TaskState::Success));
+        assert_eq!(m.running("default"), 0);
+        assert_eq!(m.finished_last_minute("default"), 1);
+        let t4 = m.task("t4").expect("t4");
+        assert_eq!(t4.events.len(), 3);
+        let filter = TaskFilter {
+            state: Some(TaskState::Success),
+            ..Default::default()
+        };
+        assert_eq!(m.tasks(&filter, 0, 10).1, 1);
+        let filter = TaskFilter {
+            id_prefix: Some("t3".into()),
+            ..Default::default()
+        };
+        assert_eq!(m.tasks(&filter, 0, 10).0[0].id, "t3");
+    }
+
+    #[test]
+    fn a_stream_can_resume_after_its_last_event_id() {
+        let m = Monitor::new(Duration::from_secs(5));
+        let mut rx = m.subscribe();
+        m.observe(&event("a", EventKind::TaskReceived, TaskState::Pending));
+        m.observe(&event("b", EventKind::TaskReceived, TaskState::Pending));
+        let first = rx.try_recv().expect("a frame");
+        assert!(first.json.contains("\"task_id\":\"a\""), "{}", first.json);
+        let rest = m.since(first.id).expect("in history");
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].task_id.as_deref(), Some("b"));
+        assert!(m.since(first.id + 10).is_none());
+        assert!(!m.observe_heartbeat(b"not json"));
+    }
+}
