@@ -38,6 +38,7 @@ fn expected_default_toml(alice_hash: &str) -> Value {
         "username": "alice",
         "password_hash": alice_hash,
         "permissions": ["shop.view_order"],
+        "staff": true,
     }]);
     expected["tasks"]["queues"]
         .as_array_mut()
