@@ -165,9 +165,16 @@ impl Monitor {
                     if e.retry_of.is_some() {
                         t.retry_of = e.retry_of.clone();
                     }
-                    if t.events.len() < EVENTS_PER_TASK {
-                        t.events.push(line);
+                    if t.events.len() >= EVENTS_PER_TASK {
+                        // Full: progress reports make room first, so the outcome is kept.
+                        let i = t
+                            .events
+                            .iter()
+                            .position(|e| e.kind == EventKind::TaskProgress)
+                            .unwrap_or(0);
+                        t.events.remove(i);
                     }
+                    t.events.push(line);
                     Some(old)
                 }
                 None => {

@@ -116,7 +116,7 @@ fn page(d: &Dashboard, template: &str, title: &str, section: &str, mut ctx: Valu
         map.insert("dash".into(), Value::from(d.path.clone()));
         map.insert("section".into(), Value::from(section));
         map.insert(format!("nav_{section}"), Value::Bool(true));
-        map.insert("node".into(), Value::from(d.node.clone()));
+        map.insert("this_node".into(), Value::from(d.node.clone()));
         // The page's stream starts after the last event the page already shows.
         map.insert("after".into(), Value::from(d.monitor.last_id()));
     }
@@ -126,7 +126,7 @@ fn page(d: &Dashboard, template: &str, title: &str, section: &str, mut ctx: Valu
 fn summary_json(t: &super::monitor::TaskSummary) -> Value {
     json!({
         "id": t.id, "task": t.task, "queue": t.queue, "state": t.state.as_str(),
-        "node": t.node, "seen_at": t.seen_at.to_rfc3339(), "updated_at": t.updated_at.to_rfc3339(),
+        "node": t.node, "seen_at": when(t.seen_at), "updated_at": when(t.updated_at),
         "progress": t.progress.as_ref().map(progress_json),
     })
 }
@@ -181,7 +181,7 @@ async fn overview(_staff: Staff, d: web::Data<Dashboard>) -> Result<Render, Erro
         .map(|n| {
             json!({"node": n.node, "role": n.role.as_str(), "queues": n.queues.join(", "),
                    "in_flight": n.in_flight, "version": n.version,
-                   "last_seen": n.last_seen.to_rfc3339()})
+                   "last_seen": when(n.last_seen)})
         })
         .collect();
     if nodes.is_empty() {
@@ -189,7 +189,7 @@ async fn overview(_staff: Staff, d: web::Data<Dashboard>) -> Result<Render, Erro
         nodes.push(
             json!({"node": d.node, "role": "serve", "queues": d.queues.join(", "),
             "in_flight": d.queues.iter().map(|q| d.monitor.running(q)).sum::<u64>(),
-            "version": env!("CARGO_PKG_VERSION"), "last_seen": Utc::now().to_rfc3339()}),
+            "version": env!("CARGO_PKG_VERSION"), "last_seen": when(Utc::now())}),
         );
     }
     let (recent, total) = d.monitor.tasks(&TaskFilter::default(), 0, 20);
@@ -251,7 +251,7 @@ async fn task_list(
                 let rec = tasks.result(id).await?;
                 if rec.state != TaskState::Pending || rec.task.is_some() {
                     rows.push(json!({"id": rec.id, "task": rec.task, "queue": "", "state": rec.state.as_str(),
-                        "node": rec.node, "seen_at": "", "updated_at": rec.finished_at.or(rec.started_at).map(|t| t.to_rfc3339())}));
+                        "node": rec.node, "seen_at": "", "updated_at": rec.finished_at.or(rec.started_at).map(when)}));
                 }
             }
         }
@@ -285,6 +285,11 @@ async fn task_list(
     ))
 }
 
+/// A time as the pages show it: UTC to the millisecond.
+fn when(t: chrono::DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S%.3fZ").to_string()
+}
+
 fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
@@ -315,7 +320,7 @@ async fn task_page(
         .map(|s| {
             s.events
                 .iter()
-                .map(|e| json!({"kind": e.kind, "state": e.state.as_str(), "node": e.node, "at": e.at.to_rfc3339()}))
+                .map(|e| json!({"kind": e.kind, "state": e.state.as_str(), "node": e.node, "at": when(e.at)}))
                 .collect()
         })
         .unwrap_or_default();
@@ -338,8 +343,8 @@ async fn task_page(
             "error": rec.error,
             "retries": rec.retries,
             "node": rec.node,
-            "started_at": rec.started_at.map(|t| t.to_rfc3339()),
-            "finished_at": rec.finished_at.map(|t| t.to_rfc3339()),
+            "started_at": rec.started_at.map(when),
+            "finished_at": rec.finished_at.map(when),
             "progress": progress.as_ref().map(progress_json),
             "args": args.as_ref().map(pretty),
             "retry_of": rec.retry_of.or_else(|| seen.as_ref().and_then(|s| s.retry_of.clone())),
@@ -481,7 +486,7 @@ async fn dead_page(
         .rev()
         .map(|l| {
             json!({"seq": l.seq, "id": l.id, "task": l.task, "queue": l.queue, "subject": l.subject,
-                   "reason": l.reason, "dead_at": l.dead_at.map(|t| t.to_rfc3339())})
+                   "reason": l.reason, "dead_at": l.dead_at.map(when)})
         })
         .collect();
     Ok(page(
@@ -633,8 +638,8 @@ async fn schedules(_staff: Staff, d: web::Data<Dashboard>) -> Result<Render, Err
         let next = e.next_after(last.as_ref().map_or(now, |l| l.tick.max(now)));
         rows.push(json!({
             "name": e.name, "task": e.task, "queue": e.queue, "every": format!("{:?}", e.every),
-            "last": last.as_ref().map(|l| l.tick.to_rfc3339()), "last_id": last.map(|l| l.id),
-            "next": next.map(|t| t.to_rfc3339()),
+            "last": last.as_ref().map(|l| when(l.tick)), "last_id": last.map(|l| l.id),
+            "next": next.map(when),
         }));
     }
     Ok(page(
