@@ -536,3 +536,96 @@ async fn the_dashboard_on_nats_with_progress_and_dead_letters() {
     let _ = csrf_token;
     cl.cleanup().await;
 }
+
+/// `switchyard users create NAME` with the password on stdin and `extra` arguments.
+fn create_user(env: &[(String, String)], name: &str, password: &str, extra: &[&str]) {
+    let out = Command::new(common::binary())
+        .args(["users", "create", name, "--password-stdin"])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .current_dir(common::root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(format!("{password}\n").as_bytes())?;
+            }
+            child.wait_with_output()
+        })
+        .expect("users create");
+    assert!(
+        out.status.success(),
+        "users create {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Users stored in Postgres: `users create NAME --staff` may open the dashboard, others 403.
+#[tokio::test]
+async fn postgres_users_created_with_staff_open_the_dashboard() {
+    if !common::service_available("postgres") {
+        return;
+    }
+    let url = common::fresh_postgres_url();
+    let env: Vec<(String, String)> = vec![
+        ("SWITCHYARD_AUTH__STORE".into(), "postgres".into()),
+        ("SWITCHYARD_POSTGRES__URL".into(), url.clone()),
+    ];
+    create_user(&env, "carol", "carol-pass", &["--staff"]);
+    create_user(&env, "dave", "dave-pass", &[]);
+    let node = spawn_node(NodeOptions {
+        env: env.clone(),
+        ..NodeOptions::default()
+    });
+    let carol = client();
+    login(&carol, &node, "carol", "carol-pass").await;
+    let (status, html) = get_page(&carol, &node.url(DASH)).await;
+    assert_eq!(status, 200, "carol is staff");
+    assert!(html.contains("data-queue=\"emails\""));
+    let dave = client();
+    login(&dave, &node, "dave", "dave-pass").await;
+    let (status, _) = get_page(&dave, &node.url(DASH)).await;
+    assert_eq!(status, 403, "dave is not");
+    drop(node);
+    common::drop_database(&url).await;
+}
+
+/// `server.dashboard_path = ""` disables the dashboard; another path moves it.
+#[tokio::test]
+async fn the_dashboard_path_moves_or_disables_it() {
+    let off = spawn_node(NodeOptions {
+        env: vec![("SWITCHYARD_SERVER__DASHBOARD_PATH".into(), String::new())],
+        ..NodeOptions::default()
+    });
+    let alice = client();
+    login(&alice, &off, "alice", "wonderland").await;
+    for path in [
+        DASH,
+        "/_switchyard/events",
+        "/_switchyard/static/dashboard.css",
+    ] {
+        let (status, _) = get_page(&alice, &off.url(path)).await;
+        assert_eq!(status, 404, "{path} with the dashboard disabled");
+    }
+    let moved = spawn_node(NodeOptions {
+        env: vec![("SWITCHYARD_SERVER__DASHBOARD_PATH".into(), "/ops/".into())],
+        ..NodeOptions::default()
+    });
+    let alice = client();
+    login(&alice, &moved, "alice", "wonderland").await;
+    let (status, html) = get_page(&alice, &moved.url("/ops/")).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("href=\"/ops/static/dashboard.css\""));
+    let (status, _) = get_page(&alice, &moved.url(DASH)).await;
+    assert_eq!(status, 404);
+    let (code, _, err) = common::run_cli(
+        &["config", "check"],
+        &[("SWITCHYARD_SERVER__DASHBOARD_PATH", "no-slash")],
+        None,
+    );
+    assert_ne!(code, 0, "a path without slashes is refused");
+    assert!(err.contains("DASHBOARD_PATH"), "{err}");
+}

@@ -65,6 +65,9 @@ pub struct Frame {
     /// The task it is about (none for node heartbeats).
     pub task_id: Option<String>,
     pub json: String,
+    /// The frame as the stream sends it (`id: N`, `data: JSON`, a blank line), made once
+    /// for every reader.
+    pub sse: actix_web::web::Bytes,
 }
 
 #[derive(Default)]
@@ -246,9 +249,11 @@ impl Monitor {
     }
 
     fn send(&self, task_id: Option<String>, json: String) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = Arc::new(Frame {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
             task_id,
+            sse: actix_web::web::Bytes::from(format!("id: {id}\ndata: {json}\n\n")),
             json,
         });
         {
@@ -313,6 +318,22 @@ impl Monitor {
         limit: usize,
     ) -> (Vec<TaskSummary>, usize) {
         let ix = self.index();
+        if filter.state.is_none() && filter.task.is_none() && filter.id_prefix.is_none() {
+            // No filter: the page alone, not a scan of the index.
+            let out = ix
+                .order
+                .iter()
+                .rev()
+                .skip(offset)
+                .take(limit)
+                .filter_map(|id| ix.tasks.get(id))
+                .map(|t| TaskSummary {
+                    events: Vec::new(),
+                    ..t.clone()
+                })
+                .collect();
+            return (out, ix.order.len());
+        }
         let mut out = Vec::new();
         let mut matched = 0;
         for id in ix.order.iter().rev() {

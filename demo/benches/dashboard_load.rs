@@ -1,0 +1,340 @@
+//! Load harness of the dashboard (docs/dashboard.md), against the local NATS server:
+//!
+//! 1. Task throughput (no-op tasks, a 64-wide worker pool publishing events to NATS, end to
+//!    end: publish N, wait until all succeeded) with no dashboard, then with a `serve` node whose
+//!    dashboard follows the events and 50 open `events` streams read continuously plus one
+//!    overview page load a second, then with none again; the ratio (target >= 0.95).
+//! 2. Overview page latency with 100,000 finished tasks in the results store (and their events
+//!    in the recent-tasks index): sequential GETs of the overview, the first task-list page and
+//!    a filtered one, beside the shop's `/cart` page (a page that reads nothing) for scale.
+//!
+//! `cargo bench --bench dashboard_load` (env: `BENCH_TASKS`, default 10000; `BENCH_STREAMS`,
+//! default 50; `BENCH_RECORDS`, default 100000; `BENCH_PAGES`, default 200;
+//! `SWITCHYARD_NATS__URL`). Streams are created under a unique prefix and deleted at the end.
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use support::env_num;
+use switchyard::config::{Broker, Config};
+use switchyard::tasks::{
+    EventKind, EventSink, QueueSpec, Registry, ResultRecord, ResultStore, Task, TaskContext,
+    TaskError, TaskEvent, TaskSettings, Tasks, WorkerPool,
+};
+use switchyard_actors::tasks::NatsBroker;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const CONCURRENCY: usize = 64;
+const PUBLISHERS: usize = 64;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Empty {}
+
+struct Noop;
+
+impl Task for Noop {
+    const NAME: &'static str = "bench.noop";
+    type Args = Empty;
+    type Output = ();
+
+    async fn run(&self, _ctx: TaskContext, _args: Empty) -> Result<(), TaskError> {
+        Ok(())
+    }
+}
+
+/// Publishes `n` no-op tasks and waits until `finished` grew by `n`; tasks/s.
+async fn run_tasks(tasks: &Tasks, finished: &AtomicUsize, n: usize) -> f64 {
+    let before = finished.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let per = n.div_ceil(PUBLISHERS);
+    let mut pubs = Vec::new();
+    for p in 0..PUBLISHERS {
+        let tasks = tasks.clone();
+        let count = per.min(n.saturating_sub(p * per));
+        pubs.push(tokio::spawn(async move {
+            for _ in 0..count {
+                tasks.delay::<Noop>(Empty {}).await.expect("publish");
+            }
+        }));
+    }
+    for p in pubs {
+        let _ = p.await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while finished.load(Ordering::Relaxed) < before + n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (finished.load(Ordering::Relaxed) - before) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+/// A client logged in as alice (staff in config/default.toml).
+async fn alice(base: &str) -> reqwest::Client {
+    let c = client();
+    let html = c
+        .get(format!("{base}/login"))
+        .send()
+        .await
+        .expect("login page")
+        .text()
+        .await
+        .expect("body");
+    let key = "name=\"csrfmiddlewaretoken\" value=\"";
+    let start = html.find(key).expect("token") + key.len();
+    let token = &html[start..start + html[start..].find('"').expect("end")];
+    let res = c
+        .post(format!("{base}/login"))
+        .form(&[
+            ("username", "alice"),
+            ("password", "wonderland"),
+            ("csrfmiddlewaretoken", token),
+        ])
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(res.status(), 303, "alice logs in");
+    c
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+/// Sequential GETs of `path`: p50, p99, max in ms.
+async fn page_latency(c: &reqwest::Client, base: &str, path: &str, n: usize) -> (f64, f64, f64) {
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let res = c.get(format!("{base}{path}")).send().await.expect("GET");
+        assert_eq!(res.status(), 200, "{path}");
+        let _ = res.bytes().await;
+        lat.push(t.elapsed().as_micros() as u64);
+    }
+    lat.sort_unstable();
+    (pct(&lat, 0.5), pct(&lat, 0.99), pct(&lat, 1.0))
+}
+
+fn main() {
+    let n = env_num("BENCH_TASKS", 10_000) as usize;
+    let streams = env_num("BENCH_STREAMS", 50) as usize;
+    let records = env_num("BENCH_RECORDS", 100_000) as usize;
+    let pages = env_num("BENCH_PAGES", 200) as usize;
+    let url =
+        std::env::var("SWITCHYARD_NATS__URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let prefix = format!(
+        "benchdash{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() % 1_000_000_000)
+    );
+    let system = actix_rt::System::new();
+    system.block_on(async move {
+        let client = async_nats::connect(&url).await.expect("nats");
+        let settings = TaskSettings {
+            node_id: "bench".into(),
+            queues: vec![QueueSpec::new("default", CONCURRENCY)],
+            ..TaskSettings::default()
+        };
+        let broker = Arc::new(
+            NatsBroker::open(client.clone(), &prefix, &settings)
+                .await
+                .expect("broker"),
+        );
+        let mut registry = Registry::new();
+        registry.register(Noop);
+        let registry = Arc::new(registry);
+        let finished = Arc::new(AtomicUsize::new(0));
+        let sink: EventSink = {
+            let finished = finished.clone();
+            Arc::new(move |e: &TaskEvent| {
+                if e.kind == EventKind::TaskSucceeded {
+                    finished.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let sink = broker.event_sink(Some(sink));
+        let arbiter = actix_rt::Arbiter::new();
+        let pool = WorkerPool::start(
+            settings.clone(),
+            None,
+            broker.clone(),
+            registry.clone(),
+            Some(sink),
+            &arbiter.handle(),
+        )
+        .expect("pool");
+        let tasks = Tasks::new(broker.clone(), registry, settings);
+        // Warm-up (consumer, connections).
+        run_tasks(&tasks, &finished, n / 10).await;
+
+        // 1. Throughput without and with the dashboard and its streams.
+        let none_1 = run_tasks(&tasks, &finished, n).await;
+        let mut config = Config::load_with_env(
+            Some(std::path::Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../config/default.toml"
+            ))),
+            &[],
+        )
+        .expect("config/default.toml");
+        config.server.bind = "127.0.0.1:0".into();
+        config.tasks.broker = Broker::Nats;
+        config.nats.url = url.clone().into();
+        config.nats.prefix = prefix.clone();
+        config.log.level = "warn".into();
+        let node = support::start_node(config);
+        let base = format!("http://{}", node.addr);
+        let received = Arc::new(AtomicU64::new(0));
+        let mut readers = Vec::new();
+        for _ in 0..streams {
+            let c = alice(&base).await;
+            let received = received.clone();
+            let base = base.clone();
+            readers.push(tokio::spawn(async move {
+                let mut res = c
+                    .get(format!("{base}/_switchyard/events"))
+                    .send()
+                    .await
+                    .expect("events");
+                while let Ok(Some(chunk)) = res.chunk().await {
+                    received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            }));
+        }
+        let dash = alice(&base).await;
+        let overview = {
+            let base = base.clone();
+            tokio::spawn(async move {
+                loop {
+                    let _ = dash.get(format!("{base}/_switchyard/")).send().await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let with = run_tasks(&tasks, &finished, n).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let bytes = received.load(Ordering::Relaxed);
+        overview.abort();
+        for r in readers {
+            r.abort();
+        }
+        let none_2 = run_tasks(&tasks, &finished, n).await;
+        let none = (none_1 + none_2) / 2.0;
+        println!(
+            "dashboard::throughput  {n} no-op tasks: {none:.0} tasks/s without a dashboard \
+             ({none_1:.0}, {none_2:.0}); {with:.0} tasks/s with one dashboard and {streams} event \
+             streams ({:.1} MB streamed); ratio {:.3}",
+            bytes as f64 / 1e6,
+            with / none
+        );
+
+        // 2. The overview with `records` finished tasks in the results store and the index.
+        let t = Instant::now();
+        let mut writers = Vec::new();
+        let per = records.div_ceil(64);
+        for w in 0..64 {
+            let broker = broker.clone();
+            let nats = client.clone();
+            let prefix = prefix.clone();
+            let count = per.min(records.saturating_sub(w * per));
+            writers.push(tokio::spawn(async move {
+                for i in 0..count {
+                    let id = format!("rec-{w}-{i}");
+                    let now = chrono::Utc::now();
+                    let rec = ResultRecord::started(&id, "bench.noop", 0, "bench", now)
+                        .succeeded(serde_json::Value::Null, now);
+                    broker.put_result(&rec).await.expect("put");
+                    let event = TaskEvent {
+                        kind: EventKind::TaskSucceeded,
+                        task_id: id,
+                        task: "bench.noop".into(),
+                        queue: "default".into(),
+                        node: "bench".into(),
+                        state: switchyard::tasks::TaskState::Success,
+                        at: now,
+                        progress: None,
+                        args: None,
+                        retry_of: None,
+                    };
+                    let _ = nats
+                        .publish(
+                            format!("{prefix}.events.task-succeeded"),
+                            serde_json::to_vec(&event).expect("json").into(),
+                        )
+                        .await;
+                }
+            }));
+        }
+        for w in writers {
+            let _ = w.await;
+        }
+        let _ = client.flush().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        println!(
+            "dashboard::fill  {records} SUCCESS records and events written in {:.1?}",
+            t.elapsed()
+        );
+        let c = alice(&base).await;
+        let indexed = c
+            .get(format!("{base}/_switchyard/"))
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .unwrap_or_default();
+        let count = indexed
+            .split("<small>(")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .unwrap_or("?")
+            .to_owned();
+        for path in [
+            "/cart",
+            "/_switchyard/",
+            "/_switchyard/tasks",
+            "/_switchyard/tasks?id=rec-63-",
+        ] {
+            let (p50, p99, max) = page_latency(&c, &base, path, pages).await;
+            println!(
+                "dashboard::page  GET {path} with {records} finished tasks ({count} in the index), \
+                 {pages} sequential: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
+            );
+        }
+
+        node.stop();
+        pool.cold_token().cancel();
+        pool.drain().await;
+        arbiter.stop();
+        let js = broker.jetstream();
+        let names = broker.names();
+        for s in [
+            names.tasks_stream(),
+            names.dead_stream(),
+            names.scheduled_stream(),
+            format!("KV_{}", names.results_bucket()),
+            format!("KV_{}", names.unique_bucket()),
+            format!("KV_{prefix}_login"),
+        ] {
+            let _ = js.delete_stream(&s).await;
+        }
+    });
+}
