@@ -516,7 +516,7 @@ async fn task_system(
         Broker::Memory => {}
         Broker::Nats => {
             let broker = engines::nats_broker(services, &settings, Opening::Node).await?;
-            let backend = DashBackend::Nats(broker.clone());
+            let backend = DashBackend::Nats(Box::new(broker.clone()));
             return Ok((
                 Tasks::new(Arc::new(broker), registry, settings),
                 None,

@@ -39,7 +39,7 @@ const JS: &str = include_str!("static/dashboard.js");
 #[derive(Clone)]
 pub(crate) enum Backend {
     Memory(Arc<MemoryBroker>),
-    Nats(NatsBroker),
+    Nats(Box<NatsBroker>),
     /// `always_eager`: no queues.
     None,
 }
