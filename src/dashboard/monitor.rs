@@ -25,6 +25,9 @@ const EVENTS_PER_TASK: usize = 32;
 const HISTORY: usize = 4096;
 /// Frames one stream may fall behind before it is told to reload.
 pub const CLIENT_BUFFER: usize = 1024;
+/// The largest event taken from NATS (Switchyard's own are far smaller: args above
+/// `EVENT_ARGS_MAX` are left out), so the index's memory stays bounded.
+const MAX_EVENT_BYTES: usize = 16 * 1024;
 /// The window of the per-queue rate.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -406,7 +409,9 @@ impl Monitor {
         let mut sub = client.subscribe(format!("{prefix}.events.>")).await?;
         actix_rt::spawn(async move {
             while let Some(msg) = sub.next().await {
-                if msg.subject.as_str() == heartbeat {
+                if msg.payload.len() > MAX_EVENT_BYTES {
+                    tracing::debug!(subject = %msg.subject, "ignored an oversized event");
+                } else if msg.subject.as_str() == heartbeat {
                     self.observe_heartbeat(&msg.payload);
                 } else if let Ok(e) = serde_json::from_slice::<TaskEvent>(&msg.payload) {
                     if e.task_id.len() <= 128 && e.task.len() <= 512 && e.queue.len() <= 512 {
