@@ -29,6 +29,7 @@ pub fn settings(config: &Config) -> TaskSettings {
                 name: q.name.clone(),
                 concurrency: q.concurrency.max(1) as usize,
                 rate_limit_per_sec: q.rate_limit_per_sec(),
+                rate_key: q.rate_key(),
             })
             .collect(),
         result_ttl: dur(t.result_ttl),

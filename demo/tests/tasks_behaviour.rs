@@ -60,6 +60,7 @@ fn settings() -> TaskSettings {
                 name: "limited".into(),
                 concurrency: 4,
                 rate_limit_per_sec: Some(10.0),
+                rate_key: None,
             },
             QueueSpec::new("pair", 2),
         ],

@@ -296,6 +296,11 @@ impl Config {
                 format!("{key}.concurrency") => range(queue.concurrency, 1, None);
                 format!("{key}.rate_limit") => sections::parse_rate_limit(rate).is_some(),
                     "expected \"N/s\", \"N/m\", \"N/h\" (N >= 1) or \"\", got {rate:?}";
+                format!("{key}.rate_key") => queue.rate_key.is_empty()
+                    || (queue.rate_key.len() <= 128 && !queue.rate_key.chars().any(char::is_control)),
+                    "expected an args field name (1-128 characters, no control characters) or \"\", got {:?}", queue.rate_key;
+                format!("{key}.rate_key") => queue.rate_key.is_empty() || !rate.is_empty(),
+                    "rate_key {:?} needs a rate_limit on the queue", queue.rate_key;
             }
         }
         rules! {v;

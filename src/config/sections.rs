@@ -297,9 +297,13 @@ pub struct QueueConfig {
     /// Tasks of this queue a worker runs at once (>= 1; default 8).
     #[serde(default = "default_concurrency")]
     pub concurrency: u32,
-    /// Most task starts per time unit on each worker: `"N/s"`, `"N/m"`, `"N/h"`; empty = none.
+    /// Most task starts per time unit over all the queue's workers in the cluster: `"N/s"`,
+    /// `"N/m"`, `"N/h"`; empty = none.
     #[serde(default)]
     pub rate_limit: String,
+    /// An `args` field: the rate limit holds per distinct value of it; empty = one limit.
+    #[serde(default)]
+    pub rate_key: String,
 }
 
 fn default_concurrency() -> u32 {
@@ -313,6 +317,7 @@ impl Default for QueueConfig {
             name,
             concurrency,
             rate_limit: String::new(),
+            rate_key: String::new(),
         }
     }
 }
@@ -321,6 +326,11 @@ impl QueueConfig {
     /// The rate limit in tasks per second, if there is one.
     pub fn rate_limit_per_sec(&self) -> Option<f64> {
         parse_rate_limit(&self.rate_limit).flatten()
+    }
+
+    /// The `rate_key` field, if there is one.
+    pub fn rate_key(&self) -> Option<String> {
+        (!self.rate_key.is_empty()).then(|| self.rate_key.clone())
     }
 }
 

@@ -282,6 +282,34 @@ pub trait TaskQueue: Send + Sync + 'static {
         let _ = (delivery, id, task, eta);
         Ok(false)
     }
+    /// Leases up to `want` of the `tokens` of window `window` of the cluster-wide limit `key`
+    /// (a hash of the queue and `rate_key` value, see `rate::limit_key`); returns how many
+    /// were granted, 0 when the window's tokens are all leased. The default (a private queue
+    /// with no other worker) grants everything.
+    async fn rate_lease(
+        &self,
+        key: &str,
+        window: u64,
+        tokens: u32,
+        want: u32,
+    ) -> Result<u32, BrokerError> {
+        let _ = (key, window, tokens);
+        Ok(want)
+    }
+    /// Puts a delivery that waits for rate-limit tokens back for `delay`, in a way that does
+    /// not count towards `tasks.max_deliver` when the broker can (the memory broker requeues
+    /// it uncounted; NATS holds it in the schedule store, see [`TaskQueue::hold`], unless the
+    /// wait is short and the delivery fresh). The default is a delayed nak.
+    async fn defer(
+        &self,
+        delivery: &Delivery,
+        id: &str,
+        task: &str,
+        delay: Duration,
+    ) -> Result<(), BrokerError> {
+        let _ = (id, task);
+        delivery.nak(delay).await
+    }
     /// Drops every waiting message of `queue` (its scheduled ones included); returns how many.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
     /// Keeps a message that failed for good.

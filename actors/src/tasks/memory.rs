@@ -106,6 +106,8 @@ struct Inner {
     dedupe_window: Duration,
     /// Most result records kept (the oldest are dropped first); `None`: no limit but the TTL.
     max_results: Option<usize>,
+    /// The cluster-wide rate limits' leases (on this broker the node is the cluster).
+    leases: std::sync::Mutex<super::rate::LeaseTable>,
 }
 
 impl Inner {
@@ -215,6 +217,7 @@ impl MemoryBroker {
                 result_ttl: settings.result_ttl,
                 dedupe_window: settings.dedupe_window,
                 max_results,
+                leases: Default::default(),
             }),
         }
     }
@@ -359,6 +362,53 @@ impl Acker for MemoryAcker {
 impl TaskQueue for MemoryBroker {
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    async fn rate_lease(
+        &self,
+        key: &str,
+        window: u64,
+        tokens: u32,
+        want: u32,
+    ) -> Result<u32, BrokerError> {
+        let mut leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(leases.lease(key, window, tokens, want, Instant::now()))
+    }
+
+    async fn defer(
+        &self,
+        delivery: &Delivery,
+        _id: &str,
+        _task: &str,
+        delay: Duration,
+    ) -> Result<(), BrokerError> {
+        let now = Instant::now();
+        let due = now
+            .checked_add(delay)
+            .unwrap_or(now + Duration::from_secs(86_400));
+        let moved = {
+            let mut state = self.inner.lock();
+            let Some(q) = state.queues.get_mut(&delivery.queue) else {
+                return Ok(());
+            };
+            let current = q
+                .in_flight
+                .get(&delivery.seq)
+                .is_some_and(|(m, _)| m.delivered == delivery.delivered);
+            match current.then(|| q.in_flight.remove(&delivery.seq)).flatten() {
+                Some((mut msg, _)) => {
+                    // Waiting for the rate limit is not a delivery.
+                    msg.delivered = msg.delivered.saturating_sub(1);
+                    q.delayed.insert((due, msg.seq), msg);
+                    true
+                }
+                None => false,
+            }
+        };
+        if moved {
+            self.inner.notify(&delivery.queue);
+        }
+        Ok(())
     }
 
     fn stream(&self) -> &str {

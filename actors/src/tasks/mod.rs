@@ -64,8 +64,11 @@ pub struct QueueSpec {
     pub name: String,
     /// Tasks of this queue one worker runs at once (>= 1).
     pub concurrency: usize,
-    /// Most task starts per second on one worker; `None`: unlimited.
+    /// Most task starts per second over every worker of the queue in the cluster; `None`:
+    /// unlimited.
     pub rate_limit_per_sec: Option<f64>,
+    /// An `args` field: the rate limit holds per distinct value of it (`None`: one limit).
+    pub rate_key: Option<String>,
 }
 
 impl QueueSpec {
@@ -75,6 +78,7 @@ impl QueueSpec {
             name: name.into(),
             concurrency,
             rate_limit_per_sec: None,
+            rate_key: None,
         }
     }
 }

@@ -119,6 +119,10 @@ impl NatsNames {
     pub fn results_bucket(&self) -> String {
         format!("{}_results", self.prefix)
     }
+    /// `<prefix>_rates`: the cluster-wide rate limits' windows (docs/tasks.md).
+    pub fn rates_bucket(&self) -> String {
+        format!("{}_rates", self.prefix)
+    }
     /// `<prefix>_unique`: unique key → task id, kept `tasks.dedupe_window`.
     pub fn unique_bucket(&self) -> String {
         format!("{}_unique", self.prefix)
@@ -220,6 +224,8 @@ pub struct NatsBroker {
     consumers: std::sync::Arc<Mutex<HashMap<String, consumer::PullConsumer>>>,
     /// The scheduled stream's handle, looked up once (every scheduler second asks it).
     pub(super) scheduled: std::sync::Arc<tokio::sync::OnceCell<stream::Stream>>,
+    /// The `<prefix>_rates` bucket, opened (and created) by the first lease.
+    rates: std::sync::Arc<tokio::sync::OnceCell<kv::Store>>,
 }
 
 /// What a process opens the broker for, and so what it creates when missing and which NATS
@@ -330,7 +336,22 @@ impl NatsBroker {
             replicas: settings.replicas,
             consumers: Default::default(),
             scheduled: Default::default(),
+            rates: Default::default(),
         })
+    }
+
+    /// The `<prefix>_rates` bucket: entries of limits idle for a minute expire (`max_age`).
+    async fn rates(&self) -> Result<&kv::Store, BrokerError> {
+        self.rates
+            .get_or_try_init(|| async {
+                let bucket = self.names.rates_bucket();
+                ensure_bucket(&self.js, &bucket, super::rate::RATE_KEY_IDLE, self.replicas).await?;
+                self.js
+                    .get_key_value(&bucket)
+                    .await
+                    .map_err(unavailable(format!("open bucket {bucket}")))
+            })
+            .await
     }
 
     /// The names in use.
@@ -867,6 +888,70 @@ impl TaskQueue for NatsBroker {
     ) -> Result<bool, BrokerError> {
         self.hold_delivery(delivery, id, task, eta).await?;
         Ok(true)
+    }
+
+    async fn rate_lease(
+        &self,
+        key: &str,
+        window: u64,
+        tokens: u32,
+        want: u32,
+    ) -> Result<u32, BrokerError> {
+        use super::rate::{grant, WindowRecord};
+        let kv = self.rates().await?;
+        let op = || format!("lease rate tokens of {key}");
+        for _ in 0..CAS_ATTEMPTS {
+            let entry = kv.entry(key).await.map_err(unavailable(op()))?;
+            let live = entry.filter(|e| e.operation == kv::Operation::Put);
+            // A record that does not decode (not ours) counts as none and is overwritten.
+            let stored = live
+                .as_ref()
+                .and_then(|e| serde_json::from_slice::<WindowRecord>(&e.value).ok());
+            let (granted, next) = grant(stored, window, tokens, want);
+            let Some(next) = next else {
+                return Ok(0);
+            };
+            let bytes =
+                Bytes::from(serde_json::to_vec(&next).map_err(|e| BrokerError::data(op(), e))?);
+            let written = match &live {
+                Some(e) => match kv.update(key, bytes, e.revision).await {
+                    Ok(_) => true,
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
+                    Err(e) => return Err(BrokerError::unavailable(op(), e)),
+                },
+                None => match kv.create(key, bytes).await {
+                    Ok(_) => true,
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
+                    Err(e) => return Err(BrokerError::unavailable(op(), e)),
+                },
+            };
+            if written {
+                return Ok(granted);
+            }
+        }
+        Err(BrokerError::Contention {
+            op: "rate lease",
+            id: key.to_owned(),
+        })
+    }
+
+    async fn defer(
+        &self,
+        delivery: &Delivery,
+        id: &str,
+        task: &str,
+        delay: Duration,
+    ) -> Result<(), BrokerError> {
+        // A short wait of a fresh delivery is a delayed nak (one request); a long one, or a
+        // delivery deferred before, moves to the schedule store, where deliveries are not
+        // counted against tasks.max_deliver.
+        if delay < super::broker::HOLD_MIN && delivery.delivered < 3 {
+            return delivery.nak(delay).await;
+        }
+        let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
+        self.hold_delivery(delivery, id, task, Utc::now() + delay)
+            .await?;
+        delivery.ack().await
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {

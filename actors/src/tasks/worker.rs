@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use super::broker::Broker;
 use super::events::EventSink;
 use super::execute::Runner;
-use super::rate::TokenBucket;
-use super::{QueueSpec, Registry, TaskSettings};
+use super::rate::{limit_key, unix_ms, ClusterLimiter, Limit, Local, LEASE_ERROR_PAUSE};
+use super::{Envelope, QueueSpec, Registry, TaskQueue, TaskSettings};
 
 /// How long one fetch waits for a message before the worker asks again.
 const FETCH_WAIT: Duration = Duration::from_secs(1);
@@ -127,10 +127,56 @@ pub struct TaskWorker {
     /// This worker's tasks in flight (decremented by each task's [`FinishGuard`]).
     running: Arc<AtomicUsize>,
     fetch: Option<SpawnHandle>,
-    /// A timer waiting for the rate limit is pending.
+    /// A timer or a lease for the rate limit is pending.
     rate_timer: bool,
-    rate: Option<TokenBucket>,
+    /// The queue's cluster-wide rate limit, when it has one.
+    limiter: Option<Arc<ClusterLimiter>>,
+    /// The limit's key when it has no `rate_key` (the worker leases before it fetches).
+    unkeyed: Option<String>,
     draining: bool,
+}
+
+/// A queue's rate limit per `rate_key` value: checked per delivery, once its args are read
+/// (a worker cannot know the key before it fetches); a delivery whose key has no tokens left
+/// is put back until its turn ([`TaskQueue::defer`]) and frees its slot, so one busy key never
+/// holds up the others.
+struct KeyedGate {
+    limiter: Arc<ClusterLimiter>,
+    field: String,
+    broker: Arc<dyn TaskQueue>,
+}
+
+impl KeyedGate {
+    /// Whether the delivery may run now; if not, it was put back.
+    async fn admit(&self, delivery: &super::Delivery) -> bool {
+        // A message the runner would refuse, or one waiting for its eta, is its business.
+        let Ok(env) = serde_json::from_slice::<Envelope>(&delivery.payload) else {
+            return true;
+        };
+        if env.wait_for_eta(chrono::Utc::now()).is_some() {
+            return true;
+        }
+        let id = env
+            .id
+            .clone()
+            .unwrap_or_else(|| Envelope::fallback_id(self.broker.stream(), delivery.seq));
+        if !super::is_valid_task_id(&id) {
+            return true;
+        }
+        let key = limit_key(&delivery.queue, env.args.get(&self.field));
+        match self.limiter.acquire(&*self.broker, &key, 1).await {
+            Ok(_) => true,
+            Err(wait) => {
+                if let Err(e) = self.broker.defer(delivery, &id, &env.task, wait).await {
+                    tracing::warn!(
+                        seq = delivery.seq,
+                        "cannot put back a rate-limited task: {e}"
+                    );
+                }
+                false
+            }
+        }
+    }
 }
 
 impl TaskWorker {
@@ -140,7 +186,14 @@ impl TaskWorker {
         runtime: tokio::runtime::Handle,
         jobs: Arc<Jobs>,
     ) -> Self {
-        let rate = queue.rate_limit_per_sec.map(TokenBucket::new);
+        let limiter = queue
+            .rate_limit_per_sec
+            .and_then(Limit::from_rate)
+            .map(|l| Arc::new(ClusterLimiter::new(l)));
+        let unkeyed = match (&limiter, &queue.rate_key) {
+            (Some(_), None) => Some(limit_key(&queue.name, None)),
+            _ => None,
+        };
         Self {
             queue,
             runner,
@@ -149,8 +202,63 @@ impl TaskWorker {
             running: Arc::new(AtomicUsize::new(0)),
             fetch: None,
             rate_timer: false,
-            rate,
+            limiter,
+            unkeyed,
             draining: false,
+        }
+    }
+
+    /// Pumps again after `wait`.
+    fn pump_later(&mut self, wait: Duration, ctx: &mut Context<Self>) {
+        self.rate_timer = true;
+        ctx.run_later(wait, |act, ctx| {
+            act.rate_timer = false;
+            act.pump(ctx);
+        });
+    }
+
+    /// Under a limit without `rate_key`: takes tokens for up to `free` tasks from the local
+    /// budget; `None` when the worker must wait (a timer or a lease is pending).
+    fn take_tokens(&mut self, free: usize, ctx: &mut Context<Self>) -> Option<(u64, u32)> {
+        let (Some(limiter), Some(key)) = (self.limiter.clone(), self.unkeyed.clone()) else {
+            return Some((0, u32::try_from(free).unwrap_or(u32::MAX)));
+        };
+        let want = u32::try_from(free).unwrap_or(u32::MAX);
+        match limiter.take_local(&key, want, unix_ms(), Instant::now()) {
+            Local::Got { window, n } => Some((window, n)),
+            Local::Exhausted(_) => {
+                // Until the next window (a few ms later, so the workers of a cluster do
+                // not all ask at its first instant).
+                let now = unix_ms();
+                let end = (limiter.limit.window_of(now) + 1) * limiter.limit.window_ms;
+                let jitter = rand::random::<u64>() % 20;
+                self.pump_later(Duration::from_millis(end - now + jitter), ctx);
+                None
+            }
+            Local::Lease { window } => {
+                self.rate_timer = true;
+                let broker = self.runner.queue.clone();
+                let (tokens, slice) = (limiter.limit.tokens, limiter.limit.slice());
+                let fut = async move {
+                    let res = broker.rate_lease(&key, window, tokens, slice).await;
+                    (key, res)
+                }
+                .into_actor(self)
+                .map(move |(key, res), act, ctx| {
+                    act.rate_timer = false;
+                    match res {
+                        Ok(granted) => limiter.add_lease(&key, window, granted, unix_ms()),
+                        Err(e) => {
+                            tracing::warn!(queue = %act.queue.name, "rate limit paused: cannot lease tokens: {e}");
+                            act.pump_later(LEASE_ERROR_PAUSE, ctx);
+                            return;
+                        }
+                    }
+                    act.pump(ctx);
+                });
+                ctx.spawn(fut);
+                None
+            }
         }
     }
 
@@ -164,38 +272,29 @@ impl TaskWorker {
         {
             return;
         }
-        if let Some(bucket) = &mut self.rate {
-            if let Err(wait) = bucket.try_take(Instant::now()) {
-                self.rate_timer = true;
-                ctx.run_later(wait, |act, ctx| {
-                    act.rate_timer = false;
-                    act.pump(ctx);
-                });
-                return;
-            }
-        }
         let broker = self.runner.queue.clone();
         let queue = self.queue.name.clone();
         let free = self
             .queue
             .concurrency
             .max(1)
-            .saturating_sub(self.running.load(Ordering::Acquire));
-        let max = if self.rate.is_some() { 1 } else { free.max(1) };
+            .saturating_sub(self.running.load(Ordering::Acquire))
+            .max(1);
+        let Some((window, held)) = self.take_tokens(free, ctx) else {
+            return;
+        };
+        let max = (held as usize).clamp(1, free);
         let fut = async move { broker.fetch_batch(&queue, max, FETCH_WAIT).await }
             .into_actor(self)
-            .map(|res, act, ctx| {
+            .map(move |res, act, ctx| {
                 act.fetch = None;
+                let got = res.as_ref().map_or(0, Vec::len);
+                if let (Some(limiter), Some(key)) = (&act.limiter, &act.unkeyed) {
+                    let unused = held.saturating_sub(u32::try_from(got).unwrap_or(u32::MAX));
+                    limiter.give_back(key, window, unused, unix_ms());
+                }
                 match res {
-                    Ok(deliveries) if deliveries.is_empty() => {
-                        if let Some(bucket) = &mut act.rate {
-                            bucket.refund();
-                        }
-                    }
                     Ok(deliveries) => {
-                        if let Some(bucket) = &mut act.rate {
-                            bucket.started_at(Instant::now());
-                        }
                         for delivery in deliveries {
                             act.dispatch(delivery, ctx);
                         }
@@ -205,11 +304,7 @@ impl TaskWorker {
                         if act.draining {
                             return;
                         }
-                        act.rate_timer = true;
-                        ctx.run_later(FETCH_ERROR_PAUSE, |act, ctx| {
-                            act.rate_timer = false;
-                            act.pump(ctx);
-                        });
+                        act.pump_later(FETCH_ERROR_PAUSE, ctx);
                         return;
                     }
                 }
@@ -230,12 +325,25 @@ impl TaskWorker {
             concurrency: self.queue.concurrency.max(1),
         };
         let runner = self.runner.clone();
+        let gate = match (&self.limiter, &self.queue.rate_key) {
+            (Some(limiter), Some(field)) => Some(KeyedGate {
+                limiter: limiter.clone(),
+                field: field.clone(),
+                broker: self.runner.queue.clone(),
+            }),
+            _ => None,
+        };
         // The task waits for its entry in the jobs table, so it cannot finish (and remove
         // itself) before it was added.
         let (go, registered) = oneshot::channel::<()>();
         let handle = self.runtime.spawn(async move {
             let _guard = guard;
             if registered.await.is_ok() {
+                if let Some(gate) = gate {
+                    if !gate.admit(&delivery).await {
+                        return;
+                    }
+                }
                 runner.process(delivery).await;
             }
         });
@@ -252,6 +360,7 @@ impl Actor for TaskWorker {
             queue = %self.queue.name,
             concurrency = self.queue.concurrency,
             rate_limit_per_sec = ?self.queue.rate_limit_per_sec,
+            rate_key = ?self.queue.rate_key,
             tasks = %self.runner.registry.names().join(", "),
             "task worker started"
         );
