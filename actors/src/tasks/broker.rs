@@ -282,19 +282,22 @@ pub trait TaskQueue: Send + Sync + 'static {
         let _ = (delivery, id, task, eta);
         Ok(false)
     }
-    /// Leases up to `want` of the `tokens` of window `window` of the cluster-wide limit `key`
-    /// (a hash of the queue and `rate_key` value, see `rate::limit_key`); returns how many
-    /// were granted, 0 when the window's tokens are all leased. The default (a private queue
-    /// with no other worker) grants everything.
+    /// Leases `want` tokens of the cluster-wide limit `key` (a hash of the queue and
+    /// `rate_key` value, see `rate::limit_key`), one per `interval_ns`, at `now_ns` (Unix
+    /// nanoseconds); see `rate::grant`. The default (a private queue with no other worker)
+    /// grants them all now.
     async fn rate_lease(
         &self,
         key: &str,
-        window: u64,
-        tokens: u32,
+        interval_ns: u64,
         want: u32,
-    ) -> Result<u32, BrokerError> {
-        let _ = (key, window, tokens);
-        Ok(want)
+        now_ns: u64,
+    ) -> Result<super::rate::Grant, BrokerError> {
+        let _ = (key, interval_ns);
+        Ok(super::rate::Grant {
+            first_ns: now_ns,
+            n: want,
+        })
     }
     /// Puts a delivery that waits for rate-limit tokens back for `delay`, in a way that does
     /// not count towards `tasks.max_deliver` when the broker can (the memory broker requeues

@@ -367,12 +367,12 @@ impl TaskQueue for MemoryBroker {
     async fn rate_lease(
         &self,
         key: &str,
-        window: u64,
-        tokens: u32,
+        interval_ns: u64,
         want: u32,
-    ) -> Result<u32, BrokerError> {
+        now_ns: u64,
+    ) -> Result<super::rate::Grant, BrokerError> {
         let mut leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(leases.lease(key, window, tokens, want, Instant::now()))
+        Ok(leases.lease(key, interval_ns, want, now_ns, Instant::now()))
     }
 
     async fn defer(

@@ -893,11 +893,11 @@ impl TaskQueue for NatsBroker {
     async fn rate_lease(
         &self,
         key: &str,
-        window: u64,
-        tokens: u32,
+        interval_ns: u64,
         want: u32,
-    ) -> Result<u32, BrokerError> {
-        use super::rate::{grant, WindowRecord};
+        now_ns: u64,
+    ) -> Result<super::rate::Grant, BrokerError> {
+        use super::rate::{grant, RateRecord};
         let kv = self.rates().await?;
         let op = || format!("lease rate tokens of {key}");
         for _ in 0..CAS_ATTEMPTS {
@@ -906,10 +906,10 @@ impl TaskQueue for NatsBroker {
             // A record that does not decode (not ours) counts as none and is overwritten.
             let stored = live
                 .as_ref()
-                .and_then(|e| serde_json::from_slice::<WindowRecord>(&e.value).ok());
-            let (granted, next) = grant(stored, window, tokens, want);
+                .and_then(|e| serde_json::from_slice::<RateRecord>(&e.value).ok());
+            let (granted, next) = grant(stored, interval_ns, want, now_ns);
             let Some(next) = next else {
-                return Ok(0);
+                return Ok(granted);
             };
             let bytes =
                 Bytes::from(serde_json::to_vec(&next).map_err(|e| BrokerError::data(op(), e))?);

@@ -1,11 +1,11 @@
 //! Rate limits. A task's own `rate_limit_per_sec` is a node-local token bucket holding one
 //! token, so starts are spaced `1/rate` apart ([`RateLimiter`]). A queue's `rate_limit` holds
-//! for the whole cluster ([`ClusterLimiter`]): the limit is cut into windows aligned on the
-//! Unix clock (`tokens` starts per `window_ms`); the broker keeps one record per queue (and
-//! `rate_key` value) saying how many of the current window's tokens were handed out, and a
-//! worker leases a small slice of them at a time with one compare-and-swap
-//! ([`super::TaskQueue::rate_lease`]), then spends the slice locally. So a worker pays one
-//! round trip per slice, never per task, and the sum of the slices never passes the limit.
+//! for the whole cluster ([`ClusterLimiter`]): the broker keeps one record per queue (and
+//! `rate_key` value) saying when the limit's next token is free; a worker leases a small slice
+//! of tokens (free one interval apart from then) with one compare-and-swap
+//! ([`super::TaskQueue::rate_lease`]) and spends them locally, each at its time. So a worker
+//! pays one round trip per slice, never per task, and tokens never come faster than the
+//! limit, however many workers lease.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -88,100 +88,80 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 const MAX_SLICE: u32 = 256;
 /// How long a worker waits before asking again when the broker did not answer a lease.
 pub(crate) const LEASE_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// A keyed task whose token comes within this long waits for it in place (holding its slot);
+/// a longer wait puts it back ([`super::TaskQueue::defer`]).
+pub(crate) const SLEEP_IN_PLACE: Duration = Duration::from_millis(100);
 
-/// A cluster-wide limit as windows aligned on the Unix clock: at most `tokens` starts in each
-/// window of `window_ms` milliseconds.
+/// A cluster-wide limit: one start per `interval_ns`, leased `slice` tokens at a time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limit {
-    pub tokens: u32,
-    pub window_ms: u64,
+    pub interval_ns: u64,
+    pub slice: u32,
 }
 
 impl Limit {
-    /// The windows of `rate` starts per second: whole-number rates of one per second or more
-    /// get one-second windows ("10/s": 10 per second); a fractional rate the shortest window
-    /// of up to 60 s holding a whole number of tokens ("90/m": 3 per 2 s), else one second
-    /// rounded down; a rate under one per second one token per `1/rate` ("10/m": one per 6 s).
+    /// The limit of `rate` starts per second. A lease takes an eighth of a second's tokens
+    /// (1 for "10/s", at most 256), so a worker holds little that others could have used and
+    /// pays one round trip per slice.
     pub fn from_rate(rate: f64) -> Option<Self> {
         if !(rate.is_finite() && rate > 0.0) {
             return None;
         }
-        if rate < 1.0 {
-            let window_ms = (1000.0 / rate).round().clamp(1.0, 86_400_000.0) as u64;
-            return Some(Self {
-                tokens: 1,
-                window_ms,
-            });
-        }
-        let secs = (1..=60u32)
-            .find(|&k| {
-                let t = rate * f64::from(k);
-                (t - t.round()).abs() < 1e-6
-            })
-            .unwrap_or(1);
-        let tokens = (rate * f64::from(secs) + 1e-9)
-            .floor()
-            .min(f64::from(u32::MAX)) as u32;
-        Some(Self {
-            tokens: tokens.max(1),
-            window_ms: u64::from(secs) * 1000,
-        })
+        let interval_ns = (1e9 / rate).round().clamp(1.0, 86_400e9) as u64;
+        let slice = (rate / 8.0).floor().clamp(1.0, f64::from(MAX_SLICE)) as u32;
+        Some(Self { interval_ns, slice })
     }
 
-    /// The window holding `now_ms`.
-    pub fn window_of(&self, now_ms: u64) -> u64 {
-        now_ms / self.window_ms
-    }
-
-    /// When window `w` ends, in Unix milliseconds.
-    fn end_of(&self, w: u64) -> u64 {
-        w.saturating_add(1).saturating_mul(self.window_ms)
-    }
-
-    /// Tokens one lease asks for: an eighth of a window's (1 for "10/s"), at most 256, so a
-    /// worker holds little that others could have used, and pays a round trip per slice.
-    pub fn slice(&self) -> u32 {
-        (self.tokens / 8).clamp(1, MAX_SLICE)
+    fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval_ns)
     }
 }
 
-/// The broker's record of one limit (queue and `rate_key` value): the window it counts and how
-/// many of its tokens were leased. JSON in the NATS `<prefix>_rates` bucket.
+/// The broker's record of one limit (queue and `rate_key` value): when its next token is
+/// free, in Unix nanoseconds. JSON in the NATS `<prefix>_rates` bucket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WindowRecord {
-    pub window: u64,
-    pub taken: u32,
+pub struct RateRecord {
+    pub next_ns: u64,
 }
 
-/// Leases up to `want` of window `window`'s `tokens` against `record` (the stored one, if
-/// any): how many were granted and the record to store (`None`: nothing to write). A record
-/// of a later window (a node whose clock runs ahead) is counted against, never reset.
+/// What a lease got: `n` tokens, the first free at `first_ns` and one per interval after it;
+/// `n == 0`: no token is free before `first_ns`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub first_ns: u64,
+    pub n: u32,
+}
+
+/// Leases `want` tokens of a limit of one per `interval_ns` against `record` (the stored one,
+/// if any) at `now_ns`: the grant and the record to store (`None`: nothing to write). Tokens
+/// never come faster than the interval over all leases; time nobody used is not saved up (no
+/// bursts); a lease more than one interval ahead of now is refused (the caller waits).
 pub fn grant(
-    record: Option<WindowRecord>,
-    window: u64,
-    tokens: u32,
+    record: Option<RateRecord>,
+    interval_ns: u64,
     want: u32,
-) -> (u32, Option<WindowRecord>) {
-    let current = match record {
-        Some(r) if r.window >= window => r,
-        _ => WindowRecord { window, taken: 0 },
-    };
-    let granted = want.min(tokens.saturating_sub(current.taken));
-    if granted == 0 {
-        return (0, None);
+    now_ns: u64,
+) -> (Grant, Option<RateRecord>) {
+    let next = record.map_or(now_ns, |r| r.next_ns).max(now_ns);
+    if next > now_ns.saturating_add(interval_ns) {
+        return (
+            Grant {
+                first_ns: next,
+                n: 0,
+            },
+            None,
+        );
     }
-    let next = WindowRecord {
-        taken: current.taken + granted,
-        ..current
-    };
-    (granted, Some(next))
+    let n = want.max(1);
+    let next_ns = next.saturating_add(interval_ns.saturating_mul(u64::from(n)));
+    (Grant { first_ns: next, n }, Some(RateRecord { next_ns }))
 }
 
 /// The lease records of an in-process broker (the memory broker: the node is the cluster),
 /// with idle keys dropped after [`RATE_KEY_IDLE`].
 #[derive(Default)]
 pub(crate) struct LeaseTable {
-    records: HashMap<String, (WindowRecord, Instant)>,
+    records: HashMap<String, (RateRecord, Instant)>,
     swept: Option<Instant>,
 }
 
@@ -189,11 +169,11 @@ impl LeaseTable {
     pub(crate) fn lease(
         &mut self,
         key: &str,
-        window: u64,
-        tokens: u32,
+        interval_ns: u64,
         want: u32,
+        now_ns: u64,
         now: Instant,
-    ) -> u32 {
+    ) -> Grant {
         if self
             .swept
             .is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY)
@@ -203,11 +183,11 @@ impl LeaseTable {
             self.swept = Some(now);
         }
         let stored = self.records.get(key).map(|(r, _)| *r);
-        let (granted, next) = grant(stored, window, tokens, want);
+        let (grant, next) = grant(stored, interval_ns, want, now_ns);
         if let Some(next) = next {
             self.records.insert(key.to_owned(), (next, now));
         }
-        granted
+        grant
     }
 
     #[cfg(test)]
@@ -232,33 +212,40 @@ pub fn limit_key(queue: &str, value: Option<&serde_json::Value>) -> String {
     digest[..20].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The Unix clock in milliseconds.
-pub(crate) fn unix_ms() -> u64 {
+/// The Unix clock in nanoseconds.
+pub(crate) fn unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// What a worker's local budget says about taking tokens now.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Local {
-    /// Taken from the budget of window `window`.
-    Got { window: u64, n: u32 },
-    /// The budget is empty: lease more from the broker.
-    Lease { window: u64 },
-    /// The window's tokens are all leased: wait this long (the deferred task's turn).
+    /// Took `n` tokens.
+    Got(u32),
+    /// The budget's next token is free in this long.
+    Wait(Duration),
+    /// The budget is empty: lease more from the broker (the caller must report the answer
+    /// with [`ClusterLimiter::add_lease`] or [`ClusterLimiter::lease_failed`]).
+    Lease,
+    /// Another task of this worker is leasing for this key: ask again very soon.
+    Leasing,
+    /// The broker has no token before this long (for a deferred task: its turn).
     Exhausted(Duration),
 }
 
 /// A worker's budget of one limit.
 #[derive(Debug)]
 struct Budget {
-    window: u64,
+    /// When the next leased token is free (Unix ns), and how many are left.
+    next_ns: u64,
     left: u32,
-    /// The broker had no more tokens for this window.
-    exhausted: bool,
-    /// Tasks deferred in this window (spreads their turns over the next windows).
-    deferred: u32,
+    leasing: bool,
+    /// The broker said: no token before this.
+    exhausted_until: u64,
+    /// The turn the next deferred task gets (spreads deferred tasks one interval apart).
+    deferred_until: u64,
     used: Instant,
 }
 
@@ -278,111 +265,129 @@ impl ClusterLimiter {
         }
     }
 
-    fn with_budget<R>(
-        &self,
-        key: &str,
-        now_ms: u64,
-        now: Instant,
-        f: impl FnOnce(&mut Budget, u64) -> R,
-    ) -> R {
-        let window = self.limit.window_of(now_ms);
+    fn with_budget<R>(&self, key: &str, now: Instant, f: impl FnOnce(&mut Budget) -> R) -> R {
         let mut guard = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
         let (budgets, swept) = &mut *guard;
         if swept.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY) {
-            budgets.retain(|_, b| now.duration_since(b.used) < RATE_KEY_IDLE);
+            budgets.retain(|_, b| b.leasing || now.duration_since(b.used) < RATE_KEY_IDLE);
             *swept = Some(now);
         }
         let b = budgets.entry(key.to_owned()).or_insert(Budget {
-            window,
+            next_ns: 0,
             left: 0,
-            exhausted: false,
-            deferred: 0,
+            leasing: false,
+            exhausted_until: 0,
+            deferred_until: 0,
             used: now,
         });
-        if b.window < window {
-            *b = Budget {
-                window,
-                left: 0,
-                exhausted: false,
-                deferred: 0,
-                used: now,
-            };
-        }
         b.used = now;
-        f(b, window)
+        f(b)
     }
 
-    /// Takes up to `want` tokens of `key` from the local budget.
-    pub(crate) fn take_local(&self, key: &str, want: u32, now_ms: u64, now: Instant) -> Local {
-        let limit = self.limit;
-        self.with_budget(key, now_ms, now, |b, window| {
+    /// Takes up to `want` tokens of `key` that are free at `now_ns`. `defer`: a task that
+    /// will be put back if none is free (it gets the next turn, one interval after the last).
+    pub(crate) fn take_local(
+        &self,
+        key: &str,
+        want: u32,
+        defer: bool,
+        now_ns: u64,
+        now: Instant,
+    ) -> Local {
+        let i = self.limit.interval_ns;
+        self.with_budget(key, now, |b| {
+            // Tokens later than a slice's span are dropped: time not used is not saved up
+            // beyond one slice.
+            let span = i.saturating_mul(u64::from(self.limit.slice.max(1)));
+            if b.left > 0 && now_ns > b.next_ns.saturating_add(span) {
+                let stale = ((now_ns - b.next_ns - span) / i + 1).min(u64::from(b.left));
+                b.left -= stale as u32;
+                b.next_ns += stale * i;
+            }
             if b.left > 0 {
-                let n = want.max(1).min(b.left);
+                if b.next_ns > now_ns {
+                    return Local::Wait(Duration::from_nanos(b.next_ns - now_ns));
+                }
+                let ready = (now_ns - b.next_ns) / i + 1;
+                let n = want
+                    .max(1)
+                    .min(b.left)
+                    .min(u32::try_from(ready).unwrap_or(u32::MAX));
                 b.left -= n;
-                return Local::Got { window, n };
+                b.next_ns += u64::from(n) * i;
+                return Local::Got(n);
             }
-            if !b.exhausted {
-                return Local::Lease { window };
+            if b.leasing {
+                return Local::Leasing;
             }
-            // The n-th task deferred in this window gets the n-th token after it, spread
-            // evenly over the windows to come.
-            let n = u64::from(b.deferred);
-            b.deferred = b.deferred.saturating_add(1);
-            let tokens = u64::from(limit.tokens.max(1));
-            let per_token = limit.window_ms / tokens;
-            let at = limit
-                .end_of(window)
-                .saturating_add((n / tokens).saturating_mul(limit.window_ms))
-                .saturating_add((n % tokens).saturating_mul(per_token));
-            Local::Exhausted(Duration::from_millis(at.saturating_sub(now_ms).max(1)))
+            if b.exhausted_until > now_ns {
+                let at = match defer {
+                    true => {
+                        let at = b.exhausted_until.max(b.deferred_until);
+                        b.deferred_until = at.saturating_add(i);
+                        at
+                    }
+                    false => b.exhausted_until,
+                };
+                return Local::Exhausted(Duration::from_nanos(at - now_ns));
+            }
+            b.leasing = true;
+            Local::Lease
         })
     }
 
-    /// Adds a lease of `granted` tokens of window `window` (zero: the window is used up).
-    pub(crate) fn add_lease(&self, key: &str, window: u64, granted: u32, now_ms: u64) {
-        self.with_budget(key, now_ms, Instant::now(), |b, _| {
-            if b.window != window {
-                return;
-            }
-            if granted == 0 {
-                b.exhausted = true;
+    /// Records the broker's answer to a lease of `key`.
+    pub(crate) fn add_lease(&self, key: &str, grant: Grant) {
+        self.with_budget(key, Instant::now(), |b| {
+            b.leasing = false;
+            if grant.n == 0 {
+                b.exhausted_until = grant.first_ns;
             } else {
-                b.left = b.left.saturating_add(granted);
+                b.next_ns = grant.first_ns;
+                b.left = grant.n;
             }
         });
     }
 
-    /// Gives back `n` tokens of window `window` that were taken and not used (a fetch that
-    /// found fewer tasks); tokens of a past window are gone.
-    pub(crate) fn give_back(&self, key: &str, window: u64, n: u32, now_ms: u64) {
+    /// The lease of `key` failed: the next take leases again.
+    pub(crate) fn lease_failed(&self, key: &str) {
+        self.with_budget(key, Instant::now(), |b| b.leasing = false);
+    }
+
+    /// Gives back the last `n` tokens taken of `key` (a fetch that found fewer tasks).
+    pub(crate) fn give_back(&self, key: &str, n: u32) {
         if n == 0 {
             return;
         }
-        self.with_budget(key, now_ms, Instant::now(), |b, _| {
-            if b.window == window {
-                b.left = b.left.saturating_add(n);
-            }
+        let i = self.limit.interval_ns;
+        self.with_budget(key, Instant::now(), |b| {
+            b.left = b.left.saturating_add(n);
+            b.next_ns = b.next_ns.saturating_sub(u64::from(n) * i);
         });
     }
 
-    /// Takes up to `want` tokens of `key`, leasing from `broker` when the local budget is
-    /// empty: `Ok((window, n))`, or `Err(wait)` when none is left in this window (or the broker
-    /// did not answer: the limit pauses rather than guess, see docs/tasks.md).
-    pub(crate) async fn acquire(
-        &self,
-        broker: &dyn TaskQueue,
-        key: &str,
-        want: u32,
-    ) -> Result<(u64, u32), Duration> {
-        for _ in 0..3 {
-            match self.take_local(key, want, unix_ms(), Instant::now()) {
-                Local::Got { window, n } => return Ok((window, n)),
-                Local::Exhausted(wait) => return Err(wait),
-                Local::Lease { window } => {
-                    let ask = self.limit.slice().max(want);
-                    match broker.rate_lease(key, window, self.limit.tokens, ask).await {
-                        Ok(granted) => self.add_lease(key, window, granted, unix_ms()),
+    /// Takes one token of `key` for a task, leasing from `broker` when the local budget is
+    /// empty and waiting in place for one due within [`SLEEP_IN_PLACE`]: `Ok(())`, or
+    /// `Err(wait)` when the task must be put back for that long (or the broker did not
+    /// answer: the limit pauses rather than guess, see docs/tasks.md).
+    pub(crate) async fn acquire(&self, broker: &dyn TaskQueue, key: &str) -> Result<(), Duration> {
+        for _ in 0..64 {
+            match self.take_local(key, 1, true, unix_ns(), Instant::now()) {
+                Local::Got(_) => return Ok(()),
+                Local::Wait(d) | Local::Exhausted(d) if d <= SLEEP_IN_PLACE => {
+                    tokio::time::sleep(d).await;
+                }
+                Local::Wait(d) | Local::Exhausted(d) => return Err(d),
+                Local::Leasing => tokio::time::sleep(Duration::from_millis(2)).await,
+                Local::Lease => {
+                    let l = self.limit;
+                    match broker
+                        .rate_lease(key, l.interval_ns, l.slice, unix_ns())
+                        .await
+                    {
+                        Ok(grant) => self.add_lease(key, grant),
                         Err(e) => {
+                            self.lease_failed(key);
                             log_lease_error(&e);
                             return Err(LEASE_ERROR_PAUSE);
                         }
@@ -390,12 +395,12 @@ impl ClusterLimiter {
                 }
             }
         }
-        Err(Duration::from_millis(10))
+        Err(self.limit.interval().max(Duration::from_millis(10)))
     }
 }
 
 /// Logs a failed lease, at most once every 10 s per process.
-fn log_lease_error(e: &BrokerError) {
+pub(crate) fn log_lease_error(e: &BrokerError) {
     static LAST: Mutex<Option<Instant>> = Mutex::new(None);
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
     if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
@@ -403,7 +408,6 @@ fn log_lease_error(e: &BrokerError) {
         tracing::warn!("rate limit paused: cannot lease tokens: {e}");
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,90 +422,109 @@ mod tests {
         assert!(b.try_take(t0 + Duration::from_millis(100)).is_ok());
         assert!(b.try_take(t0 + Duration::from_millis(150)).is_err());
     }
+    const MS: u64 = 1_000_000;
+
     #[test]
-    fn limits_become_windows_of_whole_tokens() {
+    fn limits_become_intervals_and_slices() {
         let l = |r| Limit::from_rate(r).expect("limit");
         assert_eq!(
             l(10.0),
             Limit {
-                tokens: 10,
-                window_ms: 1000
-            }
-        );
-        assert_eq!(
-            l(1.5),
-            Limit {
-                tokens: 3,
-                window_ms: 2000
+                interval_ns: 100 * MS,
+                slice: 1
             }
         );
         assert_eq!(
             l(10.0 / 60.0),
             Limit {
-                tokens: 1,
-                window_ms: 6000
+                interval_ns: 6000 * MS,
+                slice: 1
             }
         );
-        assert_eq!(
-            l(1.0),
-            Limit {
-                tokens: 1,
-                window_ms: 1000
-            }
-        );
+        assert_eq!(l(1000.0).slice, 125);
+        assert_eq!(l(1e9).slice, MAX_SLICE);
+        assert_eq!(l(1e12).interval_ns, 1);
         assert_eq!(Limit::from_rate(0.0), None);
         assert_eq!(Limit::from_rate(f64::NAN), None);
-        assert_eq!(l(10.0).slice(), 1);
-        assert_eq!(l(1000.0).slice(), 125);
-        assert_eq!(l(1e9).slice(), MAX_SLICE);
-        assert_eq!(l(10.0).window_of(12_345), 12);
     }
 
     #[test]
-    fn grants_never_pass_the_window_and_reset_in_the_next() {
-        let (g, r) = grant(None, 7, 10, 4);
+    fn grants_are_spaced_by_the_interval_and_do_not_save_up() {
+        let i = 100 * MS;
+        let (g, r) = grant(None, i, 3, 1000 * MS);
         assert_eq!(
-            (g, r),
+            g,
+            Grant {
+                first_ns: 1000 * MS,
+                n: 3
+            }
+        );
+        assert_eq!(r, Some(RateRecord { next_ns: 1300 * MS }));
+        // The next lease starts where that one ends, one interval ahead at most.
+        let (g, r) = grant(r, i, 1, 1200 * MS);
+        assert_eq!(
+            g,
+            Grant {
+                first_ns: 1300 * MS,
+                n: 1
+            }
+        );
+        assert_eq!(
+            grant(r, i, 1, 1250 * MS),
             (
-                4,
-                Some(WindowRecord {
-                    window: 7,
-                    taken: 4
-                })
+                Grant {
+                    first_ns: 1400 * MS,
+                    n: 0
+                },
+                None
             )
         );
-        let (g, r) = grant(r, 7, 10, 8);
+        // Idle time is not saved up: after a pause, tokens start from now.
+        let (g, _) = grant(r, i, 2, 9000 * MS);
         assert_eq!(
-            (g, r),
-            (
-                6,
-                Some(WindowRecord {
-                    window: 7,
-                    taken: 10
-                })
-            )
+            g,
+            Grant {
+                first_ns: 9000 * MS,
+                n: 2
+            }
         );
-        assert_eq!(grant(r, 7, 10, 1), (0, None));
-        // The next window starts from zero; a record of a later window (a clock ahead) is
-        // counted against.
-        assert_eq!(grant(r, 8, 10, 3).0, 3);
-        assert_eq!(grant(r, 6, 10, 3), (0, None));
+        // A record far ahead (a node whose clock runs ahead) is waited for, never reset.
+        assert_eq!(
+            grant(Some(RateRecord { next_ns: 5000 * MS }), i, 1, 1000 * MS)
+                .0
+                .n,
+            0
+        );
     }
 
     #[test]
     fn many_workers_leasing_slices_never_pass_the_limit() {
+        // Seven workers lease a 100/s limit as fast as they can for a simulated second: the
+        // tokens granted are free at most 100 in that second (plus the one at its end).
         let mut table = LeaseTable::default();
-        let now = Instant::now();
+        let real = Instant::now();
         let limit = Limit::from_rate(100.0).expect("limit");
-        let mut total = 0;
-        for round in 0..100 {
-            let _ = round;
+        let mut times = Vec::new();
+        let mut now = 0u64;
+        while now < 1000 * MS {
             for _worker in 0..7 {
-                total += table.lease("k", 3, limit.tokens, limit.slice(), now);
+                let g = table.lease("k", limit.interval_ns, limit.slice, now, real);
+                times.extend((0..g.n).map(|j| g.first_ns + u64::from(j) * limit.interval_ns));
             }
+            now += MS;
         }
-        assert_eq!(total, 100);
-        assert_eq!(table.lease("other", 3, limit.tokens, 5, now), 5);
+        let in_second = times.iter().filter(|&&t| t < 1000 * MS).count();
+        assert_eq!(in_second, 100);
+        times.sort_unstable();
+        assert!(times.windows(2).all(|w| w[1] - w[0] >= limit.interval_ns));
+        let other = table.lease("other", limit.interval_ns, 5, now, real);
+        assert_eq!(
+            other,
+            Grant {
+                first_ns: now,
+                n: 5
+            }
+        );
     }
 
     #[test]
@@ -509,10 +532,10 @@ mod tests {
         let mut table = LeaseTable::default();
         let t0 = Instant::now();
         for i in 0..1000 {
-            table.lease(&format!("k{i}"), 1, 10, 1, t0);
+            table.lease(&format!("k{i}"), MS, 1, 0, t0);
         }
         assert_eq!(table.len(), 1000);
-        table.lease("fresh", 1, 10, 1, t0 + RATE_KEY_IDLE + SWEEP_EVERY);
+        table.lease("fresh", MS, 1, 0, t0 + RATE_KEY_IDLE + SWEEP_EVERY);
         assert_eq!(table.len(), 1);
     }
 
@@ -533,50 +556,59 @@ mod tests {
 
     #[test]
     fn a_worker_spends_its_lease_locally_then_defers_in_turn() {
-        let limit = Limit {
-            tokens: 4,
-            window_ms: 1000,
-        };
-        let l = ClusterLimiter::new(limit);
+        let l = ClusterLimiter::new(Limit {
+            interval_ns: 100 * MS,
+            slice: 4,
+        });
         let now = Instant::now();
-        let t = 10_250; // window 10, 750 ms before its end
-        assert_eq!(l.take_local("k", 1, t, now), Local::Lease { window: 10 });
-        l.add_lease("k", 10, 2, t);
+        let t = 10_000 * MS;
+        assert_eq!(l.take_local("k", 1, false, t, now), Local::Lease);
+        assert_eq!(l.take_local("k", 1, false, t, now), Local::Leasing);
+        l.add_lease("k", Grant { first_ns: t, n: 4 });
+        // One token is free now; the next one an interval later.
+        assert_eq!(l.take_local("k", 3, false, t, now), Local::Got(1));
         assert_eq!(
-            l.take_local("k", 5, t, now),
-            Local::Got { window: 10, n: 2 }
+            l.take_local("k", 1, false, t + 40 * MS, now),
+            Local::Wait(Duration::from_millis(60))
         );
-        assert_eq!(l.take_local("k", 1, t, now), Local::Lease { window: 10 });
-        // A fetch that found one task of two gives one back.
-        l.give_back("k", 10, 1, t);
         assert_eq!(
-            l.take_local("k", 1, t, now),
-            Local::Got { window: 10, n: 1 }
+            l.take_local("k", 3, false, t + 210 * MS, now),
+            Local::Got(2)
         );
-        l.add_lease("k", 10, 0, t);
-        // Deferred tasks get the next window's tokens in turn, a quarter window apart.
-        let waits: Vec<_> = (0..6)
-            .map(|_| match l.take_local("k", 1, t, now) {
+        // A fetch that found nothing gives its tokens back.
+        l.give_back("k", 2);
+        assert_eq!(
+            l.take_local("k", 1, false, t + 210 * MS, now),
+            Local::Got(1)
+        );
+        // Tokens not used for long are dropped, not spent in a burst.
+        assert_eq!(
+            l.take_local("k", 5, false, t + 5000 * MS, now),
+            Local::Lease
+        );
+        l.add_lease(
+            "k",
+            Grant {
+                first_ns: t + 5200 * MS,
+                n: 0,
+            },
+        );
+        // Deferred tasks get turns one interval apart, from the broker's next free token.
+        let waits: Vec<_> = (0..4)
+            .map(|_| match l.take_local("k", 1, true, t + 5000 * MS, now) {
                 Local::Exhausted(d) => d.as_millis(),
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(waits, [750, 1000, 1250, 1500, 1750, 2000]);
-        // Other keys are not held up by this one; the next window leases again.
+        assert_eq!(waits, [200, 300, 400, 500]);
+        // Another key is not held up by this one.
         assert_eq!(
-            l.take_local("other", 1, t, now),
-            Local::Lease { window: 10 }
+            l.take_local("other", 1, true, t + 5000 * MS, now),
+            Local::Lease
         );
-        assert_eq!(
-            l.take_local("k", 1, 11_000, now),
-            Local::Lease { window: 11 }
-        );
-        // A lease or give-back for a past window is dropped.
-        l.add_lease("k", 10, 3, 11_000);
-        l.give_back("k", 10, 3, 11_000);
-        assert_eq!(
-            l.take_local("k", 1, 11_000, now),
-            Local::Lease { window: 11 }
-        );
+        // Once that time passed, the worker leases again.
+        assert_eq!(l.take_local("k", 1, true, t + 5200 * MS, now), Local::Lease);
+        l.lease_failed("k");
+        assert_eq!(l.take_local("k", 1, true, t + 5200 * MS, now), Local::Lease);
     }
 }

@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use super::broker::Broker;
 use super::events::EventSink;
 use super::execute::Runner;
-use super::rate::{limit_key, unix_ms, ClusterLimiter, Limit, Local, LEASE_ERROR_PAUSE};
+use super::rate::{
+    limit_key, log_lease_error, unix_ns, ClusterLimiter, Limit, Local, LEASE_ERROR_PAUSE,
+};
 use super::{Envelope, QueueSpec, Registry, TaskQueue, TaskSettings};
 
 /// How long one fetch waits for a message before the worker asks again.
@@ -164,7 +166,7 @@ impl KeyedGate {
             return true;
         }
         let key = limit_key(&delivery.queue, env.args.get(&self.field));
-        match self.limiter.acquire(&*self.broker, &key, 1).await {
+        match self.limiter.acquire(&*self.broker, &key).await {
             Ok(_) => true,
             Err(wait) => {
                 if let Err(e) = self.broker.defer(delivery, &id, &env.task, wait).await {
@@ -218,38 +220,41 @@ impl TaskWorker {
     }
 
     /// Under a limit without `rate_key`: takes tokens for up to `free` tasks from the local
-    /// budget; `None` when the worker must wait (a timer or a lease is pending).
-    fn take_tokens(&mut self, free: usize, ctx: &mut Context<Self>) -> Option<(u64, u32)> {
-        let (Some(limiter), Some(key)) = (self.limiter.clone(), self.unkeyed.clone()) else {
-            return Some((0, u32::try_from(free).unwrap_or(u32::MAX)));
-        };
+    /// budget (`free` when there is no limit); `None` when the worker must wait first (a
+    /// timer or a lease is pending).
+    fn take_tokens(&mut self, free: usize, ctx: &mut Context<Self>) -> Option<u32> {
         let want = u32::try_from(free).unwrap_or(u32::MAX);
-        match limiter.take_local(&key, want, unix_ms(), Instant::now()) {
-            Local::Got { window, n } => Some((window, n)),
-            Local::Exhausted(_) => {
-                // Until the next window (a few ms later, so the workers of a cluster do
-                // not all ask at its first instant).
-                let now = unix_ms();
-                let end = (limiter.limit.window_of(now) + 1) * limiter.limit.window_ms;
-                let jitter = rand::random::<u64>() % 20;
-                self.pump_later(Duration::from_millis(end - now + jitter), ctx);
+        let (Some(limiter), Some(key)) = (self.limiter.clone(), self.unkeyed.clone()) else {
+            return Some(want);
+        };
+        match limiter.take_local(&key, want, false, unix_ns(), Instant::now()) {
+            Local::Got(n) => Some(n),
+            Local::Wait(d) | Local::Exhausted(d) => {
+                self.pump_later(d, ctx);
                 None
             }
-            Local::Lease { window } => {
+            Local::Leasing => {
+                self.pump_later(Duration::from_millis(2), ctx);
+                None
+            }
+            Local::Lease => {
                 self.rate_timer = true;
                 let broker = self.runner.queue.clone();
-                let (tokens, slice) = (limiter.limit.tokens, limiter.limit.slice());
+                let limit = limiter.limit;
                 let fut = async move {
-                    let res = broker.rate_lease(&key, window, tokens, slice).await;
+                    let res = broker
+                        .rate_lease(&key, limit.interval_ns, limit.slice, unix_ns())
+                        .await;
                     (key, res)
                 }
                 .into_actor(self)
                 .map(move |(key, res), act, ctx| {
                     act.rate_timer = false;
                     match res {
-                        Ok(granted) => limiter.add_lease(&key, window, granted, unix_ms()),
+                        Ok(grant) => limiter.add_lease(&key, grant),
                         Err(e) => {
-                            tracing::warn!(queue = %act.queue.name, "rate limit paused: cannot lease tokens: {e}");
+                            limiter.lease_failed(&key);
+                            log_lease_error(&e);
                             act.pump_later(LEASE_ERROR_PAUSE, ctx);
                             return;
                         }
@@ -280,7 +285,7 @@ impl TaskWorker {
             .max(1)
             .saturating_sub(self.running.load(Ordering::Acquire))
             .max(1);
-        let Some((window, held)) = self.take_tokens(free, ctx) else {
+        let Some(held) = self.take_tokens(free, ctx) else {
             return;
         };
         let max = (held as usize).clamp(1, free);
@@ -291,7 +296,7 @@ impl TaskWorker {
                 let got = res.as_ref().map_or(0, Vec::len);
                 if let (Some(limiter), Some(key)) = (&act.limiter, &act.unkeyed) {
                     let unused = held.saturating_sub(u32::try_from(got).unwrap_or(u32::MAX));
-                    limiter.give_back(key, window, unused, unix_ms());
+                    limiter.give_back(key, unused);
                 }
                 match res {
                     Ok(deliveries) => {
