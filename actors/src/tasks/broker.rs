@@ -284,7 +284,7 @@ pub trait TaskQueue: Send + Sync + 'static {
     }
     /// Leases `want` tokens of the cluster-wide limit `key` (a hash of the queue and
     /// `rate_key` value, see `rate::limit_key`), one per `interval_ns`, at `now_ns` (Unix
-    /// nanoseconds); see `rate::grant`. The default (a private queue with no other worker)
+    /// nanoseconds), none if the first is more than `ahead_ns` away; see `rate::grant`. The default (a private queue with no other worker)
     /// grants them all now.
     async fn rate_lease(
         &self,
@@ -292,8 +292,9 @@ pub trait TaskQueue: Send + Sync + 'static {
         interval_ns: u64,
         want: u32,
         now_ns: u64,
+        ahead_ns: u64,
     ) -> Result<super::rate::Grant, BrokerError> {
-        let _ = (key, interval_ns);
+        let _ = (key, interval_ns, ahead_ns);
         Ok(super::rate::Grant {
             first_ns: now_ns,
             n: want,

@@ -370,9 +370,10 @@ impl TaskQueue for MemoryBroker {
         interval_ns: u64,
         want: u32,
         now_ns: u64,
+        ahead_ns: u64,
     ) -> Result<super::rate::Grant, BrokerError> {
         let mut leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(leases.lease(key, interval_ns, want, now_ns, Instant::now()))
+        Ok(leases.lease(key, interval_ns, want, now_ns, ahead_ns, Instant::now()))
     }
 
     async fn defer(

@@ -896,6 +896,7 @@ impl TaskQueue for NatsBroker {
         interval_ns: u64,
         want: u32,
         now_ns: u64,
+        ahead_ns: u64,
     ) -> Result<super::rate::Grant, BrokerError> {
         use super::rate::{grant, RateRecord};
         let kv = self.rates().await?;
@@ -907,7 +908,7 @@ impl TaskQueue for NatsBroker {
             let stored = live
                 .as_ref()
                 .and_then(|e| serde_json::from_slice::<RateRecord>(&e.value).ok());
-            let (granted, next) = grant(stored, interval_ns, want, now_ns);
+            let (granted, next) = grant(stored, interval_ns, want, now_ns, ahead_ns);
             let Some(next) = next else {
                 return Ok(granted);
             };

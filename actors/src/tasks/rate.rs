@@ -88,9 +88,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 const MAX_SLICE: u32 = 256;
 /// How long a worker waits before asking again when the broker did not answer a lease.
 pub(crate) const LEASE_ERROR_PAUSE: Duration = Duration::from_secs(1);
-/// A keyed task whose token comes within this long waits for it in place (holding its slot);
-/// a longer wait puts it back ([`super::TaskQueue::defer`]).
-pub(crate) const SLEEP_IN_PLACE: Duration = Duration::from_millis(100);
+/// A task under `rate_key` books the next token of its key when it comes within this long,
+/// and waits for it in place (holding its slot, and its delivery, well within ack_wait); a
+/// later one puts the task back ([`super::TaskQueue::defer`]) until about its turn.
+pub(crate) const BOOK_AHEAD: Duration = Duration::from_secs(1);
 
 /// A cluster-wide limit: one start per `interval_ns`, leased `slice` tokens at a time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,15 +136,17 @@ pub struct Grant {
 /// Leases `want` tokens of a limit of one per `interval_ns` against `record` (the stored one,
 /// if any) at `now_ns`: the grant and the record to store (`None`: nothing to write). Tokens
 /// never come faster than the interval over all leases; time nobody used is not saved up (no
-/// bursts); a lease more than one interval ahead of now is refused (the caller waits).
+/// bursts); a lease whose first token is more than `ahead_ns` away is refused (the caller
+/// waits, or puts its task back).
 pub fn grant(
     record: Option<RateRecord>,
     interval_ns: u64,
     want: u32,
     now_ns: u64,
+    ahead_ns: u64,
 ) -> (Grant, Option<RateRecord>) {
     let next = record.map_or(now_ns, |r| r.next_ns).max(now_ns);
-    if next > now_ns.saturating_add(interval_ns) {
+    if next > now_ns.saturating_add(ahead_ns) {
         return (
             Grant {
                 first_ns: next,
@@ -172,6 +175,7 @@ impl LeaseTable {
         interval_ns: u64,
         want: u32,
         now_ns: u64,
+        ahead_ns: u64,
         now: Instant,
     ) -> Grant {
         if self
@@ -183,7 +187,7 @@ impl LeaseTable {
             self.swept = Some(now);
         }
         let stored = self.records.get(key).map(|(r, _)| *r);
-        let (grant, next) = grant(stored, interval_ns, want, now_ns);
+        let (grant, next) = grant(stored, interval_ns, want, now_ns, ahead_ns);
         if let Some(next) = next {
             self.records.insert(key.to_owned(), (next, now));
         }
@@ -254,13 +258,18 @@ struct Budget {
 #[derive(Debug)]
 pub(crate) struct ClusterLimiter {
     pub(crate) limit: Limit,
+    /// How far ahead a task under `rate_key` books its token and waits for it in place.
+    pub(crate) book_ahead: Duration,
     budgets: Mutex<(HashMap<String, Budget>, Option<Instant>)>,
 }
 
 impl ClusterLimiter {
-    pub(crate) fn new(limit: Limit) -> Self {
+    /// A limiter whose keyed tasks book tokens up to `book_ahead` ahead (at most
+    /// [`BOOK_AHEAD`], and half of `tasks.ack_wait`, so no delivery waits past it).
+    pub(crate) fn new(limit: Limit, ack_wait: Duration) -> Self {
         Self {
             limit,
+            book_ahead: BOOK_AHEAD.min(ack_wait / 2),
             budgets: Mutex::new((HashMap::new(), None)),
         }
     }
@@ -321,9 +330,16 @@ impl ClusterLimiter {
                 return Local::Leasing;
             }
             if b.exhausted_until > now_ns {
+                // A deferred task comes back half a booking horizon before the broker's next
+                // free token, one interval after the one deferred before it.
+                let half = u64::try_from(self.book_ahead.as_nanos() / 2).unwrap_or(0);
                 let at = match defer {
                     true => {
-                        let at = b.exhausted_until.max(b.deferred_until);
+                        let at = b
+                            .exhausted_until
+                            .saturating_sub(half)
+                            .max(b.deferred_until)
+                            .max(now_ns + 1);
                         b.deferred_until = at.saturating_add(i);
                         at
                     }
@@ -366,23 +382,22 @@ impl ClusterLimiter {
         });
     }
 
-    /// Takes one token of `key` for a task, leasing from `broker` when the local budget is
-    /// empty and waiting in place for one due within [`SLEEP_IN_PLACE`]: `Ok(())`, or
-    /// `Err(wait)` when the task must be put back for that long (or the broker did not
-    /// answer: the limit pauses rather than guess, see docs/tasks.md).
+    /// Takes one token of `key` for a task, leasing (booking up to `book_ahead`) from
+    /// `broker` when the local budget is empty and waiting in place for a booked token:
+    /// `Ok(())`, or `Err(wait)` when the task must be put back for that long (or the broker
+    /// did not answer: the limit pauses rather than guess, see docs/tasks.md).
     pub(crate) async fn acquire(&self, broker: &dyn TaskQueue, key: &str) -> Result<(), Duration> {
+        let ahead = u64::try_from(self.book_ahead.as_nanos()).unwrap_or(u64::MAX);
         for _ in 0..64 {
             match self.take_local(key, 1, true, unix_ns(), Instant::now()) {
                 Local::Got(_) => return Ok(()),
-                Local::Wait(d) | Local::Exhausted(d) if d <= SLEEP_IN_PLACE => {
-                    tokio::time::sleep(d).await;
-                }
+                Local::Wait(d) if d <= self.book_ahead => tokio::time::sleep(d).await,
                 Local::Wait(d) | Local::Exhausted(d) => return Err(d),
                 Local::Leasing => tokio::time::sleep(Duration::from_millis(2)).await,
                 Local::Lease => {
                     let l = self.limit;
                     match broker
-                        .rate_lease(key, l.interval_ns, l.slice, unix_ns())
+                        .rate_lease(key, l.interval_ns, l.slice, unix_ns(), ahead)
                         .await
                     {
                         Ok(grant) => self.add_lease(key, grant),
@@ -451,7 +466,7 @@ mod tests {
     #[test]
     fn grants_are_spaced_by_the_interval_and_do_not_save_up() {
         let i = 100 * MS;
-        let (g, r) = grant(None, i, 3, 1000 * MS);
+        let (g, r) = grant(None, i, 3, 1000 * MS, i);
         assert_eq!(
             g,
             Grant {
@@ -461,7 +476,7 @@ mod tests {
         );
         assert_eq!(r, Some(RateRecord { next_ns: 1300 * MS }));
         // The next lease starts where that one ends, one interval ahead at most.
-        let (g, r) = grant(r, i, 1, 1200 * MS);
+        let (g, r) = grant(r, i, 1, 1200 * MS, i);
         assert_eq!(
             g,
             Grant {
@@ -469,18 +484,25 @@ mod tests {
                 n: 1
             }
         );
+        let refused = (
+            Grant {
+                first_ns: 1400 * MS,
+                n: 0,
+            },
+            None,
+        );
+        assert_eq!(grant(r, i, 1, 1250 * MS, i), refused);
+        // A keyed task may book further ahead.
+        let booked = grant(r, i, 1, 1250 * MS, 1000 * MS).0;
         assert_eq!(
-            grant(r, i, 1, 1250 * MS),
-            (
-                Grant {
-                    first_ns: 1400 * MS,
-                    n: 0
-                },
-                None
-            )
+            booked,
+            Grant {
+                first_ns: 1400 * MS,
+                n: 1
+            }
         );
         // Idle time is not saved up: after a pause, tokens start from now.
-        let (g, _) = grant(r, i, 2, 9000 * MS);
+        let (g, _) = grant(r, i, 2, 9000 * MS, i);
         assert_eq!(
             g,
             Grant {
@@ -490,7 +512,7 @@ mod tests {
         );
         // A record far ahead (a node whose clock runs ahead) is waited for, never reset.
         assert_eq!(
-            grant(Some(RateRecord { next_ns: 5000 * MS }), i, 1, 1000 * MS)
+            grant(Some(RateRecord { next_ns: 5000 * MS }), i, 1, 1000 * MS, i)
                 .0
                 .n,
             0
@@ -508,7 +530,7 @@ mod tests {
         let mut now = 0u64;
         while now < 1000 * MS {
             for _worker in 0..7 {
-                let g = table.lease("k", limit.interval_ns, limit.slice, now, real);
+                let g = table.lease("k", limit.interval_ns, limit.slice, now, MS, real);
                 times.extend((0..g.n).map(|j| g.first_ns + u64::from(j) * limit.interval_ns));
             }
             now += MS;
@@ -517,7 +539,7 @@ mod tests {
         assert_eq!(in_second, 100);
         times.sort_unstable();
         assert!(times.windows(2).all(|w| w[1] - w[0] >= limit.interval_ns));
-        let other = table.lease("other", limit.interval_ns, 5, now, real);
+        let other = table.lease("other", limit.interval_ns, 5, now, MS, real);
         assert_eq!(
             other,
             Grant {
@@ -532,10 +554,10 @@ mod tests {
         let mut table = LeaseTable::default();
         let t0 = Instant::now();
         for i in 0..1000 {
-            table.lease(&format!("k{i}"), MS, 1, 0, t0);
+            table.lease(&format!("k{i}"), MS, 1, 0, MS, t0);
         }
         assert_eq!(table.len(), 1000);
-        table.lease("fresh", MS, 1, 0, t0 + RATE_KEY_IDLE + SWEEP_EVERY);
+        table.lease("fresh", MS, 1, 0, MS, t0 + RATE_KEY_IDLE + SWEEP_EVERY);
         assert_eq!(table.len(), 1);
     }
 
@@ -556,10 +578,11 @@ mod tests {
 
     #[test]
     fn a_worker_spends_its_lease_locally_then_defers_in_turn() {
-        let l = ClusterLimiter::new(Limit {
+        let limit = Limit {
             interval_ns: 100 * MS,
             slice: 4,
-        });
+        };
+        let l = ClusterLimiter::new(limit, Duration::from_secs(30));
         let now = Instant::now();
         let t = 10_000 * MS;
         assert_eq!(l.take_local("k", 1, false, t, now), Local::Lease);
@@ -589,26 +612,31 @@ mod tests {
         l.add_lease(
             "k",
             Grant {
-                first_ns: t + 5200 * MS,
+                first_ns: t + 6200 * MS,
                 n: 0,
             },
         );
-        // Deferred tasks get turns one interval apart, from the broker's next free token.
+        // Deferred tasks come back half a booking horizon (1 s) before the broker's next
+        // free token, one interval apart.
         let waits: Vec<_> = (0..4)
             .map(|_| match l.take_local("k", 1, true, t + 5000 * MS, now) {
                 Local::Exhausted(d) => d.as_millis(),
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(waits, [200, 300, 400, 500]);
+        assert_eq!(waits, [700, 800, 900, 1000]);
+        // A keyed task books up to a second ahead, and half of ack_wait at most.
+        assert_eq!(l.book_ahead, Duration::from_secs(1));
+        let short = ClusterLimiter::new(limit, Duration::from_secs(1));
+        assert_eq!(short.book_ahead, Duration::from_millis(500));
         // Another key is not held up by this one.
         assert_eq!(
             l.take_local("other", 1, true, t + 5000 * MS, now),
             Local::Lease
         );
         // Once that time passed, the worker leases again.
-        assert_eq!(l.take_local("k", 1, true, t + 5200 * MS, now), Local::Lease);
+        assert_eq!(l.take_local("k", 1, true, t + 6200 * MS, now), Local::Lease);
         l.lease_failed("k");
-        assert_eq!(l.take_local("k", 1, true, t + 5200 * MS, now), Local::Lease);
+        assert_eq!(l.take_local("k", 1, true, t + 6200 * MS, now), Local::Lease);
     }
 }

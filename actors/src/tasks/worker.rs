@@ -138,26 +138,27 @@ pub struct TaskWorker {
     draining: bool,
 }
 
-/// A queue's rate limit per `rate_key` value: checked per delivery, once its args are read
-/// (a worker cannot know the key before it fetches); a delivery whose key has no tokens left
-/// is put back until its turn ([`TaskQueue::defer`]) and frees its slot, so one busy key never
+/// A queue's rate limit checked per delivery, once its args are read: always under a
+/// `rate_key` (a worker cannot know the key before it fetches), and for a delivery whose
+/// tokens went stale while its fetch waited for a message. A delivery with no token left is
+/// put back until its turn ([`TaskQueue::defer`]) and frees its slot, so one busy key never
 /// holds up the others.
-struct KeyedGate {
+struct Gate {
     limiter: Arc<ClusterLimiter>,
-    field: String,
+    /// The `rate_key` field; `None`: the queue's one limit, under `key`.
+    field: Option<String>,
+    key: String,
     broker: Arc<dyn TaskQueue>,
 }
 
-impl KeyedGate {
+impl Gate {
     /// Whether the delivery may run now; if not, it was put back.
     async fn admit(&self, delivery: &super::Delivery) -> bool {
         // A message the runner would refuse, or one waiting for its eta, is its business.
-        let Ok(env) = serde_json::from_slice::<Envelope>(&delivery.payload) else {
-            return true;
+        let env = match serde_json::from_slice::<Envelope>(&delivery.payload) {
+            Ok(env) if env.wait_for_eta(chrono::Utc::now()).is_none() => env,
+            _ => return true,
         };
-        if env.wait_for_eta(chrono::Utc::now()).is_some() {
-            return true;
-        }
         let id = env
             .id
             .clone()
@@ -165,9 +166,12 @@ impl KeyedGate {
         if !super::is_valid_task_id(&id) {
             return true;
         }
-        let key = limit_key(&delivery.queue, env.args.get(&self.field));
+        let key = match &self.field {
+            Some(field) => limit_key(&delivery.queue, env.args.get(field)),
+            None => self.key.clone(),
+        };
         match self.limiter.acquire(&*self.broker, &key).await {
-            Ok(_) => true,
+            Ok(()) => true,
             Err(wait) => {
                 if let Err(e) = self.broker.defer(delivery, &id, &env.task, wait).await {
                     tracing::warn!(
@@ -191,7 +195,7 @@ impl TaskWorker {
         let limiter = queue
             .rate_limit_per_sec
             .and_then(Limit::from_rate)
-            .map(|l| Arc::new(ClusterLimiter::new(l)));
+            .map(|l| Arc::new(ClusterLimiter::new(l, runner.settings.ack_wait)));
         let unkeyed = match (&limiter, &queue.rate_key) {
             (Some(_), None) => Some(limit_key(&queue.name, None)),
             _ => None,
@@ -243,7 +247,13 @@ impl TaskWorker {
                 let limit = limiter.limit;
                 let fut = async move {
                     let res = broker
-                        .rate_lease(&key, limit.interval_ns, limit.slice, unix_ns())
+                        .rate_lease(
+                            &key,
+                            limit.interval_ns,
+                            limit.slice,
+                            unix_ns(),
+                            limit.interval_ns,
+                        )
                         .await;
                     (key, res)
                 }
@@ -289,19 +299,28 @@ impl TaskWorker {
             return;
         };
         let max = (held as usize).clamp(1, free);
+        let taken_at = unix_ns();
         let fut = async move { broker.fetch_batch(&queue, max, FETCH_WAIT).await }
             .into_actor(self)
             .map(move |res, act, ctx| {
                 act.fetch = None;
                 let got = res.as_ref().map_or(0, Vec::len);
+                // Tokens held while the fetch waited for a message are stale once a slice's
+                // span passed: spent then, they would make a burst. The deliveries take fresh
+                // tokens one by one instead, and the stale ones are dropped.
+                let mut stale = false;
                 if let (Some(limiter), Some(key)) = (&act.limiter, &act.unkeyed) {
-                    let unused = held.saturating_sub(u32::try_from(got).unwrap_or(u32::MAX));
-                    limiter.give_back(key, unused);
+                    let span = limiter.limit.interval_ns * u64::from(limiter.limit.slice);
+                    stale = unix_ns().saturating_sub(taken_at) > span;
+                    if !stale {
+                        let got = u32::try_from(got).unwrap_or(u32::MAX);
+                        limiter.give_back(key, held.saturating_sub(got));
+                    }
                 }
                 match res {
                     Ok(deliveries) => {
                         for delivery in deliveries {
-                            act.dispatch(delivery, ctx);
+                            act.dispatch(delivery, stale, ctx);
                         }
                     }
                     Err(e) => {
@@ -319,7 +338,7 @@ impl TaskWorker {
     }
 
     /// Runs a delivery on the task runtime.
-    fn dispatch(&mut self, delivery: super::Delivery, ctx: &mut Context<Self>) {
+    fn dispatch(&mut self, delivery: super::Delivery, stale: bool, ctx: &mut Context<Self>) {
         let job = self.jobs.next_id();
         self.running.fetch_add(1, Ordering::AcqRel);
         let guard = FinishGuard {
@@ -331,9 +350,16 @@ impl TaskWorker {
         };
         let runner = self.runner.clone();
         let gate = match (&self.limiter, &self.queue.rate_key) {
-            (Some(limiter), Some(field)) => Some(KeyedGate {
+            (Some(limiter), Some(field)) => Some(Gate {
                 limiter: limiter.clone(),
-                field: field.clone(),
+                field: Some(field.clone()),
+                key: String::new(),
+                broker: self.runner.queue.clone(),
+            }),
+            (Some(limiter), None) if stale => Some(Gate {
+                limiter: limiter.clone(),
+                field: None,
+                key: self.unkeyed.clone().unwrap_or_default(),
                 broker: self.runner.queue.clone(),
             }),
             _ => None,
