@@ -125,6 +125,9 @@ impl Topology {
             tasks: task_registry,
         } = parts;
         let config = Arc::new(config);
+        if let Some(warning) = config.cluster_session_warning() {
+            tracing::warn!("{warning}");
+        }
 
         let metrics = web::Data::new(Metrics::new());
         let templates = Arc::new(Templates::load(

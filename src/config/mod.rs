@@ -167,6 +167,18 @@ section! {
 }
 
 impl Config {
+    /// The warning `serve` logs when the configuration looks like a cluster (the NATS
+    /// broker: several nodes share the tasks) but sessions live in one node's memory, which
+    /// another node, or this one after a restart, does not see (docs/cluster.md).
+    pub fn cluster_session_warning(&self) -> Option<String> {
+        (self.tasks.broker == Broker::Nats && self.sessions.engine == SessionEngine::Memory).then(|| {
+            "sessions.engine = \"memory\" with tasks.broker = \"nats\": this looks like a cluster, \
+             but memory sessions live in one serve process (lost on restart, unseen by the others); \
+             use postgres, cached_db, nats_kv, redis, memcached or signed_cookies (docs/cluster.md)"
+                .to_owned()
+        })
+    }
+
     /// Loads and validates defaults < the file at `path` (when given) < the process environment.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let var = |(name, value): (OsString, OsString)| {
@@ -369,6 +381,20 @@ mod tests {
             Ok(_) => panic!("expected an error"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn a_cluster_with_memory_sessions_is_warned_about() {
+        let mut c = Config::default();
+        assert_eq!(c.cluster_session_warning(), None);
+        c.tasks.broker = Broker::Nats;
+        let warning = c.cluster_session_warning().expect("warning");
+        assert!(
+            warning.contains("sessions.engine = \"memory\""),
+            "{warning}"
+        );
+        c.sessions.engine = SessionEngine::NatsKv;
+        assert_eq!(c.cluster_session_warning(), None);
     }
 
     #[test]
