@@ -93,6 +93,9 @@ pub(crate) const LEASE_ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// later one puts the task back ([`super::TaskQueue::defer`]) until about its turn.
 pub(crate) const BOOK_AHEAD: Duration = Duration::from_secs(1);
 
+/// The least time a leased token stays usable after its time (see [`Limit::stale_after_ns`]).
+const STALE_AFTER_MIN: Duration = Duration::from_millis(100);
+
 /// A cluster-wide limit: one start per `interval_ns`, leased `slice` tokens at a time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limit {
@@ -115,6 +118,15 @@ impl Limit {
 
     fn interval(&self) -> Duration {
         Duration::from_nanos(self.interval_ns)
+    }
+
+    /// How late a leased token may still be spent: a slice's span, and at least
+    /// [`STALE_AFTER_MIN`] (a lease's round trip may take longer than a fast limit's slice).
+    pub fn stale_after_ns(&self) -> u64 {
+        let min = u64::try_from(STALE_AFTER_MIN.as_nanos()).unwrap_or(u64::MAX);
+        self.interval_ns
+            .saturating_mul(u64::from(self.slice.max(1)))
+            .max(min)
     }
 }
 
@@ -307,7 +319,7 @@ impl ClusterLimiter {
         self.with_budget(key, now, |b| {
             // Tokens later than a slice's span are dropped: time not used is not saved up
             // beyond one slice.
-            let span = i.saturating_mul(u64::from(self.limit.slice.max(1)));
+            let span = self.limit.stale_after_ns();
             if b.left > 0 && now_ns > b.next_ns.saturating_add(span) {
                 let stale = ((now_ns - b.next_ns - span) / i + 1).min(u64::from(b.left));
                 b.left -= stale as u32;
@@ -459,6 +471,9 @@ mod tests {
         assert_eq!(l(1000.0).slice, 125);
         assert_eq!(l(1e9).slice, MAX_SLICE);
         assert_eq!(l(1e12).interval_ns, 1);
+        assert_eq!(l(10.0).stale_after_ns(), 100 * MS);
+        assert_eq!(l(1e6).stale_after_ns(), 100 * MS);
+        assert_eq!(l(0.5).stale_after_ns(), 2000 * MS);
         assert_eq!(Limit::from_rate(0.0), None);
         assert_eq!(Limit::from_rate(f64::NAN), None);
     }

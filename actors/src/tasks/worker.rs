@@ -310,8 +310,7 @@ impl TaskWorker {
                 // tokens one by one instead, and the stale ones are dropped.
                 let mut stale = false;
                 if let (Some(limiter), Some(key)) = (&act.limiter, &act.unkeyed) {
-                    let span = limiter.limit.interval_ns * u64::from(limiter.limit.slice);
-                    stale = unix_ns().saturating_sub(taken_at) > span;
+                    stale = unix_ns().saturating_sub(taken_at) > limiter.limit.stale_after_ns();
                     if !stale {
                         let got = u32::try_from(got).unwrap_or(u32::MAX);
                         limiter.give_back(key, held.saturating_sub(got));
