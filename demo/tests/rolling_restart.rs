@@ -150,7 +150,7 @@ async fn restarting_workers_one_by_one_loses_and_doubles_nothing() {
                 let (Some(kind), Some(id)) = (e["kind"].as_str(), e["task_id"].as_str()) else {
                     continue;
                 };
-                let mut map = events.lock().unwrap();
+                let mut map = events.lock().expect("events");
                 let entry = map.entry(id.to_owned()).or_default();
                 match kind {
                     "task-started" => entry.0 += 1,
@@ -243,7 +243,7 @@ async fn restarting_workers_one_by_one_loses_and_doubles_nothing() {
     // The last events arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
     listener.abort();
-    let events = events.lock().unwrap();
+    let events = events.lock().expect("events").clone();
     let doubled: Vec<(&String, &(u32, u32))> = events
         .iter()
         .filter(|(_, (s, d))| *s > 1 || *d > 1)
