@@ -43,7 +43,7 @@ fn expected_default_toml(alice_hash: &str) -> Value {
     expected["tasks"]["queues"]
         .as_array_mut()
         .expect("queues is an array")
-        .push(json!({ "name": "emails", "concurrency": 4, "rate_limit": "" }));
+        .push(json!({ "name": "emails", "concurrency": 4, "rate_limit": "", "rate_key": "" }));
     expected
 }
 
