@@ -710,6 +710,18 @@ mod tests {
             msg.contains("q.toml:3: tasks.queues[0].rate_limit:"),
             "{msg}"
         );
+        let text = "[[tasks.queues]]\nname = \"default\"\nrate_key = \"user\"\n";
+        let msg = message(load("q.toml", text, &[]));
+        assert!(msg.contains("tasks.queues[0].rate_key:"), "{msg}");
+        assert!(msg.contains("needs a rate_limit"), "{msg}");
+        let text =
+            "[[tasks.queues]]\nname = \"default\"\nrate_limit = \"1/s\"\nrate_key = \"a\\u0001\"\n";
+        let msg = message(load("q.toml", text, &[]));
+        assert!(msg.contains("tasks.queues[0].rate_key:"), "{msg}");
+        let text =
+            "[[tasks.queues]]\nname = \"default\"\nrate_limit = \"1/s\"\nrate_key = \"user\"\n";
+        let config = load("q.toml", text, &[]).expect("a rate_key with a rate_limit");
+        assert_eq!(config.tasks.queues[0].rate_key(), Some("user".to_owned()));
 
         let both = "[[beat.schedule]]\nname = \"a\"\ntask = \"t\"\nevery = \"1h\"\ncron = \"0 * * * * *\"\n";
         let msg = message(load("b.toml", both, &[]));
