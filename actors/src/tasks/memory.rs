@@ -617,6 +617,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_deferred_delivery_comes_back_uncounted_and_leases_hold_per_key() {
+        let b = broker(60_000, 60_000);
+        b.publish(msg("a", "a")).await.expect("publish");
+        for _ in 0..20 {
+            let d = b
+                .fetch("q", Duration::from_secs(2))
+                .await
+                .expect("fetch")
+                .expect("delivered");
+            // Waiting for the rate limit never counts towards max_deliver.
+            assert_eq!(d.delivered, 1);
+            b.defer(&d, "a", "t", Duration::from_millis(5))
+                .await
+                .expect("defer");
+        }
+        // The node is the cluster: one lease table for every worker of the broker.
+        let ms = 1_000_000;
+        let g = b
+            .rate_lease("k", 100 * ms, 1, 0, 100 * ms)
+            .await
+            .expect("lease");
+        assert_eq!((g.first_ns, g.n), (0, 1));
+        let g = b
+            .rate_lease("k", 100 * ms, 1, 0, 100 * ms)
+            .await
+            .expect("lease");
+        assert_eq!((g.first_ns, g.n), (100 * ms, 1));
+        let g = b
+            .rate_lease("k", 100 * ms, 1, 0, 100 * ms)
+            .await
+            .expect("lease");
+        assert_eq!((g.first_ns, g.n), (200 * ms, 0));
+        let g = b
+            .rate_lease("other", 100 * ms, 1, 0, 100 * ms)
+            .await
+            .expect("lease");
+        assert_eq!((g.first_ns, g.n), (0, 1));
+    }
+
+    #[tokio::test]
     async fn an_unacknowledged_delivery_comes_back_after_ack_wait() {
         let b = broker(100, 60_000);
         b.publish(msg("a", "a")).await.expect("publish");
