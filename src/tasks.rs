@@ -6,10 +6,11 @@
 use std::time::Duration;
 
 pub use switchyard_actors::tasks::{
-    new_task_id, AsyncResult, Backoff, Broker, BrokerError, CancellationToken, ClientError,
-    DrainOutcome, EventKind, EventSink, MemoryBroker, Outgoing, PublishOptions, QueueSpec,
-    Registry, ResultExt, ResultRecord, ResultStore, Revocation, Task, TaskContext, TaskError,
-    TaskEvent, TaskOptions, TaskQueue, TaskSettings, TaskState, Tasks, WorkerPool,
+    new_task_id, AsyncResult, Backoff, Broker, BrokerError, CancellationToken, CanvasInfo,
+    CanvasKind, ClientError, DrainOutcome, EventKind, EventSink, FailedStep, MemoryBroker,
+    Outgoing, PublishOptions, QueueSpec, Registry, ResultExt, ResultRecord, ResultStore,
+    Revocation, Signature, Task, TaskContext, TaskError, TaskEvent, TaskOptions, TaskQueue,
+    TaskSettings, TaskState, Tasks, WorkerPool, MAX_MEMBERS,
 };
 
 use crate::config::Config;

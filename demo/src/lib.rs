@@ -480,6 +480,7 @@ pub fn install(app: App) -> App {
         ))
         .on_login_merge(merge_carts)
         .task(tasks::Add)
+        .task(tasks::Sum)
         .task(tasks::Sleep)
         .task(tasks::Flaky)
         .task(tasks::Count)

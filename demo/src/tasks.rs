@@ -1,4 +1,4 @@
-//! The demo's tasks: `demo.add`, `demo.sleep`, `demo.flaky`, `demo.count` (for the CLI and
+//! The demo's tasks: `demo.add`, `demo.sum`, `demo.sleep`, `demo.flaky`, `demo.count` (for the CLI and
 //! foreign clients to call) and `shop.order_created` (the order confirmation e-mail).
 
 use std::time::{Duration, Instant};
@@ -33,6 +33,41 @@ impl Task for Add {
             TaskError::fail("overflow", format!("{} + {} overflows", args.x, args.y))
         })
     }
+}
+
+/// `demo.sum`: `{"values": [1, 2]}` → `3`; the sum of integers is an integer (an overflow is
+/// an error), with any non-integer it is a float. A chord's usual callback.
+pub struct Sum;
+
+/// Arguments of `demo.sum`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SumArgs {
+    pub values: Vec<serde_json::Number>,
+}
+
+impl Task for Sum {
+    const NAME: &'static str = "demo.sum";
+    type Args = SumArgs;
+    type Output = serde_json::Number;
+
+    async fn run(&self, _ctx: TaskContext, args: SumArgs) -> Result<serde_json::Number, TaskError> {
+        sum(&args.values)
+    }
+}
+
+/// The sum of `values`: an integer while every value is one, else a float.
+pub fn sum(values: &[serde_json::Number]) -> Result<serde_json::Number, TaskError> {
+    let ints: Option<Vec<i64>> = values.iter().map(serde_json::Number::as_i64).collect();
+    if let Some(ints) = ints {
+        return ints
+            .iter()
+            .try_fold(0i64, |acc, v| acc.checked_add(*v))
+            .map(serde_json::Number::from)
+            .ok_or_else(|| TaskError::fail("overflow", "the sum overflows a 64-bit integer"));
+    }
+    let total: f64 = values.iter().filter_map(serde_json::Number::as_f64).sum();
+    serde_json::Number::from_f64(total)
+        .ok_or_else(|| TaskError::fail("overflow", "the sum is not a finite number"))
 }
 
 /// `demo.sleep`: `{"seconds": 1.5}` → the seconds slept. Stops early, returning what it slept,

@@ -347,6 +347,15 @@ pub trait ResultStore: Send + Sync + 'static {
     /// Marks task `id` REVOKED ([`ResultRecord::revoked`]) unless it started or finished;
     /// returns whether it did.
     async fn revoke(&self, id: &str) -> Result<bool, BrokerError>;
+    /// Compare-and-swap on the record of `id`: `change` gets the live record (none: absent)
+    /// and returns the record to write, or none to write nothing; a concurrent write makes it
+    /// run again on the new record. What the canvas records of chains, groups and chords are
+    /// kept with.
+    async fn update_result(
+        &self,
+        id: &str,
+        change: &(dyn for<'r> Fn(Option<&'r ResultRecord>) -> Option<ResultRecord> + Send + Sync),
+    ) -> Result<super::canvas::Updated, BrokerError>;
 }
 
 /// A queue and a result store in one service (the memory and NATS brokers); what the worker

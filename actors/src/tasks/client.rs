@@ -20,6 +20,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::broker::{Broker, BrokerError, Outgoing, PublishOutcome, ResultStore, TaskQueue};
+use super::canvas::{CanvasKind, CanvasSpec, Signature};
 use super::execute::Runner;
 use super::{
     is_valid_task_id, new_task_id, Envelope, MemoryBroker, PublishOptions, Registry, ResultRecord,
@@ -199,7 +200,9 @@ impl Tasks {
         options: &PublishOptions,
     ) -> Result<Outgoing, ClientError> {
         let task_options = self.options_of(task);
-        Ok(self.prepare_with(task, args, options, &task_options)?.0)
+        Ok(self
+            .prepare_with(task, args, options, &task_options, None)?
+            .0)
     }
 
     /// The checked message of `task` and its envelope.
@@ -209,6 +212,7 @@ impl Tasks {
         args: Value,
         options: &PublishOptions,
         task_options: &TaskOptions,
+        canvas: Option<&CanvasSpec>,
     ) -> Result<(Outgoing, Envelope), ClientError> {
         let settings = &self.inner.settings;
         let queue = options
@@ -272,7 +276,14 @@ impl Tasks {
             expires,
             published_at: Some(now),
             retry_of: None,
+            canvas: None,
+            tasks: canvas.map(|c| serde_json::json!(c.tasks)),
+            callback: canvas.and_then(|c| c.callback.as_ref().map(|cb| serde_json::json!(cb))),
         };
+        if canvas.is_some() {
+            // The same check a worker makes of a foreign publisher's canvas.
+            CanvasSpec::parse(&env).map_err(ClientError::Options)?;
+        }
         let payload = serde_json::to_vec(&env).map_err(|e| ClientError::Args(e.to_string()))?;
         // The key travels in a message header: no control characters, a bounded length.
         if let Some(k) = options.unique.as_ref() {
@@ -303,7 +314,20 @@ impl Tasks {
         options: &PublishOptions,
         task_options: &TaskOptions,
     ) -> Result<AsyncResult<T>, ClientError> {
-        let (msg, env) = self.prepare_with(task, args, options, task_options)?;
+        self.publish_canvas(task, args, options, task_options, None)
+            .await
+    }
+
+    /// Publishes a task message, or with `canvas` a canvas message.
+    async fn publish_canvas<T>(
+        &self,
+        task: &str,
+        args: Value,
+        options: &PublishOptions,
+        task_options: &TaskOptions,
+        canvas: Option<&CanvasSpec>,
+    ) -> Result<AsyncResult<T>, ClientError> {
+        let (msg, env) = self.prepare_with(task, args, options, task_options, canvas)?;
         let id = msg.id.clone();
         match &self.inner.backend {
             Backend::Broker(broker) => {
@@ -362,10 +386,20 @@ impl Tasks {
             eager: true,
         };
         queue.publish(msg).await?;
-        let passes = env
+        let attempts = env
             .max_retries
             .unwrap_or(settings.default_max_retries)
-            .saturating_add(1 + EAGER_EXTRA_PASSES);
+            .saturating_add(1);
+        // A canvas: every member's attempts (they keep the default retries) and its callback.
+        let members = env
+            .tasks
+            .as_ref()
+            .and_then(Value::as_array)
+            .map_or(0, |t| t.len() as u32 + 1);
+        let member_attempts = settings.default_max_retries.saturating_add(1);
+        let passes = attempts
+            .saturating_add(members.saturating_mul(member_attempts))
+            .saturating_add(EAGER_EXTRA_PASSES);
         let mut last = None;
         // Each pass settles the task, queues its next attempt (a retry), or puts the message
         // back; bounded by `passes`.
@@ -377,10 +411,19 @@ impl Tasks {
                 continue;
             };
             if let Some(rec) = runner.process(delivery).await {
-                if rec.state.is_ready() {
+                if rec.id == id && rec.state.is_ready() {
                     return Ok(rec);
                 }
-                last = Some(rec);
+                if rec.id == id {
+                    last = Some(rec);
+                }
+            }
+            if members > 0 {
+                if let Some(rec) = store.get_result(&id).await? {
+                    if rec.state.is_ready() {
+                        return Ok(rec);
+                    }
+                }
             }
         }
         // Not settled by this publish (revoked or finished before it ran): what the store has.
@@ -407,11 +450,75 @@ impl Tasks {
 
     /// Revokes task `id` if it has not started: it will never run and its record is REVOKED.
     /// Returns whether it was revoked (false: it already started or finished).
+    /// A chain, group or chord id revokes the canvas: its record becomes REVOKED and its
+    /// members that have not started are revoked (see [`Tasks::chain`]).
     pub async fn revoke(&self, id: &str) -> Result<bool, ClientError> {
-        match &self.inner.backend {
-            Backend::Broker(b) => Ok(b.revoke(id).await?),
-            Backend::Eager(store) => Ok(store.revoke(id).await?),
+        let store: &dyn ResultStore = match &self.inner.backend {
+            Backend::Broker(b) => b.as_ref(),
+            Backend::Eager(store) => store.as_ref(),
+        };
+        if store.revoke(id).await? {
+            return Ok(true);
         }
+        Ok(super::canvas::revoke(store, id).await?)
+    }
+
+    /// Publishes a chain: each step runs after the one before it succeeded, with that step's
+    /// result bound to its `result_arg` (when it names one); a step that fails for good stops
+    /// the chain. The handle's id is the chain's, its record says which step failed, and its
+    /// result is the last step's. 1 to [`MAX_MEMBERS`](super::MAX_MEMBERS) steps; no canvas inside a canvas.
+    pub async fn chain(
+        &self,
+        steps: Vec<Signature>,
+        options: PublishOptions,
+    ) -> Result<AsyncResult<Value>, ClientError> {
+        self.canvas(CanvasKind::Chain, steps, None, options).await
+    }
+
+    /// Publishes a group: its members run in parallel; its result is their results in order
+    /// (a member that fails for good fails the group). 1 to [`MAX_MEMBERS`](super::MAX_MEMBERS) members.
+    pub async fn group(
+        &self,
+        members: Vec<Signature>,
+        options: PublishOptions,
+    ) -> Result<AsyncResult<Vec<Value>>, ClientError> {
+        self.canvas(CanvasKind::Group, members, None, options).await
+    }
+
+    /// Publishes a chord: a group, then `callback` (once, after every member succeeded) with
+    /// the list of results in order under its `result_arg` (required). The chord's result is
+    /// the callback's.
+    pub async fn chord(
+        &self,
+        members: Vec<Signature>,
+        callback: Signature,
+        options: PublishOptions,
+    ) -> Result<AsyncResult<Value>, ClientError> {
+        self.canvas(CanvasKind::Chord, members, Some(callback), options)
+            .await
+    }
+
+    async fn canvas<T>(
+        &self,
+        kind: CanvasKind,
+        tasks: Vec<Signature>,
+        callback: Option<Signature>,
+        options: PublishOptions,
+    ) -> Result<AsyncResult<T>, ClientError> {
+        let spec = CanvasSpec {
+            kind,
+            tasks,
+            callback,
+        };
+        let args = Value::Object(Default::default());
+        self.publish_canvas(
+            kind.task_name(),
+            args,
+            &options,
+            &TaskOptions::default(),
+            Some(&spec),
+        )
+        .await
     }
 
     /// Drops every waiting task of `queue`; returns how many (always 0 in eager mode).

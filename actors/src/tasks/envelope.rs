@@ -43,6 +43,15 @@ pub struct Envelope {
     /// The task this message retries (set by the dashboard's "Retry"); its record names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_of: Option<String>,
+    /// A canvas member: `{"id": "<canvas id>", "index": n}` (docs/task-protocol.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canvas: Option<Value>,
+    /// A canvas message (`switchyard.chain`, `.group`, `.chord`): its members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Value>,
+    /// A chord message: its callback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Value>,
 }
 
 impl Envelope {

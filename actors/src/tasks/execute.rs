@@ -15,6 +15,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::broker::{Claim, DeadLetter, Delivery, Outgoing, ResultStore, TaskQueue, HOLD_MIN};
+use super::canvas::{CanvasSpec, Membership};
 use super::events::{EventKind, EventSink, TaskEvent};
 use super::record::Revocation;
 use super::{Backoff, Envelope, Registry, ResultRecord, TaskContext, TaskEntry, TaskError};
@@ -22,6 +23,10 @@ use super::{TaskSettings, TaskState};
 
 /// The dead-letter reason of a message delivered more than `tasks.max_deliver` times.
 const MAX_DELIVERIES: &str = "max deliveries";
+
+/// The dead-letter reason of a message whose canvas fields are not as docs/task-protocol.md
+/// says (or a canvas id taken by a task).
+const BAD_CANVAS: &str = "bad canvas";
 
 /// How long a delivery is put back when the result store is unreachable at claim time.
 const CLAIM_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -303,14 +308,38 @@ impl Runner {
                 .reject(&delivery, Some(&s), true, "bad args", error)
                 .await;
         }
+        let member = match env.canvas.as_ref().map(Membership::parse).transpose() {
+            Ok(m) => m,
+            Err(e) => {
+                let error = format!("bad_canvas: {e}");
+                return self
+                    .reject(&delivery, Some(&s), true, BAD_CANVAS, error)
+                    .await;
+            }
+        };
+        let spec = match CanvasSpec::parse(&env) {
+            Ok(spec) => spec,
+            Err(e) => {
+                let error = format!("bad_canvas: {e}");
+                let failed = self
+                    .reject(&delivery, Some(&s), true, BAD_CANVAS, error)
+                    .await;
+                self.after_unrun(&delivery, member.as_ref(), failed.as_ref())
+                    .await;
+                return failed;
+            }
+        };
         if delivery.delivered > self.settings.max_deliver {
             let error = format!(
                 "max_deliver: delivered {} times (tasks.max_deliver = {})",
                 delivery.delivered, self.settings.max_deliver
             );
-            return self
+            let failed = self
                 .reject(&delivery, Some(&s), true, MAX_DELIVERIES, error)
                 .await;
+            self.after_unrun(&delivery, member.as_ref(), failed.as_ref())
+                .await;
+            return failed;
         }
         if env.is_expired(now) {
             let rec = ResultRecord::pending(&id)
@@ -319,6 +348,10 @@ impl Runner {
             let wrote = self.put_unrun(&rec, false).await;
             if wrote {
                 self.emit(EventKind::TaskRevoked, &s, TaskState::Revoked);
+            }
+            if wrote {
+                self.after_unrun(&delivery, member.as_ref(), Some(&rec))
+                    .await;
             }
             self.ack(&delivery).await;
             return wrote.then_some(rec);
@@ -329,9 +362,12 @@ impl Runner {
                 wait.as_secs(),
                 self.settings.max_eta.as_secs()
             );
-            return self
+            let failed = self
                 .reject(&delivery, Some(&s), true, "eta too far", error)
                 .await;
+            self.after_unrun(&delivery, member.as_ref(), failed.as_ref())
+                .await;
+            return failed;
         }
         if let (false, Some(wait), Some(eta)) = (self.eager, env.wait_for_eta(now), env.eta) {
             // A far eta leaves the queue for the schedule store (no delivery waits in a
@@ -350,14 +386,34 @@ impl Runner {
             }
             return None;
         }
+        if let Some(spec) = spec {
+            return match self.expand(&delivery, &id, &env, spec).await {
+                Ok(rec) => {
+                    self.ack(&delivery).await;
+                    rec
+                }
+                Err((true, e)) => {
+                    tracing::warn!(task_id = %id, "cannot expand the canvas, putting back: {e}");
+                    self.nak(&delivery, CLAIM_RETRY_DELAY).await;
+                    None
+                }
+                Err((false, error)) => {
+                    self.reject(&delivery, Some(&s), false, BAD_CANVAS, error)
+                        .await
+                }
+            };
+        }
         let Some(entry) = self.registry.get(&env.task) else {
             let error = format!(
                 "unknown_task: no task named {:?} is registered on node {}",
                 env.task, self.settings.node_id
             );
-            return self
+            let failed = self
                 .reject(&delivery, Some(&s), true, "unknown task", error)
                 .await;
+            self.after_unrun(&delivery, member.as_ref(), failed.as_ref())
+                .await;
+            return failed;
         };
         let plan = self.settings.plan(entry.options(), env.max_retries);
 
@@ -378,6 +434,20 @@ impl Runner {
                 tracing::info!(task_id = %id, %state, "not running a task that is already {state}");
                 if state == TaskState::Revoked {
                     self.emit(EventKind::TaskRevoked, &s, state);
+                }
+                // A canvas member that finished before (its runner died before telling its
+                // canvas, or it is a duplicate): tell it again; counted once.
+                if let Some(m) = &member {
+                    let told = match self.results.get_result(&id).await {
+                        Ok(Some(rec)) => self.settle_member(&delivery, m, &rec).await,
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = told {
+                        tracing::warn!(task_id = %id, "cannot update the canvas, putting back: {e}");
+                        self.nak(&delivery, CLAIM_RETRY_DELAY).await;
+                        return None;
+                    }
                 }
                 self.ack(&delivery).await;
                 return None;
@@ -511,8 +581,32 @@ impl Runner {
                 }
             },
         };
+        if let Some(m) = &member {
+            if let Err(e) = self.settle_member(&delivery, m, &rec).await {
+                // The record is final: the redelivery is refused at its claim and tells the
+                // canvas then.
+                tracing::warn!(task_id = %id, "cannot update the canvas, putting back: {e}");
+                self.nak(&delivery, CLAIM_RETRY_DELAY).await;
+                return Some(rec);
+            }
+        }
         self.ack(&delivery).await;
         Some(rec)
+    }
+
+    /// Tells the canvas of a member that failed or expired without running (best effort: the
+    /// message is already acknowledged).
+    async fn after_unrun(
+        &self,
+        delivery: &Delivery,
+        member: Option<&Membership>,
+        rec: Option<&ResultRecord>,
+    ) {
+        if let (Some(m), Some(rec)) = (member, rec) {
+            if let Err(e) = self.settle_member(delivery, m, rec).await {
+                tracing::warn!(task_id = %rec.id, canvas = %m.id, "cannot update the canvas: {e}");
+            }
+        }
     }
 }
 

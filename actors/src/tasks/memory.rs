@@ -19,6 +19,7 @@ use super::broker::{
     revocable, Acker, BrokerError, Claim, DeadLetter, Delivery, Outgoing, PublishOutcome,
     ResultStore, TaskQueue,
 };
+use super::canvas::Updated;
 use super::record::Revocation;
 use super::{ResultRecord, TaskSettings};
 
@@ -588,6 +589,22 @@ impl ResultStore for MemoryBroker {
         let expires = now + self.inner.result_ttl;
         state.store_result(record, expires, self.inner.max_results);
         Ok(true)
+    }
+
+    async fn update_result(
+        &self,
+        id: &str,
+        change: &(dyn for<'r> Fn(Option<&'r ResultRecord>) -> Option<ResultRecord> + Send + Sync),
+    ) -> Result<Updated, BrokerError> {
+        let now = Instant::now();
+        let mut state = self.inner.lock();
+        let before = state.live_result(id, now).cloned();
+        let after = change(before.as_ref());
+        if let Some(rec) = &after {
+            let expires = now + self.inner.result_ttl;
+            state.store_result(rec.clone(), expires, self.inner.max_results);
+        }
+        Ok(Updated { before, after })
     }
 }
 

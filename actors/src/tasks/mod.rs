@@ -21,6 +21,7 @@
 
 mod beat;
 mod broker;
+mod canvas;
 mod client;
 mod envelope;
 mod events;
@@ -43,6 +44,10 @@ pub use beat::{
 pub use broker::{
     Acker, Broker, BrokerError, Claim, DeadLetter, Delivery, ErrorSource, Outgoing, PublishOutcome,
     ResultStore, TaskQueue, HOLD_MIN,
+};
+pub use canvas::{
+    callback_id, member_id, CanvasInfo, CanvasKind, CanvasSpec, FailedStep, Membership, Signature,
+    Updated, CHAIN, CHORD, GROUP, MAX_MEMBERS,
 };
 pub use client::{AsyncResult, ClientError, Tasks};
 pub use envelope::{is_valid_task_id, new_task_id, Envelope, PublishOptions};

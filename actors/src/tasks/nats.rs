@@ -27,6 +27,7 @@ use super::broker::{
     revocable, Acker, BrokerError, Claim, DeadLetter, Delivery, Outgoing, PublishOutcome,
     ResultStore, TaskQueue,
 };
+use super::canvas::Updated;
 use super::record::Revocation;
 use super::{Envelope, EventSink, ResultRecord, TaskEvent, TaskSettings, TaskState};
 
@@ -1145,6 +1146,44 @@ impl ResultStore for NatsBroker {
         }
         Err(BrokerError::Contention {
             op: "revoke",
+            id: id.to_owned(),
+        })
+    }
+
+    async fn update_result(
+        &self,
+        id: &str,
+        change: &(dyn for<'r> Fn(Option<&'r ResultRecord>) -> Option<ResultRecord> + Send + Sync),
+    ) -> Result<Updated, BrokerError> {
+        for attempt in 0..super::canvas::CAS_ATTEMPTS {
+            let (before, revision) = match self.entry(id).await? {
+                Some((rec, rev)) => (Some(rec), Some(rev)),
+                None => {
+                    // Absent, or deleted/purged (a revision to swap against all the same).
+                    let raw = self
+                        .kv
+                        .entry(id)
+                        .await
+                        .map_err(unavailable(format!("read result {id}")))?;
+                    (None, raw.map(|e| e.revision))
+                }
+            };
+            let Some(after) = change(before.as_ref()) else {
+                return Ok(Updated {
+                    before,
+                    after: None,
+                });
+            };
+            if self.put_if(&after, revision).await? {
+                return Ok(Updated {
+                    before,
+                    after: Some(after),
+                });
+            }
+            tokio::time::sleep(super::canvas::cas_pause(attempt)).await;
+        }
+        Err(BrokerError::Contention {
+            op: "update",
             id: id.to_owned(),
         })
     }

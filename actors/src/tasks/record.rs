@@ -72,6 +72,9 @@ pub struct ResultRecord {
     /// The task this one retries (the dashboard's "Retry" publishes a copy with a new id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_of: Option<String>,
+    /// A chain, group or chord: its members and progress (absent from a task's record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canvas: Option<super::canvas::CanvasInfo>,
 }
 
 /// Why a task was REVOKED: the record's `error`.
@@ -113,6 +116,7 @@ impl ResultRecord {
             finished_at: None,
             progress: None,
             retry_of: None,
+            canvas: None,
         }
     }
 
