@@ -263,10 +263,11 @@ impl CanvasSpec {
         let n = self.tasks.len();
         CanvasInfo {
             kind: self.kind,
-            members: (0..n).map(|i| member_id(id, i)).collect(),
+            members: Vec::new(),
+            size: n,
             callback: self.callback.as_ref().map(|_| callback_id(id)),
             completed: 0,
-            done: vec![false; n],
+            done: "0".repeat(n),
             results: vec![Value::Null; n],
             failed_step: None,
             callback_published: false,
@@ -317,14 +318,19 @@ pub struct FailedStep {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CanvasInfo {
     pub kind: CanvasKind,
-    /// Member ids in order (a chain: every step's, published one after the other).
+    /// Member ids in order (a chain: every step's, published one after the other). Not
+    /// stored (each is [`member_id`] of the canvas id and its index): [`CanvasInfo::fill`]
+    /// adds them to a record read back, as `switchyard result` shows it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,
+    /// How many members (a chain: steps).
+    pub size: usize,
     /// A chord's callback id.
     pub callback: Option<String>,
     /// Members finished for good.
     pub completed: usize,
-    /// Per member: finished for good.
-    pub done: Vec<bool>,
+    /// Per member, one character: `1` finished for good, `0` not yet.
+    pub done: String,
     /// Per member: its result (null until it succeeded).
     pub results: Vec<Value>,
     /// The member that failed the canvas.
@@ -338,6 +344,15 @@ pub struct CanvasInfo {
     /// A chord: its callback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_task: Option<Signature>,
+}
+
+impl CanvasInfo {
+    /// Adds the member ids of canvas `id` (not stored: see [`CanvasInfo::members`]).
+    pub fn fill(&mut self, id: &str) {
+        if self.members.is_empty() {
+            self.members = (0..self.size).map(|i| member_id(id, i)).collect();
+        }
+    }
 }
 
 /// What [`ResultStore::update_result`] found and wrote.
@@ -389,7 +404,7 @@ fn record_member(
         rec
     };
     // The callback.
-    if m.index == info.members.len() {
+    if m.index == info.size {
         if info.callback.as_deref() != Some(member.id.as_str()) {
             return None;
         }
@@ -402,22 +417,23 @@ fn record_member(
             _ => failed(canvas, info.clone()),
         });
     }
-    if info.members.get(m.index).map(String::as_str) != Some(member.id.as_str())
-        || info.done.get(m.index) != Some(&false)
+    if m.index >= info.size
+        || member_id(&canvas.id, m.index) != member.id
+        || info.done.as_bytes().get(m.index) != Some(&b'0')
     {
         return None;
     }
     let mut info = info.clone();
-    info.done[m.index] = true;
+    info.done.replace_range(m.index..=m.index, "1");
     info.completed += 1;
     if member.state != TaskState::Success {
         return Some(failed(canvas, info));
     }
     info.results[m.index] = member.result.clone();
-    let all = info.completed == info.members.len();
+    let all = info.completed == info.size;
     let mut rec = canvas.clone();
     match info.kind {
-        CanvasKind::Chain if m.index + 1 == info.members.len() => {
+        CanvasKind::Chain if m.index + 1 == info.size => {
             rec = rec.succeeded(member.result.clone(), now);
         }
         CanvasKind::Group if all => {
@@ -447,8 +463,11 @@ pub(crate) async fn revoke(store: &dyn ResultStore, id: &str) -> Result<bool, Br
         return Ok(false);
     };
     if let Some(info) = &rec.canvas {
-        for m in info.members.iter().chain(info.callback.iter()) {
-            store.revoke(m).await?;
+        for i in 0..info.size {
+            store.revoke(&member_id(id, i)).await?;
+        }
+        if let Some(cb) = &info.callback {
+            store.revoke(cb).await?;
         }
     }
     Ok(true)
@@ -600,7 +619,7 @@ impl Runner {
                 let Some(step) = info.steps.get(next) else {
                     return Ok(());
                 };
-                if info.members.get(m.index) != Some(&rec.id) {
+                if member_id(&m.id, m.index) != rec.id {
                     return Ok(());
                 }
                 let next_id = member_id(&m.id, next);
@@ -618,7 +637,7 @@ impl Runner {
                 )?;
                 self.publish_or_fail(canvas, next, msg).await
             }
-            CanvasKind::Chord if info.completed == info.members.len() => {
+            CanvasKind::Chord if info.completed == info.size => {
                 let Some((cb_id, cb)) = info.callback.as_ref().zip(info.callback_task.as_ref())
                 else {
                     return Ok(());
@@ -628,7 +647,7 @@ impl Runner {
                 {
                     return Ok(());
                 }
-                let n = info.members.len();
+                let n = info.size;
                 let msg = self.signed_message(
                     delivery,
                     &m.id,

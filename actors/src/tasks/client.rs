@@ -435,17 +435,20 @@ impl Tasks {
     }
 
     /// The result record of task `id`; PENDING with null fields when unknown or expired.
+    /// A canvas's record lists its member ids.
     pub async fn result(&self, id: &str) -> Result<ResultRecord, ClientError> {
-        match &self.inner.backend {
-            Backend::Broker(b) => Ok(b
-                .get_result(id)
-                .await?
-                .unwrap_or_else(|| ResultRecord::pending(id))),
-            Backend::Eager(store) => Ok(store
-                .get_result(id)
-                .await?
-                .unwrap_or_else(|| ResultRecord::pending(id))),
+        let store: &dyn ResultStore = match &self.inner.backend {
+            Backend::Broker(b) => b.as_ref(),
+            Backend::Eager(store) => store.as_ref(),
+        };
+        let mut rec = store
+            .get_result(id)
+            .await?
+            .unwrap_or_else(|| ResultRecord::pending(id));
+        if let Some(info) = rec.canvas.as_mut() {
+            info.fill(id);
         }
+        Ok(rec)
     }
 
     /// Revokes task `id` if it has not started: it will never run and its record is REVOKED.
@@ -591,7 +594,13 @@ impl<T> AsyncResult<T> {
     /// The current result record (eager: the finished one, no I/O).
     pub async fn record(&self) -> Result<ResultRecord, ClientError> {
         match &self.eager {
-            Some(rec) => Ok(rec.clone()),
+            Some(rec) => {
+                let mut rec = rec.clone();
+                if let Some(info) = rec.canvas.as_mut() {
+                    info.fill(&self.id);
+                }
+                Ok(rec)
+            }
             None => self.tasks.result(&self.id).await,
         }
     }
