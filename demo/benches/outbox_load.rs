@@ -76,18 +76,24 @@ async fn one_run(outbox: bool, clients: usize, seconds: u64, max_orders: u64) ->
         ..Default::default()
     });
     let node = Arc::new(node);
+    // Log the clients in one after the other (concurrent logins would find every password
+    // hashing slot taken: 503, by design).
+    let mut sessions = Vec::new();
+    for n in 0..clients {
+        let c = common::client();
+        common::login(&c, &node, "alice", "wonderland").await;
+        let (_, html) = common::get_page(&c, &node.url("/cart")).await;
+        let token = common::csrf_token(&html).unwrap_or_default();
+        sessions.push((n, c, token));
+    }
     let warmup_until = Instant::now() + Duration::from_secs(2);
     let deadline = warmup_until + Duration::from_secs(seconds);
     let orders = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
-    for n in 0..clients {
+    for (n, c, mut token) in sessions {
         let node = node.clone();
         let orders = orders.clone();
         handles.push(tokio::spawn(async move {
-            let c = common::client();
-            common::login(&c, &node, "alice", "wonderland").await;
-            let (_, html) = common::get_page(&c, &node.url("/cart")).await;
-            let mut token = common::csrf_token(&html).unwrap_or_default();
             let product = switchyard_demo::PRODUCTS[n % switchyard_demo::PRODUCTS.len()].id;
             let (mut ok, mut failed, mut lat) = (0u64, 0u64, Vec::new());
             while Instant::now() < deadline && orders.load(Ordering::Relaxed) < max_orders {
