@@ -61,6 +61,27 @@ fn main() {
                     .expect("spawn worker")
             })
             .collect();
+        // The baseline: as many demo.add tasks without a canvas, published at once.
+        let t0 = Instant::now();
+        let mut ids = Vec::with_capacity(members);
+        for i in 0..members {
+            let h = tasks
+                .send("demo.add", json!({"x": i, "y": 1}), PublishOptions::new())
+                .await
+                .expect("publish");
+            ids.push(h.id().to_owned());
+        }
+        for id in &ids {
+            tasks
+                .handle::<serde_json::Value>(id.clone())
+                .get(RUN_LIMIT)
+                .await
+                .expect("a plain task");
+        }
+        println!(
+            "{members} plain demo.add tasks (no canvas), {workers} worker processes: {:.0} ms from the first publish to the last result",
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
         println!("chord of {members} demo.add members into demo.sum, {workers} worker processes");
         for run in 0..runs {
             let sigs: Vec<Signature> = (0..members)

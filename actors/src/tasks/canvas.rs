@@ -20,6 +20,7 @@
 //!
 //! Revoking a canvas id marks its record REVOKED and revokes every member that has not started.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -355,6 +356,79 @@ impl CanvasInfo {
     }
 }
 
+/// A member waiting for its batch's compare-and-swap.
+type Waiter = (
+    Membership,
+    ResultRecord,
+    tokio::sync::oneshot::Sender<Result<Recorded, BrokerError>>,
+);
+
+/// The members of each canvas waiting to be recorded in this process; a canvas id is present
+/// while a leader writes its batches.
+#[derive(Default)]
+pub(crate) struct CanvasBatches(std::sync::Mutex<HashMap<String, Vec<Waiter>>>);
+
+impl CanvasBatches {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Waiter>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Ends a leadership whose future was dropped: the waiting members get an error (their
+/// deliveries come back) and the next member leads.
+struct LeaderGuard<'a> {
+    batches: &'a CanvasBatches,
+    id: &'a str,
+    armed: bool,
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.batches.lock().remove(self.id);
+        }
+    }
+}
+
+/// What recording one member did.
+#[derive(Clone, Debug)]
+pub(crate) struct Recorded {
+    /// The canvas record now.
+    canvas: Option<ResultRecord>,
+    /// This update counted the member (false: counted before, or not a member).
+    counted: bool,
+    /// This member's count made every member done.
+    completed_set: bool,
+}
+
+/// `items` applied one after the other to `existing` (each as [`record_member`]): the record
+/// to write (none: nothing changed) and, per item, whether it counted and whether it
+/// completed the set.
+fn apply_all(
+    existing: Option<&ResultRecord>,
+    items: &[(Membership, ResultRecord)],
+) -> (Option<ResultRecord>, Vec<(bool, bool)>) {
+    let mut changed: Option<ResultRecord> = None;
+    let mut outcomes = Vec::with_capacity(items.len());
+    for (m, rec) in items {
+        let Some(base) = changed.as_ref().or(existing) else {
+            outcomes.push((false, false));
+            continue;
+        };
+        match record_member(base, m, rec) {
+            Some(next) => {
+                let done = |r: &ResultRecord| r.canvas.as_ref().map(|c| (c.completed, c.size));
+                let completes = matches!(done(&next), Some((c, n)) if c == n)
+                    && !matches!(done(base), Some((c, n)) if c == n);
+                outcomes.push((true, completes));
+                changed = Some(next);
+            }
+            None => outcomes.push((false, false)),
+        }
+    }
+    (changed, outcomes)
+}
+
 /// What [`ResultStore::update_result`] found and wrote.
 #[derive(Clone, Debug, Default)]
 pub struct Updated {
@@ -587,6 +661,84 @@ impl Runner {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Records finished member `rec` in its canvas record. The members of one canvas that
+    /// finish at once in this process are recorded together: the first becomes the leader and
+    /// writes every waiting member's change in one compare-and-swap (again for those that
+    /// came meanwhile), so the members compete with other processes, not with each other.
+    async fn record_in_batch(
+        &self,
+        m: &Membership,
+        rec: &ResultRecord,
+    ) -> Result<Recorded, BrokerError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut map = self.batches.lock();
+            match map.get_mut(&m.id) {
+                Some(waiting) => {
+                    waiting.push((m.clone(), rec.clone(), tx));
+                    false
+                }
+                None => {
+                    map.insert(m.id.clone(), vec![(m.clone(), rec.clone(), tx)]);
+                    true
+                }
+            }
+        };
+        if lead {
+            let mut guard = LeaderGuard {
+                batches: &self.batches,
+                id: &m.id,
+                armed: true,
+            };
+            loop {
+                let batch: Vec<Waiter> = {
+                    let mut map = self.batches.lock();
+                    match map.get_mut(&m.id) {
+                        Some(waiting) if !waiting.is_empty() => std::mem::take(waiting),
+                        _ => {
+                            map.remove(&m.id);
+                            guard.armed = false;
+                            break;
+                        }
+                    }
+                };
+                let items: Vec<(Membership, ResultRecord)> = batch
+                    .iter()
+                    .map(|(m, r, _)| (m.clone(), r.clone()))
+                    .collect();
+                let res = self
+                    .results
+                    .update_result(&m.id, &|existing| apply_all(existing, &items).0)
+                    .await;
+                match res {
+                    Ok(up) => {
+                        let wrote = up.after.is_some();
+                        let (_, outcomes) = apply_all(up.before.as_ref(), &items);
+                        let current = up.current().cloned();
+                        for ((_, _, tx), (counted, completes)) in batch.into_iter().zip(outcomes) {
+                            let _ = tx.send(Ok(Recorded {
+                                canvas: current.clone(),
+                                counted: counted && wrote,
+                                completed_set: completes && wrote,
+                            }));
+                        }
+                    }
+                    Err(e) => {
+                        for (_, _, tx) in batch {
+                            let _ = tx.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(BrokerError::unavailable_because(format!(
+                "record a member of canvas {} (the update was dropped)",
+                m.id
+            )))
+        })
+    }
+
     /// Records finished member `rec` in its canvas and does what follows (the next chain
     /// step, a chord's callback). Idempotent: a member counted before changes nothing.
     pub(crate) async fn settle_member(
@@ -598,11 +750,8 @@ impl Runner {
         if !rec.state.is_ready() {
             return Ok(());
         }
-        let up = self
-            .results
-            .update_result(&m.id, &|existing| record_member(existing?, m, rec))
-            .await?;
-        let Some(canvas) = up.current() else {
+        let recorded = self.record_in_batch(m, rec).await?;
+        let Some(canvas) = recorded.canvas.as_ref() else {
             return Ok(());
         };
         let Some(info) = canvas.canvas.as_ref() else {
@@ -612,7 +761,7 @@ impl Runner {
         if canvas.state.is_ready() || rec.state != TaskState::Success {
             return Ok(());
         }
-        let counted_now = up.after.is_some();
+        let counted_now = recorded.counted;
         match info.kind {
             CanvasKind::Chain => {
                 let next = m.index + 1;
@@ -642,8 +791,13 @@ impl Runner {
                 else {
                     return Ok(());
                 };
-                if !counted_now
-                    && (info.callback_published || self.results.get_result(cb_id).await?.is_some())
+                // The member whose update completed the set publishes the callback; one
+                // counted before only when the callback was never published (its runner died
+                // in between).
+                if !recorded.completed_set
+                    && (counted_now
+                        || info.callback_published
+                        || self.results.get_result(cb_id).await?.is_some())
                 {
                     return Ok(());
                 }
@@ -723,8 +877,8 @@ impl Runner {
 /// How long to wait between two compare-and-swap attempts on a canvas record (jittered, so
 /// members finishing together spread out).
 pub(crate) fn cas_pause(attempt: u32) -> Duration {
-    let base = u64::from(attempt.min(10)) + 1;
-    Duration::from_micros(rand::random::<u64>() % (base * 500) + 100)
+    let base = u64::from(attempt.min(8)) + 1;
+    Duration::from_micros(rand::random::<u64>() % (base * 200) + 50)
 }
 
 #[cfg(test)]
@@ -981,6 +1135,37 @@ mod tests {
             (rec.state, rec.result.clone()),
             (TaskState::Success, json!(1))
         );
+    }
+
+    #[test]
+    fn a_batch_counts_each_member_once_and_names_one_completer() {
+        let rec = canvas_record(CanvasKind::Chord, 3, true);
+        let item = |i: usize| {
+            (
+                Membership {
+                    id: "c".into(),
+                    index: i,
+                },
+                done(member_id("c", i), TaskState::Success, json!(i)),
+            )
+        };
+        // Member 1 twice in one batch (a duplicate delivery), then the rest.
+        let (first, outcomes) = apply_all(Some(&rec), &[item(1), item(1)]);
+        assert_eq!(outcomes, [(true, false), (false, false)]);
+        let first = first.expect("changed");
+        let (all, outcomes) = apply_all(Some(&first), &[item(0), item(2), item(1)]);
+        assert_eq!(outcomes, [(true, false), (true, true), (false, false)]);
+        let all = all.expect("changed");
+        assert_eq!(all.canvas.as_ref().map(|c| c.done.as_str()), Some("111"));
+        assert_eq!(
+            all.canvas.as_ref().map(|c| c.results.clone()),
+            Some(vec![json!(0), json!(1), json!(2)])
+        );
+        // Counted before: nothing to write, nobody completes again.
+        let (again, outcomes) = apply_all(Some(&all), &[item(2)]);
+        assert_eq!((again, outcomes), (None, vec![(false, false)]));
+        // No record: nothing.
+        assert_eq!(apply_all(None, &[item(0)]), (None, vec![(false, false)]));
     }
 
     #[test]

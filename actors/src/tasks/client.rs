@@ -384,6 +384,7 @@ impl Tasks {
             events: None,
             cold: CancellationToken::new(),
             eager: true,
+            batches: Default::default(),
         };
         queue.publish(msg).await?;
         let attempts = env

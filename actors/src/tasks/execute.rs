@@ -131,6 +131,8 @@ pub(crate) struct Runner {
     pub(crate) cold: CancellationToken,
     /// Eager mode: the body's context says so, and an eta is not waited for.
     pub(crate) eager: bool,
+    /// Canvas members waiting to be recorded together (`canvas.rs`).
+    pub(crate) batches: super::canvas::CanvasBatches,
 }
 
 /// Who a delivery is about, once known.
@@ -630,6 +632,7 @@ pub async fn process_delivery(
         events: None,
         cold: CancellationToken::new(),
         eager: false,
+        batches: Default::default(),
     };
     runner.process(delivery).await
 }

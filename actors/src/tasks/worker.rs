@@ -490,6 +490,7 @@ impl WorkerPool {
             events,
             cold: cold.clone(),
             eager: false,
+            batches: Default::default(),
         });
         let workers = specs
             .into_iter()
