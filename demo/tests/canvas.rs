@@ -628,6 +628,44 @@ async fn memory_broker_chain_group_chord_and_revoke() {
 }
 
 #[tokio::test]
+async fn demo_sum_adds_integers_exactly_and_refuses_bad_args_clearly() {
+    let tasks = Tasks::eager(Arc::new(registry()), settings());
+    let sum = |values: Value| {
+        let tasks = tasks.clone();
+        async move {
+            tasks
+                .send("demo.sum", json!({"values": values}), PublishOptions::new())
+                .await
+                .expect("publish")
+                .record()
+                .await
+                .expect("record")
+        }
+    };
+    assert_eq!(sum(json!([1, 2])).await.result, json!(3));
+    assert_eq!(sum(json!([])).await.result, json!(0));
+    assert_eq!(sum(json!([1, 0.5])).await.result, json!(1.5));
+    let overflow = sum(json!([i64::MAX, 1])).await;
+    assert_eq!(overflow.state, TaskState::Failure);
+    assert!(
+        overflow
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("overflow"),
+        "{overflow:?}"
+    );
+    for bad in [json!("1, 2"), json!([1, "2"]), json!(null)] {
+        let rec = sum(bad.clone()).await;
+        assert_eq!(rec.state, TaskState::Failure, "{bad}");
+        assert!(
+            rec.error.as_deref().unwrap_or("").starts_with("bad_args"),
+            "{bad}: {rec:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn eager_mode_runs_a_canvas_inline() {
     let tasks = Tasks::eager(Arc::new(registry()), settings());
     chain_group_chord(&tasks).await;
