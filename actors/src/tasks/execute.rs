@@ -350,8 +350,6 @@ impl Runner {
             let wrote = self.put_unrun(&rec, false).await;
             if wrote {
                 self.emit(EventKind::TaskRevoked, &s, TaskState::Revoked);
-            }
-            if wrote {
                 self.after_unrun(&delivery, member.as_ref(), Some(&rec))
                     .await;
             }
