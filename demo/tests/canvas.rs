@@ -361,10 +361,12 @@ async fn a_chord_survives_a_sigkilled_worker_and_runs_its_callback_once() {
     let chord = until_ready(&env.tasks, "chord-1").await;
     assert_eq!(chord.state, TaskState::Success, "{chord:?}");
     let mut results = Vec::new();
+    let mut last_end = None;
     for id in &ids {
         let r = env.tasks.result(id).await.expect("member");
         assert_eq!(r.state, TaskState::Success);
         results.push(r.result.as_f64().expect("seconds"));
+        last_end = last_end.max(r.finished_at);
     }
     let sum: f64 = results.iter().sum();
     assert_eq!(
@@ -379,6 +381,10 @@ async fn a_chord_survives_a_sigkilled_worker_and_runs_its_callback_once() {
     assert_eq!(cb, callback_id("chord-1"));
     let cb_rec = env.tasks.result(&cb).await.expect("callback");
     assert_eq!(cb_rec.result.as_f64(), Some(sum));
+    assert!(
+        cb_rec.started_at >= last_end,
+        "the callback started after every member ended"
+    );
 
     let starts = count_by_task(&mut started).await;
     let successes = count_by_task(&mut succeeded).await;
