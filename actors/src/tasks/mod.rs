@@ -15,6 +15,9 @@
 //!   [`Scheduler`] that releases them when due.
 //! - `beat`: periodic tasks ([`Beat`]), its lease and tick ids.
 //! - `execute`: the runner: decode → admit → claim → run → settle, for workers and eager mode.
+//! - `canvas`: chains, groups and chords ([`Signature`], the canvas record's [`CanvasInfo`]):
+//!   the runner expands a canvas message and records each finished member with a
+//!   compare-and-swap.
 //! - `worker`: the [`TaskWorker`] actors (one per queue) and the [`WorkerPool`] that owns them
 //!   and the task runtime.
 //! - `client`: [`Tasks`] (publish, results, revoke) and the [`AsyncResult`] handle.
