@@ -137,13 +137,18 @@ impl Env {
             .expect("ack");
     }
 
-    /// `switchyard result ID`, parsed.
-    fn cli_result(&self, id: &str) -> Value {
+    /// `switchyard <command> ID`, its output parsed.
+    fn cli(&self, command: &str, id: &str) -> Value {
         let env = self.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let (code, out, err) = common::run_cli(&["result", id], &env, None);
+        let (code, out, err) = common::run_cli(&[command, id], &env, None);
         assert_eq!(code, 0, "{err}");
-        serde_json::from_str(out.trim()).expect("a record")
+        serde_json::from_str(out.trim()).expect("JSON")
+    }
+
+    /// `switchyard result ID`, parsed.
+    fn cli_result(&self, id: &str) -> Value {
+        self.cli("result", id)
     }
 
     async fn events(&self, kind: &str) -> async_nats::Subscriber {
@@ -281,6 +286,38 @@ async fn a_foreign_chain_and_group_run_on_worker_processes() {
         TaskState::Pending,
         "a stopped chain runs no further step"
     );
+
+    // `switchyard revoke` of a chain while its first step runs: the chain is REVOKED and its
+    // next step never runs.
+    env.publish_json(json!({
+        "id": "chain-3", "task": "switchyard.chain", "args": {},
+        "tasks": [
+            {"task": "demo.sleep", "args": {"seconds": 1.0}},
+            {"task": "demo.add", "args": {"x": 1, "y": 1}}
+        ]
+    }))
+    .await;
+    let first = member_id("chain-3", 0);
+    let deadline = Instant::now() + WAIT;
+    while env.tasks.result(&first).await.expect("step").state != TaskState::Started {
+        assert!(Instant::now() < deadline, "the first step never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.cli("revoke", "chain-3"), json!({"revoked": 1}));
+    assert_eq!(env.cli_result("chain-3")["state"], "REVOKED");
+    let deadline = Instant::now() + WAIT;
+    while env.tasks.result(&first).await.expect("step").state != TaskState::Success {
+        assert!(Instant::now() < deadline, "the running step finishes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = env
+        .tasks
+        .result(&member_id("chain-3", 1))
+        .await
+        .expect("step");
+    assert_eq!(second.state, TaskState::Revoked, "{second:?}");
+    assert_eq!(second.started_at, None, "never ran");
 
     // Hostile canvas fields: a dead letter with a clear reason, the worker still serving.
     env.publish_json(
