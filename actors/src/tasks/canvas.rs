@@ -631,6 +631,7 @@ impl Runner {
             eta: None,
             expires: None,
             published_at: Some(Utc::now()),
+            retry_of: None,
             canvas: Some(serde_json::json!({"id": canvas, "index": index})),
             tasks: None,
             callback: None,
