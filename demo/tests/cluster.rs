@@ -6,8 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,65 +20,17 @@ use switchyard_actors::tasks::NatsBroker;
 /// Upper bound of every wait.
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A `switchyard worker` process whose stderr goes to a file; killed when dropped.
-struct Worker {
-    child: Child,
-    stderr: PathBuf,
-    _dir: tempfile::TempDir,
-}
+type Worker = common::Spawned;
 
-impl Worker {
-    fn spawn(args: &[&str], env: &[(String, String)]) -> Worker {
-        Self::spawn_command("worker", args, env)
-    }
-
-    /// `switchyard <command> <args>` (a worker, or a beat).
-    fn spawn_command(command: &str, args: &[&str], env: &[(String, String)]) -> Worker {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let stderr = dir.path().join("stderr.log");
-        let mut cmd = Command::new(common::binary());
-        cmd.arg(command)
-            .args(args)
-            .current_dir(common::root())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr log"));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Worker {
-            child: cmd.spawn().expect("spawn worker"),
-            stderr,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// The URL of the `metrics on http://IP:PORT` line, once printed.
-    fn metrics_url(&self) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(line) = self.log().lines().find(|l| l.starts_with("metrics on ")) {
-                return format!("{}/metrics", line.trim_start_matches("metrics on ").trim());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no metrics line:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The URL of the `metrics on http://IP:PORT` line of `node`, once printed.
+fn metrics_url(node: &Worker) -> String {
+    node.wait_for("metrics on ", WAIT);
+    let log = node.log();
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("metrics on "))
+        .expect("the metrics line");
+    format!("{}/metrics", line.trim_start_matches("metrics on ").trim())
 }
 
 fn env_pairs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -144,9 +94,9 @@ async fn cluster_status_lists_live_nodes_and_forgets_a_killed_worker() {
         args: vec!["--node-id".into(), "web-1".into()],
         ..Default::default()
     });
-    let w1 = Worker::spawn(&["--node-id", "w1", "--queues", "default"], &env);
-    let mut w2 = Worker::spawn(&["--node-id", "w2"], &env);
-    let _b1 = Worker::spawn_command("beat", &["--node-id", "b1"], &env);
+    let w1 = Worker::spawn("worker", &["--node-id", "w1", "--queues", "default"], &env);
+    let mut w2 = Worker::spawn("worker", &["--node-id", "w2"], &env);
+    let _b1 = Worker::spawn("beat", &["--node-id", "b1"], &env);
 
     // Garbage on the heartbeat subject meanwhile is ignored.
     let client = async_nats::connect(&nats).await.expect("nats");
@@ -192,7 +142,7 @@ async fn cluster_status_lists_live_nodes_and_forgets_a_killed_worker() {
         chrono::DateTime::parse_from_rfc3339(seen).expect("RFC 3339");
     }
     // The worker advertises the metrics URL it printed.
-    let w1_metrics = w1.metrics_url();
+    let w1_metrics = metrics_url(&w1);
     assert_eq!(nodes["w1"]["metrics"], w1_metrics.as_str());
 
     // The table form: a header and one row per node.
@@ -231,7 +181,7 @@ async fn cluster_status_lists_live_nodes_and_forgets_a_killed_worker() {
         );
         assert_eq!(code, 0, "{err}");
     }
-    let urls = [w1_metrics, w2.metrics_url()];
+    let urls = [w1_metrics, metrics_url(&w2)];
     let deadline = Instant::now() + WAIT;
     loop {
         let mut succeeded = 0.0;
@@ -391,7 +341,7 @@ async fn a_three_node_nats_cluster_loses_its_stream_leader_and_no_task_or_sessio
         ("SWITCHYARD_CLUSTER__METRICS_BIND", ""),
     ]);
     // The worker creates the streams and the results bucket, replicated three times.
-    let worker = Worker::spawn(&["--node-id", "cw1"], &env);
+    let worker = Worker::spawn("worker", &["--node-id", "cw1"], &env);
     let tasks_stream = format!("{}_TASKS", prefix.to_uppercase());
     let deadline = Instant::now() + WAIT;
     while js.get_stream(&tasks_stream).await.is_err() {

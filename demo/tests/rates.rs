@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,46 +46,20 @@ rate_key = "user"
 heartbeat_interval = 1
 "#;
 
-/// A `switchyard worker` process; killed when dropped.
-struct Worker {
-    child: Child,
-    stderr: PathBuf,
-    _dir: tempfile::TempDir,
-}
+type Worker = common::Spawned;
 
-impl Worker {
-    fn spawn(config: &Path, node: &str, env: &[(String, String)]) -> Worker {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let stderr = dir.path().join("stderr.log");
-        let mut cmd = Command::new(common::binary());
-        cmd.arg("worker")
-            .arg("--config")
-            .arg(config)
-            .args(["--node-id", node, "--queues", "limited,peruser"])
-            .current_dir(common::root())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr log"));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Worker {
-            child: cmd.spawn().expect("spawn worker"),
-            stderr,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A worker of both queues of [`CONFIG`].
+fn worker(config: &Path, node: &str, env: &[(String, String)]) -> Worker {
+    let config = config.display().to_string();
+    let args = [
+        "--config",
+        &config,
+        "--node-id",
+        node,
+        "--queues",
+        "limited,peruser",
+    ];
+    Worker::spawn("worker", &args, env)
 }
 
 /// Waits until `cluster status --json` lists every node of `nodes`.
@@ -205,7 +178,7 @@ async fn three_workers_share_the_limit(nats: &str) {
     .collect();
     let workers: Vec<Worker> = ["r1", "r2", "r3"]
         .iter()
-        .map(|n| Worker::spawn(&config, n, &env))
+        .map(|n| worker(&config, n, &env))
         .collect();
     wait_listed(&config, &env, &["r1", "r2", "r3"], &workers);
 

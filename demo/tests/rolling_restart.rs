@@ -9,15 +9,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde_json::{json, Value};
 use switchyard::tasks::{PublishOptions, QueueSpec, Registry, TaskSettings, TaskState, Tasks};
 use switchyard_actors::tasks::NatsBroker;
@@ -43,69 +40,12 @@ concurrency = 4
 heartbeat_interval = 1
 "#;
 
-struct Worker {
-    child: Child,
-    stderr: PathBuf,
-    _dir: tempfile::TempDir,
-}
+type Worker = common::Spawned;
 
-impl Worker {
-    fn spawn(config: &Path, node: &str, env: &[(String, String)]) -> Worker {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let stderr = dir.path().join("stderr.log");
-        let mut cmd = Command::new(common::binary());
-        cmd.arg("worker")
-            .arg("--config")
-            .arg(config)
-            .args(["--node-id", node])
-            .current_dir(common::root())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr log"));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Worker {
-            child: cmd.spawn().expect("spawn worker"),
-            stderr,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Waits (at most [`WAIT`]) for the `worker ready` line.
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + WAIT;
-        while !self.log().contains("worker ready") {
-            assert!(Instant::now() < deadline, "never ready:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit (a warm shutdown drains in-flight tasks).
-    fn stop(&mut self) {
-        let pid = Pid::from_raw(self.child.id() as i32);
-        kill(pid, Signal::SIGTERM).expect("SIGTERM");
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "worker exited {status}:\n{}", self.log());
-                return;
-            }
-            assert!(Instant::now() < deadline, "no exit:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A worker of every queue of the config.
+fn worker(config: &Path, node: &str, env: &[(String, String)]) -> Worker {
+    let config = config.display().to_string();
+    Worker::spawn("worker", &["--config", &config, "--node-id", node], env)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,12 +65,9 @@ async fn restarting_workers_one_by_one_loses_and_doubles_nothing() {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     let names = ["w1", "w2", "w3"];
-    let mut workers: Vec<Worker> = names
-        .iter()
-        .map(|n| Worker::spawn(&config, n, &env))
-        .collect();
+    let mut workers: Vec<Worker> = names.iter().map(|n| worker(&config, n, &env)).collect();
     for w in &workers {
-        w.wait_ready();
+        w.wait_for("worker ready", WAIT);
     }
 
     let client = async_nats::connect(&nats).await.expect("nats");
@@ -200,9 +137,9 @@ async fn restarting_workers_one_by_one_loses_and_doubles_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     for (i, name) in names.iter().enumerate() {
         let t = Instant::now();
-        workers[i].stop();
-        workers[i] = Worker::spawn(&config, name, &env);
-        workers[i].wait_ready();
+        workers[i].terminate(WAIT);
+        workers[i] = worker(&config, name, &env);
+        workers[i].wait_for("worker ready", WAIT);
         eprintln!("{name} restarted in {:?}", t.elapsed());
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

@@ -626,3 +626,75 @@ pub fn env_num(name: &str, default: u64) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// A `switchyard <command> <args>` process (a worker, a beat) whose stderr goes to a file in
+/// its own temporary directory; killed when dropped.
+pub struct Spawned {
+    pub child: Child,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Spawned {
+    /// Starts `switchyard <command> <args>` in the checkout with `env` added.
+    pub fn spawn(command: &str, args: &[&str], env: &[(String, String)]) -> Spawned {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stderr = dir.path().join("stderr.log");
+        let mut cmd = Command::new(binary());
+        cmd.arg(command)
+            .args(args)
+            .current_dir(root())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr log"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Spawned {
+            child: cmd.spawn().expect("spawn switchyard"),
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits (at most `within`) until stderr contains `text`.
+    pub fn wait_for(&self, text: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} within {within:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then waits (at most `within`) for a clean exit.
+    pub fn terminate(&mut self, within: Duration) {
+        use nix::sys::signal::{kill, Signal};
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        kill(pid, Signal::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "exited {status}:\n{}", self.log());
+                return;
+            }
+            assert!(Instant::now() < deadline, "no exit:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
