@@ -22,10 +22,9 @@ use serde::{Deserialize, Serialize};
 use support::env_num;
 use switchyard::config::{Broker, Config};
 use switchyard::tasks::{
-    EventKind, EventSink, QueueSpec, Registry, ResultRecord, ResultStore, Task, TaskContext,
-    TaskError, TaskEvent, TaskSettings, Tasks, WorkerPool,
+    EventKind, QueueSpec, Registry, ResultRecord, ResultStore, Task, TaskContext, TaskError,
+    TaskEvent, TaskSettings, Tasks,
 };
-use switchyard_actors::tasks::NatsBroker;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -152,35 +151,15 @@ fn main() {
             queues: vec![QueueSpec::new("default", CONCURRENCY)],
             ..TaskSettings::default()
         };
-        let broker = Arc::new(
-            NatsBroker::open(client.clone(), &prefix, &settings)
-                .await
-                .expect("broker"),
-        );
         let mut registry = Registry::new();
         registry.register(Noop);
-        let registry = Arc::new(registry);
-        let finished = Arc::new(AtomicUsize::new(0));
-        let sink: EventSink = {
-            let finished = finished.clone();
-            Arc::new(move |e: &TaskEvent| {
-                if e.kind == EventKind::TaskSucceeded {
-                    finished.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        };
-        let sink = broker.event_sink(Some(sink));
-        let arbiter = actix_rt::Arbiter::new();
-        let pool = WorkerPool::start(
-            settings.clone(),
-            None,
-            broker.clone(),
-            registry.clone(),
-            Some(sink),
-            &arbiter.handle(),
-        )
-        .expect("pool");
-        let tasks = Tasks::new(broker.clone(), registry, settings);
+        let counting =
+            support::CountingPool::start(client.clone(), &prefix, settings, registry).await;
+        let (broker, tasks, finished) = (
+            counting.broker.clone(),
+            counting.tasks.clone(),
+            counting.finished.clone(),
+        );
         // Warm-up (consumer, connections).
         run_tasks(&tasks, &finished, n / 10).await;
 
@@ -321,9 +300,7 @@ fn main() {
         }
 
         node.stop();
-        pool.cold_token().cancel();
-        pool.drain().await;
-        arbiter.stop();
+        counting.stop().await;
         let js = broker.jetstream();
         let names = broker.names();
         for s in [

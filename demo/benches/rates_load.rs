@@ -12,15 +12,12 @@
 mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use switchyard::tasks::{
-    EventKind, EventSink, PublishOptions, QueueSpec, Registry, Task, TaskContext, TaskError,
-    TaskEvent, TaskSettings, Tasks, WorkerPool,
+    PublishOptions, QueueSpec, Registry, Task, TaskContext, TaskError, TaskSettings, Tasks,
 };
-use switchyard_actors::tasks::NatsBroker;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -114,35 +111,10 @@ fn main() {
             ],
             ..TaskSettings::default()
         };
-        let broker = Arc::new(
-            NatsBroker::open(client.clone(), &prefix, &settings)
-                .await
-                .expect("broker"),
-        );
         let mut registry = Registry::new();
         registry.register(Noop);
-        let registry = Arc::new(registry);
-        let finished = Arc::new(AtomicUsize::new(0));
-        let sink: EventSink = {
-            let finished = finished.clone();
-            Arc::new(move |e: &TaskEvent| {
-                if e.kind == EventKind::TaskSucceeded {
-                    finished.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        };
-        let sink = broker.event_sink(Some(sink));
-        let arbiter = actix_rt::Arbiter::new();
-        let pool = WorkerPool::start(
-            settings.clone(),
-            None,
-            broker.clone(),
-            registry.clone(),
-            Some(sink),
-            &arbiter.handle(),
-        )
-        .expect("pool");
-        let tasks = Tasks::new(broker.clone(), registry, settings);
+        let counting = support::CountingPool::start(client.clone(), &prefix, settings, registry).await;
+        let (broker, tasks, finished) = (counting.broker.clone(), counting.tasks.clone(), counting.finished.clone());
 
         // Warm-up, then the three queues in turn, `rounds` times.
         measure(&tasks, &finished, "free", n / 5).await;
@@ -166,9 +138,7 @@ fn main() {
             keyed / free
         );
 
-        pool.cold_token().cancel();
-        pool.drain().await;
-        arbiter.stop();
+        counting.stop().await;
         let js = broker.jetstream();
         let names = broker.names();
         for s in [

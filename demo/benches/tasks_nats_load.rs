@@ -8,18 +8,17 @@
 //! default 1000/s; `BENCH_LATENCY_TASKS`, default 10000; `BENCH_WARMUP_SECONDS`, default 2;
 //! `SWITCHYARD_NATS__URL`). Streams are created under a unique prefix and deleted at the end.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+#[path = "support/mod.rs"]
+mod support;
+
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use switchyard::tasks::{
-    EventKind, EventSink, QueueSpec, Registry, Task, TaskContext, TaskError, TaskEvent,
-    TaskSettings, Tasks, WorkerPool,
-};
-use switchyard_actors::tasks::NatsBroker;
+use switchyard::tasks::{QueueSpec, Registry, Task, TaskContext, TaskError, TaskSettings};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -170,36 +169,11 @@ fn main() {
             queues: vec![QueueSpec::new("default", CONCURRENCY)],
             ..TaskSettings::default()
         };
-        let broker = Arc::new(
-            NatsBroker::open(client.clone(), &prefix, &settings)
-                .await
-                .expect("broker"),
-        );
         let latencies = Arc::new(Mutex::new(Vec::new()));
         let mut registry = Registry::new();
         registry.register(Noop(latencies.clone()));
-        let registry = Arc::new(registry);
-        let finished = Arc::new(AtomicUsize::new(0));
-        let sink: EventSink = {
-            let finished = finished.clone();
-            Arc::new(move |e: &TaskEvent| {
-                if e.kind == EventKind::TaskSucceeded {
-                    finished.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        };
-        let sink = broker.event_sink(Some(sink));
-        let arbiter = actix_rt::Arbiter::new();
-        let pool = WorkerPool::start(
-            settings.clone(),
-            None,
-            broker.clone(),
-            registry.clone(),
-            Some(sink),
-            &arbiter.handle(),
-        )
-        .expect("pool");
-        let tasks = Tasks::new(broker.clone(), registry, settings);
+        let counting = support::CountingPool::start(client.clone(), &prefix, settings, registry).await;
+        let (broker, tasks, finished) = (counting.broker.clone(), counting.tasks.clone(), counting.finished.clone());
 
         // Throughput: N published by PUBLISHERS concurrent publishers, until all complete.
         let start = Instant::now();
@@ -263,9 +237,7 @@ fn main() {
             pct(&lat, 1.0)
         );
 
-        pool.cold_token().cancel();
-        pool.drain().await;
-        arbiter.stop();
+        counting.stop().await;
         let js = broker.jetstream();
         let names = broker.names();
         for s in [

@@ -166,3 +166,70 @@ pub fn env_num(name: &str, default: u64) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// A worker pool on a NATS broker, in this process, that counts the tasks it finished (their
+/// `task-succeeded` events): what the task benches drive. Call inside an actix system.
+pub struct CountingPool {
+    pub broker: std::sync::Arc<switchyard_actors::tasks::NatsBroker>,
+    pub tasks: switchyard::tasks::Tasks,
+    /// Tasks that succeeded so far.
+    pub finished: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pool: switchyard::tasks::WorkerPool,
+    arbiter: actix_rt::Arbiter,
+}
+
+impl CountingPool {
+    /// Opens the broker under `prefix` and starts a pool of `settings`' queues.
+    pub async fn start(
+        client: async_nats::Client,
+        prefix: &str,
+        settings: switchyard::tasks::TaskSettings,
+        registry: switchyard::tasks::Registry,
+    ) -> CountingPool {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use switchyard::tasks::{EventKind, EventSink, TaskEvent, Tasks, WorkerPool};
+
+        let broker = Arc::new(
+            switchyard_actors::tasks::NatsBroker::open(client, prefix, &settings)
+                .await
+                .expect("broker"),
+        );
+        let registry = Arc::new(registry);
+        let finished = Arc::new(AtomicUsize::new(0));
+        let sink: EventSink = {
+            let finished = finished.clone();
+            Arc::new(move |e: &TaskEvent| {
+                if e.kind == EventKind::TaskSucceeded {
+                    finished.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let sink = broker.event_sink(Some(sink));
+        let arbiter = actix_rt::Arbiter::new();
+        let pool = WorkerPool::start(
+            settings.clone(),
+            None,
+            broker.clone(),
+            registry.clone(),
+            Some(sink),
+            &arbiter.handle(),
+        )
+        .expect("pool");
+        let tasks = Tasks::new(broker.clone(), registry, settings);
+        CountingPool {
+            broker,
+            tasks,
+            finished,
+            pool,
+            arbiter,
+        }
+    }
+
+    /// Stops the pool (in-flight tasks finish first) and its arbiter.
+    pub async fn stop(self) {
+        self.pool.cold_token().cancel();
+        self.pool.drain().await;
+        self.arbiter.stop();
+    }
+}
