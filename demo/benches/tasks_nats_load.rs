@@ -28,13 +28,6 @@ const CONCURRENCY: usize = 64;
 /// Publishes in flight at once.
 const PUBLISHERS: usize = 64;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -152,10 +145,10 @@ async fn raw_baseline(client: async_nats::Client, prefix: &str, n: usize) -> f64
 }
 
 fn main() {
-    let n = env_num("BENCH_TASKS", 20_000) as usize;
-    let rate = env_num("BENCH_RATE", 1_000);
-    let lat_n = env_num("BENCH_LATENCY_TASKS", 10_000) as usize;
-    let warmup = Duration::from_secs(env_num("BENCH_WARMUP_SECONDS", 2));
+    let n = support::env_num("BENCH_TASKS", 20_000) as usize;
+    let rate = support::env_num("BENCH_RATE", 1_000);
+    let lat_n = support::env_num("BENCH_LATENCY_TASKS", 10_000) as usize;
+    let warmup = Duration::from_secs(support::env_num("BENCH_WARMUP_SECONDS", 2));
     let url =
         std::env::var("SWITCHYARD_NATS__URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let prefix = format!("bench{}", now_ns() % 1_000_000_000);
