@@ -284,8 +284,8 @@ pub trait TaskQueue: Send + Sync + 'static {
     }
     /// Leases `want` tokens of the cluster-wide limit `key` (a hash of the queue and
     /// `rate_key` value, see `rate::limit_key`), one per `interval_ns`, at `now_ns` (Unix
-    /// nanoseconds), none if the first is more than `ahead_ns` away; see `rate::grant`. The default (a private queue with no other worker)
-    /// grants them all now.
+    /// nanoseconds), none if the first is more than `ahead_ns` away; see `rate::grant`. The
+    /// default (a private queue with no other worker) grants them all now.
     async fn rate_lease(
         &self,
         key: &str,
