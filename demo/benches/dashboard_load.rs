@@ -300,18 +300,8 @@ fn main() {
         }
 
         node.stop();
-        counting.stop().await;
         let js = broker.jetstream();
-        let names = broker.names();
-        for s in [
-            names.tasks_stream(),
-            names.dead_stream(),
-            names.scheduled_stream(),
-            format!("KV_{}", names.results_bucket()),
-            format!("KV_{}", names.unique_bucket()),
-            format!("KV_{prefix}_login"),
-        ] {
-            let _ = js.delete_stream(&s).await;
-        }
+        let _ = js.delete_stream(&format!("KV_{prefix}_login")).await;
+        counting.stop().await;
     });
 }

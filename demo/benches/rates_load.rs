@@ -114,7 +114,7 @@ fn main() {
         let mut registry = Registry::new();
         registry.register(Noop);
         let counting = support::CountingPool::start(client.clone(), &prefix, settings, registry).await;
-        let (broker, tasks, finished) = (counting.broker.clone(), counting.tasks.clone(), counting.finished.clone());
+        let (tasks, finished) = (counting.tasks.clone(), counting.finished.clone());
 
         // Warm-up, then the three queues in turn, `rounds` times.
         measure(&tasks, &finished, "free", n / 5).await;
@@ -139,17 +139,5 @@ fn main() {
         );
 
         counting.stop().await;
-        let js = broker.jetstream();
-        let names = broker.names();
-        for s in [
-            names.tasks_stream(),
-            names.dead_stream(),
-            names.scheduled_stream(),
-            format!("KV_{}", names.results_bucket()),
-            format!("KV_{}", names.unique_bucket()),
-            format!("KV_{}", names.rates_bucket()),
-        ] {
-            let _ = js.delete_stream(&s).await;
-        }
     });
 }

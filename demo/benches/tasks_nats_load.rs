@@ -166,7 +166,7 @@ fn main() {
         let mut registry = Registry::new();
         registry.register(Noop(latencies.clone()));
         let counting = support::CountingPool::start(client.clone(), &prefix, settings, registry).await;
-        let (broker, tasks, finished) = (counting.broker.clone(), counting.tasks.clone(), counting.finished.clone());
+        let (tasks, finished) = (counting.tasks.clone(), counting.finished.clone());
 
         // Throughput: N published by PUBLISHERS concurrent publishers, until all complete.
         let start = Instant::now();
@@ -231,15 +231,5 @@ fn main() {
         );
 
         counting.stop().await;
-        let js = broker.jetstream();
-        let names = broker.names();
-        for s in [
-            names.tasks_stream(),
-            names.dead_stream(),
-            format!("KV_{}", names.results_bucket()),
-            format!("KV_{}", names.unique_bucket()),
-        ] {
-            let _ = js.delete_stream(&s).await;
-        }
     });
 }

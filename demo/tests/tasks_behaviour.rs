@@ -357,14 +357,7 @@ impl NatsHarness {
     async fn delete(broker: &NatsBroker) {
         let names = broker.names();
         let js = broker.jetstream();
-        for stream in [
-            names.tasks_stream(),
-            names.dead_stream(),
-            names.scheduled_stream(),
-            format!("KV_{}", names.results_bucket()),
-            format!("KV_{}", names.scheduler_bucket()),
-            format!("KV_{}", names.unique_bucket()),
-        ] {
+        for stream in names.task_streams() {
             let _ = js.delete_stream(&stream).await;
         }
     }

@@ -128,6 +128,19 @@ impl NatsNames {
     pub fn unique_bucket(&self) -> String {
         format!("{}_unique", self.prefix)
     }
+    /// Every stream the task broker creates under this prefix, the KV buckets as their `KV_`
+    /// streams: what a test or a bench deletes when it is done with its prefix.
+    pub fn task_streams(&self) -> [String; 7] {
+        [
+            self.tasks_stream(),
+            self.dead_stream(),
+            self.scheduled_stream(),
+            format!("KV_{}", self.results_bucket()),
+            format!("KV_{}", self.scheduler_bucket()),
+            format!("KV_{}", self.rates_bucket()),
+            format!("KV_{}", self.unique_bucket()),
+        ]
+    }
     /// The durable consumer of a queue.
     pub fn consumer(&self, queue: &str) -> String {
         format!("{}_{}", self.prefix, queue).replace(['.', '*', '>', ' '], "_")

@@ -226,10 +226,15 @@ impl CountingPool {
         }
     }
 
-    /// Stops the pool (in-flight tasks finish first) and its arbiter.
+    /// Stops the pool (in-flight tasks finish first) and its arbiter, and deletes every
+    /// stream and bucket of the broker's prefix.
     pub async fn stop(self) {
         self.pool.cold_token().cancel();
         self.pool.drain().await;
         self.arbiter.stop();
+        let js = self.broker.jetstream();
+        for stream in self.broker.names().task_streams() {
+            let _ = js.delete_stream(&stream).await;
+        }
     }
 }
