@@ -1,6 +1,8 @@
 //! Load harness for the NATS broker, in one run against the local server: end-to-end no-op
-//! tasks/s (publish N, wait until all complete; results and events on) against a raw
-//! async-nats publish + pull + ack loop fetching with the same batch size as the workers; then
+//! tasks/s (publish N, wait until all complete; results and events on) against two raw
+//! async-nats loops fetching with the same batch size as the workers: publish + pull + ack,
+//! and the same with the claim and result writes per message (a key-value create and an
+//! update, as many at once as the workers' slots); then
 //! publish-to-start latency at a steady rate after a warm-up (stamped at publish, read at the
 //! first line of the task body).
 //!
@@ -126,9 +128,11 @@ async fn raw_baseline(client: async_nats::Client, prefix: &str, n: usize) -> f64
     let mut done = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
     while done < n && Instant::now() < deadline {
+        // Never more than are left: a last request for a full batch would wait out its
+        // expiry (500 ms) for messages that never come.
         let mut batch = c
             .batch()
-            .max_messages(CONCURRENCY)
+            .max_messages(CONCURRENCY.min(n - done))
             .expires(Duration::from_millis(500))
             .messages()
             .await
@@ -144,6 +148,109 @@ async fn raw_baseline(client: async_nats::Client, prefix: &str, n: usize) -> f64
     rate
 }
 
+/// Raw JetStream with the records a queue with a revocable claim and a stored result writes:
+/// publish `n`, pull with batch `CONCURRENCY`, and per message (up to `CONCURRENCY` at once) a
+/// key-value create (the claim), a put (the result), then the ack. The floor of what any
+/// design with those guarantees does on NATS 2.9, without Switchyard.
+async fn raw_with_records(client: async_nats::Client, prefix: &str, n: usize) -> f64 {
+    let js = jetstream::new(client);
+    let name = format!("{}_RAWREC", prefix.to_uppercase());
+    let subject = format!("{prefix}.rawrec.q");
+    let bucket = format!("{prefix}_rawrec");
+    let s = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .expect("raw stream");
+    js.create_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .expect("raw bucket");
+    let kv = js.get_key_value(&bucket).await.expect("raw bucket");
+    let c: consumer::PullConsumer = s
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("raw".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        })
+        .await
+        .expect("raw consumer");
+    let start = Instant::now();
+    let publisher = {
+        let js = js.clone();
+        let subject = subject.clone();
+        tokio::spawn(async move {
+            let mut acks = std::collections::VecDeque::with_capacity(PUBLISH_WINDOW);
+            for i in 0..n {
+                if acks.len() >= PUBLISH_WINDOW {
+                    if let Some(ack) = acks.pop_front() {
+                        let ack: jetstream::context::PublishAckFuture = ack;
+                        ack.await.expect("ack");
+                    }
+                }
+                let payload = format!(r#"{{"id":"t{i}","task":"bench.noop","args":{{"t":0}}}}"#);
+                acks.push_back(
+                    js.publish(subject.clone(), payload.into())
+                        .await
+                        .expect("publish"),
+                );
+            }
+            for ack in acks {
+                ack.await.expect("ack");
+            }
+        })
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut taken = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while taken < n && Instant::now() < deadline {
+        let mut batch = c
+            .batch()
+            .max_messages(CONCURRENCY.min(n - taken))
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await
+            .expect("batch");
+        while let Some(Ok(m)) = batch.next().await {
+            taken += 1;
+            let permit = slots.clone().acquire_owned().await.expect("slot");
+            let (kv, done) = (kv.clone(), done.clone());
+            tokio::spawn(async move {
+                let id = format!("r{}", m.info().map(|i| i.stream_sequence).unwrap_or(0));
+                let started = format!(r#"{{"id":"{id}","state":"STARTED"}}"#);
+                let rev = kv.create(&id, started.into()).await.expect("claim");
+                let finished = format!(r#"{{"id":"{id}","state":"SUCCESS","result":null}}"#);
+                kv.update(&id, finished.into(), rev).await.expect("result");
+                m.ack().await.expect("ack");
+                done.fetch_add(1, Ordering::Relaxed);
+                drop(permit);
+            });
+        }
+    }
+    while done.load(Ordering::Relaxed) < taken && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let _ = publisher.await;
+    let rate = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    let _ = js.delete_stream(&name).await;
+    let _ = js.delete_stream(format!("KV_{bucket}")).await;
+    rate
+}
+
 fn main() {
     let n = support::env_num("BENCH_TASKS", 20_000) as usize;
     let rate = support::env_num("BENCH_RATE", 1_000);
@@ -156,6 +263,7 @@ fn main() {
     system.block_on(async move {
         let client = async_nats::connect(&url).await.expect("nats");
         let raw = raw_baseline(client.clone(), &prefix, n).await;
+        let raw_records = raw_with_records(client.clone(), &prefix, n).await;
 
         let settings = TaskSettings {
             node_id: "bench".into(),
@@ -192,7 +300,8 @@ fn main() {
         let e2e = finished.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
         println!("tasks::nats_e2e  {n} no-op tasks: {e2e:.0} tasks/s (published in {published:.2?}, results + events on)");
         println!("tasks::raw_jetstream  publish+pull(batch {CONCURRENCY})+ack: {raw:.0} msgs/s");
-        println!("ratio e2e/raw = {:.2}", e2e / raw);
+        println!("tasks::raw_jetstream_records  the same + a claim create and a result update per message: {raw_records:.0} msgs/s");
+        println!("ratio e2e/raw = {:.2}, e2e/raw_records = {:.2}", e2e / raw, e2e / raw_records);
 
         // Latency: a steady rate, warm-up first.
         if let Ok(mut l) = latencies.lock() {

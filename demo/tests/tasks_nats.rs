@@ -106,8 +106,14 @@ impl Env {
 
     /// Starts a `switchyard worker` process.
     fn worker(&mut self, node: &str, extra: &[(&str, &str)]) -> usize {
+        self.worker_with(node, &[], extra)
+    }
+
+    /// Starts a `switchyard worker` process with more arguments.
+    fn worker_with(&mut self, node: &str, args: &[&str], extra: &[(&str, &str)]) -> usize {
         let mut cmd = Command::new(common::binary());
         cmd.args(["worker", "--node-id", node])
+            .args(args)
             .current_dir(common::root())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -224,7 +230,9 @@ on_both_servers!(
     foreign_publishers_run_tasks_and_nothing_more,
     two_worker_processes_run_each_task_once,
     flaky_with_two_planned_failures_succeeds_every_time_across_two_workers,
-    a_sigkilled_worker_s_task_is_redelivered_and_a_crash_loop_is_quarantined
+    a_sigkilled_worker_s_task_is_redelivered_and_a_crash_loop_is_quarantined,
+    a_worker_holds_no_more_deliveries_than_its_free_slots,
+    a_stopped_worker_leaves_no_request_that_takes_a_task
 );
 
 fn record(line: &str) -> Value {
@@ -649,6 +657,125 @@ async fn starts_by_task(started: &mut async_nats::Subscriber) -> HashMap<String,
         }
     }
     nodes
+}
+
+/// The queue's consumer info, read fresh.
+async fn consumer_info(env: &Env, queue: &str) -> async_nats::jetstream::consumer::Info {
+    let names = env.broker.names();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = env
+        .broker
+        .jetstream()
+        .get_consumer_from_stream(names.consumer(queue), names.tasks_stream())
+        .await
+        .expect("consumer");
+    consumer.info().await.expect("consumer info").clone()
+}
+
+/// The standing pull never asks for more than the free slots: a worker of 2 slots holds at
+/// most 2 unacknowledged deliveries while 6 slow tasks wait, and uses both.
+async fn a_worker_holds_no_more_deliveries_than_its_free_slots(server: Server) {
+    let Some(mut env) = Env::on(server).await else {
+        return;
+    };
+    // Long enough an ack wait that no redelivery blurs the count.
+    env.worker_with(
+        "w1",
+        &["--concurrency", "2"],
+        &[("SWITCHYARD_TASKS__ACK_WAIT", "30")],
+    );
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let h = env
+            .tasks
+            .send("demo.sleep", json!({"seconds": 0.4}), Default::default())
+            .await
+            .expect("publish");
+        ids.push(h.id().to_owned());
+    }
+    let deadline = Instant::now() + WAIT;
+    let mut most = 0;
+    loop {
+        let info = consumer_info(&env, "default").await;
+        most = most.max(info.num_ack_pending);
+        assert!(
+            info.num_ack_pending <= 2,
+            "a worker of 2 slots holds {} deliveries",
+            info.num_ack_pending
+        );
+        let mut done = 0;
+        for id in &ids {
+            if env.tasks.result(id).await.expect("result").state == TaskState::Success {
+                done += 1;
+            }
+        }
+        if done == ids.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{done} of 6 finished");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(most, 2, "both slots were used");
+    env.stop().await;
+}
+
+/// A worker that stopped (SIGTERM) or died (SIGKILL) leaves no standing request that
+/// swallows a task: a task published afterwards is delivered to the next consumer once, at
+/// once, not after `ack_wait`.
+async fn a_stopped_worker_leaves_no_request_that_takes_a_task(server: Server) {
+    let Some(mut env) = Env::on(server).await else {
+        return;
+    };
+    let names = env.broker.names().clone();
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
+        let w = env.worker_with("w1", &[], &[("SWITCHYARD_TASKS__ACK_WAIT", "30")]);
+        // Idle and standing: its request is waiting at the server.
+        let deadline = Instant::now() + WAIT;
+        while consumer_info(&env, "default").await.num_waiting == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the worker never asked for a task"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pid = nix::unistd::Pid::from_raw(env.workers[w].id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal");
+        let _ = env.workers[w].wait();
+        let h = env
+            .tasks
+            .send("demo.add", json!({"x": 1, "y": 2}), Default::default())
+            .await
+            .expect("publish");
+        let consumer: async_nats::jetstream::consumer::PullConsumer = env
+            .broker
+            .jetstream()
+            .get_consumer_from_stream(names.consumer("default"), names.tasks_stream())
+            .await
+            .expect("consumer");
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .expect("fetch");
+        let msg = batch
+            .next()
+            .await
+            .unwrap_or_else(|| panic!("after {signal}: the task was taken by a dead request"))
+            .expect("message");
+        let env_msg: Envelope = serde_json::from_slice(&msg.payload).expect("envelope");
+        assert_eq!(env_msg.id.as_deref(), Some(h.id()));
+        assert_eq!(
+            msg.info().expect("info").delivered,
+            1,
+            "after {signal}: delivered once, to this fetch"
+        );
+        msg.ack().await.expect("ack");
+    }
+    env.stop().await;
 }
 
 async fn two_worker_processes_run_each_task_once(server: Server) {

@@ -245,6 +245,18 @@ pub enum Claim {
     Refused(TaskState),
 }
 
+/// A standing supply of one queue's deliveries for one worker ([`TaskQueue::feed`]): the
+/// broker keeps a request for the worker's free slots open, so a task published to an idle
+/// worker is handed over as soon as it is stored rather than at the worker's next fetch.
+#[async_trait]
+pub trait Feed: Send {
+    /// The next deliveries, at most `free` (the worker's free slots): waits for the first and
+    /// takes whatever else arrived with it. Never more than `free` are asked for ahead, so a
+    /// delivery never waits in the worker's hands for a slot. Cancel-safe: dropping the
+    /// future while it waits loses no delivery.
+    async fn next(&mut self, free: usize) -> Result<Vec<Delivery>, BrokerError>;
+}
+
 /// Where tasks wait: queues with at-least-once delivery.
 #[async_trait]
 pub trait TaskQueue: Send + Sync + 'static {
@@ -267,6 +279,13 @@ pub trait TaskQueue: Send + Sync + 'static {
     ) -> Result<Vec<Delivery>, BrokerError> {
         let _ = max;
         Ok(self.fetch(queue, wait).await?.into_iter().collect())
+    }
+    /// A [`Feed`] of `queue` for a worker of `slots` slots, when the broker keeps requests
+    /// standing (NATS); `None`: the worker fetches ([`TaskQueue::fetch_batch`], which on the
+    /// memory broker wakes at a publish all the same).
+    async fn feed(&self, queue: &str, slots: usize) -> Result<Option<Box<dyn Feed>>, BrokerError> {
+        let _ = (queue, slots);
+        Ok(None)
     }
     /// Moves a delivery whose task is due at `eta` (at least [`HOLD_MIN`] away) out of its
     /// queue into the broker's schedule store, from which it is released to the queue when

@@ -29,6 +29,7 @@ mod client;
 mod envelope;
 mod events;
 mod execute;
+mod feed;
 mod memory;
 mod nats;
 mod progress;
@@ -45,8 +46,8 @@ pub use beat::{
     tick_id, Beat, BeatEntry, BeatStore, Every, Fired, MemoryBeatStore, Misfire, NatsBeatStore,
 };
 pub use broker::{
-    Acker, Broker, BrokerError, Claim, DeadLetter, Delivery, ErrorSource, Outgoing, PublishOutcome,
-    ResultStore, TaskQueue, HOLD_MIN,
+    Acker, Broker, BrokerError, Claim, DeadLetter, Delivery, ErrorSource, Feed, Outgoing,
+    PublishOutcome, ResultStore, TaskQueue, HOLD_MIN,
 };
 pub use canvas::{
     callback_id, member_id, CanvasInfo, CanvasKind, CanvasSpec, FailedStep, Membership, Signature,

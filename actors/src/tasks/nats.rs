@@ -24,10 +24,11 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use super::broker::{
-    revocable, Acker, BrokerError, Claim, DeadLetter, Delivery, Outgoing, PublishOutcome,
+    revocable, Acker, BrokerError, Claim, DeadLetter, Delivery, Feed, Outgoing, PublishOutcome,
     ResultStore, TaskQueue,
 };
 use super::canvas::Updated;
+use super::feed::PullFeed;
 use super::record::Revocation;
 use super::{Envelope, EventSink, ResultRecord, TaskEvent, TaskSettings, TaskState};
 
@@ -455,7 +456,7 @@ impl NatsBroker {
         .map_err(unavailable(format!("fetch from queue {queue}")))?;
         while let Some(m) = msgs.next().await {
             match m {
-                Ok(m) => out.push(self.delivery(queue, m)),
+                Ok(m) => out.push(delivery(queue, m)),
                 Err(e) => {
                     tracing::debug!("fetch: {e}");
                     break;
@@ -463,26 +464,6 @@ impl NatsBroker {
             }
         }
         Ok(out)
-    }
-
-    fn delivery(&self, queue: &str, msg: jetstream::Message) -> Delivery {
-        let (seq, delivered) = msg
-            .info()
-            .map(|i| {
-                (
-                    i.stream_sequence,
-                    i.delivered.clamp(1, u32::MAX as i64) as u32,
-                )
-            })
-            .unwrap_or((0, 1));
-        let (msg, acker) = msg.split();
-        Delivery::new(
-            msg.payload.to_vec(),
-            queue.to_owned(),
-            seq,
-            delivered,
-            Box::new(NatsAcker(acker)),
-        )
     }
 
     /// Publishes with `Nats-Msg-Id`, retrying for up to [`PUBLISH_RETRY_FOR`] while NATS
@@ -799,6 +780,27 @@ impl StoredDeadLetter {
     }
 }
 
+/// A JetStream message of `queue` as a [`Delivery`], acknowledged through NATS.
+pub(super) fn delivery(queue: &str, msg: jetstream::Message) -> Delivery {
+    let (seq, delivered) = msg
+        .info()
+        .map(|i| {
+            (
+                i.stream_sequence,
+                i.delivered.clamp(1, u32::MAX as i64) as u32,
+            )
+        })
+        .unwrap_or((0, 1));
+    let (msg, acker) = msg.split();
+    Delivery::new(
+        msg.payload.to_vec(),
+        queue.to_owned(),
+        seq,
+        delivered,
+        Box::new(NatsAcker(acker)),
+    )
+}
+
 struct NatsAcker(jetstream::message::Acker);
 
 #[async_trait]
@@ -891,6 +893,20 @@ impl TaskQueue for NatsBroker {
                 "fetch from queue {queue} (timed out)"
             ))),
         }
+    }
+
+    async fn feed(&self, queue: &str, slots: usize) -> Result<Option<Box<dyn Feed>>, BrokerError> {
+        // The consumer exists (created when missing) before a request names it.
+        self.consumer(queue).await?;
+        let feed = PullFeed::open(
+            self.js.clone(),
+            queue,
+            &self.stream,
+            &self.names.consumer(queue),
+            slots,
+        )
+        .await?;
+        Ok(Some(Box::new(feed)))
     }
 
     async fn hold(

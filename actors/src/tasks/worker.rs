@@ -1,6 +1,9 @@
-//! The worker actors: one [`TaskWorker`] per queue fetches deliveries, at most `concurrency`
-//! at a time and no faster than the queue's rate limit, and runs each on the task runtime (a
-//! tokio runtime of its own, never the arbiter that carries the actors). The [`WorkerPool`]
+//! The worker actors: one [`TaskWorker`] per queue takes deliveries, at most `concurrency` at
+//! a time and no faster than the queue's rate limit, and runs each on the task runtime (a
+//! tokio runtime of its own, never the arbiter that carries the actors). Without a rate limit
+//! the actor runs a feed loop on that runtime: the broker's [`Feed`] keeps a request for
+//! exactly the free slots standing (docs/architecture.md, "The delivery model"); under one it
+//! fetches only what its tokens cover. The [`WorkerPool`]
 //! owns the workers and that runtime, and shuts them down: warm (stop fetching, let in-flight
 //! tasks finish within `drain_timeout`), then cold (fire their tokens, abort them).
 //!
@@ -20,7 +23,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::Broker;
+use super::broker::{Broker, Feed};
 use super::events::EventSink;
 use super::execute::Runner;
 use super::rate::{
@@ -100,11 +103,18 @@ pub struct TaskFinished {
 #[rtype(result = "()")]
 pub struct Drain;
 
-/// Frees the task's slot when dropped: after the task ends, or when it is aborted. The worker
-/// hears of it only when it had stopped fetching for want of a slot (one cross-thread message
-/// saved per task otherwise).
+/// Who hears that a slot came free.
+enum Wake {
+    /// The worker actor fetching under a rate limit: told only when it had stopped fetching
+    /// for want of a slot (one cross-thread message saved per task otherwise).
+    Actor(Addr<TaskWorker>),
+    /// The feed loop, which may top up its standing request.
+    Loop(Arc<Notify>),
+}
+
+/// Frees the task's slot when dropped: after the task ends, or when it is aborted.
 struct FinishGuard {
-    worker: Addr<TaskWorker>,
+    wake: Wake,
     jobs: Arc<Jobs>,
     job: u64,
     running: Arc<AtomicUsize>,
@@ -114,10 +124,119 @@ struct FinishGuard {
 impl Drop for FinishGuard {
     fn drop(&mut self) {
         self.jobs.remove(self.job);
-        if self.running.fetch_sub(1, Ordering::AcqRel) >= self.concurrency {
-            self.worker.do_send(TaskFinished { job: self.job });
+        let was = self.running.fetch_sub(1, Ordering::AcqRel);
+        match &self.wake {
+            Wake::Actor(worker) if was >= self.concurrency => {
+                worker.do_send(TaskFinished { job: self.job });
+            }
+            Wake::Actor(_) => {}
+            Wake::Loop(freed) => freed.notify_one(),
         }
     }
+}
+
+/// Runs `delivery` on `runtime` as job `guard.job`, through `gate` first when it has one.
+fn start_job(
+    runtime: &tokio::runtime::Handle,
+    runner: Arc<Runner>,
+    delivery: super::Delivery,
+    guard: FinishGuard,
+    gate: Option<Gate>,
+) {
+    let jobs = guard.jobs.clone();
+    let job = guard.job;
+    // The task waits for its entry in the jobs table, so it cannot finish (and remove
+    // itself) before it was added.
+    let (go, registered) = oneshot::channel::<()>();
+    let handle = runtime.spawn(async move {
+        let _guard = guard;
+        if registered.await.is_ok() {
+            if let Some(gate) = gate {
+                if !gate.admit(&delivery).await {
+                    return;
+                }
+            }
+            runner.process(delivery).await;
+        }
+    });
+    jobs.insert(job, handle.abort_handle());
+    let _ = go.send(());
+}
+
+/// The worker of a queue without a rate limit: a loop on the task runtime that keeps the
+/// broker's [`Feed`] asking for exactly the free slots and starts each delivery as it comes
+/// (on the thread that received it), or, on a broker with no feed, fetches for them.
+async fn feed_loop(
+    queue: QueueSpec,
+    runner: Arc<Runner>,
+    jobs: Arc<Jobs>,
+    running: Arc<AtomicUsize>,
+    stop: CancellationToken,
+) {
+    let size = queue.concurrency.max(1);
+    let freed = Arc::new(Notify::new());
+    let runtime = tokio::runtime::Handle::current();
+    let mut feed: Option<Option<Box<dyn Feed>>> = None;
+    let pause = |stop: &CancellationToken| {
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                () = tokio::time::sleep(FETCH_ERROR_PAUSE) => {}
+                () = stop.cancelled() => {}
+            }
+        }
+    };
+    while !stop.is_cancelled() {
+        let free = size.saturating_sub(running.load(Ordering::Acquire));
+        if free == 0 {
+            tokio::select! {
+                () = freed.notified() => continue,
+                () = stop.cancelled() => break,
+            }
+        }
+        let source = match &mut feed {
+            Some(source) => source,
+            None => match runner.queue.feed(&queue.name, size).await {
+                Ok(source) => feed.insert(source),
+                Err(e) => {
+                    tracing::error!(queue = %queue.name, "cannot start fetching: {e}");
+                    pause(&stop).await;
+                    continue;
+                }
+            },
+        };
+        let got = tokio::select! {
+            got = async {
+                match source {
+                    Some(f) => f.next(free).await,
+                    None => runner.queue.fetch_batch(&queue.name, free, FETCH_WAIT).await,
+                }
+            } => got,
+            () = freed.notified() => continue,
+            () = stop.cancelled() => break,
+        };
+        match got {
+            Ok(deliveries) => {
+                for delivery in deliveries {
+                    running.fetch_add(1, Ordering::AcqRel);
+                    let guard = FinishGuard {
+                        wake: Wake::Loop(freed.clone()),
+                        jobs: jobs.clone(),
+                        job: jobs.next_id(),
+                        running: running.clone(),
+                        concurrency: size,
+                    };
+                    start_job(&runtime, runner.clone(), delivery, guard, None);
+                }
+            }
+            Err(e) => {
+                tracing::error!(queue = %queue.name, "fetch failed: {e}");
+                feed = None;
+                pause(&stop).await;
+            }
+        }
+    }
+    // Dropping the feed unsubscribes its inbox: the requests still standing deliver nothing.
 }
 
 /// The worker of one queue.
@@ -136,6 +255,8 @@ pub struct TaskWorker {
     /// The limit's key when it has no `rate_key` (the worker leases before it fetches).
     unkeyed: Option<String>,
     draining: bool,
+    /// Stops the feed loop of a queue without a rate limit (`None`: this actor fetches).
+    feeding: Option<CancellationToken>,
 }
 
 /// A queue's rate limit checked per delivery, once its args are read: always under a
@@ -211,6 +332,7 @@ impl TaskWorker {
             limiter,
             unkeyed,
             draining: false,
+            feeding: None,
         }
     }
 
@@ -338,16 +460,14 @@ impl TaskWorker {
 
     /// Runs a delivery on the task runtime.
     fn dispatch(&mut self, delivery: super::Delivery, stale: bool, ctx: &mut Context<Self>) {
-        let job = self.jobs.next_id();
         self.running.fetch_add(1, Ordering::AcqRel);
         let guard = FinishGuard {
-            worker: ctx.address(),
+            wake: Wake::Actor(ctx.address()),
             jobs: self.jobs.clone(),
-            job,
+            job: self.jobs.next_id(),
             running: self.running.clone(),
             concurrency: self.queue.concurrency.max(1),
         };
-        let runner = self.runner.clone();
         let gate = match (&self.limiter, &self.queue.rate_key) {
             (Some(limiter), Some(field)) => Some(Gate {
                 limiter: limiter.clone(),
@@ -363,22 +483,7 @@ impl TaskWorker {
             }),
             _ => None,
         };
-        // The task waits for its entry in the jobs table, so it cannot finish (and remove
-        // itself) before it was added.
-        let (go, registered) = oneshot::channel::<()>();
-        let handle = self.runtime.spawn(async move {
-            let _guard = guard;
-            if registered.await.is_ok() {
-                if let Some(gate) = gate {
-                    if !gate.admit(&delivery).await {
-                        return;
-                    }
-                }
-                runner.process(delivery).await;
-            }
-        });
-        self.jobs.insert(job, handle.abort_handle());
-        let _ = go.send(());
+        start_job(&self.runtime, self.runner.clone(), delivery, guard, gate);
     }
 }
 
@@ -394,13 +499,36 @@ impl Actor for TaskWorker {
             tasks = %self.runner.registry.names().join(", "),
             "task worker started"
         );
-        self.pump(ctx);
+        if self.limiter.is_some() {
+            // A rate-limited queue fetches only what its tokens cover (a standing request
+            // would hold deliveries its budget may not run yet).
+            self.pump(ctx);
+            return;
+        }
+        let stop = CancellationToken::new();
+        self.feeding = Some(stop.clone());
+        self.runtime.spawn(feed_loop(
+            self.queue.clone(),
+            self.runner.clone(),
+            self.jobs.clone(),
+            self.running.clone(),
+            stop,
+        ));
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        if let Some(stop) = self.feeding.take() {
+            stop.cancel();
+        }
     }
 }
 
 impl Supervised for TaskWorker {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         tracing::warn!(queue = %self.queue.name, "task worker restarting");
+        if let Some(stop) = self.feeding.take() {
+            stop.cancel();
+        }
         self.fetch = None;
         self.rate_timer = false;
     }
@@ -419,6 +547,9 @@ impl Handler<Drain> for TaskWorker {
 
     fn handle(&mut self, _msg: Drain, ctx: &mut Context<Self>) {
         self.draining = true;
+        if let Some(stop) = self.feeding.take() {
+            stop.cancel();
+        }
         if let Some(fetch) = self.fetch.take() {
             ctx.cancel_future(fetch);
         }
