@@ -9,7 +9,8 @@
 //! `BENCH_LATENCY_TASKS`, default 2000; `BENCH_WARMUP_TASKS`, default 200;
 //! `SWITCHYARD_NATS__URL`, `SWITCHYARD_POSTGRES__URL` (the config's outbox relay)). The worker
 //! runs under a unique prefix whose streams are deleted at the end; its log goes to
-//! `target/tasks_latency-worker.log`.
+//! `target/tasks_latency-worker.log`. `BENCH_BASELINE_BIN=<path to another switchyard binary>`
+//! (an earlier build) measures that one too, in the same run, rate by rate, alternating.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -76,10 +77,14 @@ fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
-fn spawn_worker(prefix: &str, nats: &str) -> Worker {
+fn spawn_worker(bin: &str, prefix: &str, nats: &str) -> Worker {
     let root = root();
-    let log = std::fs::File::create(root.join("target/tasks_latency-worker.log")).expect("log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("target/tasks_latency-worker.log"))
+        .expect("log");
+    let mut cmd = Command::new(bin);
     cmd.current_dir(&root)
         .args([
             "worker",
@@ -165,6 +170,84 @@ async fn started_at(store: &jetstream::kv::Store, ids: &[String]) -> Vec<Option<
     out
 }
 
+/// Runs every rate against the worker `bin` under a fresh prefix; one line per rate.
+async fn measure(
+    js: &jetstream::Context,
+    nats: &str,
+    label: &str,
+    bin: &str,
+    rate: u64,
+    warm: usize,
+    n: usize,
+) {
+    let prefix = format!("lat{}", now_ns() % 1_000_000_000);
+    let names = NatsNames::new(&prefix);
+    let worker = spawn_worker(bin, &prefix, nats);
+    // Ready once the worker created its queue's consumer.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let consumer = names.consumer("default");
+    loop {
+        if let Ok(s) = js.get_stream(names.tasks_stream()).await {
+            if s.consumer_info(&consumer).await.is_ok() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not start (see target/tasks_latency-worker.log)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its feed or first fetch is up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let store = js
+        .get_key_value(names.results_bucket())
+        .await
+        .expect("results bucket");
+    let subject = names.task_subject("default");
+    let tag = format!("r{rate}-{}", now_ns() % 1_000_000);
+    let sent = publish_at(js, &subject, &tag, rate, warm + n).await;
+    let sent: Vec<_> = sent
+        .into_iter()
+        .filter(|(id, _, _)| {
+            id.rsplit('-')
+                .next()
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i >= warm)
+        })
+        .collect();
+    let ids: Vec<String> = sent.iter().map(|(id, _, _)| id.clone()).collect();
+    let started = started_at(&store, &ids).await;
+    let missing = started.iter().filter(|s| s.is_none()).count();
+    let lat: Vec<i64> = sent
+        .iter()
+        .zip(&started)
+        .filter_map(|((_, t0, _), s)| s.map(|s| s - t0))
+        .collect();
+    let acks: Vec<i64> = sent.iter().map(|(_, _, a)| *a).collect();
+    println!(
+        "{}",
+        summary(
+            &format!("tasks::foreign_publish_to_start  {label:<8} {rate}/s"),
+            lat
+        )
+    );
+    println!(
+        "{}",
+        summary(
+            &format!("tasks::jetstream_publish_ack     {label:<8} {rate}/s"),
+            acks
+        )
+    );
+    if missing > 0 {
+        println!("  {missing} tasks did not finish within 60 s");
+    }
+    drop(worker);
+    for stream in names.task_streams() {
+        let _ = js.delete_stream(&stream).await;
+    }
+}
+
 fn main() {
     let rates: Vec<u64> = std::env::var("BENCH_RATES")
         .unwrap_or_else(|_| "100,1000".into())
@@ -175,8 +258,11 @@ fn main() {
     let warm = support::env_num("BENCH_WARMUP_TASKS", 200) as usize;
     let nats =
         std::env::var("SWITCHYARD_NATS__URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let prefix = format!("lat{}", now_ns() % 1_000_000_000);
-    let names = NatsNames::new(&prefix);
+    let mut bins = vec![("this", env!("CARGO_BIN_EXE_switchyard").to_owned())];
+    if let Ok(baseline) = std::env::var("BENCH_BASELINE_BIN") {
+        bins.push(("baseline", baseline));
+    }
+    let _ = std::fs::remove_file(root().join("target/tasks_latency-worker.log"));
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -185,63 +271,10 @@ fn main() {
     rt.block_on(async {
         let client = async_nats::connect(&nats).await.expect("nats");
         let js = jetstream::new(client);
-        let worker = spawn_worker(&prefix, &nats);
-        // Ready once the worker created its queue's consumer.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let consumer = names.consumer("default");
-        loop {
-            if let Ok(s) = js.get_stream(names.tasks_stream()).await {
-                if s.consumer_info(&consumer).await.is_ok() {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the worker did not start (see target/tasks_latency-worker.log)"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let store = js
-            .get_key_value(names.results_bucket())
-            .await
-            .expect("results bucket");
-        let subject = names.task_subject("default");
         for rate in rates {
-            let tag = format!("r{rate}-{}", now_ns() % 1_000_000);
-            let sent = publish_at(&js, &subject, &tag, rate, warm + n).await;
-            let sent: Vec<_> = sent
-                .into_iter()
-                .filter(|(id, _, _)| {
-                    id.rsplit('-')
-                        .next()
-                        .and_then(|i| i.parse::<usize>().ok())
-                        .is_some_and(|i| i >= warm)
-                })
-                .collect();
-            let ids: Vec<String> = sent.iter().map(|(id, _, _)| id.clone()).collect();
-            let started = started_at(&store, &ids).await;
-            let missing = started.iter().filter(|s| s.is_none()).count();
-            let lat: Vec<i64> = sent
-                .iter()
-                .zip(&started)
-                .filter_map(|((_, t0, _), s)| s.map(|s| s - t0))
-                .collect();
-            let acks: Vec<i64> = sent.iter().map(|(_, _, a)| *a).collect();
-            println!(
-                "{}",
-                summary(&format!("tasks::foreign_publish_to_start  {rate}/s"), lat)
-            );
-            println!(
-                "{}",
-                summary(&format!("tasks::jetstream_publish_ack     {rate}/s"), acks)
-            );
-            if missing > 0 {
-                println!("  {missing} tasks did not finish within 60 s");
+            for (label, bin) in &bins {
+                measure(&js, &nats, label, bin, rate, warm, n).await;
             }
-        }
-        drop(worker);
-        for stream in names.task_streams() {
-            let _ = js.delete_stream(&stream).await;
         }
     });
 }
