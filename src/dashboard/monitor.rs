@@ -1,9 +1,11 @@
 //! What the dashboard and the live streams read: a bounded index of recent tasks fed by task
 //! events, the live nodes from heartbeats, and a broadcast of every event as one SSE frame.
 //!
-//! Publishing an event never waits for a reader: frames go to a `tokio::sync::broadcast`
-//! channel of [`CLIENT_BUFFER`] frames; a stream that falls further behind is told to reload
-//! (it "lags") instead of slowing the worker that emitted the event.
+//! Publishing an event never waits for a reader. While streams are open, frames gather for
+//! [`COALESCE`] and one flusher task sends them as one [`Batch`] to a `tokio::sync::broadcast` channel of [`CLIENT_BUFFER`] batches: the
+//! work per event is done once, not once per stream, and a stream writes a batch's bytes
+//! as they are. A stream that falls further behind is told to reload (it "lags") instead of
+//! slowing the worker that emitted the event.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,8 +25,12 @@ pub const RECENT_TASKS: usize = 100_000;
 const EVENTS_PER_TASK: usize = 32;
 /// Frames kept for `Last-Event-ID` reconnects.
 const HISTORY: usize = 4096;
-/// Frames one stream may fall behind before it is told to reload.
-pub const CLIENT_BUFFER: usize = 1024;
+/// Batches one stream may fall behind before it is told to reload (about 5 s of them).
+pub const CLIENT_BUFFER: usize = 256;
+/// How long frames gather before they go to the streams as one batch: an event reaches a
+/// page at most this much later, and a stream wakes about 50 times a second under load
+/// instead of once per event.
+pub const COALESCE: Duration = Duration::from_millis(20);
 /// The largest event taken from NATS (Switchyard's own are far smaller: args above
 /// `EVENT_ARGS_MAX` are left out), so the index's memory stays bounded.
 const MAX_EVENT_BYTES: usize = 16 * 1024;
@@ -73,6 +79,64 @@ pub struct Frame {
     pub sse: actix_web::web::Bytes,
 }
 
+/// The frames of one [`COALESCE`] window, as every stream gets them.
+#[derive(Debug)]
+pub struct Batch {
+    /// In id order.
+    pub frames: Vec<Arc<Frame>>,
+    /// `frames`' bytes, concatenated once for every stream.
+    pub sse: actix_web::web::Bytes,
+}
+
+impl Batch {
+    /// The frames of one window, in id order.
+    fn of(frames: Vec<Arc<Frame>>) -> Self {
+        let mut sse = actix_web::web::BytesMut::new();
+        for f in &frames {
+            sse.extend_from_slice(&f.sse);
+        }
+        Self {
+            frames,
+            sse: sse.freeze(),
+        }
+    }
+
+    /// The first frame's id (0: empty).
+    pub fn first_id(&self) -> u64 {
+        self.frames.first().map_or(0, |f| f.id)
+    }
+}
+
+/// What the flusher and the streams share.
+struct Fanout {
+    pending: Mutex<Vec<Arc<Frame>>>,
+    wake: tokio::sync::Notify,
+    tx: broadcast::Sender<Arc<Batch>>,
+    /// A flusher task is running (it ends when the last stream closed).
+    flushing: Mutex<bool>,
+}
+
+impl Fanout {
+    /// Sends what gathered, a [`COALESCE`] after the first frame of each window, until no
+    /// stream is left.
+    async fn flush(self: Arc<Self>) {
+        loop {
+            self.wake.notified().await;
+            tokio::time::sleep(COALESCE).await;
+            let frames =
+                std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+            if !frames.is_empty() {
+                let _ = self.tx.send(Arc::new(Batch::of(frames)));
+            }
+            let mut flushing = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+            if self.tx.receiver_count() == 0 {
+                *flushing = false;
+                return;
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Index {
     tasks: HashMap<String, TaskSummary>,
@@ -106,7 +170,7 @@ impl TaskFilter {
 /// The recent tasks, the live nodes and the event broadcast of one node.
 pub struct Monitor {
     index: Mutex<Index>,
-    tx: broadcast::Sender<Arc<Frame>>,
+    fanout: Arc<Fanout>,
     history: Mutex<VecDeque<Arc<Frame>>>,
     next_id: AtomicU64,
     nodes: Mutex<ClusterView>,
@@ -124,7 +188,12 @@ impl Monitor {
         let (tx, _) = broadcast::channel(CLIENT_BUFFER);
         Self {
             index: Mutex::default(),
-            tx,
+            fanout: Arc::new(Fanout {
+                pending: Mutex::default(),
+                wake: tokio::sync::Notify::new(),
+                tx,
+                flushing: Mutex::new(false),
+            }),
             history: Mutex::new(VecDeque::with_capacity(HISTORY)),
             next_id: AtomicU64::new(1),
             nodes: Mutex::new(ClusterView::new(heartbeat_interval)),
@@ -266,8 +335,15 @@ impl Monitor {
             }
             h.push_back(frame.clone());
         }
-        // No receiver is no error: nobody is watching.
-        let _ = self.tx.send(frame);
+        // Nobody watching: nothing to gather (a stream that opens later replays the history).
+        if self.fanout.tx.receiver_count() > 0 {
+            self.fanout
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(frame);
+            self.fanout.wake.notify_one();
+        }
     }
 
     /// The id of the last frame sent (0: none yet).
@@ -275,9 +351,20 @@ impl Monitor {
         self.next_id.load(Ordering::Relaxed).saturating_sub(1)
     }
 
-    /// A new stream's receiver.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Frame>> {
-        self.tx.subscribe()
+    /// A new stream's receiver of batches (call within a tokio runtime: the first stream
+    /// starts the flusher).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Batch>> {
+        let rx = self.fanout.tx.subscribe();
+        let mut flushing = self
+            .fanout
+            .flushing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !*flushing {
+            *flushing = true;
+            tokio::spawn(self.fanout.clone().flush());
+        }
+        rx
     }
 
     /// The frames after `last_id`, when the history still holds all of them.
@@ -305,7 +392,7 @@ impl Monitor {
 
     /// Streams open now.
     pub fn streams(&self) -> usize {
-        self.tx.receiver_count()
+        self.fanout.tx.receiver_count()
     }
 
     /// The task `id` from the index.
@@ -496,16 +583,24 @@ mod tests {
         assert_eq!(m.tasks(&filter, 0, 10).0[0].id, "t3");
     }
 
-    #[test]
-    fn a_stream_can_resume_after_its_last_event_id() {
+    #[tokio::test]
+    async fn a_stream_can_resume_after_its_last_event_id() {
         let m = Monitor::new(Duration::from_secs(5));
         let mut rx = m.subscribe();
         m.observe(&event("a", EventKind::TaskReceived, TaskState::Pending));
         m.observe(&event("b", EventKind::TaskReceived, TaskState::Pending));
-        let first = rx.try_recv().expect("a frame");
+        m.observe(&event("a", EventKind::TaskStarted, TaskState::Started));
+        // One batch of the three, in order, their bytes made once.
+        let batch = rx.recv().await.expect("a batch");
+        let ids: Vec<_> = batch.frames.iter().map(|f| f.task_id.as_deref()).collect();
+        assert_eq!(ids, [Some("a"), Some("b"), Some("a")]);
+        assert!(batch.frames[2].json.contains("task-started"));
+        let sse = String::from_utf8_lossy(&batch.sse).into_owned();
+        assert_eq!(sse.matches("data: ").count(), 3, "{sse}");
+        let first = m.since(0).expect("in history")[0].clone();
         assert!(first.json.contains("\"task_id\":\"a\""), "{}", first.json);
         let rest = m.since(first.id).expect("in history");
-        assert_eq!(rest.len(), 1);
+        assert_eq!(rest.len(), 2);
         assert_eq!(rest[0].task_id.as_deref(), Some("b"));
         assert!(m.since(first.id + 10).is_none());
         assert!(!m.observe_heartbeat(b"not json"));

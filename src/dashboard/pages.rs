@@ -20,7 +20,7 @@ use switchyard_actors::tasks::{
 };
 use tokio::sync::broadcast::error::RecvError;
 
-use super::monitor::{Frame, Monitor, TaskFilter};
+use super::monitor::{Batch, Frame, Monitor, TaskFilter};
 use crate::http::auth::{LoginRequired, User};
 use crate::http::session::Session;
 use crate::http::{Error, Render};
@@ -688,20 +688,36 @@ fn frame_bytes(f: &Frame) -> Bytes {
     f.sse.clone()
 }
 
-/// The most frames one write of a stream carries.
-const FRAMES_PER_WRITE: usize = 256;
-
 /// A `snapshot` event: the stream missed frames (a reconnect from too long ago, or a reader
 /// too slow); the page reloads for a fresh state.
 const SNAPSHOT: &[u8] = b"event: snapshot\ndata: {\"kind\":\"snapshot\"}\n\n";
 
 struct StreamState {
-    rx: tokio::sync::broadcast::Receiver<Arc<Frame>>,
+    rx: tokio::sync::broadcast::Receiver<Arc<Batch>>,
     queued: std::collections::VecDeque<Bytes>,
     tick: tokio::time::Interval,
     task: Option<String>,
     /// The id of the last frame sent.
     sent: u64,
+}
+
+impl StreamState {
+    /// What this stream writes of `batch`: all of it as it is, or, for a stream of one task
+    /// (or one that already sent some of its frames from the history), its new frames.
+    fn take(&mut self, batch: &Batch) -> Option<Bytes> {
+        if self.task.is_none() && batch.first_id() > self.sent {
+            self.sent = batch.frames.last().map_or(self.sent, |f| f.id);
+            return (!batch.sse.is_empty()).then(|| batch.sse.clone());
+        }
+        let mut out = actix_web::web::BytesMut::new();
+        for f in &batch.frames {
+            if f.id > self.sent && (self.task.is_none() || f.task_id == self.task) {
+                self.sent = f.id;
+                out.extend_from_slice(&f.sse);
+            }
+        }
+        (!out.is_empty()).then(|| out.freeze())
+    }
 }
 
 /// A `text/event-stream` of `monitor`'s frames (only those of task `task`, when given), each
@@ -748,28 +764,11 @@ pub fn event_stream(req: &HttpRequest, monitor: &Monitor, task: Option<String>) 
         loop {
             tokio::select! {
                 r = st.rx.recv() => match r {
-                    Ok(f) if f.id > st.sent && (st.task.is_none() || f.task_id == st.task) => {
-                        st.sent = f.id;
-                        // Whatever else is ready goes in the same write (fewer, larger writes
-                        // under load).
-                        let mut out = actix_web::web::BytesMut::from(&f.sse[..]);
-                        for _ in 1..FRAMES_PER_WRITE {
-                            match st.rx.try_recv() {
-                                Ok(f) if f.id > st.sent && (st.task.is_none() || f.task_id == st.task) => {
-                                    st.sent = f.id;
-                                    out.extend_from_slice(&f.sse);
-                                }
-                                Ok(_) => {}
-                                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
-                                    out.extend_from_slice(SNAPSHOT);
-                                    break;
-                                }
-                                Err(_) => break,
-                            }
+                    Ok(batch) => {
+                        if let Some(out) = st.take(&batch) {
+                            return Some((Ok(out), st));
                         }
-                        return Some((Ok(out.freeze()), st));
                     }
-                    Ok(_) => {}
                     Err(RecvError::Lagged(_)) => return Some((Ok(Bytes::from_static(SNAPSHOT)), st)),
                     Err(RecvError::Closed) => return None,
                 },
