@@ -232,7 +232,8 @@ on_both_servers!(
     flaky_with_two_planned_failures_succeeds_every_time_across_two_workers,
     a_sigkilled_worker_s_task_is_redelivered_and_a_crash_loop_is_quarantined,
     a_worker_holds_no_more_deliveries_than_its_free_slots,
-    a_stopped_worker_leaves_no_request_that_takes_a_task
+    a_stopped_worker_leaves_no_request_that_takes_a_task,
+    a_message_forged_onto_a_worker_s_inbox_is_not_run
 );
 
 fn record(line: &str) -> Value {
@@ -775,6 +776,48 @@ async fn a_stopped_worker_leaves_no_request_that_takes_a_task(server: Server) {
         );
         msg.ack().await.expect("ack");
     }
+    env.stop().await;
+}
+
+/// A message published straight onto a worker's pull inbox (by a client that saw the pull
+/// request go by) is not a JetStream delivery: never run, and the worker goes on.
+async fn a_message_forged_onto_a_worker_s_inbox_is_not_run(server: Server) {
+    let Some(mut env) = Env::on(server).await else {
+        return;
+    };
+    let names = env.broker.names().clone();
+    let spy = async_nats::connect(&env.url).await.expect("nats");
+    let mut pulls = spy
+        .subscribe(format!(
+            "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+            names.tasks_stream(),
+            names.consumer("default")
+        ))
+        .await
+        .expect("subscribe");
+    env.worker("w1", &[]);
+    let pull = tokio::time::timeout(WAIT, pulls.next())
+        .await
+        .expect("a pull request within the wait")
+        .expect("a pull request");
+    let inbox = pull.reply.expect("a pull request names its inbox");
+    spy.publish(
+        inbox,
+        r#"{"id":"forged-1","task":"demo.add","args":{"x":1,"y":2}}"#.into(),
+    )
+    .await
+    .expect("publish");
+    spy.flush().await.expect("flush");
+    let h = env
+        .tasks
+        .send("demo.add", json!({"x": 2, "y": 2}), Default::default())
+        .await
+        .expect("publish");
+    let rec = env.until_state(h.id(), TaskState::Success).await;
+    assert_eq!(rec.result, json!(4));
+    let forged = env.tasks.result("forged-1").await.expect("result");
+    assert_eq!(forged.state, TaskState::Pending, "{forged:?}");
+    assert!(forged.started_at.is_none(), "{forged:?}");
     env.stop().await;
 }
 

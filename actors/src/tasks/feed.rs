@@ -121,6 +121,12 @@ impl PullFeed {
                     message: msg,
                     context: self.js.clone(),
                 };
+                if msg.info().is_err() {
+                    // Not a delivery of the consumer (no JetStream ack subject): someone
+                    // published to this inbox. Never run, never counted.
+                    tracing::warn!(queue = %self.queue, "a message on the pull inbox that JetStream did not deliver: dropped");
+                    return Ok(None);
+                }
                 if self.asked == 0 {
                     // Beyond the credit (a request thought lost was not): not kept.
                     tracing::debug!(queue = %self.queue, "a delivery beyond the free slots: put back");
