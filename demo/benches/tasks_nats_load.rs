@@ -74,57 +74,68 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 /// Unacknowledged publishes the raw baseline keeps in flight.
 const PUBLISH_WINDOW: usize = 1_000;
 
-async fn raw_baseline(client: async_nats::Client, prefix: &str, n: usize) -> f64 {
-    let js = jetstream::new(client);
-    let name = format!("{}_RAW", prefix.to_uppercase());
-    let subject = format!("{prefix}.raw.q");
+/// A work-queue stream `name` on `subject` and its durable consumer, for the raw loops.
+async fn raw_queue(js: &jetstream::Context, name: &str, subject: &str) -> consumer::PullConsumer {
     let s = js
         .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![subject.clone()],
+            name: name.to_owned(),
+            subjects: vec![subject.to_owned()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             ..Default::default()
         })
         .await
         .expect("raw stream");
-    let c: consumer::PullConsumer = s
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("raw".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            max_ack_pending: 100_000,
-            ..Default::default()
-        })
-        .await
-        .expect("raw consumer");
+    s.create_consumer(consumer::pull::Config {
+        durable_name: Some("raw".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        max_ack_pending: 100_000,
+        ..Default::default()
+    })
+    .await
+    .expect("raw consumer")
+}
+
+/// Publishes `n` messages (`payload(i)`) to `subject` in the background, with a window of
+/// acks awaited as they come: async-nats holds at most 5,000 unacknowledged publishes and
+/// then waits, so collecting every ack before awaiting any would stall past 5,000 tasks.
+fn raw_publisher(
+    js: &jetstream::Context,
+    subject: &str,
+    n: usize,
+    payload: impl Fn(usize) -> bytes::Bytes + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let js = js.clone();
+    let subject = subject.to_owned();
+    tokio::spawn(async move {
+        let mut acks = std::collections::VecDeque::with_capacity(PUBLISH_WINDOW);
+        for i in 0..n {
+            if acks.len() >= PUBLISH_WINDOW {
+                if let Some(ack) = acks.pop_front() {
+                    let ack: jetstream::context::PublishAckFuture = ack;
+                    ack.await.expect("ack");
+                }
+            }
+            acks.push_back(
+                js.publish(subject.clone(), payload(i))
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for ack in acks {
+            ack.await.expect("ack");
+        }
+    })
+}
+
+async fn raw_baseline(client: async_nats::Client, prefix: &str, n: usize) -> f64 {
+    let js = jetstream::new(client);
+    let name = format!("{}_RAW", prefix.to_uppercase());
+    let subject = format!("{prefix}.raw.q");
+    let c = raw_queue(&js, &name, &subject).await;
     let payload = bytes::Bytes::from_static(br#"{"task":"bench.noop","args":{"t":0}}"#);
     let start = Instant::now();
-    let publisher = {
-        let js = js.clone();
-        let subject = subject.clone();
-        tokio::spawn(async move {
-            // Async publishes with a window of acks awaited as they come: async-nats holds
-            // at most 5,000 unacknowledged publishes and then waits, so collecting every ack
-            // before awaiting any would stall past 5,000 tasks.
-            let mut acks = std::collections::VecDeque::with_capacity(PUBLISH_WINDOW);
-            for _ in 0..n {
-                if acks.len() >= PUBLISH_WINDOW {
-                    if let Some(ack) = acks.pop_front() {
-                        let ack: jetstream::context::PublishAckFuture = ack;
-                        ack.await.expect("ack");
-                    }
-                }
-                acks.push_back(
-                    js.publish(subject.clone(), payload.clone())
-                        .await
-                        .expect("publish"),
-                );
-            }
-            for ack in acks {
-                ack.await.expect("ack");
-            }
-        })
-    };
+    let publisher = raw_publisher(&js, &subject, n, move |_| payload.clone());
     let mut done = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
     while done < n && Instant::now() < deadline {
@@ -157,16 +168,7 @@ async fn raw_with_records(client: async_nats::Client, prefix: &str, n: usize) ->
     let name = format!("{}_RAWREC", prefix.to_uppercase());
     let subject = format!("{prefix}.rawrec.q");
     let bucket = format!("{prefix}_rawrec");
-    let s = js
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![subject.clone()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .expect("raw stream");
+    let c = raw_queue(&js, &name, &subject).await;
     js.create_stream(stream::Config {
         name: format!("KV_{bucket}"),
         subjects: vec![format!("$KV.{bucket}.>")],
@@ -179,40 +181,10 @@ async fn raw_with_records(client: async_nats::Client, prefix: &str, n: usize) ->
     .await
     .expect("raw bucket");
     let kv = js.get_key_value(&bucket).await.expect("raw bucket");
-    let c: consumer::PullConsumer = s
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("raw".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            max_ack_pending: 100_000,
-            ..Default::default()
-        })
-        .await
-        .expect("raw consumer");
     let start = Instant::now();
-    let publisher = {
-        let js = js.clone();
-        let subject = subject.clone();
-        tokio::spawn(async move {
-            let mut acks = std::collections::VecDeque::with_capacity(PUBLISH_WINDOW);
-            for i in 0..n {
-                if acks.len() >= PUBLISH_WINDOW {
-                    if let Some(ack) = acks.pop_front() {
-                        let ack: jetstream::context::PublishAckFuture = ack;
-                        ack.await.expect("ack");
-                    }
-                }
-                let payload = format!(r#"{{"id":"t{i}","task":"bench.noop","args":{{"t":0}}}}"#);
-                acks.push_back(
-                    js.publish(subject.clone(), payload.into())
-                        .await
-                        .expect("publish"),
-                );
-            }
-            for ack in acks {
-                ack.await.expect("ack");
-            }
-        })
-    };
+    let publisher = raw_publisher(&js, &subject, n, |i| {
+        format!(r#"{{"id":"t{i}","task":"bench.noop","args":{{"t":0}}}}"#).into()
+    });
     let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut taken = 0;

@@ -148,21 +148,24 @@ impl Env {
         }
     }
 
-    /// Waits until no pull request is waiting on `queue`'s consumer. A SIGKILLed worker's
-    /// last pull request stays at the server until it expires (the worker's fetch wait, 1 s):
-    /// a message published meanwhile is delivered into it, counted, and redelivered only after
-    /// `ack_wait`, which is a second delivery (a dead letter under `max_deliver = 1`).
-    async fn until_no_waiting_pulls(&self, queue: &str) {
+    /// The queue's consumer info, read fresh.
+    async fn consumer_info(&self, queue: &str) -> async_nats::jetstream::consumer::Info {
         let names = self.broker.names();
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = self
+            .broker
+            .jetstream()
+            .get_consumer_from_stream(names.consumer(queue), names.tasks_stream())
+            .await
+            .expect("consumer");
+        consumer.info().await.expect("consumer info").clone()
+    }
+
+    /// Waits until no pull request is waiting on `queue`'s consumer: a killed worker's
+    /// requests are counted until the server drops them for want of interest.
+    async fn until_no_waiting_pulls(&self, queue: &str) {
         let deadline = Instant::now() + WAIT;
         loop {
-            let mut consumer: async_nats::jetstream::consumer::PullConsumer = self
-                .broker
-                .jetstream()
-                .get_consumer_from_stream(names.consumer(queue), names.tasks_stream())
-                .await
-                .expect("consumer");
-            let waiting = consumer.info().await.expect("consumer info").num_waiting;
+            let waiting = self.consumer_info(queue).await.num_waiting;
             if waiting == 0 {
                 return;
             }
@@ -660,18 +663,6 @@ async fn starts_by_task(started: &mut async_nats::Subscriber) -> HashMap<String,
     nodes
 }
 
-/// The queue's consumer info, read fresh.
-async fn consumer_info(env: &Env, queue: &str) -> async_nats::jetstream::consumer::Info {
-    let names = env.broker.names();
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = env
-        .broker
-        .jetstream()
-        .get_consumer_from_stream(names.consumer(queue), names.tasks_stream())
-        .await
-        .expect("consumer");
-    consumer.info().await.expect("consumer info").clone()
-}
-
 /// The standing pull never asks for more than the free slots: a worker of 2 slots holds at
 /// most 2 unacknowledged deliveries while 6 slow tasks wait, and uses both.
 async fn a_worker_holds_no_more_deliveries_than_its_free_slots(server: Server) {
@@ -696,7 +687,7 @@ async fn a_worker_holds_no_more_deliveries_than_its_free_slots(server: Server) {
     let deadline = Instant::now() + WAIT;
     let mut most = 0;
     loop {
-        let info = consumer_info(&env, "default").await;
+        let info = env.consumer_info("default").await;
         most = most.max(info.num_ack_pending);
         assert!(
             info.num_ack_pending <= 2,
@@ -734,7 +725,7 @@ async fn a_stopped_worker_leaves_no_request_that_takes_a_task(server: Server) {
         let w = env.worker_with("w1", &[], &[("SWITCHYARD_TASKS__ACK_WAIT", "30")]);
         // Idle and standing: its request is waiting at the server.
         let deadline = Instant::now() + WAIT;
-        while consumer_info(&env, "default").await.num_waiting == 0 {
+        while env.consumer_info("default").await.num_waiting == 0 {
             assert!(
                 Instant::now() < deadline,
                 "the worker never asked for a task"
