@@ -236,7 +236,8 @@ on_both_servers!(
     a_sigkilled_worker_s_task_is_redelivered_and_a_crash_loop_is_quarantined,
     a_worker_holds_no_more_deliveries_than_its_free_slots,
     a_stopped_worker_leaves_no_request_that_takes_a_task,
-    a_message_forged_onto_a_worker_s_inbox_is_not_run
+    a_message_forged_onto_a_worker_s_inbox_is_not_run,
+    a_worker_recreates_a_deleted_consumer
 );
 
 fn record(line: &str) -> Value {
@@ -809,6 +810,40 @@ async fn a_message_forged_onto_a_worker_s_inbox_is_not_run(server: Server) {
     let forged = env.tasks.result("forged-1").await.expect("result");
     assert_eq!(forged.state, TaskState::Pending, "{forged:?}");
     assert!(forged.started_at.is_none(), "{forged:?}");
+    env.stop().await;
+}
+
+/// A queue's consumer deleted under a running worker (an operator's mistake) is recreated
+/// by the worker, and the tasks go on.
+async fn a_worker_recreates_a_deleted_consumer(server: Server) {
+    let Some(mut env) = Env::on(server).await else {
+        return;
+    };
+    let names = env.broker.names().clone();
+    env.worker("w1", &[]);
+    let h = env
+        .tasks
+        .send("demo.add", json!({"x": 1, "y": 1}), Default::default())
+        .await
+        .expect("publish");
+    env.until_state(h.id(), TaskState::Success).await;
+    let stream = env
+        .broker
+        .jetstream()
+        .get_stream(names.tasks_stream())
+        .await
+        .expect("stream");
+    stream
+        .delete_consumer(&names.consumer("default"))
+        .await
+        .expect("delete the consumer");
+    let h = env
+        .tasks
+        .send("demo.add", json!({"x": 2, "y": 2}), Default::default())
+        .await
+        .expect("publish");
+    let rec = env.until_state(h.id(), TaskState::Success).await;
+    assert_eq!(rec.result, json!(4));
     env.stop().await;
 }
 

@@ -896,7 +896,9 @@ impl TaskQueue for NatsBroker {
     }
 
     async fn feed(&self, queue: &str, slots: usize) -> Result<Option<Box<dyn Feed>>, BrokerError> {
-        // The consumer exists (created when missing) before a request names it.
+        // The consumer exists (created when missing) before a request names it: looked up
+        // afresh, so a feed opened again after an error recreates a consumer someone deleted.
+        self.consumers.lock().await.remove(queue);
         self.consumer(queue).await?;
         let feed = PullFeed::open(
             self.js.clone(),
