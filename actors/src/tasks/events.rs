@@ -65,3 +65,26 @@ pub const EVENT_ARGS_MAX: usize = 4096;
 
 /// Receives every event of a worker node; must return quickly (it runs on the task runtime).
 pub type EventSink = Arc<dyn Fn(&TaskEvent) + Send + Sync>;
+
+#[cfg(test)]
+mod tests {
+    use super::EventKind;
+
+    #[test]
+    fn the_subject_name_of_a_kind_is_its_json_name() {
+        for kind in [
+            EventKind::TaskReceived,
+            EventKind::TaskStarted,
+            EventKind::TaskSucceeded,
+            EventKind::TaskFailed,
+            EventKind::TaskRetried,
+            EventKind::TaskRevoked,
+            EventKind::TaskProgress,
+        ] {
+            assert_eq!(
+                serde_json::to_value(kind).expect("json"),
+                serde_json::Value::from(kind.as_str())
+            );
+        }
+    }
+}

@@ -598,11 +598,8 @@ impl NatsBroker {
         let names = self.names.clone();
         std::sync::Arc::new(move |e: &TaskEvent| {
             if let Ok(payload) = serde_json::to_vec(e) {
-                let kind = serde_json::to_value(e.kind)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_else(|| "task".into());
-                let _ = tx.try_send((names.event_subject(&kind), Bytes::from(payload)));
+                let subject = names.event_subject(e.kind.as_str());
+                let _ = tx.try_send((subject, Bytes::from(payload)));
             }
             if let Some(next) = &next {
                 next(e);
