@@ -187,7 +187,10 @@ async fn place_order(c: &Client, base: &str) -> String {
         .click()
         .await
         .expect("add");
-    c.find(Locator::Css("form[action='/orders'] button"))
+    // The cart page, once the add's redirect has loaded (a click does not wait for it).
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("form[action='/orders'] button"))
         .await
         .expect("checkout button")
         .click()
