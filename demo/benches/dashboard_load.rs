@@ -136,14 +136,8 @@ fn main() {
     let streams = env_num("BENCH_STREAMS", 50) as usize;
     let records = env_num("BENCH_RECORDS", 100_000) as usize;
     let pages = env_num("BENCH_PAGES", 200) as usize;
-    let url =
-        std::env::var("SWITCHYARD_NATS__URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let prefix = format!(
-        "benchdash{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() % 1_000_000_000)
-    );
+    let url = support::nats_url();
+    let prefix = support::unique_prefix("benchdash");
     let system = actix_rt::System::new();
     system.block_on(async move {
         let client = async_nats::connect(&url).await.expect("nats");

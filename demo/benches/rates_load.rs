@@ -85,14 +85,8 @@ async fn measure(tasks: &Tasks, finished: &AtomicUsize, queue: &str, n: usize) -
 fn main() {
     let n = support::env_num("BENCH_TASKS", 5_000) as usize;
     let rounds = support::env_num("BENCH_ROUNDS", 2).max(1);
-    let url =
-        std::env::var("SWITCHYARD_NATS__URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let prefix = format!(
-        "benchrate{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() % 1_000_000_000)
-    );
+    let url = support::nats_url();
+    let prefix = support::unique_prefix("benchrate");
     let system = actix_rt::System::new();
     system.block_on(async move {
         let client = async_nats::connect(&url).await.expect("nats");

@@ -51,10 +51,6 @@ fn postgres_url(db: &str) -> String {
     }
 }
 
-fn nats_url() -> String {
-    std::env::var("SWITCHYARD_NATS__URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
-
 fn blob() -> Value {
     json!("x".repeat(VALUE_BYTES))
 }
@@ -298,7 +294,7 @@ fn shop_config(engine: SessionEngine) -> Config {
     config.server.secret_key = "sessions-bench-secret-key-0123456789abcdef".into();
     config.sessions.engine = engine;
     config.postgres.url = postgres_url("switchyard_bench").into();
-    config.nats.url = nats_url().into();
+    config.nats.url = support::nats_url().into();
     config.nats.prefix = "switchyard_bench".into();
     config
 }
@@ -490,7 +486,7 @@ fn bench_nats_kv(seconds: u64, runs: u64) {
         .expect("runtime");
     rt.block_on(async move {
         let link = NatsLink::connect(&NatsConnect {
-            url: nats_url(),
+            url: support::nats_url(),
             ..Default::default()
         })
         .await

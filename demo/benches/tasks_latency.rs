@@ -180,7 +180,7 @@ async fn measure(
     warm: usize,
     n: usize,
 ) {
-    let prefix = format!("lat{}", now_ns() % 1_000_000_000);
+    let prefix = support::unique_prefix("lat");
     let names = NatsNames::new(&prefix);
     let worker = spawn_worker(bin, &prefix, nats);
     // Ready once the worker created its queue's consumer.
@@ -256,8 +256,7 @@ fn main() {
         .collect();
     let n = support::env_num("BENCH_LATENCY_TASKS", 2_000) as usize;
     let warm = support::env_num("BENCH_WARMUP_TASKS", 200) as usize;
-    let nats =
-        std::env::var("SWITCHYARD_NATS__URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let nats = support::nats_url();
     let mut bins = vec![("this", env!("CARGO_BIN_EXE_switchyard").to_owned())];
     if let Ok(baseline) = std::env::var("BENCH_BASELINE_BIN") {
         bins.push(("baseline", baseline));

@@ -228,9 +228,8 @@ fn main() {
     let rate = support::env_num("BENCH_RATE", 1_000);
     let lat_n = support::env_num("BENCH_LATENCY_TASKS", 10_000) as usize;
     let warmup = Duration::from_secs(support::env_num("BENCH_WARMUP_SECONDS", 2));
-    let url =
-        std::env::var("SWITCHYARD_NATS__URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let prefix = format!("bench{}", now_ns() % 1_000_000_000);
+    let url = support::nats_url();
+    let prefix = support::unique_prefix("bench");
     let system = actix_rt::System::new();
     system.block_on(async move {
         let client = async_nats::connect(&url).await.expect("nats");

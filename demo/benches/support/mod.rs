@@ -159,6 +159,21 @@ where
     }
 }
 
+/// The NATS server the benches use: `SWITCHYARD_NATS__URL`, else the local one.
+#[allow(dead_code)] // not every bench talks to NATS
+pub fn nats_url() -> String {
+    std::env::var("SWITCHYARD_NATS__URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A NATS prefix of its own for one bench run: `stem` and the clock's nanoseconds.
+#[allow(dead_code)]
+pub fn unique_prefix(stem: &str) -> String {
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() % 1_000_000_000);
+    format!("{stem}{ns}")
+}
+
 /// The number in environment variable `name`, or `default` when it is unset or not a number.
 pub fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
