@@ -32,13 +32,13 @@ pub struct Envelope {
     #[serde(default)]
     pub max_retries: Option<u32>,
     /// Not to run before this time.
-    #[serde(default)]
+    #[serde(default, serialize_with = "super::stamp::option")]
     pub eta: Option<DateTime<Utc>>,
     /// Not to start after this time (then REVOKED, error `"expired"`).
-    #[serde(default)]
+    #[serde(default, serialize_with = "super::stamp::option")]
     pub expires: Option<DateTime<Utc>>,
     /// When it was published.
-    #[serde(default)]
+    #[serde(default, serialize_with = "super::stamp::option")]
     pub published_at: Option<DateTime<Utc>>,
     /// The task this message retries (set by the dashboard's "Retry"); its record names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

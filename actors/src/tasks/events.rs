@@ -23,6 +23,22 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Every kind, in declaration order ([`EventKind::index`]).
+    pub const ALL: [EventKind; 7] = [
+        EventKind::TaskReceived,
+        EventKind::TaskStarted,
+        EventKind::TaskSucceeded,
+        EventKind::TaskFailed,
+        EventKind::TaskRetried,
+        EventKind::TaskRevoked,
+        EventKind::TaskProgress,
+    ];
+
+    /// The kind's place in [`EventKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The kind as SPEC.md writes it (`task-received`, …), the last part of its subject.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -47,6 +63,7 @@ pub struct TaskEvent {
     pub node: String,
     /// The state the task reached (RECEIVED events carry PENDING).
     pub state: TaskState,
+    #[serde(serialize_with = "super::stamp::serialize")]
     pub at: DateTime<Utc>,
     /// task-progress: `{"done","total","info"}` as the record's `progress`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,15 +89,8 @@ mod tests {
 
     #[test]
     fn the_subject_name_of_a_kind_is_its_json_name() {
-        for kind in [
-            EventKind::TaskReceived,
-            EventKind::TaskStarted,
-            EventKind::TaskSucceeded,
-            EventKind::TaskFailed,
-            EventKind::TaskRetried,
-            EventKind::TaskRevoked,
-            EventKind::TaskProgress,
-        ] {
+        for (i, kind) in EventKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind.index(), i);
             assert_eq!(
                 serde_json::to_value(kind).expect("json"),
                 serde_json::Value::from(kind.as_str())

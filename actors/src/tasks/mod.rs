@@ -37,6 +37,7 @@ mod rate;
 mod record;
 mod registry;
 mod scheduled;
+mod stamp;
 mod task;
 mod worker;
 

@@ -30,7 +30,7 @@ use super::broker::{
 use super::canvas::Updated;
 use super::feed::PullFeed;
 use super::record::Revocation;
-use super::{Envelope, EventSink, ResultRecord, TaskEvent, TaskSettings, TaskState};
+use super::{Envelope, EventKind, EventSink, ResultRecord, TaskEvent, TaskSettings, TaskState};
 
 /// Request timeout of one JetStream API call or publish.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -586,7 +586,7 @@ impl NatsBroker {
     /// An event sink publishing to `<prefix>.events.<kind>` (in the background, in order;
     /// dropped when the buffer is full), then handing each event to `next`.
     pub fn event_sink(&self, next: Option<EventSink>) -> EventSink {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, Bytes)>(EVENT_BUFFER);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(async_nats::Subject, Bytes)>(EVENT_BUFFER);
         let client = self.client.clone();
         tokio::spawn(async move {
             while let Some((subject, payload)) = rx.recv().await {
@@ -595,10 +595,14 @@ impl NatsBroker {
                 }
             }
         });
-        let names = self.names.clone();
+        // Each kind's subject made once (a clone is a reference count), not per event.
+        let subjects: Vec<async_nats::Subject> = EventKind::ALL
+            .iter()
+            .map(|k| self.names.event_subject(k.as_str()).into())
+            .collect();
         std::sync::Arc::new(move |e: &TaskEvent| {
             if let Ok(payload) = serde_json::to_vec(e) {
-                let subject = names.event_subject(e.kind.as_str());
+                let subject = subjects[e.kind.index()].clone();
                 let _ = tx.try_send((subject, Bytes::from(payload)));
             }
             if let Some(next) = &next {

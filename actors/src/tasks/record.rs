@@ -64,7 +64,9 @@ pub struct ResultRecord {
     pub retries: u32,
     /// The node that ran the last attempt.
     pub node: Option<String>,
+    #[serde(serialize_with = "super::stamp::option")]
     pub started_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "super::stamp::option")]
     pub finished_at: Option<DateTime<Utc>>,
     /// What the task last reported (`{"done","total","info"}`), null when it never did.
     #[serde(default)]
