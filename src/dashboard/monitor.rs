@@ -2,9 +2,9 @@
 //! events, the live nodes from heartbeats, and a broadcast of every event as one SSE frame.
 //!
 //! Publishing an event never waits for a reader. While streams are open, frames gather for
-//! [`COALESCE`] and one flusher task sends them as one [`Batch`] to a `tokio::sync::broadcast` channel of [`CLIENT_BUFFER`] batches: the
-//! work per event is done once, not once per stream, and a stream writes a batch's bytes
-//! as they are. A stream that falls further behind is told to reload (it "lags") instead of
+//! [`COALESCE`] (or until they reach [`BATCH_BYTES`]) and go as one [`Batch`] to a
+//! `tokio::sync::broadcast` channel of [`CLIENT_BUFFER`] batches: the work per event is done
+//! once, not once per stream, and a stream writes a batch's bytes as they are. A stream that falls further behind is told to reload (it "lags") instead of
 //! slowing the worker that emitted the event.
 
 use std::collections::{HashMap, VecDeque};
@@ -31,6 +31,12 @@ pub const CLIENT_BUFFER: usize = 256;
 /// page at most this much later, and a stream wakes about 50 times a second under load
 /// instead of once per event.
 pub const COALESCE: Duration = Duration::from_millis(20);
+/// A window's frames go out early once their bytes reach this. actix-web copies each chunk a
+/// stream writes into the connection's write buffer and keeps that buffer for the next chunk
+/// only up to 128 KiB; a bigger batch (a 20 ms window at 14k tasks/s is about 170 KB) made
+/// every stream allocate a fresh buffer for every batch, which the kernel then zeroed page by
+/// page (docs/dashboard.md).
+pub const BATCH_BYTES: usize = 64 * 1024;
 /// The largest event taken from NATS (Switchyard's own are far smaller: args above
 /// `EVENT_ARGS_MAX` are left out), so the index's memory stays bounded.
 const MAX_EVENT_BYTES: usize = 16 * 1024;
@@ -91,7 +97,8 @@ pub struct Batch {
 impl Batch {
     /// The frames of one window, in id order.
     fn of(frames: Vec<Arc<Frame>>) -> Self {
-        let mut sse = actix_web::web::BytesMut::new();
+        let len = frames.iter().map(|f| f.sse.len()).sum();
+        let mut sse = actix_web::web::BytesMut::with_capacity(len);
         for f in &frames {
             sse.extend_from_slice(&f.sse);
         }
@@ -109,25 +116,53 @@ impl Batch {
 
 /// What the flusher and the streams share.
 struct Fanout {
-    pending: Mutex<Vec<Arc<Frame>>>,
+    /// The window's frames so far and their bytes. Batches are sent with this held, so they
+    /// go out in id order whether the flusher or a full window sends them.
+    pending: Mutex<Pending>,
     wake: tokio::sync::Notify,
     tx: broadcast::Sender<Arc<Batch>>,
     /// A flusher task is running (it ends when the last stream closed).
     flushing: Mutex<bool>,
 }
 
+/// The frames of the window being gathered.
+#[derive(Default)]
+struct Pending {
+    frames: Vec<Arc<Frame>>,
+    bytes: usize,
+}
+
 impl Fanout {
+    /// Adds `frame` to the window; sends the window at once when it reached [`BATCH_BYTES`],
+    /// else wakes the flusher.
+    fn push(&self, frame: Arc<Frame>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.bytes += frame.sse.len();
+        pending.frames.push(frame);
+        if pending.bytes >= BATCH_BYTES {
+            self.send(&mut pending);
+        } else {
+            drop(pending);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Sends the window's frames as one batch (with the window's lock held).
+    fn send(&self, pending: &mut Pending) {
+        let frames = std::mem::take(&mut pending.frames);
+        pending.bytes = 0;
+        if !frames.is_empty() {
+            let _ = self.tx.send(Arc::new(Batch::of(frames)));
+        }
+    }
+
     /// Sends what gathered, a [`COALESCE`] after the first frame of each window, until no
     /// stream is left.
     async fn flush(self: Arc<Self>) {
         loop {
             self.wake.notified().await;
             tokio::time::sleep(COALESCE).await;
-            let frames =
-                std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-            if !frames.is_empty() {
-                let _ = self.tx.send(Arc::new(Batch::of(frames)));
-            }
+            self.send(&mut self.pending.lock().unwrap_or_else(|e| e.into_inner()));
             let mut flushing = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
             if self.tx.receiver_count() == 0 {
                 *flushing = false;
@@ -337,12 +372,7 @@ impl Monitor {
         }
         // Nobody watching: nothing to gather (a stream that opens later replays the history).
         if self.fanout.tx.receiver_count() > 0 {
-            self.fanout
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(frame);
-            self.fanout.wake.notify_one();
+            self.fanout.push(frame);
         }
     }
 
@@ -604,5 +634,40 @@ mod tests {
         assert_eq!(rest[0].task_id.as_deref(), Some("b"));
         assert!(m.since(first.id + 10).is_none());
         assert!(!m.observe_heartbeat(b"not json"));
+    }
+
+    #[tokio::test]
+    async fn a_burst_goes_out_in_batches_of_bounded_size_in_order() {
+        let m = Monitor::new(Duration::from_secs(5));
+        let mut rx = m.subscribe();
+        let n = 2000;
+        for i in 0..n {
+            m.observe(&event(
+                &format!("t{i}"),
+                EventKind::TaskReceived,
+                TaskState::Pending,
+            ));
+        }
+        let (mut ids, mut batches) = (Vec::new(), 0);
+        while ids.len() < n {
+            let batch = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                .await
+                .expect("a batch within 2 s")
+                .expect("not lagging");
+            let largest = batch.frames.iter().map(|f| f.sse.len()).max().unwrap_or(0);
+            assert!(
+                batch.sse.len() < BATCH_BYTES + largest,
+                "{}",
+                batch.sse.len()
+            );
+            let bytes: usize = batch.frames.iter().map(|f| f.sse.len()).sum();
+            assert_eq!(batch.sse.len(), bytes);
+            ids.extend(batch.frames.iter().map(|f| f.id));
+            batches += 1;
+        }
+        // Well over BATCH_BYTES in all, sent as several batches, every frame once, in order.
+        assert!(batches > 2, "{batches} batches");
+        assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "ids in order");
+        assert_eq!(ids.len(), n);
     }
 }
