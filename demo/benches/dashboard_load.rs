@@ -4,7 +4,7 @@
 //!    end: publish N, wait until all succeeded) with no dashboard, then with a `serve` node whose
 //!    dashboard follows the events and 50 open `events` streams read continuously (by readers
 //!    on a thread of their own, standing in for browsers) plus one overview page load a
-//!    second, then with none again; the ratio (target >= 0.95).
+//!    second, then with none again (the serve node stopped); the ratio (target >= 0.95).
 //! 2. Overview page latency with 100,000 finished tasks in the results store (and their events
 //!    in the recent-tasks index): sequential GETs of the overview, the first task-list page and
 //!    a filtered one, beside the shop's `/cart` page (a page that reads nothing) for scale.
