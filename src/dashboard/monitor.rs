@@ -4,8 +4,9 @@
 //! Publishing an event never waits for a reader. While streams are open, frames gather for
 //! [`COALESCE`] (or until they reach [`BATCH_BYTES`]) and go as one [`Batch`] to a
 //! `tokio::sync::broadcast` channel of [`CLIENT_BUFFER`] batches: the work per event is done
-//! once, not once per stream, and a stream writes a batch's bytes as they are. A stream that falls further behind is told to reload (it "lags") instead of
-//! slowing the worker that emitted the event.
+//! once, not once per stream, and a stream writes a batch's bytes as they are. A stream that
+//! falls further behind is told to reload (it "lags") instead of slowing the worker that
+//! emitted the event.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
