@@ -133,6 +133,16 @@ impl Env {
         let _ = self.workers[i].wait();
     }
 
+    /// Publishes `demo.add` with `x` and `y` and waits for its SUCCESS record.
+    async fn add_succeeds(&self, x: i64, y: i64) -> switchyard::tasks::ResultRecord {
+        let h = self
+            .tasks
+            .send("demo.add", json!({"x": x, "y": y}), Default::default())
+            .await
+            .expect("publish");
+        self.until_state(h.id(), TaskState::Success).await
+    }
+
     async fn until_state(&self, id: &str, state: TaskState) -> switchyard::tasks::ResultRecord {
         let deadline = Instant::now() + WAIT;
         loop {
@@ -800,12 +810,7 @@ async fn a_message_forged_onto_a_worker_s_inbox_is_not_run(server: Server) {
     .await
     .expect("publish");
     spy.flush().await.expect("flush");
-    let h = env
-        .tasks
-        .send("demo.add", json!({"x": 2, "y": 2}), Default::default())
-        .await
-        .expect("publish");
-    let rec = env.until_state(h.id(), TaskState::Success).await;
+    let rec = env.add_succeeds(2, 2).await;
     assert_eq!(rec.result, json!(4));
     let forged = env.tasks.result("forged-1").await.expect("result");
     assert_eq!(forged.state, TaskState::Pending, "{forged:?}");
@@ -821,12 +826,7 @@ async fn a_worker_recreates_a_deleted_consumer(server: Server) {
     };
     let names = env.broker.names().clone();
     env.worker("w1", &[]);
-    let h = env
-        .tasks
-        .send("demo.add", json!({"x": 1, "y": 1}), Default::default())
-        .await
-        .expect("publish");
-    env.until_state(h.id(), TaskState::Success).await;
+    env.add_succeeds(1, 1).await;
     let stream = env
         .broker
         .jetstream()
@@ -837,12 +837,7 @@ async fn a_worker_recreates_a_deleted_consumer(server: Server) {
         .delete_consumer(&names.consumer("default"))
         .await
         .expect("delete the consumer");
-    let h = env
-        .tasks
-        .send("demo.add", json!({"x": 2, "y": 2}), Default::default())
-        .await
-        .expect("publish");
-    let rec = env.until_state(h.id(), TaskState::Success).await;
+    let rec = env.add_succeeds(2, 2).await;
     assert_eq!(rec.result, json!(4));
     env.stop().await;
 }
