@@ -159,7 +159,18 @@ fn main() {
         run_tasks(&tasks, &finished, n / 10).await;
 
         // 1. Throughput without and with the dashboard and its streams.
+        let server = support::listener_pid(&url);
+        let server_ns = || server.and_then(support::cpu_ns).unwrap_or(0);
+        let (own_0, server_0) = (
+            support::cpu_ns(std::process::id()).unwrap_or(0),
+            server_ns(),
+        );
         let none_1 = run_tasks(&tasks, &finished, n).await;
+        let none_1_cpu = (
+            support::cpu_ns(std::process::id()).unwrap_or(0) - own_0,
+            server_ns() - server_0,
+        );
+        let bench_threads: Vec<u32> = support::threads_cpu_ns().iter().map(|t| t.0).collect();
         let mut config = Config::load_with_env(
             Some(std::path::Path::new(concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -183,35 +194,38 @@ fn main() {
         let readers = {
             let received = received.clone();
             let base = base.clone();
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("readers' runtime");
-                rt.block_on(async move {
-                    let mut readers = Vec::new();
-                    for _ in 0..streams {
-                        let c = alice(&base).await;
-                        let received = received.clone();
-                        let base = base.clone();
-                        readers.push(tokio::spawn(async move {
-                            let mut res = c
-                                .get(format!("{base}/_switchyard/events"))
-                                .send()
-                                .await
-                                .expect("events");
-                            while let Ok(Some(chunk)) = res.chunk().await {
-                                received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                            }
-                        }));
-                    }
-                    let _ = ready_tx.send(());
-                    let _ = stop_rx.await;
-                    for r in readers {
-                        r.abort();
-                    }
-                });
-            })
+            std::thread::Builder::new()
+                .name("bench-readers".into())
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("readers' runtime");
+                    rt.block_on(async move {
+                        let mut readers = Vec::new();
+                        for _ in 0..streams {
+                            let c = alice(&base).await;
+                            let received = received.clone();
+                            let base = base.clone();
+                            readers.push(tokio::spawn(async move {
+                                let mut res = c
+                                    .get(format!("{base}/_switchyard/events"))
+                                    .send()
+                                    .await
+                                    .expect("events");
+                                while let Ok(Some(chunk)) = res.chunk().await {
+                                    received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                                }
+                            }));
+                        }
+                        let _ = ready_tx.send(());
+                        let _ = stop_rx.await;
+                        for r in readers {
+                            r.abort();
+                        }
+                    });
+                })
+                .expect("the readers' thread")
         };
         let _ = ready_rx.await;
         let dash = alice(&base).await;
@@ -225,7 +239,25 @@ fn main() {
             })
         };
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let (threads_0, server_1) = (support::threads_cpu_ns(), server_ns());
         let with = run_tasks(&tasks, &finished, n).await;
+        let with_cpu = {
+            // Per thread group: the worker and publishers (threads that ran before the node
+            // started), the readers, the serve node (every thread it started).
+            let mut groups = [0u64; 3];
+            for (tid, name, ns) in support::threads_cpu_ns() {
+                let before = threads_0.iter().find(|t| t.0 == tid).map_or(0, |t| t.2);
+                let g = if bench_threads.contains(&tid) {
+                    0
+                } else if name == "bench-readers" {
+                    1
+                } else {
+                    2
+                };
+                groups[g] += ns.saturating_sub(before);
+            }
+            (groups, server_ns() - server_1)
+        };
         tokio::time::sleep(Duration::from_millis(500)).await;
         let bytes = received.load(Ordering::Relaxed);
         overview.abort();
@@ -247,6 +279,18 @@ fn main() {
              streams ({:.1} MB streamed); ratio {:.3}",
             bytes as f64 / 1e6,
             with / none
+        );
+        let us = |ns: u64| ns as f64 / 1e3 / n as f64;
+        println!(
+            "dashboard::cpu  µs of CPU per task without a dashboard (first phase): this process \
+             {:.1}, NATS server {:.1}; with it: worker and publishers {:.1}, the {streams} \
+             readers {:.1}, the serve node {:.1}, NATS server {:.1}",
+            us(none_1_cpu.0),
+            us(none_1_cpu.1),
+            us(with_cpu.0[0]),
+            us(with_cpu.0[1]),
+            us(with_cpu.0[2]),
+            us(with_cpu.1)
         );
 
         // 2. The overview with `records` finished tasks in the results store and the index.

@@ -4,11 +4,15 @@
 //! and the same with the claim and result writes per message (a key-value create and an
 //! update, as many at once as the workers' slots); then
 //! publish-to-start latency at a steady rate after a warm-up (stamped at publish, read at the
-//! first line of the task body).
+//! first line of the task body). Each throughput line also gives the CPU a message cost this
+//! process and the NATS server (when it runs on this machine and `/proc` shows it), and what
+//! the connection sent and received per message: the server's share bounds how close any
+//! client can come to the raw loop.
 //!
 //! `cargo bench --bench tasks_nats_load` (env: `BENCH_TASKS`, default 20000; `BENCH_RATE`,
 //! default 1000/s; `BENCH_LATENCY_TASKS`, default 10000; `BENCH_WARMUP_SECONDS`, default 2;
-//! `SWITCHYARD_NATS__URL`). Streams are created under a unique prefix and deleted at the end.
+//! `BENCH_NATS_EVENTS=0` to keep the task events off NATS; `SWITCHYARD_NATS__URL`). Streams
+//! are created under a unique prefix and deleted at the end.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -128,12 +132,19 @@ fn raw_publisher(
     })
 }
 
-async fn raw_baseline(client: async_nats::Client, prefix: &str, n: usize) -> f64 {
+/// Messages/s and the CPU they cost ([`support::CpuMeter::summary`]).
+async fn raw_baseline(
+    client: async_nats::Client,
+    url: &str,
+    prefix: &str,
+    n: usize,
+) -> (f64, String) {
     let js = jetstream::new(client);
     let name = format!("{}_RAW", prefix.to_uppercase());
     let subject = format!("{prefix}.raw.q");
     let c = raw_queue(&js, &name, &subject).await;
     let payload = bytes::Bytes::from_static(br#"{"task":"bench.noop","args":{"t":0}}"#);
+    let meter = support::CpuMeter::start(url).counting(&js.client());
     let start = Instant::now();
     let publisher = raw_publisher(&js, &subject, n, move |_| payload.clone());
     let mut done = 0;
@@ -155,15 +166,21 @@ async fn raw_baseline(client: async_nats::Client, prefix: &str, n: usize) -> f64
     }
     let _ = publisher.await;
     let rate = done as f64 / start.elapsed().as_secs_f64();
+    let cpu = meter.summary(done);
     let _ = js.delete_stream(&name).await;
-    rate
+    (rate, cpu)
 }
 
 /// Raw JetStream with the records a queue with a revocable claim and a stored result writes:
 /// publish `n`, pull with batch `CONCURRENCY`, and per message (up to `CONCURRENCY` at once) a
 /// key-value create (the claim), a put (the result), then the ack. The floor of what any
-/// design with those guarantees does on NATS 2.9, without Switchyard.
-async fn raw_with_records(client: async_nats::Client, prefix: &str, n: usize) -> f64 {
+/// design with those guarantees does on NATS 2.9, without Switchyard. Messages/s and their CPU.
+async fn raw_with_records(
+    client: async_nats::Client,
+    url: &str,
+    prefix: &str,
+    n: usize,
+) -> (f64, String) {
     let js = jetstream::new(client);
     let name = format!("{}_RAWREC", prefix.to_uppercase());
     let subject = format!("{prefix}.rawrec.q");
@@ -181,6 +198,7 @@ async fn raw_with_records(client: async_nats::Client, prefix: &str, n: usize) ->
     .await
     .expect("raw bucket");
     let kv = js.get_key_value(&bucket).await.expect("raw bucket");
+    let meter = support::CpuMeter::start(url).counting(&js.client());
     let start = Instant::now();
     let publisher = raw_publisher(&js, &subject, n, |i| {
         format!(r#"{{"id":"t{i}","task":"bench.noop","args":{{"t":0}}}}"#).into()
@@ -218,9 +236,10 @@ async fn raw_with_records(client: async_nats::Client, prefix: &str, n: usize) ->
     }
     let _ = publisher.await;
     let rate = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    let cpu = meter.summary(done.load(Ordering::Relaxed));
     let _ = js.delete_stream(&name).await;
     let _ = js.delete_stream(format!("KV_{bucket}")).await;
-    rate
+    (rate, cpu)
 }
 
 fn main() {
@@ -233,8 +252,9 @@ fn main() {
     let system = actix_rt::System::new();
     system.block_on(async move {
         let client = async_nats::connect(&url).await.expect("nats");
-        let raw = raw_baseline(client.clone(), &prefix, n).await;
-        let raw_records = raw_with_records(client.clone(), &prefix, n).await;
+        let (raw, raw_cpu) = raw_baseline(client.clone(), &url, &prefix, n).await;
+        let (raw_records, raw_records_cpu) =
+            raw_with_records(client.clone(), &url, &prefix, n).await;
 
         let settings = TaskSettings {
             node_id: "bench".into(),
@@ -248,6 +268,7 @@ fn main() {
         let (tasks, finished) = (counting.tasks.clone(), counting.finished.clone());
 
         // Throughput: N published by PUBLISHERS concurrent publishers, until all complete.
+        let meter = support::CpuMeter::start(&url).counting(&client);
         let start = Instant::now();
         let per = n.div_ceil(PUBLISHERS);
         let mut pubs = Vec::new();
@@ -269,9 +290,10 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let e2e = finished.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-        println!("tasks::nats_e2e  {n} no-op tasks: {e2e:.0} tasks/s (published in {published:.2?}, results + events on)");
-        println!("tasks::raw_jetstream  publish+pull(batch {CONCURRENCY})+ack: {raw:.0} msgs/s");
-        println!("tasks::raw_jetstream_records  the same + a claim create and a result update per message: {raw_records:.0} msgs/s");
+        let e2e_cpu = meter.summary(finished.load(Ordering::Relaxed));
+        println!("tasks::nats_e2e  {n} no-op tasks: {e2e:.0} tasks/s (published in {published:.2?}, results + events on); {e2e_cpu}");
+        println!("tasks::raw_jetstream  publish+pull(batch {CONCURRENCY})+ack: {raw:.0} msgs/s; {raw_cpu}");
+        println!("tasks::raw_jetstream_records  the same + a claim create and a result update per message: {raw_records:.0} msgs/s; {raw_records_cpu}");
         println!("ratio e2e/raw = {:.2}, e2e/raw_records = {:.2}", e2e / raw, e2e / raw_records);
 
         // Latency: a steady rate, warm-up first.

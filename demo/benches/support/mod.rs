@@ -29,16 +29,19 @@ pub fn start_node(config: Config) -> InProcessNode {
     std::env::set_current_dir(root).expect("the workspace root");
     let (addr_tx, addr_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let sys = actix_rt::System::new();
-        sys.block_on(async move {
-            let app = switchyard_demo::install(switchyard::App::new(config));
-            let running = app.start().await.expect("node starts");
-            addr_tx.send(running.addr()).expect("send addr");
-            let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
-            running.stop().await;
-        });
-    });
+    let thread = std::thread::Builder::new()
+        .name("bench-node".into())
+        .spawn(move || {
+            let sys = actix_rt::System::new();
+            sys.block_on(async move {
+                let app = switchyard_demo::install(switchyard::App::new(config));
+                let running = app.start().await.expect("node starts");
+                addr_tx.send(running.addr()).expect("send addr");
+                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+                running.stop().await;
+            });
+        })
+        .expect("the node's thread");
     let addr = addr_rx.recv().expect("node started");
     InProcessNode {
         addr,
@@ -220,7 +223,13 @@ impl CountingPool {
                 }
             })
         };
-        let sink = broker.event_sink(Some(sink));
+        // `BENCH_NATS_EVENTS=0` keeps the events off NATS (they are still counted here), to
+        // measure what publishing them costs.
+        let sink = if env_num("BENCH_NATS_EVENTS", 1) == 0 {
+            sink
+        } else {
+            broker.event_sink(Some(sink))
+        };
         let arbiter = actix_rt::Arbiter::new();
         let pool = WorkerPool::start(
             settings.clone(),
@@ -251,5 +260,166 @@ impl CountingPool {
         for stream in self.broker.names().task_streams() {
             let _ = js.delete_stream(&stream).await;
         }
+    }
+}
+
+/// CPU time so far of process `pid`'s live threads, in nanoseconds (the first field of each
+/// `/proc/PID/task/TID/schedstat`); `None` off Linux or when the process is gone. Threads that
+/// already exited are not counted, so compare it across phases of long-lived threads.
+pub fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(total)
+}
+
+/// CPU time so far of each live thread of this process: (thread id, name, nanoseconds).
+pub fn threads_cpu_ns() -> Vec<(u32, String, u64)> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let ns = std::fs::read_to_string(t.path().join("schedstat"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .next()
+                .and_then(|ns| ns.parse().ok())
+                .unwrap_or(0);
+            let tid = t
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            (tid, name.trim().to_owned(), ns)
+        })
+        .collect()
+}
+
+/// The process listening on the TCP port of `url` on this machine (the local NATS server),
+/// found through `/proc/net/tcp*` and the processes' socket descriptors; `None` when it is not
+/// local, not Linux, or not visible to this user.
+pub fn listener_pid(url: &str) -> Option<u32> {
+    let port: u16 = url.rsplit(':').next()?.trim_end_matches('/').parse().ok()?;
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let listening = f.get(3) == Some(&"0A");
+            let on_port = f
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            if listening && on_port {
+                inodes.extend(f.get(9).map(|i| format!("socket:[{i}]")));
+            }
+        }
+    }
+    for proc_dir in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc_dir.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// CPU spent by this process and by the NATS server over a phase, for "µs per message", and
+/// optionally what one connection sent and received.
+pub struct CpuMeter {
+    server: Option<u32>,
+    start: (Option<u64>, Option<u64>),
+    traffic: Option<(std::sync::Arc<async_nats::Statistics>, [u64; 4])>,
+}
+
+fn traffic_now(s: &async_nats::Statistics) -> [u64; 4] {
+    use std::sync::atomic::Ordering::Relaxed;
+    [
+        s.out_messages.load(Relaxed),
+        s.in_messages.load(Relaxed),
+        s.out_bytes.load(Relaxed),
+        s.in_bytes.load(Relaxed),
+    ]
+}
+
+impl CpuMeter {
+    /// Starts measuring this process and the server listening on `url`'s port.
+    pub fn start(url: &str) -> Self {
+        let server = listener_pid(url);
+        Self {
+            start: (cpu_ns(std::process::id()), server.and_then(cpu_ns)),
+            server,
+            traffic: None,
+        }
+    }
+
+    /// Also counts the messages and payload bytes `client` sends and receives.
+    pub fn counting(mut self, client: &async_nats::Client) -> Self {
+        let stats = client.statistics();
+        let now = traffic_now(&stats);
+        self.traffic = Some((stats, now));
+        self
+    }
+
+    /// Microseconds of CPU per message since the start, over `n` messages: (this process,
+    /// the server); `None` for what could not be read.
+    pub fn per_message_us(&self, n: usize) -> (Option<f64>, Option<f64>) {
+        let per = |before: Option<u64>, after: Option<u64>| {
+            Some(after?.saturating_sub(before?) as f64 / 1e3 / n.max(1) as f64)
+        };
+        (
+            per(self.start.0, cpu_ns(std::process::id())),
+            per(self.start.1, self.server.and_then(cpu_ns)),
+        )
+    }
+
+    /// `per_message_us` as text: "bench process X µs, NATS server Y µs of CPU per message".
+    pub fn summary(&self, n: usize) -> String {
+        let show = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:.1}"));
+        let (own, server) = self.per_message_us(n);
+        let mut text = format!(
+            "CPU per message: bench process {} µs, NATS server {} µs",
+            show(own),
+            show(server)
+        );
+        if let Some((stats, before)) = &self.traffic {
+            let now = traffic_now(stats);
+            let per = |i: usize| now[i].saturating_sub(before[i]) as f64 / n.max(1) as f64;
+            text.push_str(&format!(
+                "; per message the connection sent {:.2} messages ({:.0} bytes on the wire) and \
+                 received {:.2} ({:.0} bytes)",
+                per(0),
+                per(2),
+                per(1),
+                per(3)
+            ));
+        }
+        text
     }
 }
