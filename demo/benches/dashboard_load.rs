@@ -4,7 +4,11 @@
 //!    end: publish N, wait until all succeeded) with no dashboard, then with a `serve` node whose
 //!    dashboard follows the events and 50 open `events` streams read continuously (by readers
 //!    on a thread of their own, standing in for browsers) plus one overview page load a
-//!    second, then with none again (the serve node stopped); the ratio (target >= 0.95).
+//!    second, then with none again (the serve node stopped); the ratio (target >= 0.95). Then
+//!    the CPU a task cost in the first phase without and in the phase with the dashboard,
+//!    split into the worker and publishers, the readers, the serve node and the NATS server
+//!    (from `/proc`, when the server runs on this machine): what the dashboard adds, and who
+//!    pays it.
 //! 2. Overview page latency with 100,000 finished tasks in the results store (and their events
 //!    in the recent-tasks index): sequential GETs of the overview, the first task-list page and
 //!    a filtered one, beside the shop's `/cart` page (a page that reads nothing) for scale.
