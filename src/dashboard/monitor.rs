@@ -41,8 +41,8 @@ pub const BATCH_BYTES: usize = 64 * 1024;
 /// The largest event taken from NATS (Switchyard's own are far smaller: args above
 /// `EVENT_ARGS_MAX` are left out), so the index's memory stays bounded.
 const MAX_EVENT_BYTES: usize = 16 * 1024;
-/// The window of the per-queue rate.
-const RATE_WINDOW: Duration = Duration::from_secs(60);
+/// The window of the per-queue rate, in whole seconds: the current second and the 59 before.
+const RATE_SECONDS: usize = 60;
 
 /// One event of a task, as the task page lists it.
 #[derive(Clone, Debug, Serialize)]
@@ -180,8 +180,45 @@ struct Index {
     order: VecDeque<String>,
     /// Tasks in STARTED per queue.
     running: HashMap<String, u64>,
-    /// Finished (success or failure) events of the last minute: (when, queue).
-    finished: VecDeque<(Instant, String)>,
+    /// Finished (success or failure) events per queue and second of the last minute.
+    finished: HashMap<String, Rate>,
+}
+
+/// Finished tasks of one queue in each of the last [`RATE_SECONDS`] seconds: memory and work
+/// per event stay constant whatever the rate (a list of the minute's events would hold
+/// 840,000 entries at 14,000 tasks/s, and the overview would count them once per queue).
+#[derive(Clone, Copy)]
+struct Rate {
+    /// `counts[s % RATE_SECONDS]` is second `s` (seconds since the monitor started).
+    counts: [u32; RATE_SECONDS],
+    /// The newest second counted.
+    second: u64,
+}
+
+impl Rate {
+    /// Moves the window to end at `second`, forgetting the seconds that left it.
+    fn advance(&mut self, second: u64) {
+        if second <= self.second {
+            return;
+        }
+        let gone = (second - self.second).min(RATE_SECONDS as u64);
+        for s in (second + 1 - gone)..=second {
+            self.counts[(s % RATE_SECONDS as u64) as usize] = 0;
+        }
+        self.second = second;
+    }
+
+    fn record(&mut self, second: u64) {
+        self.advance(second);
+        let i = (second % RATE_SECONDS as u64) as usize;
+        self.counts[i] = self.counts[i].saturating_add(1);
+    }
+
+    /// The count of the window ending at `second`.
+    fn total(mut self, second: u64) -> u64 {
+        self.advance(second);
+        self.counts.iter().map(|&c| u64::from(c)).sum()
+    }
 }
 
 /// A filter of the task list.
@@ -211,6 +248,7 @@ pub struct Monitor {
     next_id: AtomicU64,
     nodes: Mutex<ClusterView>,
     capacity: usize,
+    started: Instant,
 }
 
 impl Monitor {
@@ -222,6 +260,7 @@ impl Monitor {
     /// An empty monitor keeping at most `capacity` tasks.
     pub fn with_capacity(heartbeat_interval: Duration, capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(CLIENT_BUFFER);
+        let capacity = capacity.max(1);
         Self {
             index: Mutex::default(),
             fanout: Arc::new(Fanout {
@@ -233,7 +272,8 @@ impl Monitor {
             history: Mutex::new(VecDeque::with_capacity(HISTORY)),
             next_id: AtomicU64::new(1),
             nodes: Mutex::new(ClusterView::new(heartbeat_interval)),
-            capacity: capacity.max(1),
+            capacity,
+            started: Instant::now(),
         }
     }
 
@@ -319,9 +359,21 @@ impl Monitor {
                 }
             }
             if matches!(e.kind, EventKind::TaskSucceeded | EventKind::TaskFailed) {
-                let now = Instant::now();
-                ix.finished.push_back((now, e.queue.clone()));
-                trim_rate(&mut ix.finished, now);
+                let second = self.second();
+                if let Some(rate) = ix.finished.get_mut(&e.queue) {
+                    rate.record(second);
+                } else {
+                    // A new queue: forget the ones idle for the whole window first, so names
+                    // that stopped coming do not pile up.
+                    ix.finished
+                        .retain(|_, r| second.saturating_sub(r.second) < RATE_SECONDS as u64);
+                    let mut rate = Rate {
+                        counts: [0; RATE_SECONDS],
+                        second,
+                    };
+                    rate.record(second);
+                    ix.finished.insert(e.queue.clone(), rate);
+                }
             }
             while ix.order.len() > self.capacity {
                 let Some(old) = ix.order.pop_front() else {
@@ -487,11 +539,18 @@ impl Monitor {
         self.index().running.get(queue).copied().unwrap_or(0)
     }
 
-    /// Tasks of `queue` that finished in the last minute.
+    /// Tasks of `queue` that finished in the last minute (this second and the 59 before).
     pub fn finished_last_minute(&self, queue: &str) -> u64 {
-        let mut ix = self.index();
-        trim_rate(&mut ix.finished, Instant::now());
-        ix.finished.iter().filter(|(_, q)| q == queue).count() as u64
+        let second = self.second();
+        self.index()
+            .finished
+            .get(queue)
+            .map_or(0, |r| r.total(second))
+    }
+
+    /// Whole seconds since the monitor started.
+    fn second(&self) -> u64 {
+        self.started.elapsed().as_secs()
     }
 
     /// The live nodes from heartbeats.
@@ -553,15 +612,6 @@ fn dec(map: &mut HashMap<String, u64>, key: &str) {
     }
 }
 
-fn trim_rate(finished: &mut VecDeque<(Instant, String)>, now: Instant) {
-    while finished
-        .front()
-        .is_some_and(|(t, _)| now.saturating_duration_since(*t) > RATE_WINDOW)
-    {
-        finished.pop_front();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -612,6 +662,29 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(m.tasks(&filter, 0, 10).0[0].id, "t3");
+    }
+
+    #[test]
+    fn the_rate_counts_the_last_sixty_seconds_and_forgets_older_ones() {
+        let mut r = Rate {
+            counts: [0; RATE_SECONDS],
+            second: 100,
+        };
+        r.record(100);
+        r.record(100);
+        r.record(130);
+        assert_eq!(r.total(130), 3);
+        // Second 100 is in the window ending at 159, not in the one ending at 160.
+        assert_eq!(r.total(159), 3);
+        assert_eq!(r.total(160), 1);
+        assert_eq!(r.total(189), 1);
+        assert_eq!(r.total(190), 0);
+        // A late reading (an older second than the newest counted) sees the whole window.
+        assert_eq!(r.total(120), 3);
+        // Far ahead: everything is forgotten, and counting starts over.
+        r.record(1_000);
+        assert_eq!(r.total(1_000), 1);
+        assert_eq!(r.counts.iter().map(|&c| u64::from(c)).sum::<u64>(), 1);
     }
 
     #[tokio::test]
