@@ -164,5 +164,72 @@ mod tasks {
     }
 }
 
-criterion_group!(benches, templates::bench, tasks::bench);
+mod dashboard {
+    use super::*;
+    use std::time::Duration;
+
+    use criterion::Throughput;
+    use switchyard::dashboard::Monitor;
+    use switchyard::tasks::{EventKind, TaskEvent, TaskState};
+
+    /// What a serve node's monitor does with the task events from NATS (parse each, index
+    /// it, make its frame and batch it for the open streams): one iteration is the three
+    /// events of a task, with one stream open; a fresh monitor every 30,000 tasks, so the index
+    /// grows as in the load harness.
+    pub fn bench(c: &mut Criterion) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _guard = rt.enter();
+        const TASKS: usize = 30_000;
+        let payloads: Vec<[Vec<u8>; 3]> = (0..TASKS)
+            .map(|i| {
+                [
+                    (EventKind::TaskReceived, TaskState::Pending),
+                    (EventKind::TaskStarted, TaskState::Started),
+                    (EventKind::TaskSucceeded, TaskState::Success),
+                ]
+                .map(|(kind, state)| {
+                    serde_json::to_vec(&TaskEvent {
+                        kind,
+                        task_id: format!("01a23183-d697-7c2d-8d01-{i:012x}"),
+                        task: "bench.noop".into(),
+                        queue: "default".into(),
+                        node: "bench".into(),
+                        state,
+                        at: chrono::Utc::now(),
+                        progress: None,
+                        args: None,
+                        retry_of: None,
+                    })
+                    .expect("json")
+                })
+            })
+            .collect();
+        let mut group = c.benchmark_group("dashboard");
+        group.throughput(Throughput::Elements(1));
+        group.bench_function("monitor_task_events", |b| {
+            let mut monitor = Monitor::new(Duration::from_secs(5));
+            let mut rx = monitor.subscribe();
+            let mut i = 0;
+            b.iter(|| {
+                if i == TASKS {
+                    i = 0;
+                    monitor = Monitor::new(Duration::from_secs(5));
+                    rx = monitor.subscribe();
+                }
+                for p in &payloads[i] {
+                    let e: TaskEvent = serde_json::from_slice(p).expect("event");
+                    monitor.observe(&e);
+                }
+                i += 1;
+                while rx.try_recv().is_ok() {}
+            })
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, templates::bench, tasks::bench, dashboard::bench);
 criterion_main!(benches);

@@ -80,10 +80,18 @@ pub struct Frame {
     pub id: u64,
     /// The task it is about (none for node heartbeats).
     pub task_id: Option<String>,
-    pub json: String,
     /// The frame as the stream sends it (`id: N`, `data: JSON`, a blank line), made once
     /// for every reader.
     pub sse: actix_web::web::Bytes,
+}
+
+impl Frame {
+    /// Its `data:` JSON.
+    pub fn data(&self) -> &str {
+        let text = std::str::from_utf8(&self.sse).unwrap_or_default();
+        text.split_once("data: ")
+            .map_or("", |(_, rest)| rest.trim_end_matches('\n'))
+    }
 }
 
 /// The frames of one [`COALESCE`] window, as every stream gets them.
@@ -303,7 +311,7 @@ impl Monitor {
                     if !keep {
                         t.state = e.state;
                     }
-                    if !e.node.is_empty() {
+                    if !e.node.is_empty() && t.node != e.node {
                         t.node = e.node.clone();
                     }
                     t.updated_at = e.at;
@@ -386,9 +394,10 @@ impl Monitor {
                 }
             }
         }
-        if let Ok(json) = serde_json::to_string(e) {
-            self.send(Some(e.task_id.clone()), json);
-        }
+        // Straight into the frame: the event's JSON is written once, where the stream reads it.
+        self.send(Some(e.task_id.clone()), |out| {
+            serde_json::to_writer(out, e).is_ok()
+        });
     }
 
     /// Takes in one heartbeat (a `node-heartbeat` payload); whether it was one.
@@ -404,17 +413,24 @@ impl Monitor {
         if let Value::Object(map) = &mut value {
             map.insert("kind".into(), Value::from("node-heartbeat"));
         }
-        self.send(None, value.to_string());
+        self.send(None, |out| serde_json::to_writer(out, &value).is_ok());
         true
     }
 
-    fn send(&self, task_id: Option<String>, json: String) {
+    /// Sends one frame whose `data:` JSON `write` appends (nothing when it fails).
+    fn send(&self, task_id: Option<String>, write: impl FnOnce(&mut Vec<u8>) -> bool) {
+        use std::io::Write;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut sse = Vec::with_capacity(256);
+        let _ = write!(sse, "id: {id}\ndata: ");
+        if !write(&mut sse) {
+            return;
+        }
+        sse.extend_from_slice(b"\n\n");
         let frame = Arc::new(Frame {
             id,
             task_id,
-            sse: actix_web::web::Bytes::from(format!("id: {id}\ndata: {json}\n\n")),
-            json,
+            sse: sse.into(),
         });
         {
             let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
@@ -698,11 +714,12 @@ mod tests {
         let batch = rx.recv().await.expect("a batch");
         let ids: Vec<_> = batch.frames.iter().map(|f| f.task_id.as_deref()).collect();
         assert_eq!(ids, [Some("a"), Some("b"), Some("a")]);
-        assert!(batch.frames[2].json.contains("task-started"));
+        assert!(batch.frames[2].data().contains("task-started"));
         let sse = String::from_utf8_lossy(&batch.sse).into_owned();
         assert_eq!(sse.matches("data: ").count(), 3, "{sse}");
         let first = m.since(0).expect("in history")[0].clone();
-        assert!(first.json.contains("\"task_id\":\"a\""), "{}", first.json);
+        let data: Value = serde_json::from_str(first.data()).expect("one JSON object");
+        assert_eq!(data["task_id"], "a", "{}", first.data());
         let rest = m.since(first.id).expect("in history");
         assert_eq!(rest.len(), 2);
         assert_eq!(rest[0].task_id.as_deref(), Some("b"));
