@@ -526,6 +526,14 @@ impl Monitor {
         let mut out = Vec::new();
         let mut matched = 0;
         for id in ix.order.iter().rev() {
+            // The id is at hand: a prefix that does not match skips the lookup.
+            if filter
+                .id_prefix
+                .as_deref()
+                .is_some_and(|p| !id.starts_with(p))
+            {
+                continue;
+            }
             let Some(t) = ix.tasks.get(id) else { continue };
             if !filter.matches(t) {
                 continue;
