@@ -163,17 +163,9 @@ fn main() {
         run_tasks(&tasks, &finished, n / 10).await;
 
         // 1. Throughput without and with the dashboard and its streams.
-        let server = support::listener_pid(&url);
-        let server_ns = || server.and_then(support::cpu_ns).unwrap_or(0);
-        let (own_0, server_0) = (
-            support::cpu_ns(std::process::id()).unwrap_or(0),
-            server_ns(),
-        );
+        let meter = support::CpuMeter::start(&url);
         let none_1 = run_tasks(&tasks, &finished, n).await;
-        let none_1_cpu = (
-            support::cpu_ns(std::process::id()).unwrap_or(0) - own_0,
-            server_ns() - server_0,
-        );
+        let none_1_cpu = meter.per_message_us(n);
         let bench_threads: Vec<u32> = support::threads_cpu_ns().iter().map(|t| t.0).collect();
         let mut config = Config::load_with_env(
             Some(std::path::Path::new(concat!(
@@ -243,7 +235,7 @@ fn main() {
             })
         };
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (threads_0, server_1) = (support::threads_cpu_ns(), server_ns());
+        let (threads_0, meter) = (support::threads_cpu_ns(), support::CpuMeter::start(&url));
         let with = run_tasks(&tasks, &finished, n).await;
         let with_cpu = {
             // Per thread group: the worker and publishers (threads that ran before the node
@@ -260,7 +252,7 @@ fn main() {
                 };
                 groups[g] += ns.saturating_sub(before);
             }
-            (groups, server_ns() - server_1)
+            (groups, meter.per_message_us(n).1)
         };
         tokio::time::sleep(Duration::from_millis(500)).await;
         let bytes = received.load(Ordering::Relaxed);
@@ -289,12 +281,12 @@ fn main() {
             "dashboard::cpu  µs of CPU per task without a dashboard (first phase): this process \
              {:.1}, NATS server {:.1}; with it: worker and publishers {:.1}, the {streams} \
              readers {:.1}, the serve node {:.1}, NATS server {:.1}",
-            us(none_1_cpu.0),
-            us(none_1_cpu.1),
+            none_1_cpu.0.unwrap_or(f64::NAN),
+            none_1_cpu.1.unwrap_or(f64::NAN),
             us(with_cpu.0[0]),
             us(with_cpu.0[1]),
             us(with_cpu.0[2]),
-            us(with_cpu.1)
+            with_cpu.1.unwrap_or(f64::NAN)
         );
 
         // 2. The overview with `records` finished tasks in the results store and the index.
