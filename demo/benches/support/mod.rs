@@ -267,19 +267,18 @@ impl CountingPool {
 /// `/proc/PID/task/TID/schedstat`); `None` off Linux or when the process is gone. Threads that
 /// already exited are not counted, so compare it across phases of long-lived threads.
 pub fn cpu_ns(pid: u32) -> Option<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-    {
-        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
-        total += stat
-            .split_whitespace()
-            .next()
-            .and_then(|ns| ns.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    Some(total)
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(tasks.flatten().map(|t| schedstat_ns(&t.path())).sum())
+}
+
+/// The CPU time of the thread at `/proc/PID/task/TID` (0 when it cannot be read).
+fn schedstat_ns(task: &std::path::Path) -> u64 {
+    std::fs::read_to_string(task.join("schedstat"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .and_then(|ns| ns.parse().ok())
+        .unwrap_or(0)
 }
 
 /// CPU time so far of each live thread of this process: (thread id, name, nanoseconds).
@@ -291,12 +290,7 @@ pub fn threads_cpu_ns() -> Vec<(u32, String, u64)> {
         .flatten()
         .map(|t| {
             let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            let ns = std::fs::read_to_string(t.path().join("schedstat"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .next()
-                .and_then(|ns| ns.parse().ok())
-                .unwrap_or(0);
+            let ns = schedstat_ns(&t.path());
             let tid = t
                 .file_name()
                 .to_str()
